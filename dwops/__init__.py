@@ -1,0 +1,35 @@
+"""dwops: depthwise, pointwise (1x1) and depthwise-separable convolutions at the memory floor.
+
+NumPy-compatible and framework-agnostic: pass NumPy, CuPy, PyTorch, JAX or any DLPack array and get
+the same library's array back. ``import dwops`` imports NumPy and nothing heavier; backends load on
+first use. See DESIGN.md for the contract.
+"""
+
+from . import reference
+from ._api import (
+    depthwise_conv2d,
+    depthwise_conv2d_grad_input,
+    depthwise_conv2d_grad_weight,
+    pointwise_conv2d,
+    pointwise_conv2d_grad_input,
+    pointwise_conv2d_grad_weight,
+    separable_conv2d,
+)
+from ._errors import BackendUnavailableError
+from ._registry import BACKEND_NAMES, available as backend_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailableError",
+    "backend_available",
+    "depthwise_conv2d",
+    "depthwise_conv2d_grad_input",
+    "depthwise_conv2d_grad_weight",
+    "pointwise_conv2d",
+    "pointwise_conv2d_grad_input",
+    "pointwise_conv2d_grad_weight",
+    "reference",
+    "separable_conv2d",
+]
