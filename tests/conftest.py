@@ -1,0 +1,66 @@
+"""Shared test helpers: fresh random inputs, per-dtype tolerances, GPU detection."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from dwops._registry import numpy_dtype
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+# Relative to the magnitude of the result (see assert_close). 16-bit types accumulate in float32
+# and round once, so they are within ~1 ulp of the float64 result: their epsilon, doubled.
+_RTOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2 * 2.0**-10, "bfloat16": 2 * 2.0**-7}
+
+
+def rand(rng: np.random.Generator, shape, dtype="float32", low=-1.0, high=1.0) -> np.ndarray:
+    """Fresh uniform random values (never zeros), rounded to ``dtype``."""
+    return rng.uniform(low, high, size=shape).astype(numpy_dtype(dtype))
+
+
+def tolerance(dtype: str) -> float:
+    return _RTOL[dtype]
+
+
+def assert_close(actual, expected, dtype: str, scale=None, what: str = "") -> None:
+    """|actual - expected| <= rtol(dtype) * scale elementwise, NaN where and only where expected.
+
+    ``scale`` is the magnitude the error is relative to: an array broadcastable to the result (for
+    a convolution, the same convolution of |x| and |w|, i.e. the sum of absolute products) or a
+    scalar; by default max(1, |expected|) elementwise.
+    """
+    a = np.asarray(actual).astype(np.float64)
+    e = np.asarray(expected).astype(np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    assert np.array_equal(nan_a, nan_e), f"{what}: NaN pattern differs"
+    if scale is None:
+        scale = np.maximum(1.0, np.abs(e))
+    bound = _RTOL[dtype] * np.asarray(scale, dtype=np.float64) + 1e-300
+    err = np.where(nan_e, 0.0, np.abs(a - e))
+    worst = np.unravel_index(np.argmax(err / bound), err.shape) if err.size else ()
+    assert np.all(err <= bound), (
+        f"{what}: max error {err[worst]:.3e} at {worst} exceeds {bound[worst] if np.ndim(bound) else bound:.3e}"
+        f" ({dtype}); got {a[worst]!r}, expected {e[worst]!r}")
+
+
+def has_gpu() -> bool:
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded per test (by name) so failures reproduce; values are still non-trivial."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
