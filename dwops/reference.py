@@ -37,10 +37,10 @@ def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
     if activation is None:
         return y
     if activation == "relu":
-        return np.where(y > 0, y, 0.0 * y)  # 0 * NaN keeps NaN
+        return np.maximum(y, 0.0)  # np.maximum/np.minimum propagate NaN
     if activation == "relu6":
-        return np.where(y > 6, 6.0, np.where(y > 0, y, 0.0 * y)) + 0.0 * y
-    with np.errstate(over="ignore"):
+        return np.minimum(np.maximum(y, 0.0), 6.0)
+    with np.errstate(over="ignore", invalid="ignore"):
         if activation == "silu":
             return y / (1.0 + np.exp(-y))
         if activation == "gelu":

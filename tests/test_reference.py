@@ -1,0 +1,209 @@
+"""dwops.reference against the literal loop oracle and against PyTorch CPU (where installed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import dwops.reference as ref
+from tests import oracle
+from tests.conftest import assert_close, rand
+
+
+def _pads(padding, hw, k, s, d):
+    """Expected (top, bottom, left, right) for every padding form, written from DESIGN.md."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        out = []
+        for size, kk, ss, dd in zip(hw, k, s, d):
+            o = math.ceil(size / ss)
+            total = max((o - 1) * ss + dd * (kk - 1) + 1 - size, 0)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    if isinstance(padding, int):
+        return (padding,) * 4
+    if isinstance(padding[0], int):
+        return (padding[0], padding[0], padding[1], padding[1])
+    return (*padding[0], *padding[1])
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _to_layout(a, layout):
+    return a if layout == "NCHW" else np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _from_layout(a, layout):
+    a = np.asarray(a).astype(np.float64)
+    return a if layout == "NCHW" else a.transpose(0, 3, 1, 2)
+
+
+CASES = [
+    # (N, C, H, W, M, (KH, KW), stride, dilation, padding)
+    (2, 3, 7, 6, 1, (3, 3), 1, 1, "same"),
+    (1, 2, 5, 8, 2, (3, 3), 2, 1, "same"),
+    (2, 1, 9, 7, 3, (5, 3), (2, 3), 1, 1),
+    (1, 2, 8, 9, 1, (3, 2), 1, (2, 3), (2, 1)),
+    (1, 3, 6, 6, 2, (2, 2), 3, 2, ((1, 2), (0, 3))),
+    (1, 2, 1, 1, 1, (1, 1), 1, 1, "valid"),
+    (1, 1, 1, 1, 4, (3, 3), 1, 1, 1),
+    (2, 2, 7, 5, 1, (7, 7), 1, 1, "same"),
+    (1, 2, 11, 4, 1, (3, 3), 3, 2, "same"),
+    (1, 1, 10, 10, 1, (4, 4), 2, 1, "valid"),
+]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5]}-s{c[6]}-d{c[7]}-p{c[8]}")
+def test_depthwise_forward_and_grads_match_loop_oracle(case, layout, rng):
+    n, c, h, w, m, (kh, kw), stride, dilation, padding = case
+    x = rand(rng, (n, c, h, w), "float64")
+    wt = rand(rng, (c * m, 1, kh, kw), "float64")
+    b = rand(rng, (c * m,), "float64")
+    s, d = _pair(stride), _pair(dilation)
+    pads = _pads(padding, (h, w), (kh, kw), s, d)
+    kw_args = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    for activation in (None, "relu", "relu6", "silu", "gelu"):
+        y = ref.depthwise_conv2d(_to_layout(x, layout), wt, b, activation=activation, **kw_args)
+        expected = oracle.depthwise(x, wt, b, s, d, pads, activation)
+        assert_close(_from_layout(y, layout), expected, "float64", what=f"forward {activation}")
+    gy = rand(rng, expected.shape, "float64")
+    gx = ref.depthwise_conv2d_grad_input(_to_layout(gy, layout), wt, _to_layout(x, layout).shape,
+                                         **kw_args)
+    assert_close(_from_layout(gx, layout), oracle.depthwise_grad_input(gy, wt, x.shape, s, d, pads),
+                 "float64", what="grad_input")
+    gw = ref.depthwise_conv2d_grad_weight(_to_layout(x, layout), _to_layout(gy, layout), wt.shape,
+                                          **kw_args)
+    assert_close(gw, oracle.depthwise_grad_weight(x, gy, wt.shape, s, d, pads), "float64",
+                 what="grad_weight")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_pointwise_and_grads_match_loop_oracle(layout, activation, rng):
+    x = rand(rng, (2, 3, 4, 5), "float64")
+    w = rand(rng, (4, 3), "float64")
+    b = rand(rng, (4,), "float64")
+    r = rand(rng, (2, 4, 4, 5), "float64")
+    y = ref.pointwise_conv2d(_to_layout(x, layout), w.reshape(4, 3, 1, 1), b, layout=layout,
+                             activation=activation, residual=_to_layout(r, layout))
+    assert_close(_from_layout(y, layout), oracle.pointwise(x, w, b, activation, r), "float64")
+    gy = rand(rng, (2, 4, 4, 5), "float64")
+    gx = ref.pointwise_conv2d_grad_input(_to_layout(gy, layout), w, layout=layout)
+    assert_close(_from_layout(gx, layout), oracle.pointwise(gy, w.T), "float64")
+    gw = ref.pointwise_conv2d_grad_weight(_to_layout(x, layout), _to_layout(gy, layout),
+                                          layout=layout)
+    expected = np.einsum("nohw,nchw->oc", gy, x)
+    assert gw.shape == (4, 3)
+    assert_close(gw, expected, "float64")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_separable_is_depthwise_then_pointwise(layout, rng):
+    x = rand(rng, (2, 4, 9, 7), "float64")
+    dw = rand(rng, (8, 1, 3, 3), "float64")
+    dwb = rand(rng, (8,), "float64")
+    pw = rand(rng, (5, 8), "float64")
+    b = rand(rng, (5,), "float64")
+    res = rand(rng, (2, 5, 5, 4), "float64")
+    y = ref.separable_conv2d(_to_layout(x, layout), dw, pw, b, dw_bias=dwb, stride=2,
+                             padding="same", layout=layout, dw_activation="relu6",
+                             activation="silu", residual=_to_layout(res, layout))
+    pads = _pads("same", (9, 7), (3, 3), (2, 2), (1, 1))
+    mid = oracle.depthwise(x, dw, dwb, (2, 2), (1, 1), pads, "relu6")
+    assert_close(_from_layout(y, layout), oracle.pointwise(mid, pw, b, "silu", res), "float64")
+
+
+def test_motivating_block(rng):
+    """x + pw(relu(dw(x))) + b, as the DESIGN.md example spells it."""
+    x = rand(rng, (1, 4, 6, 6), "float64")
+    dw = rand(rng, (4, 1, 3, 3), "float64")
+    pw = rand(rng, (4, 4), "float64")
+    b = rand(rng, (4,), "float64")
+    y = ref.separable_conv2d(x, dw, pw, b, padding="same", dw_activation="relu", residual=x)
+    mid = oracle.depthwise(x, dw, None, (1, 1), (1, 1), (1, 1, 1, 1), "relu")
+    assert_close(y, x + oracle.pointwise(mid, pw, b), "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_reference_rounds_once_to_the_input_dtype(dtype, rng):
+    x = rand(rng, (1, 3, 8, 8), dtype)
+    w = rand(rng, (3, 1, 3, 3), dtype)
+    y = ref.depthwise_conv2d(x, w, padding=1)
+    assert y.dtype == x.dtype
+    exact = oracle.depthwise(x.astype(np.float64), w.astype(np.float64), None, (1, 1), (1, 1),
+                             (1, 1, 1, 1))
+    # Rounded once from float64: within half an ulp of the exact value.
+    eps = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24}[dtype]
+    assert np.all(np.abs(y.astype(np.float64) - exact) <= eps * np.abs(exact) + 1e-300)
+
+
+def test_nan_and_inf_propagate():
+    x = np.ones((1, 1, 4, 4))
+    x[0, 0, 1, 1] = np.nan
+    x[0, 0, 3, 3] = np.inf
+    y = ref.depthwise_conv2d(x, np.ones((1, 1, 3, 3)), padding=1, activation="relu")
+    assert np.isnan(y[0, 0, 0, 0]) and np.isnan(y[0, 0, 2, 2])
+    assert not np.isnan(y[0, 0, 0, 3])
+
+
+# ----------------------------------------------------------------------------- against PyTorch
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+@pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=lambda c: "x".join(map(str, c[:5])))
+def test_depthwise_matches_torch_forward_and_autograd(case, rng):
+    n, c, h, w, m, (kh, kw), stride, dilation, padding = case
+    s, d = _pair(stride), _pair(dilation)
+    pads = _pads(padding, (h, w), (kh, kw), s, d)
+    x = rand(rng, (n, c, h, w), "float64")
+    wt = rand(rng, (c * m, 1, kh, kw), "float64")
+    b = rand(rng, (c * m,), "float64")
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(wt, requires_grad=True)
+    xp = F.pad(tx, (pads[2], pads[3], pads[0], pads[1]))
+    ty = F.conv2d(xp, tw, torch.tensor(b), stride=s, dilation=d, groups=c)
+    y = ref.depthwise_conv2d(x, wt, b, stride=stride, padding=padding, dilation=dilation)
+    assert_close(y, ty.detach().numpy(), "float64")
+    gy = rand(rng, y.shape, "float64")
+    ty.backward(torch.tensor(gy))
+    kw_args = dict(stride=stride, padding=padding, dilation=dilation)
+    assert_close(ref.depthwise_conv2d_grad_input(gy, wt, x.shape, **kw_args), tx.grad.numpy(),
+                 "float64")
+    assert_close(ref.depthwise_conv2d_grad_weight(x, gy, wt.shape, **kw_args), tw.grad.numpy(),
+                 "float64")
+
+
+def test_pointwise_matches_torch(rng):
+    x = rand(rng, (2, 6, 5, 3), "float64")
+    w = rand(rng, (4, 6, 1, 1), "float64")
+    b = rand(rng, (4,), "float64")
+    ty = F.gelu(F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b)))
+    assert_close(ref.pointwise_conv2d(x, w, b, activation="gelu"), ty.numpy(), "float64")
+    assert_close(ref.pointwise_conv2d(x, w, b, activation="silu"),
+                 F.silu(F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b))).numpy(),
+                 "float64")
+    assert_close(ref.pointwise_conv2d(x, w, b, activation="relu6"),
+                 F.relu6(F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b))).numpy(),
+                 "float64")
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
+def test_activations_at_infinities_and_nan(activation):
+    v = np.array([-np.inf, np.inf, np.nan, -3.0, 0.5, 7.0])
+    got = ref.activate(v, activation)
+    want = np.array([oracle.act(float(t), activation) if np.isfinite(t) or np.isnan(t) else np.nan
+                     for t in v])
+    # As in PyTorch: silu and gelu are x * (something -> 0) at -inf, which is NaN.
+    expected_inf = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "silu": (np.nan, np.inf),
+                    "gelu": (np.nan, np.inf)}[activation]
+    np.testing.assert_array_equal(got[:2], expected_inf)
+    assert np.isnan(got[2])
+    np.testing.assert_allclose(got[3:], want[3:], rtol=1e-15)
