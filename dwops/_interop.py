@@ -8,8 +8,18 @@ Nothing here imports a framework: a library is recognised from the module of the
 * :func:`to_host` gives a NumPy view (zero-copy where the library allows) of a CPU array.
 * :func:`from_host` turns a NumPy result back into the caller's library.
 
-GPU arrays are handed to the GPU backends, which view them through DLPack or
-``__cuda_array_interface__`` (see ``dwops/kernels``).
+Accepted: NumPy, CuPy, PyTorch (CPU and CUDA; non-contiguous views; tensors that require grad are
+taken as data), JAX arrays, TensorFlow tensors, Numba device arrays, and any object with
+``__dlpack__``/``__dlpack_device__`` (a "bare" DLPack object). Host inputs are viewed zero-copy
+(PyTorch through ``Tensor.numpy``, JAX and bare objects through DLPack, TensorFlow through its
+DLPack export); host results go back zero-copy where the library can wrap NumPy memory (PyTorch,
+TensorFlow through DLPack) and by one copy where it cannot (JAX owns its buffers; NumPy results
+of bare DLPack inputs are returned as NumPy). GPU arrays are handed to the GPU backends, which view
+them through DLPack or ``__cuda_array_interface__`` with the stream handshake of
+``dwops/kernels/_gpu.py``.
+
+JAX tracers (a top-level dwops function called inside ``jax.jit``) are refused with a pointer to
+:mod:`dwops.jax`, which wraps the ops as JAX primitives.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ def _library_of_type(tp: type) -> str | None:
             lib = "torch"
         elif root in ("jax", "jaxlib") and "Array" in base.__name__:
             lib = "jax"
+        elif root in ("jax", "jaxlib") and "Tracer" in base.__name__:
+            lib = "jax-tracer"
         elif root == "tensorflow" or (root == "keras" and "Variable" in base.__name__):
             lib = "tensorflow"
         elif root == "numba" and "DeviceNDArray" in base.__name__:
@@ -118,20 +130,32 @@ def _cai_device(obj) -> int:
 def describe(obj, fn: str, arg: str) -> ArrayInfo:
     """Metadata of ``obj``; ``TypeError`` naming ``fn`` and ``arg`` if it is not a supported array."""
     lib = library_of(obj)
+    if lib == "jax-tracer":
+        raise TypeError(
+            f"{fn}: argument '{arg}' is a JAX tracer (a dwops function called inside jax.jit, "
+            f"jax.grad or jax.vmap); use dwops.jax.{fn.split('_grad')[0]}, which works under JAX "
+            f"transformations"
+        )
     if lib is None:
         raise TypeError(
             f"{fn}: argument '{arg}' must be an array (NumPy, CuPy, PyTorch, JAX, TensorFlow or any "
             f"object with __dlpack__), got {type(obj).__module__}.{type(obj).__qualname__}"
         )
-    if lib == "dlpack" and not (hasattr(obj, "shape") and hasattr(obj, "dtype")):
-        # A bare DLPack capsule holder: look through it (zero-copy) to read its metadata.
-        view = _view_dlpack(obj)
-        info = describe(view, fn, arg)
-        return ArrayInfo("dlpack", info.shape, info.dtype, info.device)
     try:
         shape = tuple(int(s) for s in obj.shape)
         dtype = _dtype_name(obj, lib)
-    except Exception as exc:  # e.g. a DLPack object exposing odd metadata
+    except Exception as exc:  # no or foreign metadata: a DLPack holder is read through DLPack
+        if lib == "dlpack" and hasattr(obj, "__dlpack__"):
+            # Look through it (zero-copy) to read its metadata.
+            try:
+                view = _view_dlpack(obj)
+            except Exception as exc2:
+                if type(exc2).__name__ == "BackendUnavailableError":
+                    raise
+                raise TypeError(f"{fn}: cannot read argument '{arg}' through DLPack: {exc2}") \
+                    from exc2
+            info = describe(view, fn, arg)
+            return ArrayInfo("dlpack", info.shape, info.dtype, info.device)
         raise TypeError(f"{fn}: cannot read the shape and dtype of argument '{arg}': {exc}") from exc
     return ArrayInfo(lib, shape, dtype, _device(obj, lib))
 
@@ -170,10 +194,33 @@ def to_host(obj, info: ArrayInfo) -> np.ndarray:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     if lib == "tensorflow":
-        return obj.numpy()
+        return _tf_to_host(obj)
     if lib == "jax":
-        return np.asarray(obj)
+        return np.asarray(obj)  # zero-copy, read-only view of a CPU jax.Array
     return np.from_dlpack(obj)
+
+
+class _Capsule:
+    """A DLPack producer around a legacy capsule (TensorFlow exports capsules, not ``__dlpack__``)."""
+
+    def __init__(self, capsule, device):
+        self._capsule, self._device = capsule, device
+
+    def __dlpack__(self, stream=None):
+        return self._capsule
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def _tf_to_host(obj) -> np.ndarray:
+    """Zero-copy NumPy view of a CPU TensorFlow tensor through DLPack (a copy where TF refuses)."""
+    import tensorflow as tf
+
+    try:
+        return np.from_dlpack(_Capsule(tf.experimental.dlpack.to_dlpack(obj), (1, 0)))
+    except Exception:  # e.g. a Variable or a dtype DLPack cannot carry
+        return np.asarray(obj.numpy())
 
 
 def from_host(arr: np.ndarray, like_info: ArrayInfo, like_obj):
@@ -194,7 +241,10 @@ def from_host(arr: np.ndarray, like_info: ArrayInfo, like_obj):
     if lib == "tensorflow":
         import tensorflow as tf
 
-        return tf.convert_to_tensor(arr)
+        try:  # zero-copy: TensorFlow adopts the NumPy buffer through a DLPack capsule
+            return tf.experimental.dlpack.from_dlpack(arr.__dlpack__())
+        except Exception:  # e.g. bfloat16, which NumPy cannot export through DLPack
+            return tf.convert_to_tensor(arr)
     return arr
 
 
