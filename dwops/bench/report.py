@@ -1,0 +1,155 @@
+"""Presenting a run: a progress bar on stderr, a markdown table, the JSON file.
+
+JSON schema (one file per run, ``DATE-DEVICE.json``)::
+
+    {"device", "driver", "date", "versions": {...}, "copy_bandwidth_gbs",
+     "rows": [{"op", "direction", "suite", "shape", "dtype", "layout", "backend", "ms", "bytes",
+               "roofline_fraction", "baselines": {"torch": ms, ...}, "speedup_vs_torch",
+               "max_rel_err"}]}
+
+``shape`` is ``{"N", "C", "H", "W", "KH", "KW", "stride", "padding", "C_out"}``; ``ms`` the median
+time; ``bytes`` what must move (inputs read once, outputs written once); ``roofline_fraction`` =
+(bytes / copy bandwidth) / ms; ``speedup_vs_torch`` = torch ms / ms (null without PyTorch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+ROW_KEYS = ("op", "direction", "suite", "shape", "dtype", "layout", "backend", "ms", "bytes",
+            "roofline_fraction", "baselines", "speedup_vs_torch", "max_rel_err")
+TOP_KEYS = ("device", "driver", "date", "versions", "copy_bandwidth_gbs", "rows")
+SHAPE_KEYS = ("N", "C", "H", "W", "KH", "KW", "stride", "padding", "C_out")
+
+
+class Progress:
+    """``[#####.....] 12/40 label`` on stderr: redrawn in place on a terminal, one line per step
+    otherwise (logs)."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.done = max(total, 1), 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        filled = self.WIDTH * self.done // self.total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        line = f"[{bar}] {self.done}/{self.total} {time.monotonic() - self.t0:6.1f}s {label}"
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line[:160])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def shape_label(shape: dict, op: str) -> str:
+    s = f"{shape['N']}x{shape['C']}x{shape['H']}x{shape['W']}"
+    if op == "pointwise":
+        return s + f"->{shape['C_out']}"
+    s += f" k{shape['KH']}"
+    return s + (f" s{shape['stride']}" if shape["stride"] != 1 else "")
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(result: dict) -> str:
+    """The run as a markdown table, one line per row, baselines as columns."""
+    rows = result["rows"]
+    names = []
+    for r in rows:
+        for b in r["baselines"]:
+            if b not in names:
+                names.append(b)
+    bw = result["copy_bandwidth_gbs"]
+    head = (f"dwops bench on **{result['device']}**"
+            + (f" (driver {result['driver']})" if result.get("driver") else "")
+            + f", {result['date']}; copy bandwidth {bw:.1f} GB/s (bytes read + written)\n")
+    cols = ["suite", "op", "direction", "shape", "dtype", "layout", "backend", "ms", "GB/s",
+            "floor"]
+    for n in names:
+        cols.append(f"{n} ms")
+    if "torch" in names:
+        cols.append("x torch")
+    if "dense3x3" in names:
+        cols.append("x dense3x3")
+    cols.append("max_rel_err")
+    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        gbs = r["bytes"] / (r["ms"] * 1e6) if r["ms"] else None
+        cells = [r["suite"], r["op"], r["direction"], shape_label(r["shape"], r["op"]), r["dtype"],
+                 r["layout"], r["backend"], f"{r['ms']:.3f}", _fmt(gbs, ".1f"),
+                 _fmt(r["roofline_fraction"], ".0%")]
+        for n in names:
+            cells.append(_fmt(r["baselines"].get(n), ".3f"))
+        if "torch" in names:
+            cells.append(_fmt(r["speedup_vs_torch"], ".2f"))
+        if "dense3x3" in names:
+            d = r["baselines"].get("dense3x3")
+            cells.append(_fmt(None if d is None else d / r["ms"], ".2f"))
+        cells.append(_fmt(r["max_rel_err"], ".1e"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def file_stem(result: dict) -> str:
+    """``DATE-DEVICE``: e.g. ``2026-11-28T2031Z-NVIDIA-H200``."""
+    date = re.sub(r"[^0-9T]", "", result["date"][:16].replace(":", ""))
+    date = f"{date[:4]}-{date[4:6]}-{date[6:11]}Z" if len(date) >= 11 else date
+    dev = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-") or "device"
+    return f"{date}-{dev}"
+
+
+def write_json(result: dict, path) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
+def validate(result: dict) -> list[str]:
+    """Ways ``result`` departs from the schema above (empty if it matches)."""
+    problems = []
+    if tuple(result) != TOP_KEYS:
+        problems.append(f"top-level keys {tuple(result)} != {TOP_KEYS}")
+    if not isinstance(result.get("versions"), dict):
+        problems.append("versions is not an object")
+    if not isinstance(result.get("copy_bandwidth_gbs"), (int, float)):
+        problems.append("copy_bandwidth_gbs is not a number")
+    for i, r in enumerate(result.get("rows", [])):
+        if tuple(r) != ROW_KEYS:
+            problems.append(f"row {i}: keys {tuple(r)} != {ROW_KEYS}")
+            continue
+        if tuple(r["shape"]) != SHAPE_KEYS:
+            problems.append(f"row {i}: shape keys {tuple(r['shape'])}")
+        if not (isinstance(r["ms"], float) and r["ms"] > 0):
+            problems.append(f"row {i}: ms {r['ms']!r}")
+        if not (isinstance(r["bytes"], int) and r["bytes"] > 0):
+            problems.append(f"row {i}: bytes {r['bytes']!r}")
+        if not isinstance(r["baselines"], dict) or not all(
+                isinstance(v, float) and v > 0 for v in r["baselines"].values()):
+            problems.append(f"row {i}: baselines {r['baselines']!r}")
+        for key in ("roofline_fraction", "speedup_vs_torch", "max_rel_err"):
+            if r[key] is not None and not isinstance(r[key], float):
+                problems.append(f"row {i}: {key} {r[key]!r}")
+    return problems

@@ -1,0 +1,350 @@
+"""One case made concrete: its inputs on a device, the dwops call, the baselines, the check.
+
+Inputs are drawn once per case as logical ``(N, C, H, W)`` arrays (uniform in [-1, 1], never zeros)
+and laid out physically per layout; every backend and every baseline of the case reads the same
+values. Baselines compute the same function:
+
+* ``torch``: PyTorch eager on the same memory (``F.conv2d(groups=C)``; gradients through
+  ``aten.convolution_backward``, what autograd calls; NHWC as ``channels_last``);
+* ``torch_compile``: ``torch.compile`` of the block (block cases only);
+* ``jax``: ``jax.lax.conv_general_dilated(feature_group_count=C)`` under ``jax.jit`` (forward only);
+* ``dense3x3``: the same input through one dense ``K x K`` ``C -> C`` convolution (PyTorch on the
+  same device, else NumPy im2col + matmul on the host), the "should be 9x faster" comparison.
+
+Correctness: ``max_rel_err = max |dwops - reference| / max |reference|`` against
+:mod:`dwops.reference` (float64). For the forward and the input gradient, which are independent per
+image, the full-size result is compared on its first and last image; the weight gradient, a
+reduction over the batch, is recomputed on the first two images and compared whole.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+
+from .cases import Case
+
+# Largest acceptable max_rel_err (normwise, see the module docstring): a few units of the dtype's
+# rounding, far below what an indexing or synchronization error produces.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 4e-3, "bfloat16": 3.2e-2}
+
+BASELINES = ("torch", "torch_compile", "jax", "dense3x3")
+
+
+def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    """``max |actual - expected| / max |expected|`` in float64; inf if any NaN differs."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"result shape {a.shape} != reference shape {e.shape}")
+    if not np.array_equal(np.isnan(a), np.isnan(e)):
+        return math.inf
+    scale = np.nanmax(np.abs(e)) if e.size else 0.0
+    diff = np.nanmax(np.abs(a - e)) if a.size else 0.0
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+class Instance:
+    """The arrays of one :class:`Case` on one device, in both layouts."""
+
+    def __init__(self, case: Case, device, seed: int = 0):
+        self.case, self.dev = case, device
+        c = case
+        rnd = lambda shape, k: device.random(shape, c.dtype, seed * 101 + k)  # noqa: E731
+        self.arrays = {"x": rnd((c.N, c.C, c.H, c.W), 1)}
+        if c.op == "depthwise":
+            self.arrays["w"] = rnd((c.C, 1, c.K, c.K), 2)
+            if any(d != "forward" for d in c.directions):
+                self.arrays["gy"] = rnd((c.N, c.C, c.OH, c.OW), 3)
+        elif c.op == "pointwise":
+            self.arrays["w"] = rnd((c.CO, c.C), 2)
+        else:  # block, block_unfused
+            self.arrays["dw_w"] = rnd((c.C, 1, c.K, c.K), 2)
+            self.arrays["pw_w"] = rnd((c.CO, c.C), 3)
+            self.arrays["b"] = rnd((c.CO,), 4)
+        self._phys = {}
+        self._ref = {}
+        self._host = {}
+
+    # -- arrays
+    def phys(self, name: str, layout: str):
+        """``name`` in ``layout`` (4-d activations are transposed for NHWC; weights are not)."""
+        a = self.arrays[name]
+        if layout == "NCHW" or name not in ("x", "gy"):
+            return a
+        key = (name, layout)
+        if key not in self._phys:
+            self._phys[key] = self.dev.nhwc(a)
+        return self._phys[key]
+
+    def host(self, name: str, images=None):
+        """Host copy (logical NCHW) of ``name``, or of its images ``images`` (a slice)."""
+        key = (name, None if images is None else (images.start, images.stop))
+        if key not in self._host:
+            a = self.arrays[name] if images is None else self.arrays[name][images]
+            self._host[key] = self.dev.to_host(a, self.case.dtype)
+        return self._host[key]
+
+    # -- dwops
+    def dwops_fn(self, direction: str, layout: str, backend: str, images=None):
+        """A no-argument callable running the case through dwops (on ``images`` only if given)."""
+        import dwops
+
+        c = self.case
+        sl = (lambda a: a) if images is None else (lambda a: a[images])  # noqa: E731
+        x = sl(self.phys("x", layout))
+        kw = dict(layout=layout, backend=backend)
+        if c.op == "depthwise":
+            conv = dict(stride=c.stride, padding=c.padding, **kw)
+            w = self.arrays["w"]
+            if direction == "forward":
+                return lambda: dwops.depthwise_conv2d(x, w, **conv)
+            gy = sl(self.phys("gy", layout))
+            if direction == "grad_input":
+                shape = tuple(x.shape)
+                return lambda: dwops.depthwise_conv2d_grad_input(gy, w, shape, **conv)
+            return lambda: dwops.depthwise_conv2d_grad_weight(x, gy, tuple(w.shape), **conv)
+        if c.op == "pointwise":
+            w = self.arrays["w"]
+            return lambda: dwops.pointwise_conv2d(x, w, **kw)
+        dw_w, pw_w, b = self.arrays["dw_w"], self.arrays["pw_w"], self.arrays["b"]
+        if c.op == "block":
+            return lambda: dwops.separable_conv2d(x, dw_w, pw_w, b, padding="same",
+                                                  dw_activation="relu", residual=x, **kw)
+
+        def unfused():
+            h = dwops.depthwise_conv2d(x, dw_w, padding="same", activation="relu", **kw)
+            return dwops.pointwise_conv2d(h, pw_w, b, residual=x, **kw)
+
+        return unfused
+
+    def reference(self, direction: str, images: slice):
+        """The float64 reference (rounded to the dtype) on ``images``, logical NCHW."""
+        from dwops import reference as ref
+
+        key = (direction, images.start, images.stop)
+        if key in self._ref:
+            return self._ref[key]
+        c = self.case
+        x = self.host("x", images)
+        if c.op == "depthwise":
+            w = self.host("w")
+            conv = dict(stride=c.stride, padding=c.padding)
+            if direction == "forward":
+                r = ref.depthwise_conv2d(x, w, **conv)
+            elif direction == "grad_input":
+                r = ref.depthwise_conv2d_grad_input(self.host("gy", images), w, x.shape, **conv)
+            else:
+                r = ref.depthwise_conv2d_grad_weight(x, self.host("gy", images), w.shape, **conv)
+        elif c.op == "pointwise":
+            r = ref.pointwise_conv2d(x, self.host("w"))
+        else:
+            r = ref.separable_conv2d(x, self.host("dw_w"), self.host("pw_w"), self.host("b"),
+                                     padding="same", dw_activation="relu", residual=x)
+        self._ref[key] = r
+        return r
+
+    def check(self, direction: str, layout: str, backend: str) -> float:
+        """max_rel_err of dwops against the reference (see the module docstring)."""
+        c = self.case
+        to_logical = (lambda a: a) if layout == "NCHW" else (lambda a: a.transpose(0, 3, 1, 2))
+        if direction == "grad_weight":
+            images = slice(0, min(c.N, 2))
+            got = self.dev.to_host(self.dwops_fn(direction, layout, backend, images)(), c.dtype)
+            return rel_err(got, self.reference(direction, images))
+        out = self.dwops_fn(direction, layout, backend)()
+        worst = 0.0
+        for i in sorted({0, c.N - 1}):
+            images = slice(i, i + 1)
+            got = to_logical(self.dev.to_host(out[images], c.dtype))
+            worst = max(worst, rel_err(got, self.reference(direction, images)))
+        return worst
+
+    # -- baselines
+    def baseline_fn(self, name: str, direction: str, layout: str):
+        """A no-argument callable for baseline ``name``, or None if it does not apply here."""
+        c = self.case
+        block = c.op in ("block", "block_unfused")
+        if name == "torch":
+            return self._torch_fn(direction, layout, compiled=False)
+        if name == "torch_compile":
+            return self._torch_fn(direction, layout, compiled=True) if block else None
+        if name == "dense3x3":  # the motivating layer only: C = 64, 3x3
+            if direction != "forward" or c.op == "pointwise" or (c.K, c.C) != (3, 64):
+                return None
+            return self._dense_fn(layout)
+        raise KeyError(name)
+
+    def _torch_tensors(self, layout):
+        import torch
+
+        t = {}
+        cl = layout == "NHWC"
+        for name, a in self.arrays.items():
+            v = self.dev.torch_view(self.phys(name, layout))
+            if name in ("x", "gy") and cl:
+                v = v.permute(0, 3, 1, 2)  # logical NCHW view of NHWC memory: channels_last
+            elif name in ("w", "dw_w", "pw_w"):
+                if v.dim() == 2:
+                    v = v.reshape(v.shape[0], v.shape[1], 1, 1)
+                if cl:
+                    v = v.contiguous(memory_format=torch.channels_last)
+            t[name] = v
+        return t
+
+    def _torch_fn(self, direction, layout, compiled):
+        import torch
+        import torch.nn.functional as F
+
+        c = self.case
+        t = self._torch_tensors(layout)
+        x = t["x"]
+        if c.op == "depthwise":
+            w, s, p = t["w"], c.stride, c.padding
+            if direction == "forward":
+                return lambda: F.conv2d(x, w, None, s, p, 1, c.C)
+            gy = t["gy"]
+            mask = [direction == "grad_input", direction == "grad_weight", False]
+            return lambda: torch.ops.aten.convolution_backward(
+                gy, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], c.C, mask)
+        if c.op == "pointwise":
+            w = t["w"]
+            return lambda: F.conv2d(x, w)
+        dw_w, pw_w, b, p = t["dw_w"], t["pw_w"], t["b"], c.padding
+
+        def block(x, dw_w, pw_w, b):
+            return x + F.conv2d(F.relu(F.conv2d(x, dw_w, None, 1, p, 1, c.C)), pw_w, b)
+
+        fn = torch.compile(block, dynamic=False) if compiled else block
+        return lambda: fn(x, dw_w, pw_w, b)
+
+    def _dense_fn(self, layout):
+        """One dense K x K C -> C convolution of the same input."""
+        c = self.case
+        try:
+            import torch  # noqa: F401
+
+            have_torch = True
+        except ImportError:
+            have_torch = False
+        if have_torch:
+            import torch
+            import torch.nn.functional as F
+
+            tdev = self.dev.torch_device()
+            wd = torch.empty((c.C, c.C, c.K, c.K), dtype=getattr(torch, c.dtype), device=tdev)
+            wd.uniform_(-1.0, 1.0)
+            x = self.dev.torch_view(self.phys("x", layout))
+            if layout == "NHWC":
+                x = x.permute(0, 3, 1, 2)
+                wd = wd.contiguous(memory_format=torch.channels_last)
+            s, p = c.stride, c.padding
+            return lambda: F.conv2d(x, wd, None, s, p)
+        if self.dev.on_gpu:
+            return None
+        return _numpy_dense(self.phys("x", "NCHW"), c)
+
+
+def _numpy_dense(x: np.ndarray, c: Case):
+    """im2col + matmul on the host: columns (N*OH*OW, C*K*K) times weights (C*K*K, C)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    wd = np.random.default_rng(7).uniform(-1, 1, (c.C * c.K * c.K, c.C)).astype(x.dtype)
+    p, s = c.padding, c.stride
+
+    def dense():
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        win = sliding_window_view(xp, (c.K, c.K), axis=(2, 3))[:, :, ::s, ::s]  # N C OH OW K K
+        cols = np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(-1, c.C * c.K * c.K)
+        return (cols @ wd).reshape(c.N, c.OH, c.OW, c.C)
+
+    return dense
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def jax_ready(device) -> bool:
+    """Whether a JAX baseline can run on ``device`` (JAX on the same kind of device)."""
+    if not device.on_gpu:
+        return False
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to the others
+    try:
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    except Exception:  # noqa: BLE001 - no jax or no CUDA plugin: no baseline
+        return False
+
+
+def jax_time(inst: Instance, layout: str, l2_bytes: int, *, min_iters=10, max_iters=50,
+             target_s=0.1, batches=5):
+    """Median milliseconds per call of the jitted JAX forward, or None if it does not apply.
+
+    JAX has no event API, so each batch of calls is timed on the wall clock and divided; inputs
+    rotate among enough copies to exceed three times the L2 cache. For calls under ~20 us this
+    measures JAX's dispatch rather than its kernel.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    c = inst.case
+    dn = (layout, "OIHW", layout)
+
+    def to_jax(name):
+        a = inst.phys(name, layout)
+        try:
+            return jnp.array(jax.dlpack.from_dlpack(a), copy=True)
+        except Exception:  # noqa: BLE001 - fall back to a host round trip
+            return jnp.asarray(inst.dev.to_host(a, c.dtype))
+
+    x = to_jax("x")
+    if c.op == "depthwise":
+        w = to_jax("w")
+        p = c.padding
+
+        @jax.jit
+        def f(x, w):
+            return lax.conv_general_dilated(x, w, (c.stride, c.stride), [(p, p), (p, p)],
+                                            dimension_numbers=dn, feature_group_count=c.C)
+        params = (w,)
+    elif c.op == "pointwise":
+        w = to_jax("w").reshape(c.CO, c.C, 1, 1)
+
+        @jax.jit
+        def f(x, w):
+            return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dn)
+        params = (w,)
+    else:
+        dw_w, pw_w, b = to_jax("dw_w"), to_jax("pw_w").reshape(c.CO, c.C, 1, 1), to_jax("b")
+        p = c.padding
+        bshape = (1, c.CO, 1, 1) if layout == "NCHW" else (1, 1, 1, c.CO)
+
+        @jax.jit
+        def f(x, dw_w, pw_w, b):
+            h = lax.conv_general_dilated(x, dw_w, (1, 1), [(p, p), (p, p)],
+                                         dimension_numbers=dn, feature_group_count=c.C)
+            y = lax.conv_general_dilated(jax.nn.relu(h), pw_w, (1, 1), "VALID",
+                                         dimension_numbers=dn)
+            return x + y + b.reshape(bshape)
+        params = (dw_w, pw_w, b)
+    nbytes = x.size * x.dtype.itemsize
+    extra = min(7, max(1, math.ceil(3 * l2_bytes / nbytes)))
+    copies = [x] + [jnp.array(x, copy=True) for _ in range(extra)]
+    f(copies[0], *params).block_until_ready()  # compile
+    t0 = time.perf_counter()
+    f(copies[1], *params).block_until_ready()
+    n = max(min_iters, min(max_iters, int(target_s / max(time.perf_counter() - t0, 1e-9))))
+    per_call = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for i in range(n):
+            r = f(copies[i % len(copies)], *params)
+        r.block_until_ready()
+        per_call.append((time.perf_counter() - t0) * 1e3 / n)
+    return statistics.median(per_call)
