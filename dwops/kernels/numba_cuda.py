@@ -1,0 +1,290 @@
+"""The ``numba`` backend: every op and gradient as ``numba.cuda.jit`` kernels with tiled
+shared-memory loads.
+
+The kernels and their math live in ``_numba_depthwise.py`` (depthwise forward, grad_input,
+grad_weight stage 1) and ``_numba_gemm.py`` (pointwise GEMM with fused epilogue, split reduction,
+fused separable kernel); this module is the launcher (pick the specialization, allocate scratch,
+launch on the caller's stream), the array plumbing and the kernel report.
+
+Specializations: kernel sizes 1, 3, 5 and 7 (square) are compile-time constants, every other size
+up to 31x31 runs the generic path; dtypes float16 (float32 accumulation), float32, float64.
+bfloat16 is refused with a TypeError: Numba cannot type a bfloat16 array argument (NumPy has no
+bfloat16 dtype of its own and PyTorch exports none through ``__cuda_array_interface__``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._registry import Backend
+from . import _gpu
+
+THREADS = 256
+
+
+def _cuda():
+    from numba import cuda
+
+    return cuda
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def _flat(a):
+    """1-d view of a C-contiguous device array."""
+    return a.reshape(a.size) if a.ndim != 1 else a
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy(dtype: str):
+    """A 1-element device array standing in for an absent bias / residual of ``dtype``."""
+    if dtype not in _DUMMIES:
+        _DUMMIES[dtype] = _cuda().device_array(1, np.dtype(dtype))
+    return _DUMMIES[dtype]
+
+
+def _or_dummy(a, dtype):
+    return _dummy(dtype) if a is None else _flat(a)
+
+
+def _launch(kernel, blocks, smem, stream, *args):
+    kernel.fn[int(blocks), THREADS, stream or 0, int(smem)](*args)
+
+
+def _scratch(n, dtype):
+    return _cuda().device_array(int(n), np.dtype(dtype))
+
+
+def _dw_args(p):
+    return (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, p.KH, p.KW)
+
+
+def _run_depthwise_forward(p, x, w, b, out, stream, out_dt=None):
+    from . import _numba_depthwise as D
+    from ._numba_common import fits, kernel_key
+
+    smem = D.forward_smem(p)
+    staged = fits(smem)
+    kh, kw = kernel_key(p.KH, p.KW)
+    k = D.forward_kernel(p.layout, kh, kw, p.dtype, out_dt or p.dtype, p.activation, p.has_bias,
+                         staged)
+    _launch(k, D.forward_grid(p), smem if staged else 0, stream, _flat(x), _flat(w),
+            _or_dummy(b, p.dtype), _flat(out), *_dw_args(p))
+
+
+def _gemm_splits(tiles, nbr, K, target_blocks=1024):
+    """``(bpg, ks, kc_len)`` splitting an ``nbr x K`` reduction over about ``target_blocks``."""
+    from ._numba_common import cdiv
+    from ._numba_gemm import BK
+
+    want = max(1, target_blocks // max(tiles, 1))
+    if nbr >= want:
+        return cdiv(nbr, want), 1, K
+    ks = cdiv(want, nbr)
+    kc_len = cdiv(cdiv(K, ks), BK) * BK
+    return 1, cdiv(K, kc_len), kc_len
+
+
+def _run_gemm(A, B, C, bias, R, Mr, Nc, K, a, b, c, nz, dts, act=None, bias_on_m=True,
+              nbr=1, bpg=1, ks=1, kc_len=None, stream=None):
+    """Launch the GEMM: ``a = (a_bo, a_br, a_sm, a_sk)``, ``b = (b_bo, b_br, b_sk, b_sn)``,
+    ``c = (c_bz, c_sm, c_sn)``, ``dts = (a_dt, b_dt, c_dt)``, ``nz`` output slices."""
+    from ._numba_common import cdiv
+    from ._numba_gemm import BM, BN, gemm_kernel
+
+    a_dt, b_dt, c_dt = dts
+    k = gemm_kernel(a_dt, b_dt, c_dt, act, bias is not None, bias_on_m, R is not None)
+    blocks = cdiv(Mr, BM) * cdiv(Nc, BN) * nz
+    _launch(k, blocks, 0, stream, _flat(A), _flat(B), _flat(C), _or_dummy(bias, c_dt),
+            _or_dummy(R, c_dt), Mr, Nc, K, *a, *b, *c, nbr, bpg, ks, kc_len or K)
+
+
+def _run_reduce(part, out, L, S, part_dt, out_dt, stream):
+    from ._numba_common import cdiv
+    from ._numba_gemm import reduce_kernel
+
+    _launch(reduce_kernel(part_dt, out_dt), min(cdiv(L, THREADS), 4096), 0, stream, part,
+            _flat(out), L, S)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+class NumbaBackend(Backend):
+    """Numba CUDA kernels; arrays are Numba device arrays (views of the caller's memory)."""
+
+    name = "numba"
+    device = "cuda"
+
+    def unavailable_reason(self):
+        try:
+            from numba import cuda
+        except ImportError as exc:  # pragma: no cover - numba is a dependency
+            return f"numba.cuda cannot be imported ({exc})"
+        try:
+            ok = cuda.is_available()
+        except Exception as exc:  # pragma: no cover - broken driver
+            return f"numba.cuda cannot reach a GPU ({exc})"
+        return None if ok else "numba.cuda finds no CUDA GPU or driver (cuda.is_available() is False)"
+
+    # -- plumbing
+    def asarray(self, obj, info):
+        """A C-contiguous Numba device array viewing ``obj`` (zero-copy when it is a contiguous
+        GPU array; host arrays are copied to the device)."""
+        if info.dtype == "bfloat16":
+            raise TypeError(
+                "backend 'numba' does not support dtype bfloat16 (Numba CUDA kernels cannot take "
+                "bfloat16 arrays); use backend='cupy' or another dtype")
+        cuda = _cuda()
+        if not info.on_gpu:
+            from .._interop import to_host
+
+            return cuda.to_device(np.ascontiguousarray(to_host(obj, info)))
+        if info.lib == "numba":
+            if obj.is_c_contiguous():
+                return obj
+            try:
+                import cupy
+
+                return cuda.as_cuda_array(cupy.ascontiguousarray(cupy.asarray(obj)), sync=False)
+            except ImportError:
+                return cuda.to_device(np.ascontiguousarray(obj.copy_to_host()))
+        if info.lib == "torch":
+            t = obj.detach()
+            if t.is_conj():
+                t = t.resolve_conj()
+            if t.is_neg():
+                t = t.resolve_neg()
+            return cuda.as_cuda_array(t.contiguous(), sync=False)
+        if info.lib == "cupy":
+            import cupy
+
+            return cuda.as_cuda_array(cupy.ascontiguousarray(obj), sync=False)
+        import cupy
+
+        view = _gpu.device_view(obj, info, _gpu.caller_stream(obj, info), info.device[1])
+        return cuda.as_cuda_array(cupy.ascontiguousarray(view), sync=False)
+
+    def allocate(self, shape, dtype, like_obj, like_info):
+        cuda = _cuda()
+        holder = _gpu.empty_in_caller(shape, dtype, like_obj, like_info)
+        if holder is not None:
+            native = cuda.as_cuda_array(holder, sync=False)
+        else:
+            native = cuda.device_array(tuple(shape), np.dtype(dtype))
+        return native, lambda: _gpu.finish(native, holder, like_info)
+
+    def stream_for(self, like_obj, like_info):
+        handle = _gpu.caller_stream(like_obj, like_info)
+        return _cuda().external_stream(handle) if handle else 0
+
+    # -- depthwise
+    def depthwise_forward(self, p, x, w, b, out, stream=None):
+        _run_depthwise_forward(p, x, w, b, out, stream)
+
+    def depthwise_grad_input(self, p, gy, w, out, stream=None):
+        from . import _numba_depthwise as D
+        from ._numba_common import fits, kernel_key
+
+        smem = D.grad_input_smem(p)
+        staged = fits(smem)
+        k = D.grad_input_kernel(p.layout, *kernel_key(p.KH, p.KW), p.dtype, staged)
+        _launch(k, D.grad_input_grid(p), smem if staged else 0, stream, _flat(gy), _flat(w),
+                _flat(out), *_dw_args(p))
+
+    def depthwise_grad_weight(self, p, x, gy, out, stream=None):
+        from . import _numba_depthwise as D
+        from ._numba_common import acc_dtype, fits, itemsize, kernel_key
+
+        acc = acc_dtype(p.dtype)
+        smem = D.grad_weight_smem(p)
+        staged = fits(smem)
+        if not staged:
+            smem = THREADS * itemsize(acc) if p.layout == "NCHW" else 0
+        blocks, splits, per = D.grad_weight_plan(p)
+        L = p.CO * p.KH * p.KW
+        part = _scratch(splits * L, acc)
+        k = D.grad_weight_kernel(p.layout, *kernel_key(p.KH, p.KW), p.dtype, staged)
+        _launch(k, blocks, smem, stream, _flat(x), _flat(gy), part, *_dw_args(p), splits, per)
+        _run_reduce(part, out, L, splits, acc, p.dtype, stream)
+
+    # -- pointwise
+    def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
+        HW = p.H * p.W
+        dts = (p.dtype, p.dtype, p.dtype)
+        if p.layout == "NCHW":  # y[n] (CO x HW) = W (CO x CI) @ x[n] (CI x HW)
+            _run_gemm(w, x, out, b, residual, p.CO, HW, p.CI, (0, 0, p.CI, 1), (p.CI * HW, 0, HW, 1),
+                      (p.CO * HW, HW, 1), p.N, dts, p.activation, True, stream=stream)
+        else:  # y (NHW x CO) = x (NHW x CI) @ W^T (CI x CO)
+            _run_gemm(x, w, out, b, residual, p.N * HW, p.CO, p.CI, (0, 0, p.CI, 1),
+                      (0, 0, 1, p.CI), (0, p.CO, 1), 1, dts, p.activation, False, stream=stream)
+
+    def pointwise_grad_input(self, p, gy, w, out, stream=None):
+        HW = p.H * p.W
+        dts = (p.dtype, p.dtype, p.dtype)
+        if p.layout == "NCHW":  # gx[n] (CI x HW) = W^T (CI x CO) @ gy[n] (CO x HW)
+            _run_gemm(w, gy, out, None, None, p.CI, HW, p.CO, (0, 0, 1, p.CI),
+                      (p.CO * HW, 0, HW, 1), (p.CI * HW, HW, 1), p.N, dts, stream=stream)
+        else:  # gx (NHW x CI) = gy (NHW x CO) @ W (CO x CI)
+            _run_gemm(gy, w, out, None, None, p.N * HW, p.CI, p.CO, (0, 0, p.CO, 1),
+                      (0, 0, p.CI, 1), (0, p.CI, 1), 1, dts, stream=stream)
+
+    def pointwise_grad_weight(self, p, x, gy, out, stream=None):
+        from ._numba_common import acc_dtype, cdiv
+        from ._numba_gemm import BM, BN
+
+        HW = p.H * p.W
+        if p.layout == "NCHW":  # gW = sum_n gy[n] (CO x HW) @ x[n]^T (HW x CI)
+            nbr, K = p.N, HW
+            a, b = (0, p.CO * HW, HW, 1), (0, p.CI * HW, 1, HW)
+        else:  # gW = gy^T (CO x NHW) @ x (NHW x CI)
+            nbr, K = 1, p.N * HW
+            a, b = (0, 0, 1, p.CO), (0, 0, p.CI, 1)
+        bpg, ks, kc_len = _gemm_splits(cdiv(p.CO, BM) * cdiv(p.CI, BN), nbr, K)
+        splits = cdiv(nbr, bpg) * ks
+        if splits == 1:
+            _run_gemm(gy, x, out, None, None, p.CO, p.CI, K, a, b, (0, p.CI, 1), 1,
+                      (p.dtype, p.dtype, p.dtype), nbr=nbr, bpg=bpg, ks=ks, kc_len=kc_len,
+                      stream=stream)
+            return
+        acc = acc_dtype(p.dtype)
+        L = p.CO * p.CI
+        part = _scratch(splits * L, acc)
+        _run_gemm(gy, x, part, None, None, p.CO, p.CI, K, a, b, (L, p.CI, 1), splits,
+                  (p.dtype, p.dtype, acc), nbr=nbr, bpg=bpg, ks=ks, kc_len=kc_len, stream=stream)
+        _run_reduce(part, out, L, splits, acc, p.dtype, stream)
+
+    # -- separable
+    def separable_forward(self, p, x, dw_w, pw_w, b, dw_b, residual, out, stream=None):
+        from . import _numba_gemm as G
+        from ._numba_common import acc_dtype, fits, kernel_key
+
+        d, q = p.dw, p.pw
+        smem = G.separable_smem(p)
+        if fits(smem):  # fused: the intermediate stays in shared memory
+            k = G.separable_kernel(d.layout, *kernel_key(d.KH, d.KW), d.dtype, d.activation,
+                                   q.activation, d.has_bias, q.has_bias, q.has_residual)
+            _launch(k, G.separable_grid(p), smem, stream, _flat(x), _flat(dw_w), _flat(pw_w),
+                    _or_dummy(b, d.dtype), _or_dummy(dw_b, d.dtype),
+                    _or_dummy(residual, d.dtype), _flat(out), d.N, d.C, d.H, d.W, d.M, d.OH,
+                    d.OW, q.CO, d.sh, d.sw, d.dh, d.dw, d.pt, d.pl, d.KH, d.KW)
+            return
+        # unfused: depthwise into an accumulation-dtype temporary, then the GEMM with epilogue
+        acc = acc_dtype(d.dtype)
+        mid = _scratch(d.N * d.CO * d.OH * d.OW, acc)
+        _run_depthwise_forward(d, x, dw_w, dw_b, mid, stream, out_dt=acc)
+        HW = q.H * q.W
+        if d.layout == "NCHW":
+            _run_gemm(pw_w, mid, out, b, residual, q.CO, HW, q.CI, (0, 0, q.CI, 1),
+                      (q.CI * HW, 0, HW, 1), (q.CO * HW, HW, 1), q.N, (d.dtype, acc, d.dtype),
+                      q.activation, True, stream=stream)
+        else:
+            _run_gemm(mid, pw_w, out, b, residual, q.N * HW, q.CO, q.CI, (0, 0, q.CI, 1),
+                      (0, 0, 1, q.CI), (0, q.CO, 1), 1, (acc, d.dtype, d.dtype), q.activation,
+                      False, stream=stream)
+
+
+BACKEND = NumbaBackend()
