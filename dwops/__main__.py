@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host threads for dwops (Numba) and PyTorch alike (default: all cores)")
     b.add_argument("--target-ms", type=float, default=None,
                    help="timed milliseconds per measurement (default 300 on a host, 50 on a GPU)")
+    b.add_argument("--copy-mb", type=int, default=None,
+                   help="MiB copied to measure the bandwidth (default 128 on a host, 1024 on a GPU)")
     b.add_argument("--no-check", action="store_true", help="skip the reference check")
     b.add_argument("--json", default=None, help="write the JSON results to this path")
     b.add_argument("--out", default=None,
@@ -223,7 +225,8 @@ def cmd_bench(args) -> int:
     layouts = tuple(_csv(args.layout))
     opts = runner.Options(backends=backends, layouts=layouts, baselines=baselines,
                           budget_s=args.budget, check=not args.no_check,
-                          target_s=None if args.target_ms is None else args.target_ms / 1e3)
+                          target_s=None if args.target_ms is None else args.target_ms / 1e3,
+                          copy_bytes=None if args.copy_mb is None else args.copy_mb * 1024**2)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     outcome = runner.run(cases, device, opts, progress=not args.quiet)

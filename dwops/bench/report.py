@@ -116,7 +116,7 @@ def markdown(result: dict) -> str:
 def file_stem(result: dict) -> str:
     """``DATE-DEVICE``: e.g. ``2026-11-28T2031Z-NVIDIA-H200``."""
     date = re.sub(r"[^0-9T]", "", result["date"][:16].replace(":", ""))
-    date = f"{date[:4]}-{date[4:6]}-{date[6:11]}Z" if len(date) >= 11 else date
+    date = f"{date[:4]}-{date[4:6]}-{date[6:]}Z" if len(date) == 13 else date
     dev = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-") or "device"
     return f"{date}-{dev}"
 

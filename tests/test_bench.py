@@ -1,0 +1,321 @@
+"""The benchmark machinery on the host: cases and bytes, checks, timing loops, JSON and tables.
+
+No timing is asserted here (performance lives in the benchmarks, never in tests); what is checked is
+that the numbers are computed from the right quantities and the files have the documented schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dwops
+from dwops.bench import cases, devices, report, runner, workloads
+from dwops.bench.cases import Case
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def test_bytes_and_geometry():
+    dw = Case("t", "depthwise", 2, 5, 9, 7, 3, 2, None, "float32", cases.DIRECTIONS)
+    assert (dw.OH, dw.OW) == (5, 4)
+    assert dw.nbytes("forward") == 4 * (2 * 5 * 9 * 7 + 5 * 9 + 2 * 5 * 5 * 4)
+    assert dw.nbytes("grad_weight") == dw.nbytes("forward")
+    pw = Case("t", "pointwise", 2, 6, 4, 4, 1, 1, 10, "bfloat16")
+    assert pw.nbytes("forward") == 2 * (2 * 6 * 16 + 60 + 2 * 10 * 16)
+    blk = Case("t", "block", 3, 64, 8, 8, 3, 1, 64, "float16")
+    x = 3 * 64 * 64
+    assert blk.nbytes("forward") == 2 * (x + 64 * 9 + 64 * 64 + 64 + x)  # x read once, y written
+    assert blk.shape() == {"N": 3, "C": 64, "H": 8, "W": 8, "KH": 3, "KW": 3, "stride": 1,
+                           "padding": 1, "C_out": 64}
+
+
+def test_suites_cover_the_issue():
+    gpu = cases.suite("gpu", on_gpu=True)
+    assert [c.dtype for c in gpu] == sorted((c.dtype for c in gpu),
+                                            key=cases.DTYPES.index)  # float32 first
+    f32 = [c for c in gpu if c.dtype == "float32"]
+    by = lambda s: [c for c in f32 if c.suite == s]  # noqa: E731
+    assert len(by("mobilenetv2")) == 10 and len(by("efficientnet_b0")) == 12
+    assert {(c.H, c.K) for c in by("convnext")} == {(56, 7), (28, 7), (14, 7)}
+    assert {(c.N, c.C, c.H, c.K) for c in by("replknet")} == {
+        (64, 384, r, k) for r in (16, 32) for k in (7, 13, 31)}
+    assert {(c.op, c.H) for c in by("block")} == {
+        (op, h) for op in ("block", "block_unfused") for h in (112, 56)}
+    assert all(c.N == 64 for c in f32)
+    assert all(c.directions == cases.DIRECTIONS for c in f32 if c.op == "depthwise")
+    assert {c.dtype for c in gpu} == set(cases.DTYPES)
+    # every shape is a valid problem for the validation layer, with the expected output size
+    from dwops import _spec
+
+    for c in f32:
+        if c.op == "depthwise":
+            x = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (c.N, c.C, c.H, c.W),
+                                                (0, 0, 0, 0))
+            w = np.zeros((c.C, 1, c.K, c.K), np.float32)
+            p, _ = _spec.depthwise("t", x, w, None, c.stride, c.padding, 1, "NCHW", None)
+            assert (p.OH, p.OW) == (c.OH, c.OW)
+
+
+def test_default_suite_sizes():
+    host, gpu = cases.default_suite(False), cases.default_suite(True)
+    assert {(c.op, c.N, c.C, c.H) for c in host} == {("block", 16, 64, 56), ("depthwise", 16, 64, 56)}
+    assert all(c.N == 64 and c.H == 112 for c in gpu)
+    assert cases.suite("default", False, ["float16", "float32"])[0].dtype == "float16"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def test_rel_err():
+    e = np.array([1.0, -2.0, 4.0])
+    assert workloads.rel_err(e, e) == 0.0
+    assert workloads.rel_err(e + [0, 0, 0.4], e) == pytest.approx(0.1)
+    assert workloads.rel_err([np.nan, 1, 1], [1.0, 1, 1]) == np.inf
+    assert workloads.rel_err([np.nan, 1, 1], [np.nan, 1, 1]) == 0.0
+    with pytest.raises(ValueError):
+        workloads.rel_err(e[:2], e)
+
+
+HOST_BACKENDS = ["numpy"] + (["cpu"] if dwops.backend_available("cpu") else [])
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("case", [
+    Case("t", "depthwise", 3, 5, 9, 7, 3, 2, None, "float32", cases.DIRECTIONS),
+    Case("t", "depthwise", 2, 4, 6, 6, 5, 1, None, "float64", cases.DIRECTIONS),
+    Case("t", "pointwise", 3, 6, 5, 4, 1, 1, 7, "float32"),
+    Case("t", "block", 2, 8, 7, 5, 3, 1, 8, "float32"),
+    Case("t", "block_unfused", 2, 8, 7, 5, 3, 1, 8, "float32"),
+])
+def test_instance_check_passes_on_host_backends(case, backend):
+    inst = workloads.Instance(case, devices.HostDevice(), seed=3)
+    for d in case.directions:
+        for layout in cases.LAYOUTS:
+            err = inst.check(d, layout, backend)
+            assert err <= workloads.TOLERANCE[case.dtype], (d, layout, err)
+
+
+def test_instance_check_catches_a_wrong_result(monkeypatch):
+    case = Case("t", "depthwise", 3, 4, 6, 6, 3, 1, None, "float32", cases.DIRECTIONS)
+    inst = workloads.Instance(case, devices.HostDevice(), seed=1)
+    real = inst.dwops_fn
+
+    def last_image_shifted(direction, layout, backend, images=None):
+        fn = real(direction, layout, backend, images)
+
+        def wrong():
+            out = np.array(fn())
+            out[-1] += 0.25  # an error confined to the last image (or the last weight row)
+            return out
+        return wrong
+
+    monkeypatch.setattr(inst, "dwops_fn", last_image_shifted)
+    for d in cases.DIRECTIONS:
+        assert inst.check(d, "NHWC", "numpy") > workloads.TOLERANCE["float32"], d
+
+
+def test_inputs_are_random_and_shared_across_layouts():
+    case = Case("t", "depthwise", 2, 3, 5, 4, 3, 1, None, "bfloat16", cases.DIRECTIONS)
+    inst = workloads.Instance(case, devices.HostDevice(), seed=0)
+    x = inst.arrays["x"]
+    assert str(x.dtype) == "bfloat16" and np.count_nonzero(x.astype(np.float32)) == x.size
+    np.testing.assert_array_equal(inst.phys("x", "NHWC"), x.transpose(0, 2, 3, 1))
+    assert inst.phys("x", "NHWC").flags.c_contiguous
+    assert not np.array_equal(inst.arrays["gy"].astype(np.float32)[..., :4, :4].ravel()[:9],
+                              x.astype(np.float32)[..., :3, :3].ravel()[:9])
+
+
+@pytest.mark.parametrize("layout", cases.LAYOUTS)
+def test_baselines_compute_the_same_function(layout):
+    """PyTorch baselines and the NumPy dense path are timed on the same problem as dwops."""
+    torch = pytest.importorskip("torch")
+    case = Case("t", "depthwise", 2, 64, 6, 5, 3, 1, None, "float32", cases.DIRECTIONS)
+    inst = workloads.Instance(case, devices.HostDevice(), seed=2)
+    to_nchw = (lambda a: a) if layout == "NCHW" else (lambda a: a.transpose(0, 3, 1, 2))
+    fwd = inst.baseline_fn("torch", "forward", layout)().numpy()
+    np.testing.assert_allclose(fwd, to_nchw(inst.dwops_fn("forward", layout, "numpy")()),
+                               rtol=1e-5, atol=1e-5)
+    gx = inst.baseline_fn("torch", "grad_input", layout)()[0].numpy()
+    np.testing.assert_allclose(gx, to_nchw(inst.dwops_fn("grad_input", layout, "numpy")()),
+                               rtol=1e-5, atol=1e-5)
+    gw = inst.baseline_fn("torch", "grad_weight", layout)()[1].numpy()
+    np.testing.assert_allclose(gw, inst.dwops_fn("grad_weight", layout, "numpy")(), rtol=1e-4,
+                               atol=1e-4)
+    blk = Case("t", "block", 2, 64, 6, 5, 3, 1, 64, "float32")
+    bi = workloads.Instance(blk, devices.HostDevice(), seed=4)
+    np.testing.assert_allclose(bi.baseline_fn("torch", "forward", layout)().numpy(),
+                               to_nchw(bi.dwops_fn("forward", layout, "numpy")()),
+                               rtol=1e-4, atol=1e-4)
+    assert inst.baseline_fn("dense3x3", "forward", layout)().shape == (2, 64, 6, 5)
+    assert inst.baseline_fn("dense3x3", "grad_input", layout) is None
+    assert inst.baseline_fn("torch_compile", "forward", layout) is None  # block cases only
+    del torch
+
+
+def test_numpy_dense_is_a_dense_convolution():
+    torch = pytest.importorskip("torch")
+    case = Case("t", "depthwise", 2, 4, 7, 6, 3, 2, None, "float64")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 4, 7, 6))
+    got = workloads._numpy_dense(x, case)()  # (N, OH, OW, C)
+    wd = np.random.default_rng(7).uniform(-1, 1, (4 * 9, 4)).astype(np.float64)
+    w = torch.from_numpy(wd.T.reshape(4, 4, 3, 3).copy())
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), w, None, 2, 1).numpy()
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- timing loops
+
+
+def test_host_timing_and_copy_bandwidth():
+    dev = devices.HostDevice()
+    calls = []
+    times = dev.time(lambda: calls.append(1), warmup=2, min_iters=4, max_iters=6, target_s=1e-9)
+    assert len(times) == 4 and all(t >= 0 for t in times)
+    assert len(calls) == 2 + 1 + 4  # warm-up, estimate, timed
+    assert devices.plan_iterations(0.01, 1.0, 3, 30) == 30
+    assert devices.plan_iterations(1.0, 0.1, 3, 30) == 3
+    assert dev.copy_bandwidth_gbs(8 * 1024**2) > 0
+
+
+class _FakeEvent:
+    def __init__(self, clock):
+        self.clock, self.t = clock, None
+
+
+class _FakeCuda(devices._CudaDevice):
+    """The GPU timing loop with a host clock standing in for CUDA events."""
+
+    name, lib, l2_bytes = "fake", "fake", 1024
+
+    def __init__(self, dry_batches):
+        self.driver, self._dry_warned = None, False
+        self.dry_batches, self.spins, self.now = dry_batches, [], 0.0
+
+    def synchronize(self):
+        pass
+
+    def flush(self):
+        self.now += 1.0
+
+    def _event(self, timing=True):
+        return _FakeEvent(self)
+
+    def _record(self, ev):
+        ev.t = self.now
+
+    def _done(self, ev):
+        if self.dry_batches:
+            self.dry_batches -= 1
+            return True
+        return False
+
+    def _elapsed_ms(self, s, e):
+        return e.t - s.t
+
+    def _spin(self, cycles):
+        self.spins.append(cycles)
+
+
+def test_gpu_timing_loop_lengthens_the_spin_when_the_host_falls_behind(capsys):
+    dev = _FakeCuda(dry_batches=2)
+
+    def work():
+        dev.now += 0.5
+
+    times = dev.time(work, warmup=1, min_iters=3, max_iters=3, target_s=1.0)
+    assert times == [0.5, 0.5, 0.5]  # flushes stay outside the events
+    cap = int(devices.MAX_SPIN_S * devices.SPIN_HZ)
+    assert len(dev.spins) == 3  # two batches ran dry, the third did not
+    assert dev.spins[1] == pytest.approx(min(4 * dev.spins[0], cap), rel=1e-6)
+    dev = _FakeCuda(dry_batches=100)
+    dev.time(work, warmup=1, min_iters=2, max_iters=2, target_s=1.0)
+    assert dev.spins[-1] == int(devices.MAX_SPIN_S * devices.SPIN_HZ)
+    assert "could not stay ahead of the GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- runs and files
+
+
+def _tiny_run(backends=("numpy",), baselines=("torch",), budget=None):
+    cs = [Case("t", "depthwise", 2, 6, 7, 7, 3, 1, None, "float32", cases.DIRECTIONS),
+          Case("t", "block", 2, 8, 6, 6, 3, 1, 8, "float32")]
+    opts = runner.Options(backends=list(backends), baselines=baselines, budget_s=budget,
+                          min_iters=3, max_iters=3, target_s=1e-3, copy_bytes=8 * 1024**2)
+    return runner.run(cs, devices.HostDevice(), opts, progress=False)
+
+
+def test_run_json_schema_and_derived_numbers(tmp_path):
+    out = _tiny_run()
+    res = out.result
+    assert out.failures == [] and out.skipped == 0
+    assert report.validate(res) == []
+    assert len(res["rows"]) == (3 + 1) * 2
+    assert res["driver"] is None and res["versions"]["numpy"] == np.__version__
+    bw = res["copy_bandwidth_gbs"]
+    for r in res["rows"]:
+        assert r["roofline_fraction"] == pytest.approx(r["bytes"] / (bw * 1e9) / (r["ms"] * 1e-3),
+                                                       rel=1e-6)
+        if "torch" in r["baselines"]:
+            assert r["speedup_vs_torch"] == pytest.approx(r["baselines"]["torch"] / r["ms"])
+        else:
+            assert r["speedup_vs_torch"] is None
+    path = tmp_path / (report.file_stem(res) + ".json")
+    report.write_json(res, path)
+    assert json.loads(path.read_text()) == res
+    md = report.markdown(res)
+    assert md.count("\n| t |") == len(res["rows"])
+
+
+def test_schema_validator_rejects_departures():
+    res = _tiny_run(baselines=()).result
+    bad = json.loads(json.dumps(res))
+    bad["rows"][0]["extra"] = 1
+    del bad["rows"][1]["max_rel_err"]
+    bad["note"] = "x"
+    problems = report.validate(bad)
+    assert len(problems) == 3
+
+
+def test_budget_skips_rows_and_says_so():
+    out = _tiny_run(budget=0.0)
+    assert out.skipped == 8 and out.result["rows"] == []
+    assert any("time budget" in n for n in out.notes)
+
+
+def test_file_stem():
+    stem = report.file_stem({"date": "2026-11-28T20:31:05+00:00", "device": "NVIDIA H200"})
+    assert stem == "2026-11-28T2031Z-NVIDIA-H200"
+
+
+def test_progress_lines_when_not_a_terminal():
+    import io
+
+    s = io.StringIO()
+    p = report.Progress(4, stream=s)
+    p.step("a")
+    p.step("b")
+    p.note("hello")
+    lines = s.getvalue().splitlines()
+    assert lines[0].startswith("[######" + "." * 18 + "] 1/4") and lines[0].endswith(" a")
+    assert lines[1].startswith("[" + "#" * 12) and lines[2] == "hello"
+
+
+def test_plot_script_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = _tiny_run().result
+    path = tmp_path / "r.json"
+    report.write_json(res, path)
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "plot.py"), str(path),
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["r-roofline.png", "r-speedup.png"]
+    assert all((tmp_path / p).stat().st_size > 1000 for p in pngs)

@@ -1,0 +1,196 @@
+"""The command line: ``python -m dwops info``, ``bench`` (tiny shapes, host backends), ``kernels``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+import dwops
+from dwops.__main__ import main
+from dwops.bench import report, workloads
+
+NUMBA_MOD, CUPY_MOD = "dwops.kernels.numba_cuda", "dwops.kernels.cupy_backend"
+
+
+def test_import_main_is_light():
+    """Parsing the command line imports none of the heavy libraries."""
+    code = ("import sys, dwops.__main__ as m; m.build_parser(); "
+            "print(sorted(k for k in ('torch', 'jax', 'cupy', 'numba', 'matplotlib') "
+            "if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "devices:" in out and "versions:" in out
+    assert "numpy  available" in out
+    for name in ("cpu", "numba", "cupy"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))
+        assert ("available" in line) and (line.split()[1] in ("available", "unavailable:"))
+    assert f"dwops          {dwops.__version__}" in out
+    assert "cpu: " in out
+
+
+def test_console_entry_runs_info():
+    out = subprocess.run([sys.executable, "-m", "dwops", "info"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "backends:" in out.stdout
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _row(backend, **kw):
+    row = dict(backend=backend, op="depthwise", direction="forward",
+               specialization="float32 k3 NCHW", registers=40, shared_bytes=4096, spill_bytes=0,
+               error=None)
+    row.update(kw)
+    return row
+
+
+def _fake(monkeypatch, numba_rows, cupy_rows):
+    """Install fake backend modules whose compile_report returns the given rows (or raises them)."""
+    calls = []
+    for name, rows in ((NUMBA_MOD, numba_rows), (CUPY_MOD, cupy_rows)):
+        if rows is None:
+            monkeypatch.setitem(sys.modules, name, None)  # import fails
+            continue
+        mod = types.ModuleType(name)
+        if rows != "no-function":
+            def compile_report(arch, _rows=rows, _name=name):
+                calls.append((_name, arch))
+                if isinstance(_rows, Exception):
+                    raise _rows
+                return _rows
+            mod.compile_report = compile_report
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls
+
+
+def test_kernels_all_clean(monkeypatch, capsys):
+    calls = _fake(monkeypatch, [_row("numba"), _row("numba", op="pointwise")],
+                  [_row("cupy", specialization="__half k7 NHWC", registers=64)])
+    assert main(["kernels", "--arch", "sm_90"]) == 0
+    assert calls == [(NUMBA_MOD, "sm_90"), (CUPY_MOD, "sm_90")]
+    out = capsys.readouterr().out
+    assert "3 kernels, 0 problems" in out
+    assert "__half k7 NHWC" in out and "pointwise" in out
+    header = next(ln for ln in out.splitlines() if ln.startswith("backend"))
+    assert header.split() == ["backend", "op", "direction", "specialization", "registers",
+                              "shared_bytes", "spill_bytes", "error"]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(spill_bytes=16),
+    dict(error="ptxas error: too many resources requested"),
+    dict(registers=None, error=None),
+])
+def test_kernels_bad_row_fails(monkeypatch, capsys, bad):
+    _fake(monkeypatch, [_row("numba"), _row("numba", **bad)], [_row("cupy")])
+    assert main(["kernels"]) == 1
+    err = capsys.readouterr().err
+    assert "PROBLEM: numba depthwise forward" in err
+
+
+@pytest.mark.parametrize("numba_rows, cupy_rows, message", [
+    (None, [_row("cupy")], "no dwops.kernels.numba_cuda.compile_report"),
+    ([_row("numba")], "no-function", "no dwops.kernels.cupy_backend.compile_report"),
+    ([_row("numba")], RuntimeError("nvrtc failed"), "raised RuntimeError: nvrtc failed"),
+    ([], [_row("cupy")], "reported no kernels"),
+])
+def test_kernels_missing_or_raising_report_fails(monkeypatch, capsys, numba_rows, cupy_rows,
+                                                 message):
+    _fake(monkeypatch, numba_rows, cupy_rows)
+    assert main(["kernels", "--arch", "sm_90"]) == 1
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bench
+
+TINY = ["--batch", "2", "--max-size", "9", "--target-ms", "5", "--copy-mb", "8", "--quiet"]
+
+
+def test_bench_default_tiny_numpy(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    rc = main(["bench", "--backend", "numpy", "--baselines", "torch,dense3x3", "--json",
+               str(path), *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads(path.read_text())
+    assert report.validate(result) == []
+    ops = {(r["op"], r["layout"]) for r in result["rows"]}
+    assert ops == {(op, lay) for op in ("block", "depthwise") for lay in ("NCHW", "NHWC")}
+    assert all(r["backend"] == "numpy" and r["max_rel_err"] == 0.0 for r in result["rows"])
+    assert "| default | block | forward | 2x64x9x9 k3 | float32 | NCHW | numpy |" in out
+
+
+@pytest.mark.skipif(not dwops.backend_available("cpu"), reason="the cpu backend is unavailable")
+def test_bench_cpu_suite_tiny(tmp_path, capsys):
+    rc = main(["bench", "--suite", "cpu", "--out", str(tmp_path), "--baselines", "torch", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")
+    result = json.loads((tmp_path / files[0]).read_text())
+    assert report.validate(result) == []
+    rows = result["rows"]
+    assert {r["backend"] for r in rows} == {"cpu"}
+    assert {r["direction"] for r in rows} == {"forward", "grad_input", "grad_weight"}
+    assert {r["op"] for r in rows} == {"block", "block_unfused", "depthwise", "pointwise"}
+    for r in rows:
+        assert r["max_rel_err"] <= workloads.TOLERANCE[r["dtype"]], r
+    with_torch = [r for r in rows if "torch" in r["baselines"]]
+    if importlib.util.find_spec("torch") is not None:
+        assert len(with_torch) == len(rows)
+    for r in with_torch:
+        assert r["speedup_vs_torch"] == pytest.approx(r["baselines"]["torch"] / r["ms"])
+
+
+def test_bench_default_picks_the_registry_host_backend(monkeypatch, capsys):
+    """Without --backend, a host run uses the registry's host default."""
+    from dwops import _registry
+
+    seen = {}
+    real_run = __import__("dwops.bench.runner", fromlist=["run"]).run
+
+    def spy(cases, device, opts, **kw):
+        seen["backends"] = opts.backends
+        return real_run(cases[:1], device, opts, **kw)
+
+    monkeypatch.setattr("dwops.bench.runner.run", spy)
+    rc = main(["bench", "--baselines", "none", "--layout", "NCHW", *TINY])
+    assert rc == 0
+    want = _registry._HOST_DEFAULT if _registry.available(_registry._HOST_DEFAULT) else "numpy"
+    assert seen["backends"] == [want]
+
+
+def test_bench_wrong_result_fails(monkeypatch, capsys):
+    real = workloads.Instance.reference
+
+    def off_by_half(self, direction, images):
+        return real(self, direction, images).astype("float64") + 0.5
+
+    monkeypatch.setattr(workloads.Instance, "reference", off_by_half)
+    rc = main(["bench", "--backend", "numpy", "--baselines", "none", "--layout", "NCHW", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAILED: default/block forward" in out and "exceeds the float32 tolerance" in out
+
+
+def test_bench_backend_error_fails(capsys):
+    rc = main(["bench", "--backend", "nosuch", "--baselines", "none", "--layout", "NCHW", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "ValueError" in out and "backend must be one of" in out
+
+
+def test_bench_unknown_suite(capsys):
+    assert main(["bench", "--suite", "nosuch"]) == 2
+    assert "unknown suite 'nosuch'" in capsys.readouterr().err
