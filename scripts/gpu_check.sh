@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# GPU check (DESIGN.md section 5, tier 2) for a machine with an NVIDIA GPU and no network.
+#
+#   scripts/gpu_check.sh            # from the repository root, with the packages already installed
+#
+# Uses the preinstalled packages through PYTHONPATH=. (nothing is installed). Stages, each logged:
+#   1. environment: nvidia-smi, driver, `python -m dwops info` (backends, devices, versions);
+#   2. `pytest -m gpu -x`: both GPU backends against the reference;
+#   3. compute-sanitizer memcheck and racecheck on scripts/sanitize_subset.py (every op, both
+#      GPU backends, small odd shapes, checked against the reference);
+#   4. the benchmark: the embedded default and every GPU suite, with a time budget so the whole
+#      script stays under 8 minutes (rows past the budget are skipped and counted in the table).
+# Writes into $OUT if set, else benchmarks/results/ (at most 7 files): gpu_check-env.txt,
+# gpu_check-pytest.log, gpu_check-sanitizer.log, gpu_check-bench.log, DATE-DEVICE.json,
+# DATE-DEVICE.md and gpu_check-summary.md.
+# Exit status 1 if any stage failed: a test failure, a sanitizer error, a dwops error or a wrong
+# result (max_rel_err over the dtype's tolerance) in the benchmark. Every stage runs regardless, so
+# the logs are complete; the summary names the failed stages.
+#
+# Environment: PYTHON (default python3), DWOPS_GPU_CHECK_SECONDS (whole-script budget, default 450),
+# COMPUTE_SANITIZER (path, default: found on PATH or under /usr/local/cuda*/bin).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX baselines share the GPU with PyTorch and dwops
+PY=${PYTHON:-python3}
+DEST=${OUT:-benchmarks/results}
+mkdir -p "$DEST"
+BUDGET=${DWOPS_GPU_CHECK_SECONDS:-450}
+START=$SECONDS
+FAILED=()
+STATUS=()
+
+elapsed() { echo $((SECONDS - START)); }
+
+# stage NAME LOGFILE TIMEOUT_S COMMAND...: run COMMAND under a timeout, tee its output to LOGFILE.
+stage() {
+    local name=$1 log=$2 limit=$3
+    shift 3
+    local t0=$SECONDS rc=0
+    echo
+    echo "=== [$(elapsed)s] $name: $*" | tee -a "$DEST/$log"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$DEST/$log" || rc=$?
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        echo "=== $name: TIMED OUT after ${limit}s" | tee -a "$DEST/$log"
+    fi
+    if [[ $rc -ne 0 ]]; then
+        FAILED+=("$name (exit $rc, see $log)")
+        STATUS+=("| $name | FAILED (exit $rc) | $((SECONDS - t0)) s | $log |")
+    else
+        STATUS+=("| $name | ok | $((SECONDS - t0)) s | $log |")
+    fi
+    echo "=== [$(elapsed)s] $name: exit $rc" | tee -a "$DEST/$log"
+}
+
+# ---------------------------------------------------------------------------- 1. environment
+ENVLOG=gpu_check-env.txt
+: > "$DEST/$ENVLOG"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -a)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    echo "python: $(command -v "$PY") $("$PY" --version 2>&1)"
+    echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo none)"
+} | tee -a "$DEST/$ENVLOG"
+stage "nvidia-smi" "$ENVLOG" 30 nvidia-smi
+stage "dwops info" "$ENVLOG" 120 "$PY" -m dwops info
+
+# ---------------------------------------------------------------------------- 2. GPU tests
+# Exit status 5 (no test collected) counts as a failure: a GPU check without GPU tests checks nothing.
+stage "pytest -m gpu" gpu_check-pytest.log 200 \
+    "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests
+
+# ---------------------------------------------------------------------------- 3. sanitizers
+SAN=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)}
+if [[ -z "$SAN" ]]; then
+    echo "compute-sanitizer not found" | tee -a "$DEST/gpu_check-sanitizer.log"
+    FAILED+=("compute-sanitizer (not found)")
+    STATUS+=("| compute-sanitizer | FAILED (not found) | 0 s | gpu_check-sanitizer.log |")
+else
+    stage "memcheck" gpu_check-sanitizer.log 120 \
+        "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_subset.py
+    stage "racecheck" gpu_check-sanitizer.log 120 \
+        "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_subset.py --quick
+fi
+
+# ---------------------------------------------------------------------------- 4. benchmarks
+LEFT=$((BUDGET - $(elapsed) - 40))  # 40 s kept for copy-bandwidth, file writing and the summary
+if [[ $LEFT -lt 30 ]]; then
+    echo "only ${LEFT}s of the ${BUDGET}s budget left: running the default suite alone" | tee -a "$DEST/gpu_check-bench.log"
+    SUITES=(--suite default)
+    LEFT=30
+else
+    SUITES=(--suite default --suite gpu)
+fi
+stage "bench" gpu_check-bench.log $((LEFT + 60)) \
+    "$PY" -m dwops bench "${SUITES[@]}" --device gpu --budget "$LEFT" --out "$DEST"
+
+# ---------------------------------------------------------------------------- summary
+SUMMARY="$DEST/gpu_check-summary.md"
+{
+    echo "# dwops GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed) s"
+    echo
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /' || true
+    echo
+    echo "| stage | result | time | log |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${STATUS[@]}"
+    echo
+    if [[ ${#FAILED[@]} -gt 0 ]]; then
+        echo "**FAILED**: ${FAILED[*]}"
+    else
+        echo "All stages passed."
+    fi
+    echo
+    MD=$(ls -t "$DEST"/*.md 2>/dev/null | grep -v gpu_check- | head -n 1 || true)
+    if [[ -n "$MD" ]]; then
+        echo "## Benchmark ($(basename "$MD"))"
+        echo
+        cat "$MD"
+    fi
+} > "$SUMMARY"
+echo
+sed -n '1,20p' "$SUMMARY"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+    echo "GPU CHECK FAILED: ${FAILED[*]}" >&2
+    exit 1
+fi
+echo "GPU check passed in $(elapsed) s"
