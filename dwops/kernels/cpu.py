@@ -1,4 +1,4 @@
-"""The ``"cpu"`` backend: Numba CPU kernels (``njit(parallel=True, cache=True)``) plus BLAS GEMMs.
+"""The ``"cpu"`` backend: Numba CPU kernels (``njit(parallel=True, cache=True)``), no BLAS.
 
 ``backend="auto"`` runs this for host arrays. Every op and gradient of the Backend interface is
 here, for any kernel size up to 31x31, stride, dilation, channel multiplier, asymmetric padding,
@@ -37,12 +37,14 @@ How each is computed:
 * Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane; NHWC: a
   fixed block of output rows) a float64 partial sum, then one sum over the partials. The number
   of tasks does not depend on the thread count, so results are reproducible.
-* Pointwise products are BLAS GEMMs (``np.matmul``, float32/float64) over
-  ``(C_out, C_in) x (C_in, H*W)`` per image (NCHW) or ``(N*H*W, C_in) x (C_in, C_out)`` (NHWC);
-  bias, activation and residual are one fused Numba epilogue pass.
-* Separable: the depthwise stage (with dw bias and dw activation) is computed one chunk of output
-  rows at a time into a cache-sized temporary, then that chunk's GEMM and the fused epilogue write
-  the output, so the intermediate never makes a round trip through main memory.
+* Pointwise products use one small GEMM, :func:`_gemm_nt` (``out = A B^T`` with both operands
+  running along the reduction axis, a 2x4 register block of vectorized dot products), per block
+  of PW_BLOCK pixels, with bias, activation and residual applied to the block while it is in
+  cache. NCHW blocks are transposed to (pixels, channels) first. No BLAS: one thread pool (Numba's)
+  runs everything, so no two pools spin against each other on a small machine.
+* Separable is one fused kernel: per output row, the depthwise row of every channel (with dw bias
+  and dw activation) goes into a cache-resident buffer, then the row's GEMM and the epilogue write
+  the output; the intermediate never reaches main memory.
 
 Activations match :func:`dwops.reference.activate` exactly, including its NaN rules
 (``relu(y) = y if y > 0 else 0 * y``, so NaN stays NaN).
@@ -57,6 +59,7 @@ import numpy as np
 try:  # the backend reports itself unavailable instead of breaking ``import dwops``
     import numba
     from numba import njit, prange
+    from numba import uint64 as _u  # unsigned index cast, see "row kernels"
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - exercised only without numba
@@ -66,16 +69,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
     def njit(*args, **kwargs):
         return lambda f: f
 
-    prange = range
+    prange = _u = range
 
 from .._registry import HostBackend
 
 ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4}
 
-# Separable: output rows per chunk are chosen so the depthwise temporary of one chunk holds about
-# CHUNK_BYTES (fits in L2 with the GEMM's output chunk); pointwise grad_weight sums BLAS products
-# over at most GW_ROWS pixels in float32 before accumulating in float64.
-CHUNK_BYTES = 1 << 20
+# Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
+# sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
+PW_BLOCK = 64
 GW_ROWS = 4096
 # NHWC depthwise grad_weight: number of row blocks (partial sums), fixed for reproducibility.
 GW_TASKS = 64
@@ -130,108 +132,199 @@ def _activate(v, act):
             v[k] = half * y * (one + math.erf(y * rsqrt2))
 
 
+# ----------------------------------------------------------------------------- row kernels
+# Inner loops index with ``_u(...)`` (an unsigned cast): Numba wraps negative signed indices, and
+# that select on a computed index stops LLVM from vectorizing; the spans guarantee the index is
+# valid. Leading indices are loop-invariant, so their wrap test is hoisted.
+
+
+@njit(cache=True, fastmath=_FM)
+def _dw_row_nchw(x, w, b, n, o, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """dst[d, :] = act(b[o] + sum_{a,b} w[o,a,b] x[n, o//M, i*sh-pt+a*dh, j*sw-pl+b*dw]), NCHW.
+
+    x:        (N, C, H, W) input
+    w:        (C*M, KH, KW) filters
+    b:        (C*M,) bias (read only if has_bias)
+    n, o, i:  image, output channel, output row
+    dst, d:   (rows, OW) destination and its row
+    M:        channel multiplier;  sh, sw: stride;  dh, dw: dilation;  pt, pl: top/left padding
+    act:      activation code (ACT_CODES)
+    Per tap, one multiply-add over the contiguous valid column range (vectorized along W).
+    """
+    H, W = x.shape[2], x.shape[3]
+    KH, KW = w.shape[1], w.shape[2]
+    OW = dst.shape[1]
+    c = o // M
+    bias = b[o] if has_bias else x.dtype.type(0.0)
+    for j in range(OW):
+        dst[d, j] = bias
+    for a in range(KH):
+        r = i * sh - pt + a * dh
+        if r < 0 or r >= H:
+            continue
+        for bb in range(KW):
+            off = bb * dw - pl
+            j0, j1 = _span(off, sw, W, OW)
+            wv = w[o, a, bb]
+            s0 = j0 * sw + off
+            if sw == 1:
+                for k in range(j1 - j0):
+                    dst[d, _u(j0 + k)] += wv * x[n, c, r, _u(s0 + k)]
+            else:
+                for k in range(j1 - j0):
+                    dst[d, _u(j0 + k)] += wv * x[n, c, r, _u(s0 + k * sw)]
+    _activate(dst[d], act)
+
+
+@njit(cache=True, fastmath=_FM)
+def _dw_row_nhwc(x, wt, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """dst[d, j, o] = act(b[o] + sum_{a,b} wt[a,b,o] x[n, i*sh-pt+a*dh, j*sw-pl+b*dw, o//M]), NHWC.
+
+    x:        (N, H, W, C) input
+    wt:       (KH, KW, C*M) filters, channel last
+    b:        (C*M,) bias (read only if has_bias)
+    n, i:     image, output row
+    dst, d:   (rows, OW, C*M) destination and its row
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
+    Per tap and valid output column, one multiply-add along C (vectorized).
+    """
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    KH, KW, CO = wt.shape
+    OW = dst.shape[1]
+    zero = x.dtype.type(0.0)
+    for j in range(OW):
+        for o in range(CO):
+            dst[d, j, o] = b[o] if has_bias else zero
+    for a in range(KH):
+        r = i * sh - pt + a * dh
+        if r < 0 or r >= H:
+            continue
+        for bb in range(KW):
+            off = bb * dw - pl
+            j0, j1 = _span(off, sw, W, OW)
+            for j in range(j0, j1):
+                col = j * sw + off
+                if M == 1:
+                    for o in range(CO):
+                        dst[d, j, o] += wt[a, bb, o] * x[n, r, col, o]
+                else:
+                    for c in range(C):
+                        xv = x[n, r, col, c]
+                        for m in range(M):
+                            dst[d, j, c * M + m] += wt[a, bb, c * M + m] * xv
+    _activate(dst[d].reshape(OW * CO), act)
+
+
+@njit(cache=True, fastmath=_FM_SUM)
+def _gemm_nt(A, a0, P, B, b0, Q, k0, k1, out):
+    """out[p, q] = sum_{k0 <= k < k1} A[a0 + p, k] * B[b0 + q, k]  for p < P, q < Q.
+
+    A:        (rows, K) left operand, row-major along the reduction axis
+    B:        (rows, K) right operand, row-major along the reduction axis
+    a0, P:    first row of A and number of rows;  b0, Q: the same for B
+    k0, k1:   reduction range
+    out:      (>= P, >= Q) result
+    Register block of 2 rows of A x 4 rows of B: 8 running sums, each vectorized along k, so
+    every loaded vector of A feeds 4 FMAs and every vector of B feeds 2.
+    """
+    zero = out.dtype.type(0.0)
+    L = k1 - k0
+    P2 = P - P % 2
+    Q4 = Q - Q % 4
+    for p in range(0, P2, 2):
+        ra, rc = a0 + p, a0 + p + 1
+        for q in range(0, Q4, 4):
+            r0, r1, r2, r3 = b0 + q, b0 + q + 1, b0 + q + 2, b0 + q + 3
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            for t in range(L):
+                k = _u(k0 + t)
+                u = A[ra, k]
+                v = A[rc, k]
+                e0, e1, e2, e3 = B[r0, k], B[r1, k], B[r2, k], B[r3, k]
+                s00 += u * e0
+                s01 += u * e1
+                s02 += u * e2
+                s03 += u * e3
+                s10 += v * e0
+                s11 += v * e1
+                s12 += v * e2
+                s13 += v * e3
+            out[p, q], out[p, q + 1], out[p, q + 2], out[p, q + 3] = s00, s01, s02, s03
+            out[p + 1, q], out[p + 1, q + 1], out[p + 1, q + 2], out[p + 1, q + 3] = (
+                s10, s11, s12, s13)
+        for q in range(Q4, Q):
+            s0 = s1 = zero
+            for t in range(L):
+                k = _u(k0 + t)
+                e = B[b0 + q, k]
+                s0 += A[ra, k] * e
+                s1 += A[rc, k] * e
+            out[p, q], out[p + 1, q] = s0, s1
+    for p in range(P2, P):
+        for q in range(Q):
+            s = zero
+            for t in range(L):
+                k = _u(k0 + t)
+                s += A[a0 + p, k] * B[b0 + q, k]
+            out[p, q] = s
+
+
+@njit(cache=True, fastmath=_FM)
+def _bias_act(tile, b, has_bias, channel_rows, act):
+    """In place on a C-contiguous (R, L) tile: add b[row] (channel_rows) or b[col], activate."""
+    R, L = tile.shape
+    if has_bias:
+        if channel_rows:
+            for r in range(R):
+                br = b[r]
+                for l in range(L):
+                    tile[r, l] += br
+        else:
+            for r in range(R):
+                for l in range(L):
+                    tile[r, l] += b[l]
+    _activate(tile.reshape(R * L), act)
+
+
 # ----------------------------------------------------------------------------- depthwise forward
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, i0, has_bias, act):
-    """Depthwise forward, NCHW, output rows ``[i0, i0 + R)``.
+def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """Depthwise forward, NCHW; one task per (n, o) plane.
 
-    x:        (N, C, H, W) input, C-contiguous
+    x:        (N, C, H, W) input
     w:        (C*M, KH, KW) filters
     b:        (C*M,) bias (read only if has_bias)
-    out:      (N, C*M, R, OW) result rows i0 .. i0+R-1, fully written
-    M:        channel multiplier; output channel o reads input channel o // M
-    sh, sw:   stride;  dh, dw: dilation;  pt, pl: top / left padding
-    act:      activation code (ACT_CODES)
-    One task per (n, o) plane; per output row an accumulator of OW values, one vectorized
-    multiply-add over the valid column range per tap.
+    out:      (N*C*M*OH, OW) result, the (N, C*M, OH, OW) output viewed as rows
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
     """
-    N, C, H, W = x.shape
-    CO, KH, KW = w.shape
-    R, OW = out.shape[2], out.shape[3]
-    zero = x.dtype.type(0.0)
+    N = x.shape[0]
+    CO = w.shape[0]
+    OH = out.shape[0] // (N * CO)
     for t in prange(N * CO):
         n = t // CO
         o = t - n * CO
-        c = o // M
-        bias = b[o] if has_bias else zero
-        acc = np.empty(OW, x.dtype)
-        for ii in range(R):
-            i = i0 + ii
-            for j in range(OW):
-                acc[j] = bias
-            for a in range(KH):
-                r = i * sh - pt + a * dh
-                if r < 0 or r >= H:
-                    continue
-                xr = x[n, c, r]
-                for bb in range(KW):
-                    off = bb * dw - pl
-                    j0, j1 = _span(off, sw, W, OW)
-                    wv = w[o, a, bb]
-                    if sw == 1:
-                        xs = xr[j0 + off:j1 + off]
-                    else:
-                        xs = xr[j0 * sw + off:(j1 - 1) * sw + off + 1:sw]
-                    accs = acc[j0:j1]
-                    for k in range(j1 - j0):
-                        accs[k] += wv * xs[k]
-            _activate(acc, act)
-            orow = out[n, o, ii]
-            for j in range(OW):
-                orow[j] = acc[j]
+        for i in range(OH):
+            _dw_row_nchw(x, w, b, n, o, i, out, t * OH + i, M, sh, sw, dh, dw, pt, pl,
+                         has_bias, act)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _dw_forward_nhwc(x, wt, b, out, M, sh, sw, dh, dw, pt, pl, i0, has_bias, act):
-    """Depthwise forward, NHWC, output rows ``[i0, i0 + R)``.
+def _dw_forward_nhwc(x, wt, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """Depthwise forward, NHWC; one task per (n, output row).
 
-    x:        (N, H, W, C) input, C-contiguous
-    wt:       (KH, KW, C*M) filters, channel last (transposed from (C*M, 1, KH, KW))
+    x:        (N, H, W, C) input
+    wt:       (KH, KW, C*M) filters, channel last
     b:        (C*M,) bias (read only if has_bias)
-    out:      (N, R, OW, C*M) result rows i0 .. i0+R-1, fully written
-    M, sh, sw, dh, dw, pt, pl, act: as in _dw_forward_nchw
-    One task per (n, output row); an (OW, C*M) accumulator (L1-sized for typical C); each tap is a
-    vectorized multiply-add along C for every valid output column.
+    out:      (N*OH, OW, C*M) result, the (N, OH, OW, C*M) output viewed as rows
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
     """
-    N, H, W, C = x.shape
-    KH, KW, CO = wt.shape
-    R, OW = out.shape[1], out.shape[2]
-    zero = x.dtype.type(0.0)
-    for t in prange(N * R):
-        n = t // R
-        ii = t - n * R
-        i = i0 + ii
-        acc = np.empty((OW, CO), x.dtype)
-        for j in range(OW):
-            aj = acc[j]
-            for o in range(CO):
-                aj[o] = b[o] if has_bias else zero
-        for a in range(KH):
-            r = i * sh - pt + a * dh
-            if r < 0 or r >= H:
-                continue
-            for bb in range(KW):
-                off = bb * dw - pl
-                j0, j1 = _span(off, sw, W, OW)
-                wr = wt[a, bb]
-                for j in range(j0, j1):
-                    xp = x[n, r, j * sw + off]
-                    aj = acc[j]
-                    if M == 1:
-                        for o in range(CO):
-                            aj[o] += wr[o] * xp[o]
-                    else:
-                        for c in range(C):
-                            xv = xp[c]
-                            for m in range(M):
-                                aj[c * M + m] += wr[c * M + m] * xv
-        flat = acc.reshape(OW * CO)
-        _activate(flat, act)
-        orow = out[n, ii].reshape(OW * CO)
-        for k in range(OW * CO):
-            orow[k] = flat[k]
+    N = x.shape[0]
+    OH = out.shape[0] // N
+    for t in prange(N * OH):
+        n = t // OH
+        _dw_row_nhwc(x, wt, b, n, t - n * OH, out, t, M, sh, sw, dh, dw, pt, pl, has_bias, act)
 
 
 # ----------------------------------------------------------------------------- depthwise grad_input
@@ -244,40 +337,33 @@ def _dw_grad_input_nchw(gy, w, gx, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, C*M, OH, OW) output gradient
     w:        (C*M, KH, KW) filters
     gx:       (N, C, H, W) input gradient, fully written
-    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
     One task per (n, c) input plane (it owns all M output channels reading it): no races.
     """
     N, CO, OH, OW = gy.shape
-    _, KH, KW = w.shape
-    _, C, H, W = gx.shape
+    KH, KW = w.shape[1], w.shape[2]
+    C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
     zero = gy.dtype.type(0.0)
     for t in prange(N * C):
         n = t // C
         c = t - n * C
-        g = gx[n, c]
         for r in range(H):
             for q in range(W):
-                g[r, q] = zero
+                gx[n, c, r, q] = zero
         for m in range(M):
             o = c * M + m
             for i in range(OH):
-                gyr = gy[n, o, i]
                 for a in range(KH):
                     r = i * sh - pt + a * dh
                     if r < 0 or r >= H:
                         continue
-                    grow = g[r]
                     for bb in range(KW):
                         off = bb * dw - pl
                         j0, j1 = _span(off, sw, W, OW)
                         wv = w[o, a, bb]
-                        if sw == 1:
-                            gs = grow[j0 + off:j1 + off]
-                        else:
-                            gs = grow[j0 * sw + off:(j1 - 1) * sw + off + 1:sw]
-                        ys = gyr[j0:j1]
+                        s0 = j0 * sw + off
                         for k in range(j1 - j0):
-                            gs[k] += wv * ys[k]
+                            gx[n, c, r, _u(s0 + k * sw)] += wv * gy[n, o, i, _u(j0 + k)]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -287,22 +373,20 @@ def _dw_grad_input_nhwc(gy, wt, gx, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, OH, OW, C*M) output gradient
     wt:       (KH, KW, C*M) filters, channel last
     gx:       (N, H, W, C) input gradient, fully written
-    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
     Input row r receives tap row a from output row i = (r + pt - a*dh) / sh when that is an
     integer in [0, OH); within the row the columns are scattered (vectorized along C).
     """
     N, OH, OW, CO = gy.shape
-    KH, KW, _ = wt.shape
-    _, H, W, C = gx.shape
+    KH, KW = wt.shape[0], wt.shape[1]
+    H, W, C = gx.shape[1], gx.shape[2], gx.shape[3]
     zero = gy.dtype.type(0.0)
     for t in prange(N * H):
         n = t // H
         r = t - n * H
-        g = gx[n, r]
         for q in range(W):
-            gq = g[q]
             for c in range(C):
-                gq[c] = zero
+                gx[n, r, q, c] = zero
         for a in range(KH):
             num = r + pt - a * dh
             if num < 0 or num % sh != 0:
@@ -313,19 +397,17 @@ def _dw_grad_input_nhwc(gy, wt, gx, M, sh, sw, dh, dw, pt, pl):
             for bb in range(KW):
                 off = bb * dw - pl
                 j0, j1 = _span(off, sw, W, OW)
-                wr = wt[a, bb]
                 for j in range(j0, j1):
-                    gq = g[j * sw + off]
-                    yp = gy[n, i, j]
+                    q = j * sw + off
                     if M == 1:
                         for c in range(C):
-                            gq[c] += wr[c] * yp[c]
+                            gx[n, r, q, c] += wt[a, bb, c] * gy[n, i, j, c]
                     else:
                         for c in range(C):
                             s = zero
                             for m in range(M):
-                                s += wr[c * M + m] * yp[c * M + m]
-                            gq[c] += s
+                                s += wt[a, bb, c * M + m] * gy[n, i, j, c * M + m]
+                            gx[n, r, q, c] += s
 
 
 # ----------------------------------------------------------------------------- depthwise grad_weight
@@ -338,11 +420,11 @@ def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
     x:        (N, C, H, W) input
     gy:       (N, C*M, OH, OW) output gradient
     part:     (N, C*M, KH, KW) float64 partial sums, fully written (stage 2: sum over n)
-    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
     Each output row's dot product is summed in the input dtype (vectorized), rows in float64.
     """
-    N, C, H, W = x.shape
-    _, CO, OH, OW = gy.shape
+    H, W = x.shape[2], x.shape[3]
+    N, CO, OH, OW = gy.shape
     KH, KW = part.shape[2], part.shape[3]
     zero = x.dtype.type(0.0)
     for t in prange(N * CO):
@@ -353,20 +435,15 @@ def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
             for bb in range(KW):
                 off = bb * dw - pl
                 j0, j1 = _span(off, sw, W, OW)
+                s0 = j0 * sw + off
                 total = 0.0
                 for i in range(OH):
                     r = i * sh - pt + a * dh
                     if r < 0 or r >= H:
                         continue
-                    xr = x[n, c, r]
-                    if sw == 1:
-                        xs = xr[j0 + off:j1 + off]
-                    else:
-                        xs = xr[j0 * sw + off:(j1 - 1) * sw + off + 1:sw]
-                    ys = gy[n, o, i, j0:j1]
                     s = zero
                     for k in range(j1 - j0):
-                        s += ys[k] * xs[k]
+                        s += gy[n, o, i, _u(j0 + k)] * x[n, c, r, _u(s0 + k * sw)]
                     total += s
                 part[n, o, a, bb] = total
 
@@ -379,22 +456,21 @@ def _dw_grad_weight_nhwc(x, gy, part, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, OH, OW, C*M) output gradient
     part:     (T, KH, KW, C*M) float64 partial sums, fully written; task t sums the output rows
               (n, i) with flat index n*OH + i in [t*B, (t+1)*B), B = ceil(N*OH / T)
-    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
     Per (row, tap) the sum over the row's columns is vectorized along C in the input dtype, and
     added into the float64 partial.
     """
-    N, H, W, C = x.shape
-    _, OH, OW, CO = gy.shape
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    N, OH, OW, CO = gy.shape
     T, KH, KW = part.shape[0], part.shape[1], part.shape[2]
     rows = N * OH
     per = (rows + T - 1) // T
     zero = x.dtype.type(0.0)
     for t in prange(T):
-        p = part[t]
         for a in range(KH):
             for bb in range(KW):
                 for o in range(CO):
-                    p[a, bb, o] = 0.0
+                    part[t, a, bb, o] = 0.0
         acc = np.empty(CO, x.dtype)
         for flat in range(t * per, min(rows, (t + 1) * per)):
             n = flat // OH
@@ -409,88 +485,205 @@ def _dw_grad_weight_nhwc(x, gy, part, M, sh, sw, dh, dw, pt, pl):
                     for o in range(CO):
                         acc[o] = zero
                     for j in range(j0, j1):
-                        xp = x[n, r, j * sw + off]
-                        yp = gy[n, i, j]
+                        col = j * sw + off
                         if M == 1:
                             for o in range(CO):
-                                acc[o] += yp[o] * xp[o]
+                                acc[o] += gy[n, i, j, o] * x[n, r, col, o]
                         else:
                             for c in range(C):
-                                xv = xp[c]
+                                xv = x[n, r, col, c]
                                 for m in range(M):
-                                    acc[c * M + m] += yp[c * M + m] * xv
-                    pab = p[a, bb]
+                                    acc[c * M + m] += gy[n, i, j, c * M + m] * xv
                     for o in range(CO):
-                        pab[o] += acc[o]
+                        part[t, a, bb, o] += acc[o]
 
 
-# ----------------------------------------------------------------------------- pointwise epilogues
-
-
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _epilogue_nchw(t, b, res, y, n0, k0, has_bias, has_res, act):
-    """y[n0 + n, o, k0 + k] = act(t[n, o, k] + b[o]) + res[n0 + n, o, k0 + k]  (NCHW, flat H*W).
-
-    t:        (Nc, CO, K) GEMM result of a chunk (may be ``y`` itself when n0 = k0 = 0)
-    b:        (CO,) bias (read only if has_bias)
-    res:      (N, CO, HW) residual (read only if has_res)
-    y:        (N, CO, HW) output
-    n0, k0:   where the chunk starts in y (image, flat pixel)
-    act:      activation code
-    """
-    Nc, CO, K = t.shape
-    zero = t.dtype.type(0.0)
-    for task in prange(Nc * CO):
-        n = task // CO
-        o = task - n * CO
-        tr = t[n, o]
-        yr = y[n0 + n, o, k0:k0 + K]
-        bias = b[o] if has_bias else zero
-        buf = np.empty(K, t.dtype)
-        for k in range(K):
-            buf[k] = tr[k] + bias
-        _activate(buf, act)
-        if has_res:
-            rr = res[n0 + n, o, k0:k0 + K]
-            for k in range(K):
-                yr[k] = buf[k] + rr[k]
-        else:
-            for k in range(K):
-                yr[k] = buf[k]
+# ----------------------------------------------------------------------------- pointwise
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _epilogue_nhwc(t, b, res, y, p0, has_bias, has_res, act):
-    """y[p0 + p, o] = act(t[p, o] + b[o]) + res[p0 + p, o]  (NHWC, pixels flattened).
+def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
+    """y[n, o, k] = act(sum_c w[o, c] x[n, c, k] + b[o]) + res[n, o, k]  (NCHW, k = flat pixel).
 
-    t:        (P, CO) GEMM result of a chunk of pixels (may be ``y`` itself when p0 = 0)
+    x:        (N, CI, K) input
+    w:        (CO, CI) weights
     b:        (CO,) bias (read only if has_bias)
-    res:      (NHW, CO) residual (read only if has_res)
-    y:        (NHW, CO) output
-    p0:       first pixel of the chunk in y
+    res:      (N, CO, K) residual (read only if has_res)
+    y:        (N, CO, K) output
     act:      activation code
-    Tasks are blocks of BLOCK pixels so each task's rows are contiguous.
+    One task per (image, block of PW_BLOCK pixels): the block is transposed to (pixels, CI) so
+    both GEMM operands run along CI, then GEMM, bias, activation and residual in cache.
     """
-    P, CO = t.shape
-    BLOCK = 64
-    nblk = (P + BLOCK - 1) // BLOCK
-    for blk in prange(nblk):
-        s = blk * BLOCK
-        e = min(P, s + BLOCK)
-        buf = t[s:e].reshape((e - s) * CO)
-        tmp = np.empty((e - s) * CO, t.dtype)
-        for p in range(e - s):
+    N, CI, K = x.shape
+    CO = w.shape[0]
+    nb = (K + PW_BLOCK - 1) // PW_BLOCK
+    for t in prange(N * nb):
+        n = t // nb
+        k0 = (t - n * nb) * PW_BLOCK
+        pb = min(PW_BLOCK, K - k0)
+        xt = np.empty((pb, CI), x.dtype)
+        for c in range(CI):
+            for p in range(pb):
+                xt[p, c] = x[n, c, k0 + p]
+        tile = np.empty((CO, pb), x.dtype)
+        _gemm_nt(w, 0, CO, xt, 0, pb, 0, CI, tile)
+        _bias_act(tile, b, has_bias, True, act)
+        for o in range(CO):
+            if has_res:
+                for p in range(pb):
+                    y[n, o, k0 + p] = tile[o, p] + res[n, o, k0 + p]
+            else:
+                for p in range(pb):
+                    y[n, o, k0 + p] = tile[o, p]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_forward_nhwc(x, w, b, res, y, has_bias, has_res, act):
+    """y[p, o] = act(sum_c w[o, c] x[p, c] + b[o]) + res[p, o]  (NHWC, p = flat pixel).
+
+    x:        (P, CI) input;  w: (CO, CI) weights;  b: (CO,) bias (read only if has_bias)
+    res:      (P, CO) residual (read only if has_res);  y: (P, CO) output;  act: activation code
+    One task per block of PW_BLOCK pixels.
+    """
+    P, CI = x.shape
+    CO = w.shape[0]
+    nb = (P + PW_BLOCK - 1) // PW_BLOCK
+    for t in prange(nb):
+        p0 = t * PW_BLOCK
+        pb = min(PW_BLOCK, P - p0)
+        tile = np.empty((pb, CO), x.dtype)
+        _gemm_nt(x, p0, pb, w, 0, CO, 0, CI, tile)
+        _bias_act(tile, b, has_bias, False, act)
+        for p in range(pb):
+            if has_res:
+                for o in range(CO):
+                    y[p0 + p, o] = tile[p, o] + res[p0 + p, o]
+            else:
+                for o in range(CO):
+                    y[p0 + p, o] = tile[p, o]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_grad_weight_nchw(x, gy, part, K):
+    """Pointwise grad_weight, NCHW, stage 1: part[t] = sum over a pixel chunk of gy x^T.
+
+    x:        (N*CI, K) input, rows (n, c);  gy: (N*CO, K) output gradient, rows (n, o)
+    part:     (N * ceil(K / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
+    K:        pixels per image
+    """
+    T, CO, CI = part.shape
+    nb = T // (x.shape[0] // CI)
+    for t in prange(T):
+        n = t // nb
+        k0 = (t - n * nb) * GW_ROWS
+        tile = np.empty((CO, CI), x.dtype)
+        _gemm_nt(gy, n * CO, CO, x, n * CI, CI, k0, min(K, k0 + GW_ROWS), tile)
+        for o in range(CO):
+            for c in range(CI):
+                part[t, o, c] = tile[o, c]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_grad_weight_nhwc(x, gy, part):
+    """Pointwise grad_weight, NHWC, stage 1: part[t] = sum over pixels of chunk t of gy x^T.
+
+    x:        (P, CI) input;  gy: (P, CO) output gradient
+    part:     (ceil(P / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
+    Sub-blocks of PW_BLOCK pixels are transposed to (channels, pixels) and multiplied in the
+    input dtype; sub-block products are added in float64.
+    """
+    P, CI = x.shape
+    T, CO = part.shape[0], part.shape[1]
+    for t in prange(T):
+        for o in range(CO):
+            for c in range(CI):
+                part[t, o, c] = 0.0
+        xt = np.empty((CI, PW_BLOCK), x.dtype)
+        gt = np.empty((CO, PW_BLOCK), x.dtype)
+        tile = np.empty((CO, CI), x.dtype)
+        for p0 in range(t * GW_ROWS, min(P, (t + 1) * GW_ROWS), PW_BLOCK):
+            pb = min(PW_BLOCK, P - p0, (t + 1) * GW_ROWS - p0)
+            for p in range(pb):
+                for c in range(CI):
+                    xt[c, p] = x[p0 + p, c]
+                for o in range(CO):
+                    gt[o, p] = gy[p0 + p, o]
+            _gemm_nt(gt, 0, CO, xt, 0, CI, 0, pb, tile)
             for o in range(CO):
-                tmp[p * CO + o] = buf[p * CO + o] + b[o] if has_bias else buf[p * CO + o]
-        _activate(tmp, act)
-        yr = y[p0 + s:p0 + e].reshape((e - s) * CO)
-        if has_res:
-            rr = res[p0 + s:p0 + e].reshape((e - s) * CO)
-            for k in range((e - s) * CO):
-                yr[k] = tmp[k] + rr[k]
-        else:
-            for k in range((e - s) * CO):
-                yr[k] = tmp[k]
+                for c in range(CI):
+                    part[t, o, c] += tile[o, c]
+
+
+# ----------------------------------------------------------------------------- separable
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
+                    has_db, dact, has_bias, has_res, act):
+    """Fused separable forward, NCHW; one task per (n, output row), intermediate in cache.
+
+    x:        (N, C, H, W) input
+    w:        (C*M, KH, KW) depthwise filters;  db: (C*M,) depthwise bias (if has_db)
+    pw:       (CO, C*M) pointwise weights;      b: (CO,) bias (if has_bias)
+    res:      (N, CO, OH, OW) residual (if has_res)
+    y:        (N, CO, OH, OW) output
+    M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_row_nchw
+    dact, act: depthwise and final activation codes
+    The depthwise row of every channel goes, transposed, into mid (OW, C*M); then
+    tile (CO, OW) = pw mid^T, bias, activation, residual, written as OW-long rows.
+    """
+    N, CO, OH, OW = y.shape
+    CI = w.shape[0]
+    for t in prange(N * OH):
+        n = t // OH
+        i = t - n * OH
+        row = np.empty((1, OW), x.dtype)
+        mid = np.empty((OW, CI), x.dtype)
+        for c in range(CI):
+            _dw_row_nchw(x, w, db, n, c, i, row, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
+            for j in range(OW):
+                mid[j, c] = row[0, j]
+        tile = np.empty((CO, OW), x.dtype)
+        _gemm_nt(pw, 0, CO, mid, 0, OW, 0, CI, tile)
+        _bias_act(tile, b, has_bias, True, act)
+        for o in range(CO):
+            if has_res:
+                for j in range(OW):
+                    y[n, o, i, j] = tile[o, j] + res[n, o, i, j]
+            else:
+                for j in range(OW):
+                    y[n, o, i, j] = tile[o, j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _separable_nhwc(x, wt, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
+                    has_db, dact, has_bias, has_res, act):
+    """Fused separable forward, NHWC; one task per (n, output row), intermediate in cache.
+
+    x:        (N, H, W, C) input
+    wt:       (KH, KW, C*M) depthwise filters, channel last;  db: (C*M,) depthwise bias
+    pw:       (CO, C*M) pointwise weights;  b: (CO,) bias (if has_bias)
+    res:      (N, OH, OW, CO) residual (if has_res);  y: (N, OH, OW, CO) output
+    M, sh, sw, dh, dw, pt, pl, dact, act: as in _separable_nchw
+    mid (1, OW, C*M) = depthwise row; tile (OW, CO) = mid pw^T, bias, activation, residual.
+    """
+    N, OH, OW, CO = y.shape
+    CI = wt.shape[2]
+    for t in prange(N * OH):
+        n = t // OH
+        i = t - n * OH
+        mid = np.empty((1, OW, CI), x.dtype)
+        _dw_row_nhwc(x, wt, db, n, i, mid, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
+        tile = np.empty((OW, CO), x.dtype)
+        _gemm_nt(mid[0], 0, OW, pw, 0, CO, 0, CI, tile)
+        _bias_act(tile, b, has_bias, False, act)
+        for j in range(OW):
+            if has_res:
+                for o in range(CO):
+                    y[n, i, j, o] = tile[j, o] + res[n, i, j, o]
+            else:
+                for o in range(CO):
+                    y[n, i, j, o] = tile[j, o]
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -517,8 +710,9 @@ def _finish(out, target):
         out[...] = target
 
 
-def _dummy(dt, ndim=1):
-    return np.zeros((1,) * ndim, dt)
+def _opt(a, dt, shape):
+    """An optional operand, or a 1-element stand-in of the same rank (flag tells it is absent)."""
+    return np.zeros((1,) * len(shape), dt) if a is None else _as(a, dt).reshape(shape)
 
 
 def _dw_weights(p, w, dt):
@@ -531,11 +725,11 @@ def _geometry(p):
     return (p.M, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl)
 
 
-def _depthwise_rows(p, x, wk, b, out, i0):
-    """Depthwise forward of output rows [i0, i0 + R) into ``out`` (R rows), dtype of ``x``."""
-    bias = b if b is not None else _dummy(x.dtype)
-    kernel = _dw_forward_nchw if p.layout == "NCHW" else _dw_forward_nhwc
-    kernel(x, wk, bias, out, *_geometry(p), i0, b is not None, ACT_CODES[p.activation])
+def _flat(p, a):
+    """Physical (N, C, H, W) -> (N, C, H*W); (N, H, W, C) -> (N*H*W, C). Views."""
+    if p.layout == "NCHW":
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    return a.reshape(-1, a.shape[-1])
 
 
 class _CpuBackend(HostBackend):
@@ -552,7 +746,13 @@ class _CpuBackend(HostBackend):
         """x: p.x_shape, w: (C*M, 1, KH, KW), b: (C*M,) or None, out: p.y_shape."""
         dt = _compute_dtype(p.dtype)
         target = _target(out, dt)
-        _depthwise_rows(p, _as(x, dt), _dw_weights(p, w, dt), _as(b, dt), target, 0)
+        args = (_as(x, dt), _dw_weights(p, w, dt), _opt(b, dt, (p.CO,)))
+        if p.layout == "NCHW":
+            _dw_forward_nchw(*args, target.reshape(-1, p.OW), *_geometry(p), b is not None,
+                             ACT_CODES[p.activation])
+        else:
+            _dw_forward_nhwc(*args, target.reshape(-1, p.OW, p.CO), *_geometry(p),
+                             b is not None, ACT_CODES[p.activation])
         _finish(out, target)
 
     def depthwise_grad_input(self, p, gy, w, out, stream=None):
@@ -575,127 +775,69 @@ class _CpuBackend(HostBackend):
             part = np.empty((min(GW_TASKS, p.N * p.OH), p.KH, p.KW, p.CO), np.float64)
             _dw_grad_weight_nhwc(x, gy, part, *_geometry(p))
             gw = part.sum(axis=0).transpose(2, 0, 1)
-        out[...] = gw.reshape(out.shape)  # float64 partial sums, rounded once
+        out[...] = gw.reshape(out.shape)  # float64 sums, rounded once
 
     # -- pointwise
 
-    def _pointwise(self, p, x, w, b, residual, y, n0=0, k0=0):
-        """GEMM then fused epilogue for images or a chunk; x, w, y in the compute dtype.
-
-        NCHW: x (Nc, CI, K) -> y3[n0:n0+Nc, :, k0:k0+K];  NHWC: x (P, CI) -> y2[k0:k0+P].
-        """
-        dt = x.dtype
-        bias = b if b is not None else _dummy(dt)
-        act = ACT_CODES[p.activation]
-        if p.layout == "NCHW":
-            Nc, _, K = x.shape
-            full = n0 == 0 and k0 == 0 and Nc == y.shape[0] and K == y.shape[2]
-            t = y if full else np.empty((Nc, p.CO, K), dt)
-            np.matmul(w, x, out=t)
-            if p.has_bias or p.has_residual or act:
-                res = residual if residual is not None else _dummy(dt, 3)
-                _epilogue_nchw(t, bias, res, y, n0, k0, b is not None, residual is not None, act)
-            elif not full:
-                y[n0:n0 + Nc, :, k0:k0 + K] = t
-        else:
-            P = x.shape[0]
-            full = k0 == 0 and P == y.shape[0]
-            t = y if full else np.empty((P, p.CO), dt)
-            np.matmul(x, w.T, out=t)
-            if p.has_bias or p.has_residual or act:
-                res = residual if residual is not None else _dummy(dt, 2)
-                _epilogue_nhwc(t, bias, res, y, k0, b is not None, residual is not None, act)
-            elif not full:
-                y[k0:k0 + P] = t
-
-    def _flat(self, p, a):
-        """Physical (N, C, H, W) -> (N, C, H*W); (N, H, W, C) -> (N*H*W, C). Views."""
-        if p.layout == "NCHW":
-            return a.reshape(a.shape[0], a.shape[1], -1)
-        return a.reshape(-1, a.shape[-1])
+    @staticmethod
+    def _pw(p, x, w, b, residual, y, act):
+        """Pointwise GEMM + epilogue; x, w, b, residual, y in the compute dtype, y flat (_flat)."""
+        dt = y.dtype
+        bias = _opt(b, dt, (w.shape[0],))
+        res = _opt(residual, dt, y.shape)
+        kernel = _pw_forward_nchw if p.layout == "NCHW" else _pw_forward_nhwc
+        kernel(x, w, bias, res, y, b is not None, residual is not None, act)
 
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         """x: p.x_shape, w: (CO, CI), b: (CO,) or None, residual: p.y_shape or None."""
         dt = _compute_dtype(p.dtype)
         target = _target(out, dt)
-        res = None if residual is None else self._flat(p, _as(residual, dt))
-        self._pointwise(p, self._flat(p, _as(x, dt)), _as(w, dt), _as(b, dt), res,
-                        self._flat(p, target))
+        res = None if residual is None else _flat(p, _as(residual, dt))
+        self._pw(p, _flat(p, _as(x, dt)), _as(w, dt), b if b is None else _as(b, dt), res,
+                 _flat(p, target), ACT_CODES[p.activation])
         _finish(out, target)
 
     def pointwise_grad_input(self, p, gy, w, out, stream=None):
         """gy: p.y_shape, w: (CO, CI), out: p.x_shape;  gx = W^T gy over channels."""
         dt = _compute_dtype(p.dtype)
         target = _target(out, dt)
-        g, w2, t = self._flat(p, _as(gy, dt)), _as(w, dt), self._flat(p, target)
-        if p.layout == "NCHW":
-            np.matmul(w2.T, g, out=t)
-        else:
-            np.matmul(g, w2, out=t)
+        wt = np.ascontiguousarray(_as(w, dt).T)  # (CI, CO): the forward kernel with W^T
+        self._pw(p, _flat(p, _as(gy, dt)), wt, None, None, _flat(p, target), 0)
         _finish(out, target)
 
     def pointwise_grad_weight(self, p, x, gy, out, stream=None):
         """x: p.x_shape, gy: p.y_shape, out: (CO, CI);  gW = sum over pixels of gy x^T.
 
-        Products over at most GW_ROWS pixels are summed by BLAS in the compute dtype, the chunk
-        results in float64.
+        Chunks of at most GW_ROWS pixels are summed in the compute dtype, chunks in float64.
         """
         dt = _compute_dtype(p.dtype)
-        xf, gf = self._flat(p, _as(x, dt)), self._flat(p, _as(gy, dt))
-        total = np.zeros((p.CO, p.CI), np.float64)
+        xf, gf = _as(x, dt), _as(gy, dt)
         if p.layout == "NCHW":
-            for n in range(p.N):
-                for k in range(0, xf.shape[2], GW_ROWS):
-                    total += gf[n, :, k:k + GW_ROWS] @ xf[n, :, k:k + GW_ROWS].T
+            K = p.H * p.W
+            part = np.empty((p.N * -(-K // GW_ROWS), p.CO, p.CI), np.float64)
+            _pw_grad_weight_nchw(xf.reshape(p.N * p.CI, K), gf.reshape(p.N * p.CO, K), part, K)
         else:
-            for k in range(0, xf.shape[0], GW_ROWS):
-                total += gf[k:k + GW_ROWS].T @ xf[k:k + GW_ROWS]
-        out[...] = total  # rounded once from float64
+            P = p.N * p.H * p.W
+            part = np.empty((-(-P // GW_ROWS), p.CO, p.CI), np.float64)
+            _pw_grad_weight_nhwc(xf.reshape(P, p.CI), gf.reshape(P, p.CO), part)
+        out[...] = part.sum(axis=0)  # float64 sums, rounded once
 
     # -- separable
 
     def separable_forward(self, p, x, dw_w, pw_w, b, dw_b, residual, out, stream=None):
-        """x: p.x_shape, dw_w: (C*M, 1, KH, KW), pw_w: (CO, C*M), b: (CO,), dw_b: (C*M,),
-        residual: p.y_shape or None, out: p.y_shape.
+        """x: p.x_shape, dw_w: (C*M, 1, KH, KW), pw_w: (CO, C*M), b: (CO,) or None,
+        dw_b: (C*M,) or None, residual: p.y_shape or None, out: p.y_shape.
 
-        Chunks of output rows of one image (NCHW) or of consecutive pixels (NHWC): depthwise
-        into a temporary of about CHUNK_BYTES, then GEMM and fused epilogue into ``out``.
+        One fused kernel: per output row, depthwise into a cache-resident row, GEMM, epilogue.
         """
         d, q = p.dw, p.pw
         dt = _compute_dtype(d.dtype)
         target = _target(out, dt)
-        x = _as(x, dt)
-        wk = _dw_weights(d, dw_w, dt)
-        dwb = _as(dw_b, dt)
-        pw = _as(pw_w, dt)
-        bias = _as(b, dt)
-        res = None if residual is None else self._flat(q, _as(residual, dt))
-        y = self._flat(q, target)
-        row_bytes = d.CO * d.OW * dt.itemsize
-        rows = max(1, min(d.OH, CHUNK_BYTES // row_bytes))
-        if d.layout == "NCHW":
-            # chunks: rows of one image; or whole images when an image is smaller than a chunk
-            imgs = max(1, CHUNK_BYTES // (row_bytes * d.OH)) if rows == d.OH else 1
-            for n0 in range(0, d.N, imgs):
-                nc = min(imgs, d.N - n0)
-                for i0 in range(0, d.OH, rows):
-                    r = min(rows, d.OH - i0)
-                    mid = np.empty((nc, d.CO, r, d.OW), dt)
-                    _depthwise_rows(d, x[n0:n0 + nc], wk, dwb, mid, i0)
-                    self._pointwise(q, mid.reshape(nc, d.CO, r * d.OW), pw, bias, res, y,
-                                    n0, i0 * d.OW)
-        else:
-            imgs = max(1, CHUNK_BYTES // (row_bytes * d.OH)) if rows == d.OH else 1
-            for n0 in range(0, d.N, imgs):
-                nc = min(imgs, d.N - n0)
-                for i0 in range(0, d.OH, rows):
-                    r = min(rows, d.OH - i0)
-                    mid = np.empty((nc, r, d.OW, d.CO), dt)
-                    _depthwise_rows(d, x[n0:n0 + nc], wk, dwb, mid, i0)
-                    # pixels of a chunk are contiguous in y when it covers whole images or rows
-                    # of one image
-                    self._pointwise(q, mid.reshape(-1, d.CO), pw, bias, res, y,
-                                    0, (n0 * d.OH + i0) * d.OW)
+        kernel = _separable_nchw if d.layout == "NCHW" else _separable_nhwc
+        kernel(_as(x, dt), _dw_weights(d, dw_w, dt), _opt(dw_b, dt, (d.CO,)), _as(pw_w, dt),
+               _opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target, *_geometry(d),
+               dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
+               ACT_CODES[q.activation])
         _finish(out, target)
 
 
