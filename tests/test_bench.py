@@ -319,3 +319,22 @@ def test_plot_script_writes_pngs(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["r-roofline.png", "r-speedup.png"]
     assert all((tmp_path / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_sanitizer_subset_cases_are_right_on_the_host():
+    """The GPU sanitizer script's cases and references agree on a host backend (so a failure on the
+    GPU is the GPU backend's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sanitize_subset", os.path.join(REPO, "scripts", "sanitize_subset.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for dtype, layout, backend in (("float32", "NHWC", HOST_BACKENDS[-1]),
+                                   ("float16", "NCHW", "numpy")):
+        ran = 0
+        for name, call, want in mod.cases(np.random.default_rng(0), dtype, layout):
+            assert mod.rel_err(call(backend), want) <= mod.TOL[dtype], (name, dtype, layout)
+            ran += 1
+        assert ran == 3 * 3 + 2 * 3 + 2
+    assert mod.main(["--backend", "cupy", "--quick"]) == (0 if dwops.backend_available("cupy") else 1)
