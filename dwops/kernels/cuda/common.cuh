@@ -1,0 +1,81 @@
+// dwops CUDA C++ kernels: pieces shared by every kernel file.
+//
+// Prepended (as text) to depthwise.cuh, pointwise.cuh and separable.cuh by
+// dwops/kernels/cupy_backend.py, so each compiled module is one self-contained source and CuPy's
+// binary cache is keyed on everything that went into it.
+//
+// * Acc<T>::type: the accumulator. float for __half, __nv_bfloat16 and float; double for double.
+//   16-bit inputs are converted to float on load and rounded once on the final store.
+// * Pack<T, N>: N elements of T as one aligned unit, so a 16-byte Pack is one 128-bit access.
+// * activate(v, act): the epilogue activations, NaN/Inf behaviour identical to dwops.reference
+//   (relu(x) = x > 0 ? x : 0 * x, so NaN and -Inf give NaN, as np.where(y > 0, y, 0 * y) does).
+// * i64: every global offset is computed in 64 bits (tensors may exceed 2**31 elements).
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+
+template <typename T> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+template <typename T> __device__ __forceinline__ T zero_value() { return from_acc<T>(0); }
+
+template <typename T, int N> struct __align__(sizeof(T) * N) Pack { T v[N]; };
+
+// Activation codes (the Python side passes these ints): 0 none, 1 relu, 2 relu6, 3 silu, 4 gelu.
+// silu and gelu (exp, erf) live in one out-of-line function so the unrolled epilogues stay small
+// (the epilogue runs once per output; the call costs nothing next to the memory traffic).
+template <typename A> __device__ __noinline__ A activate_transcendental(A v, int act) {
+    if (act == 3) return v / (A(1) + exp(-v));
+    return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));
+}
+
+template <typename A> __device__ __forceinline__ A activate(A v, int act) {
+    const A zero = 0;
+    if (act == 0) return v;
+    if (act == 1) return v > zero ? v : zero * v;
+    if (act == 2) return (v > A(6) ? A(6) : (v > zero ? v : zero * v)) + zero * v;
+    return activate_transcendental(v, act);
+}
+
+// floor(a / b) and ceil(a / b) for b > 0 and a of any sign (C++ division truncates toward zero).
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+__device__ __forceinline__ int ceil_div(int a, int b) { return -floor_div(-a, b); }
+
+// Sum over a warp (all 32 lanes active).
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
+}
+
+// Second stage of the two-stage reductions (weight gradients): out[i] = sum over the splits of
+// partial[s * count + i], added in split order (deterministic) and rounded once to T.
+//   grid (ceil(count / 256)), block (256)
+template <typename T>
+__global__ void sum_splits(
+    const typename Acc<T>::type* __restrict__ partial,  // (splits, count)
+    T* __restrict__ out,                                 // (count,)
+    int splits, int count)
+{
+    typedef typename Acc<T>::type A;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    A s = 0;
+    for (int j = 0; j < splits; ++j) s += partial[(i64)j * count + i];
+    out[i] = from_acc<T>(s);
+}

@@ -1,0 +1,669 @@
+// Depthwise convolution kernels: forward (also the stride-1 input gradient), strided input
+// gradient, weight gradient (two stages). Requires common.cuh before it.
+//
+// Math (cross-correlation; n batch, o output channel, (i, j) output pixel, (a, b) kernel tap):
+//
+//   forward      y[n,o,i,j] = act( sum_{m<R} sum_{a,b} w[o*R+m, a', b'] *
+//                                  x[n, (o/M)*R + m, i*sh + a*dh - pt, j*sw + b*dw - pl] + bias[o] )
+//                with (a', b') = (a, b), or (KH-1-a, KW-1-b) when `flip`. The user's forward is
+//                M = multiplier, R = 1, flip = 0.
+//   grad_input   gx[n,c,p,q] = sum_{m<M} sum_{a,b} w[c*M+m,a,b] * gy[n, c*M+m, (p+pt-a*dh)/sh, (q+pl-b*dw)/sw]
+//                over the taps where both divisions are exact and in range. For stride 1 this is
+//                the forward kernel run on gy with M' = 1, R = M, flip = 1 and padding
+//                ((KH-1)*dh - pt, (KW-1)*dw - pl) (which may be negative); for stride > 1 the
+//                gather kernel dw_grad_input below tests divisibility per tap.
+//   grad_weight  gw[o,a,b] = sum_{n,i,j} gy[n,o,i,j] * x[n, o/M, i*sh + a*dh - pt, j*sw + b*dw - pl]:
+//                stage 1 (dw_grad_weight / dw_grad_weight_taps) writes one partial sum per block
+//                split, stage 2 (sum_splits, common.cuh) adds the splits. No atomics: the result is
+//                deterministic.
+//
+// Tiling: a block owns an output tile and first stages the input tile plus halo in shared memory
+// (zero-filled outside the image, so padding needs no branches in the inner loop), 16-byte
+// vectors where the host found the rows aligned (VEC elements: NCHW along W, NHWC along C).
+// Template parameters:
+//   T    element type (__half, __nv_bfloat16, float, double); accumulation in Acc<T>::type
+//   K    kernel side for square KxK kernels known at compile time (1, 3, 5, 7), 0 = runtime KHxKW
+//   S    1: stride 1 and dilation 1 known at compile time (register sliding window), 0: runtime
+//        (the host launches K > 0 only with S = 1: strided and dilated convolutions take K = 0)
+//   VEC  elements per vector access (16 bytes / sizeof(T), or smaller when rows are misaligned)
+//   OPT  outputs per thread along the second spatial axis (NCHW: rows; NHWC: columns)
+//   NHWC layout of x and y
+
+// ------------------------------------------------------------------------------ tile loaders
+
+// Shared tile s[r * IP + c] = xp[(iy0 + r) * W + ix0 + c] for r < IH, c < IP; 0 outside the image.
+// xp is one (H, W) plane. VEC > 1 requires W % VEC == 0 and xp aligned to VEC elements: every
+// aligned global vector is then wholly inside or wholly outside a row.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __restrict__ xp, int H,
+                                               int W, int iy0, int ix0, int IH, int IP, int tid,
+                                               int nthr) {
+    if (VEC == 1) {
+        for (int idx = tid; idx < IH * IP; idx += nthr) {
+            const int r = idx / IP, c = idx - r * IP;
+            const int gy = iy0 + r, gx = ix0 + c;
+            s[idx] = (gy >= 0 && gy < H && gx >= 0 && gx < W) ? xp[(i64)gy * W + gx] : zero_value<T>();
+        }
+        return;
+    }
+    const int gv0 = floor_div(ix0, VEC);                     // first aligned global vector
+    const int nv = floor_div(ix0 + IP - 1, VEC) - gv0 + 1;   // vectors per tile row
+    for (int idx = tid; idx < IH * nv; idx += nthr) {
+        const int r = idx / nv;
+        const int gx = (gv0 + idx - r * nv) * VEC;
+        const int gy = iy0 + r;
+        Pack<T, VEC> p;
+        if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
+            p = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)gy * W + gx);
+        } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const int c = gx + e - ix0;
+            if (c >= 0 && c < IP) s[r * IP + c] = p.v[e];
+        }
+    }
+}
+
+// Shared tile s[(r * IW + c) * CP + k] = x[n, iy0 + r, ix0 + c, ci0 + k] for k < CP; 0 outside
+// the image or past channel CI. VEC > 1 requires CI % VEC == 0, CP % VEC == 0, ci0 % VEC == 0.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __restrict__ xn, int H,
+                                               int W, int CI, int iy0, int ix0, int ci0, int IH,
+                                               int IW, int CP, int tid, int nthr) {
+    const int cv = CP / VEC;  // vectors per pixel
+    for (int idx = tid; idx < IH * IW * cv; idx += nthr) {
+        const int pix = idx / cv, k = (idx - pix * cv) * VEC;
+        const int r = pix / IW, c = pix - r * IW;
+        const int gy = iy0 + r, gx = ix0 + c, ch = ci0 + k;
+        Pack<T, VEC> p;
+        if (gy >= 0 && gy < H && gx >= 0 && gx < W && ch < CI) {
+            p = *reinterpret_cast<const Pack<T, VEC>*>(xn + ((i64)gy * W + gx) * CI + ch);
+        } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
+        }
+        *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * CP + k) = p;
+    }
+}
+
+// ------------------------------------------------------------------------------ forward
+
+// One block: an output tile TH x TW of one (n, o) plane (NCHW) or of TC = blockDim.x * VEC
+// channels of one image (NHWC). Launch (see cupy_backend.DwLaunch):
+//   NCHW  grid (tiles_h * tiles_w, min(N * CO, 65535)), block (BW, BH), TW = BW * VEC, TH = BH * OPT
+//   NHWC  grid (tiles_h * tiles_w, ceil(CO / TC), min(N, 65535)), block (CT, PT),
+//         TW = (PT / TH) * OPT
+//   dynamic shared memory: IH * IP elements of T (NCHW) or IH * IW * CP (NHWC).
+template <typename T, int K, int S, int VEC, int OPT, bool NHWC>
+__global__ void dw_forward(
+    const T* __restrict__ x,     // input: (N, CI, H, W) or (N, H, W, CI)
+    const T* __restrict__ w,     // NCHW: (CO*R, KH*KW); NHWC: transposed, (KH*KW, CO*R)
+    const T* __restrict__ bias,  // (CO,) or nullptr
+    T* __restrict__ y,           // output: (N, CO, OH, OW) or (N, OH, OW, CO)
+    int N, int CI, int H, int W,  // input sizes (CI = input channels)
+    int CO, int OH, int OW,       // output channels and size
+    int KH, int KW,               // kernel size (equal to K when K > 0)
+    int sh, int sw, int dh, int dw,  // stride and dilation (1 when S == 1)
+    int pt, int pl,               // padding before (top, left); may be negative (grad_input)
+    int M, int R,                 // output channel o reads input channels (o/M)*R + m, m < R
+    int flip,                     // 1: taps rotated by 180 degrees (stride-1 grad_input)
+    int act,                      // activation code (common.cuh)
+    int TH, int TW,               // output tile rows and columns per block
+    int IH, int IW, int IP)       // shared tile rows, columns, and pitch (NCHW: elements per
+                                  // row; NHWC: channels per pixel)
+{
+    typedef typename Acc<T>::type A;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* tile = reinterpret_cast<T*>(smem_raw);
+    const int kh = K > 0 ? K : KH, kw = K > 0 ? K : KW;
+    const int KK = kh * kw;
+    const int tiles_w = (OW + TW - 1) / TW;
+    const int oy0 = (blockIdx.x / tiles_w) * TH, ox0 = (blockIdx.x % tiles_w) * TW;
+    const int iy0 = oy0 * sh - pt, ix0 = ox0 * sw - pl;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+
+    if constexpr (!NHWC) {
+        const int BW = blockDim.x;
+        for (i64 plane = blockIdx.y; plane < (i64)N * CO; plane += gridDim.y) {
+            const int o = (int)(plane % CO);
+            const i64 n = plane / CO;
+            A acc[OPT][VEC];
+#pragma unroll
+            for (int r = 0; r < OPT; ++r)
+#pragma unroll
+                for (int c = 0; c < VEC; ++c) acc[r][c] = 0;
+            for (int m = 0; m < R; ++m) {
+                const int ci = (o / M) * R + m;
+                const T* wr = w + (i64)(o * R + m) * KK;
+                __syncthreads();  // the previous plane's reads of `tile` are done
+                load_tile_nchw<T, VEC>(tile, x + (n * CI + ci) * (i64)H * W, H, W, iy0, ix0, IH,
+                                       IP, tid, nthr);
+                __syncthreads();
+                if constexpr (K > 0 && S == 1) {
+                    // Register sliding window: thread outputs rows ty*OPT + r, columns tx*VEC + c.
+                    constexpr int WIN = VEC + K - 1;
+                    constexpr int NWV = (WIN + VEC - 1) / VEC;
+                    A wk[K][K];
+#pragma unroll
+                    for (int a = 0; a < K; ++a)
+#pragma unroll
+                        for (int b = 0; b < K; ++b)
+                            wk[a][b] = to_acc(wr[flip ? (K - 1 - a) * K + (K - 1 - b) : a * K + b]);
+#pragma unroll
+                    for (int i = 0; i < OPT + K - 1; ++i) {
+                        const T* srow = tile + (ty * OPT + i) * IP + tx * VEC;
+                        A win[NWV * VEC];
+#pragma unroll
+                        for (int v = 0; v < NWV; ++v) {
+                            const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + v * VEC);
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e) win[v * VEC + e] = to_acc(p.v[e]);
+                        }
+#pragma unroll
+                        for (int r = 0; r < OPT; ++r) {
+                            const int a = i - r;
+                            if (a >= 0 && a < K) {
+#pragma unroll
+                                for (int b = 0; b < K; ++b)
+#pragma unroll
+                                    for (int c = 0; c < VEC; ++c) acc[r][c] += wk[a][b] * win[c + b];
+                            }
+                        }
+                    }
+                } else {
+                    // Runtime stride/dilation or kernel size: columns interleaved tx + c*BW, so a
+                    // warp reads consecutive shared words for each tap.
+                    for (int a = 0; a < kh; ++a) {
+                        for (int b = 0; b < kw; ++b) {
+                            const int t = flip ? (kh - 1 - a) * kw + (kw - 1 - b) : a * kw + b;
+                            const A wv = to_acc(wr[t]);
+#pragma unroll
+                            for (int r = 0; r < OPT; ++r)
+#pragma unroll
+                                for (int c = 0; c < VEC; ++c)
+                                    acc[r][c] += wv * to_acc(tile[((ty * OPT + r) * sh + a * dh) * IP +
+                                                                  (tx + c * BW) * sw + b * dw]);
+                        }
+                    }
+                }
+            }
+            const A bv = bias != nullptr ? to_acc(bias[o]) : A(0);
+            T* yp = y + plane * (i64)OH * OW;
+#pragma unroll
+            for (int r = 0; r < OPT; ++r) {
+                const int oy = oy0 + ty * OPT + r;
+                if (oy >= OH) continue;
+                if constexpr (K > 0 && S == 1 && VEC > 1) {
+                    const int ox = ox0 + tx * VEC;
+                    if (OW % VEC == 0) {
+                        if (ox < OW) {
+                            Pack<T, VEC> p;
+#pragma unroll
+                            for (int c = 0; c < VEC; ++c) p.v[c] = from_acc<T>(activate(acc[r][c] + bv, act));
+                            *reinterpret_cast<Pack<T, VEC>*>(yp + (i64)oy * OW + ox) = p;
+                        }
+                    } else {
+#pragma unroll
+                        for (int c = 0; c < VEC; ++c)
+                            if (ox + c < OW) yp[(i64)oy * OW + ox + c] = from_acc<T>(activate(acc[r][c] + bv, act));
+                    }
+                } else {
+#pragma unroll
+                    for (int c = 0; c < VEC; ++c) {
+                        const int ox = ox0 + ((K > 0 && S == 1) ? tx * VEC + c : tx + c * BW);
+                        if (ox < OW) yp[(i64)oy * OW + ox] = from_acc<T>(activate(acc[r][c] + bv, act));
+                    }
+                }
+            }
+        }
+    } else {
+        // NHWC: lanes tx own channels o0 + tx*VEC + v; pixel thread ty owns output row py and
+        // columns px*OPT + c of the tile.
+        const int TC = blockDim.x * VEC;
+        const int o0 = blockIdx.y * TC;
+        const int o = o0 + tx * VEC;
+        const bool active = o < CO;
+        const int twt = TW / OPT;
+        const int py = ty / twt, px = ty - py * twt;
+        const int ci0 = (o0 / M) * R;                                  // first channel in the tile
+        const int cl0 = active ? (o / M) * R - ci0 : 0;               // this lane's tile channel (m = 0)
+        const int COR = CO * R;
+        for (int n = blockIdx.z; n < N; n += gridDim.z) {
+            A acc[OPT][VEC];
+#pragma unroll
+            for (int c = 0; c < OPT; ++c)
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) acc[c][v] = 0;
+            __syncthreads();
+            load_tile_nhwc<T, VEC>(tile, x + (i64)n * H * W * CI, H, W, CI, iy0, ix0, ci0, IH, IW,
+                                   IP, tid, nthr);
+            __syncthreads();
+            if (active && py < TH) {
+                for (int m = 0; m < R; ++m) {
+                    const int cl = cl0 + m;
+                    if constexpr (K > 0 && S == 1) {
+                        constexpr int WIN = OPT + K - 1;
+#pragma unroll 1
+                        for (int a = 0; a < K; ++a) {  // not unrolled: bounds registers and code
+                            A win[WIN][VEC];
+#pragma unroll
+                            for (int j = 0; j < WIN; ++j) {
+                                const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(
+                                    tile + ((py + a) * IW + px * OPT + j) * IP + cl);
+#pragma unroll
+                                for (int v = 0; v < VEC; ++v) win[j][v] = to_acc(p.v[v]);
+                            }
+#pragma unroll
+                            for (int b = 0; b < K; ++b) {
+                                const int t = flip ? (K - 1 - a) * K + (K - 1 - b) : a * K + b;
+                                const Pack<T, VEC> wp =
+                                    *reinterpret_cast<const Pack<T, VEC>*>(w + (i64)t * COR + o * R + m);
+#pragma unroll
+                                for (int c = 0; c < OPT; ++c)
+#pragma unroll
+                                    for (int v = 0; v < VEC; ++v) acc[c][v] += to_acc(wp.v[v]) * win[c + b][v];
+                            }
+                        }
+                    } else {
+                        for (int a = 0; a < kh; ++a) {
+                            for (int b = 0; b < kw; ++b) {
+                                const int t = flip ? (kh - 1 - a) * kw + (kw - 1 - b) : a * kw + b;
+                                const Pack<T, VEC> wp =
+                                    *reinterpret_cast<const Pack<T, VEC>*>(w + (i64)t * COR + o * R + m);
+#pragma unroll
+                                for (int c = 0; c < OPT; ++c) {
+                                    const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(
+                                        tile + ((py * sh + a * dh) * IW + (px * OPT + c) * sw + b * dw) * IP + cl);
+#pragma unroll
+                                    for (int v = 0; v < VEC; ++v) acc[c][v] += to_acc(wp.v[v]) * to_acc(p.v[v]);
+                                }
+                            }
+                        }
+                    }
+                }
+                const int oy = oy0 + py;
+                if (oy < OH) {
+                    A bv[VEC];
+#pragma unroll
+                    for (int v = 0; v < VEC; ++v) bv[v] = bias != nullptr ? to_acc(bias[o + v]) : A(0);
+#pragma unroll
+                    for (int c = 0; c < OPT; ++c) {
+                        const int ox = ox0 + px * OPT + c;
+                        if (ox >= OW) continue;
+                        Pack<T, VEC> p;
+#pragma unroll
+                        for (int v = 0; v < VEC; ++v) p.v[v] = from_acc<T>(activate(acc[c][v] + bv[v], act));
+                        *reinterpret_cast<Pack<T, VEC>*>(y + (((i64)n * OH + oy) * OW + ox) * CO + o) = p;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ grad_input, stride > 1
+
+// Gather form: each thread owns input-gradient pixels and adds the taps whose output pixel
+// exists (exact division by the stride). One block: a tile TH x TW of gx for one (n, c) plane
+// (NCHW) or TC channels of one image (NHWC); the gy tile it reads is staged in shared memory:
+//   rows iy0 = ceil((p0 + pt - (KH-1)*dh) / sh) .. + IH, columns likewise.
+// Launch as dw_forward (NCHW block (BW, BH), outputs interleaved tx + c*BW; NHWC block (CT, PT)).
+template <typename T, int K, int VEC, int OPT, bool NHWC>
+__global__ void dw_grad_input(
+    const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
+    const T* __restrict__ w,     // NCHW: (CO, KH*KW); NHWC: transposed, (KH*KW, CO)
+    T* __restrict__ gx,          // input gradient: (N, C, H, W) or (N, H, W, C)
+    int N, int C, int H, int W, int M, int OH, int OW,
+    int KH, int KW, int sh, int sw, int dh, int dw, int pt, int pl,
+    int TH, int TW,              // gx tile per block
+    int IH, int IW, int IP)      // gy tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
+{
+    typedef typename Acc<T>::type A;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* tile = reinterpret_cast<T*>(smem_raw);
+    const int kh = K > 0 ? K : KH, kw = K > 0 ? K : KW;
+    const int KK = kh * kw;
+    const int CO = C * M;
+    const int tiles_w = (W + TW - 1) / TW;
+    const int p0 = (blockIdx.x / tiles_w) * TH, q0 = (blockIdx.x % tiles_w) * TW;
+    const int iy0 = ceil_div(p0 + pt - (kh - 1) * dh, sh), ix0 = ceil_div(q0 + pl - (kw - 1) * dw, sw);
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+
+    if constexpr (!NHWC) {
+        const int BW = blockDim.x;
+        for (i64 plane = blockIdx.y; plane < (i64)N * C; plane += gridDim.y) {
+            const int c = (int)(plane % C);
+            const i64 n = plane / C;
+            A acc[OPT][VEC];
+#pragma unroll
+            for (int r = 0; r < OPT; ++r)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[r][e] = 0;
+            for (int m = 0; m < M; ++m) {
+                const int o = c * M + m;
+                const T* wr = w + (i64)o * KK;
+                __syncthreads();
+                load_tile_nchw<T, VEC>(tile, gy + (n * CO + o) * (i64)OH * OW, OH, OW, iy0, ix0, IH, IP,
+                                       tid, nthr);
+                __syncthreads();
+#pragma unroll
+                for (int r = 0; r < OPT; ++r) {
+                    const int p = p0 + ty * OPT + r;
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) {
+                        const int q = q0 + tx + e * BW;
+                        for (int a = 0; a < kh; ++a) {
+                            const int nh = p + pt - a * dh;
+                            if (nh % sh != 0) continue;
+                            const int il = nh / sh - iy0;
+                            for (int b = 0; b < kw; ++b) {
+                                const int nw = q + pl - b * dw;
+                                if (nw % sw != 0) continue;
+                                acc[r][e] += to_acc(wr[a * kw + b]) * to_acc(tile[il * IP + nw / sw - ix0]);
+                            }
+                        }
+                    }
+                }
+            }
+            T* gp = gx + plane * (i64)H * W;
+#pragma unroll
+            for (int r = 0; r < OPT; ++r) {
+                const int p = p0 + ty * OPT + r;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const int q = q0 + tx + e * BW;
+                    if (p < H && q < W) gp[(i64)p * W + q] = from_acc<T>(acc[r][e]);
+                }
+            }
+        }
+    } else {
+        // lanes: gx channels c0 + tx*VEC + v (VEC > 1 only when M == 1); gy tile channels
+        // [c0*M, (c0 + TC)*M).
+        const int TC = blockDim.x * VEC;
+        const int c0 = blockIdx.y * TC;
+        const int c = c0 + tx * VEC;
+        const bool active = c < C;
+        const int twt = TW / OPT;
+        const int py = ty / twt, px = ty - py * twt;
+        for (int n = blockIdx.z; n < N; n += gridDim.z) {
+            A acc[OPT][VEC];
+#pragma unroll
+            for (int j = 0; j < OPT; ++j)
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) acc[j][v] = 0;
+            __syncthreads();
+            load_tile_nhwc<T, VEC>(tile, gy + (i64)n * OH * OW * CO, OH, OW, CO, iy0, ix0, c0 * M, IH,
+                                   IW, IP, tid, nthr);
+            __syncthreads();
+            const int p = p0 + py;
+            if (active && py < TH && p < H) {
+                for (int m = 0; m < M; ++m) {
+                    const int cl = (c - c0) * M + m;  // tile channel of gy channel c*M + m
+#pragma unroll
+                    for (int j = 0; j < OPT; ++j) {
+                        const int q = q0 + px * OPT + j;
+                        for (int a = 0; a < kh; ++a) {
+                            const int nh = p + pt - a * dh;
+                            if (nh % sh != 0) continue;
+                            const int il = nh / sh - iy0;
+                            for (int b = 0; b < kw; ++b) {
+                                const int nw = q + pl - b * dw;
+                                if (nw % sw != 0) continue;
+                                const Pack<T, VEC> wp = *reinterpret_cast<const Pack<T, VEC>*>(
+                                    w + (i64)(a * kw + b) * CO + c * M + m);
+                                const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(
+                                    tile + (il * IW + nw / sw - ix0) * IP + cl);
+#pragma unroll
+                                for (int v = 0; v < VEC; ++v) acc[j][v] += to_acc(wp.v[v]) * to_acc(g.v[v]);
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < OPT; ++j) {
+                    const int q = q0 + px * OPT + j;
+                    if (q >= W) continue;
+                    Pack<T, VEC> out;
+#pragma unroll
+                    for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(acc[j][v]);
+                    *reinterpret_cast<Pack<T, VEC>*>(gx + (((i64)n * H + p) * W + q) * C + c) = out;
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ grad_weight
+
+// Stage 1, kernels known at compile time (K in 1, 3, 5, 7): every thread keeps the K*K (times
+// VEC channels, NHWC) partial sums of the outputs it visits in registers; the block then reduces
+// them in shared memory and writes one partial per (split, channel, tap):
+//   partial[(split * CO + o) * K*K + tap]
+// Work: the tiles t = (n, tile_h, tile_w) in [split * per_split, (split + 1) * per_split).
+//   NCHW  grid (splits, min(CO, 65535)), block (BW, BH); tile TH = BH rows, TW = BW * VEC columns
+//         (columns interleaved tx + e*BW); x tile in shared memory, gy read directly (coalesced).
+//   NHWC  grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
+// Dynamic shared memory: max(x tile, reduction scratch), sized by the host.
+template <typename T, int K, int VEC, int OPT, bool NHWC>
+__global__ void dw_grad_weight(
+    const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
+    const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
+    typename Acc<T>::type* __restrict__ partial,  // (splits, CO, K*K)
+    int N, int C, int H, int W, int M, int OH, int OW,
+    int sh, int sw, int dh, int dw, int pt, int pl,
+    int TH, int TW,              // output tile per step
+    int IH, int IW, int IP,      // x tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
+    int per_split)               // tiles per split (blockIdx.x)
+{
+    typedef typename Acc<T>::type A;
+    constexpr int KK = K * K;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* tile = reinterpret_cast<T*>(smem_raw);
+    A* red = reinterpret_cast<A*>(smem_raw);
+    const int CO = C * M;
+    const int tiles_w = (OW + TW - 1) / TW, tiles_h = (OH + TH - 1) / TH;
+    const i64 ntiles = (i64)N * tiles_h * tiles_w;
+    const i64 t_begin = (i64)blockIdx.x * per_split;
+    const i64 t_end = min(ntiles, t_begin + per_split);
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+
+    if constexpr (!NHWC) {
+        const int BW = blockDim.x;
+        const int nwarps = nthr / 32, lane = tid % 32, warp = tid / 32;
+        for (int o = blockIdx.y; o < CO; o += gridDim.y) {
+            A acc[KK];
+#pragma unroll
+            for (int t = 0; t < KK; ++t) acc[t] = 0;
+            for (i64 t = t_begin; t < t_end; ++t) {
+                const i64 n = t / (tiles_h * tiles_w);
+                const int rem = (int)(t - n * tiles_h * tiles_w);
+                const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
+                __syncthreads();
+                load_tile_nchw<T, VEC>(tile, x + (n * C + o / M) * (i64)H * W, H, W, oy0 * sh - pt,
+                                       ox0 * sw - pl, IH, IP, tid, nthr);
+                __syncthreads();
+                const int oy = oy0 + ty;
+                if (oy >= OH) continue;
+                const T* gp = gy + ((n * CO + o) * (i64)OH + oy) * OW;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const int oxl = tx + e * BW;
+                    if (ox0 + oxl >= OW) continue;
+                    const A g = to_acc(gp[ox0 + oxl]);
+#pragma unroll
+                    for (int a = 0; a < K; ++a)
+#pragma unroll
+                        for (int b = 0; b < K; ++b)
+                            acc[a * K + b] += g * to_acc(tile[(ty * sh + a * dh) * IP + oxl * sw + b * dw]);
+                }
+            }
+            __syncthreads();  // `red` aliases `tile`
+#pragma unroll
+            for (int t = 0; t < KK; ++t) {
+                const A v = warp_sum(acc[t]);
+                if (lane == 0) red[warp * KK + t] = v;
+            }
+            __syncthreads();
+            for (int t = tid; t < KK; t += nthr) {
+                A s = 0;
+                for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
+                partial[((i64)blockIdx.x * CO + o) * KK + t] = s;
+            }
+        }
+    } else {
+        const int TC = blockDim.x * VEC, PT = blockDim.y;
+        const int o0 = blockIdx.y * TC;
+        const int o = o0 + tx * VEC;
+        const bool active = o < CO;
+        const int twt = TW / OPT;
+        const int py = ty / twt, px = ty - py * twt;
+        const int ci0 = o0 / M;
+        const int cl = active ? o / M - ci0 : 0;  // VEC > 1 only when M == 1
+        A acc[KK][VEC];
+#pragma unroll
+        for (int t = 0; t < KK; ++t)
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[t][v] = 0;
+        for (i64 t = t_begin; t < t_end; ++t) {
+            const i64 n = t / (tiles_h * tiles_w);
+            const int rem = (int)(t - n * tiles_h * tiles_w);
+            const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
+            __syncthreads();
+            load_tile_nhwc<T, VEC>(tile, x + n * H * W * (i64)C, H, W, C, oy0 * sh - pt,
+                                   ox0 * sw - pl, ci0, IH, IW, IP, tid, nthr);
+            __syncthreads();
+            const int oy = oy0 + py;
+            if (!active || py >= TH || oy >= OH) continue;
+#pragma unroll
+            for (int j = 0; j < OPT; ++j) {
+                const int ox = ox0 + px * OPT + j;
+                if (ox >= OW) continue;
+                const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(
+                    gy + (((i64)n * OH + oy) * OW + ox) * CO + o);
+#pragma unroll
+                for (int a = 0; a < K; ++a)
+#pragma unroll
+                    for (int b = 0; b < K; ++b) {
+                        if (VEC == 1) {
+                            acc[a * K + b][0] += to_acc(g.v[0]) *
+                                to_acc(tile[((py * sh + a * dh) * IW + (px * OPT + j) * sw + b * dw) * IP + cl]);
+                        } else {
+                            const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(
+                                tile + ((py * sh + a * dh) * IW + (px * OPT + j) * sw + b * dw) * IP + cl);
+#pragma unroll
+                            for (int v = 0; v < VEC; ++v) acc[a * K + b][v] += to_acc(g.v[v]) * to_acc(xv.v[v]);
+                        }
+                    }
+            }
+        }
+        // Reduce over the PT pixel threads, one tap at a time: red[ty][TC].
+#pragma unroll
+        for (int t = 0; t < KK; ++t) {
+            __syncthreads();
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) red[ty * TC + tx * VEC + v] = acc[t][v];
+            __syncthreads();
+            if (ty == 0 && active) {
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) {
+                    A s = 0;
+                    for (int j = 0; j < PT; ++j) s += red[j * TC + tx * VEC + v];
+                    partial[((i64)blockIdx.x * CO + o + v) * KK + t] = s;
+                }
+            }
+        }
+    }
+}
+
+// Stage 1 for any KHxKW (up to 31x31), tap-parallel: a block owns TAPS = blockDim.y * TPT taps
+// (blockIdx.z selects which) of TC = blockDim.x channels; each thread keeps TPT partial sums.
+// Per tile, x (IH x IW pixels x TC channels) and gy (TH x TW pixels x TC channels) are staged in
+// shared memory as [pixel][channel]; every thread then walks the tile's outputs for its taps.
+//   grid (splits, ceil(CO / TC), ceil(KH*KW / TAPS)); NCHW uses TC = 1, NHWC TC = 32 (8 for double).
+template <typename T, int TPT, bool NHWC>
+__global__ void dw_grad_weight_taps(
+    const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
+    const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO)
+    typename Acc<T>::type* __restrict__ partial,  // (splits, CO, KH*KW)
+    int N, int C, int H, int W, int M, int OH, int OW,
+    int KH, int KW, int sh, int sw, int dh, int dw, int pt, int pl,
+    int TH, int TW,              // output tile per step
+    int IH, int IW,              // x tile rows and columns
+    int per_split)               // tiles per split
+{
+    typedef typename Acc<T>::type A;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    A* xs = reinterpret_cast<A*>(smem_raw);                 // [IH*IW][TC]
+    const int TC = blockDim.x;
+    A* gs = xs + IH * IW * TC;                               // [TH*TW][TC]
+    const int CO = C * M, KK = KH * KW;
+    const int tiles_w = (OW + TW - 1) / TW, tiles_h = (OH + TH - 1) / TH;
+    const i64 ntiles = (i64)N * tiles_h * tiles_w;
+    const i64 t_begin = (i64)blockIdx.x * per_split;
+    const i64 t_end = min(ntiles, t_begin + per_split);
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int o0 = blockIdx.y * TC;
+    const int tap0 = blockIdx.z * blockDim.y * TPT;
+    A acc[TPT];
+#pragma unroll
+    for (int j = 0; j < TPT; ++j) acc[j] = 0;
+    for (i64 t = t_begin; t < t_end; ++t) {
+        const i64 n = t / (tiles_h * tiles_w);
+        const int rem = (int)(t - n * tiles_h * tiles_w);
+        const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
+        const int iy0 = oy0 * sh - pt, ix0 = ox0 * sw - pl;
+        __syncthreads();
+        // Channel-fastest staging: coalesced along C for NHWC; TC = 1 for NCHW (along W).
+        for (int idx = tid; idx < IH * IW * TC; idx += nthr) {
+            const int k = idx % TC, pix = idx / TC;
+            const int r = pix / IW, c = pix - r * IW;
+            const int gyy = iy0 + r, gxx = ix0 + c, o = o0 + k;
+            A v = 0;
+            if (o < CO && gyy >= 0 && gyy < H && gxx >= 0 && gxx < W) {
+                const i64 off = NHWC ? ((n * H + gyy) * (i64)W + gxx) * C + o / M
+                                     : ((n * C + o / M) * (i64)H + gyy) * W + gxx;
+                v = to_acc(x[off]);
+            }
+            xs[idx] = v;
+        }
+        for (int idx = tid; idx < TH * TW * TC; idx += nthr) {
+            const int k = idx % TC, pix = idx / TC;
+            const int r = pix / TW, c = pix - r * TW;
+            const int oy = oy0 + r, ox = ox0 + c, o = o0 + k;
+            A v = 0;
+            if (o < CO && oy < OH && ox < OW) {
+                const i64 off = NHWC ? ((n * OH + oy) * (i64)OW + ox) * CO + o
+                                     : ((n * CO + o) * (i64)OH + oy) * OW + ox;
+                v = to_acc(gy[off]);
+            }
+            gs[idx] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int tap = tap0 + ty + j * blockDim.y;
+            if (tap >= KK) continue;
+            const int a = tap / KW, b = tap - a * KW;
+            A s = 0;
+            for (int r = 0; r < TH; ++r)
+                for (int c = 0; c < TW; ++c)
+                    s += gs[(r * TW + c) * TC + tx] * xs[((r * sh + a * dh) * IW + c * sw + b * dw) * TC + tx];
+            acc[j] += s;
+        }
+    }
+    const int o = o0 + tx;
+    if (o < CO) {
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int tap = tap0 + ty + j * blockDim.y;
+            if (tap < KK) partial[((i64)blockIdx.x * CO + o) * KK + tap] = acc[j];
+        }
+    }
+}

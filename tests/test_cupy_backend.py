@@ -1,0 +1,546 @@
+"""The cupy backend without a GPU: every kernel instantiation compiled for sm_90 (NVRTC +
+nvJitLink) with its register / shared-memory / spill report, and the host-side launch logic.
+
+The launch plans are checked two ways: by their invariants (tile covers the output, shared memory
+within the limit the launch assumes, vector width only where sizes and addresses allow), and by
+replaying the kernels' index arithmetic in NumPy (`_emulate_*`: the thread/tile loops of
+depthwise.cuh and pointwise.cuh transliterated) against the reference, which catches a tile that is
+too small, a wrong halo or a wrong operand stride without a GPU. The CUDA arithmetic itself runs
+only in tests/test_gpu_cupy.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+import dwops
+from dwops import _spec
+from dwops.kernels import cupy_backend as cb
+from tests.conftest import assert_close
+
+pytest.importorskip("cuda.bindings")
+
+
+# ----------------------------------------------------------------------------- the kernel report
+
+
+@pytest.fixture(scope="module")
+def report():
+    """Compile every instantiation once per session (a few minutes of NVRTC + ptxas)."""
+    return cb.compile_report("sm_90")
+
+
+def test_include_dir_has_16_bit_headers():
+    inc = cb.cuda_include_dir()
+    assert inc is not None
+    assert os.path.isfile(os.path.join(inc, "cuda_fp16.h"))
+    assert os.path.isfile(os.path.join(inc, "cuda_bf16.h"))
+
+
+def test_every_instantiation_compiles_without_spills(report):
+    assert len(report) == len({n for _, _, _, _, n in cb.instantiations()})
+    bad = [r for r in report if r["error"] is not None]
+    assert not bad, bad[0]["error"][:2000]
+    spills = [r for r in report if r["spill_bytes"]]
+    assert not spills, spills
+    for r in report:
+        assert r["backend"] == "cupy"
+        assert set(r) == {"backend", "op", "direction", "specialization", "registers",
+                          "shared_bytes", "spill_bytes", "error"}
+
+
+def test_registers_and_static_shared_fit_the_launch(report):
+    for r in report:
+        # 256-thread blocks: at most 255 registers per thread (65536 per SM)
+        assert 0 < r["registers"] <= 255, r
+        # static shared memory (pw_gemm tiles) stays under the 48 KiB that needs no opt-in
+        assert r["shared_bytes"] <= cb.SMEM_DEFAULT, r
+
+
+def test_report_covers_every_op_and_dtype(report):
+    seen = {(r["op"], r["direction"]) for r in report}
+    assert seen >= {("depthwise", "forward"), ("depthwise", "grad_input"),
+                    ("depthwise", "grad_weight"), ("pointwise", "forward"),
+                    ("pointwise", "grad_input"), ("pointwise", "grad_weight"),
+                    ("separable", "forward")}
+    for ctype in cb.CTYPE.values():
+        assert any(f"<{ctype}," in r["specialization"] or f"<{ctype}>" in r["specialization"]
+                   for r in report)
+
+
+# ----------------------------------------------------------------------------- plan invariants
+
+NAMES = {n for _, _, _, _, n in cb.instantiations()}
+
+
+def _dw_problem(n=2, c=3, h=9, w=11, m=1, k=(3, 3), s=1, d=1, padding=1, layout="NCHW",
+                dtype="float32", activation=None, bias=False):
+    x = np.empty(_spec._physical(layout, n, c, h, w), dtype=dwops._registry.numpy_dtype(dtype))
+    wt = np.empty((c * m, 1, *k), dtype=x.dtype)
+    b = np.empty((c * m,), dtype=x.dtype) if bias else None
+    p, _ = _spec.depthwise("t", x, wt, b, s, padding, d, layout, activation)
+    return p
+
+
+def test_pick_vec_alignment_and_divisibility():
+    assert cb.pick_vec("float32", (64,), (0, 256)) == 4
+    assert cb.pick_vec("float16", (64,), (0, 256)) == 8
+    assert cb.pick_vec("float64", (64,), (0,)) == 2
+    assert cb.pick_vec("float32", (66,), (0,)) == 1          # 66 % 4
+    assert cb.pick_vec("float32", (64,), (8,)) == 1          # 8-byte aligned only
+    assert cb.pick_vec("bfloat16", (64,), (16, 32)) == 8
+    assert cb.pick_vec("float32", (64,), (0,), limit=2) == 2  # capped (NHWC grad_weight)
+    assert cb.pick_vec("float16", (64,), (0,), limit=9) == 8
+    assert cb.vec_choices("float16") == (8, 1)
+    assert cb.vec_choices("float64") == (2, 1)
+
+
+def test_specialization_choice():
+    assert cb.kernel_size_spec(3, 3) == 3 and cb.kernel_size_spec(7, 7) == 7
+    assert cb.kernel_size_spec(3, 5) == 0 and cb.kernel_size_spec(9, 9) == 0
+    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(5, 5)))) == (5, 1)
+    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(5, 5), s=2))) == (0, 0)
+    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(3, 3), d=2, padding=2))) == (0, 0)
+    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(1, 7), padding=0))) == (0, 0)
+
+
+CASES = [
+    dict(),
+    dict(k=(1, 1), padding=0),
+    dict(k=(5, 5), padding="same", h=13, w=17),
+    dict(k=(7, 7), padding=3, w=64, h=8),
+    dict(k=(3, 3), s=2, padding="same", w=32, h=15),
+    dict(k=(3, 3), s=(2, 3), d=(1, 2), padding=((0, 2), (1, 3)), w=20, h=14),
+    dict(k=(3, 5), padding=(1, 2), m=2),
+    dict(k=(9, 9), padding=4, h=20, w=24),
+    dict(k=(31, 31), padding="same", h=33, w=40, c=2),
+    dict(k=(3, 3), d=3, padding=3, m=3, c=2),
+    dict(k=(3, 3), padding=0, h=3, w=3, n=1, c=1),
+    dict(k=(7, 7), padding=3, c=40, m=1, w=12, h=6),
+    dict(k=(3, 3), padding=1, c=64, w=16, h=16, n=1),
+    dict(k=(31, 31), padding=15, d=(3, 2), h=100, w=70, n=1, c=1),
+]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_dw_forward_plan_invariants(case, dtype, layout):
+    p = _dw_problem(layout=layout, dtype=dtype, **CASES[case])
+    c = cb.conv_of_forward(p)
+    L = cb.plan_dw_forward(c, dtype, layout, 0, 0)
+    assert L.name in NAMES
+    (N, CI, H, W, CO, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, M, R, flip, act,
+     TH, TW, IH, IW, IP) = L.ints
+    K, S, vec, opt = L.info["K"], L.info["S"], L.info["vec"], L.info["opt"]
+    bx, by, bz = L.block
+    assert bx * by * bz <= cb.THREADS and bx * by >= 1
+    assert L.shared <= cb.SMEM_OPTIN
+    if bx * by >= 32:
+        assert L.shared <= cb.SMEM_DEFAULT or L.info["tile"] == (TH, TW)
+    assert L.grid[0] == math.ceil(OH / TH) * math.ceil(OW / TW)
+    if layout == "NCHW":
+        assert TW == bx * vec and TH == by * opt
+        assert L.grid[1] == min(N * CO, 65535)
+        assert L.shared == IH * IP * cb.ITEMSIZE[dtype]
+        assert IP % vec == 0
+        if vec > 1:
+            assert W % vec == 0
+    else:
+        assert L.grid[1] * bx * vec >= CO and L.grid[2] == min(N, 65535)
+        assert TW % opt == 0 and by == TH * (TW // opt)
+        assert L.shared == IH * IW * IP * cb.ITEMSIZE[dtype]
+        if vec > 1:
+            assert M == 1 and CI % vec == 0 and CO % vec == 0
+    if K:
+        assert S == 1 and KH == KW == K and sh == sw == dh == dw == 1
+
+
+def test_vector_width_follows_alignment():
+    p = _dw_problem(w=64, h=8, c=8, layout="NCHW")
+    c = cb.conv_of_forward(p)
+    assert cb.plan_dw_forward(c, "float32", "NCHW", 1024, 2048).info["vec"] == 4
+    assert cb.plan_dw_forward(c, "float32", "NCHW", 1028, 2048).info["vec"] == 1
+    p = _dw_problem(w=63, h=8, c=8, layout="NCHW")
+    assert cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0).info["vec"] == 1
+    p = _dw_problem(w=9, h=8, c=16, layout="NHWC", dtype="float16")
+    assert cb.plan_dw_forward(cb.conv_of_forward(p), "float16", "NHWC", 0, 0).info["vec"] == 8
+    p = _dw_problem(w=9, h=8, c=16, m=2, layout="NHWC", dtype="float16")
+    assert cb.plan_dw_forward(cb.conv_of_forward(p), "float16", "NHWC", 0, 0).info["vec"] == 1
+
+
+def test_tile_shrinks_then_opts_in_for_large_kernels():
+    p = _dw_problem(k=(31, 31), padding=15, d=(3, 3), h=200, w=200, n=1, c=1)
+    L = cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
+    assert cb.SMEM_DEFAULT < L.shared <= cb.SMEM_OPTIN
+    p = _dw_problem(k=(31, 31), padding=15, h=200, w=200, n=1, c=1)
+    L = cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
+    assert L.shared <= cb.SMEM_DEFAULT
+    p = _dw_problem(k=(31, 31), padding=0, d=(40, 40), h=1300, w=1300, n=1, c=1)
+    with pytest.raises(NotImplementedError):
+        cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
+
+
+def test_stride1_grad_input_is_a_rotated_forward():
+    p = _dw_problem(k=(3, 5), padding=((0, 2), (1, 3)), m=2)
+    c = cb.conv_of_grad_input(p)
+    assert (c.CI, c.CO, c.M, c.R, c.flip) == (p.CO, p.C, 1, p.M, 1)
+    assert (c.H, c.W, c.OH, c.OW) == (p.OH, p.OW, p.H, p.W)
+    assert (c.pt, c.pl) == ((p.KH - 1) * p.dh - p.pt, (p.KW - 1) * p.dw - p.pl)
+    L = cb.plan_dw_grad_input(p, "NCHW")
+    assert L.name.startswith("dw_forward<")
+    ps = _dw_problem(k=(3, 3), s=2, padding=1)
+    assert cb.plan_dw_grad_input(ps, "NCHW").name.startswith("dw_grad_input<")
+
+
+# ----------------------------------------------------------------------------- kernel replays
+
+
+def _ref_layout(a, layout):
+    return a if layout == "NCHW" else a.transpose(0, 2, 3, 1)
+
+
+def _emulate_dw_forward(L, x, w, bias, layout):
+    """dw_forward's tile loop (depthwise.cuh) in NumPy: the input tile of (IH, IP) / (IH, IW, CP)
+    staged with zeros outside the image, then each thread's outputs from the tile only."""
+    (N, CI, H, W, CO, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, M, R, flip, act,
+     TH, TW, IH, IW, IP) = L.ints
+    K, S, vec, opt = L.info["K"], L.info["S"], L.info["vec"], L.info["opt"]
+    bx, by, _ = L.block
+    xl = x if layout == "NCHW" else x.transpose(0, 3, 1, 2)          # logical view
+    y = np.full((N, CO, OH, OW), np.nan)
+    wk = w.reshape(CO * R, KH, KW)
+    if flip:
+        wk = wk[:, ::-1, ::-1]
+    tiles_w = math.ceil(OW / TW)
+    for blk in range(L.grid[0]):
+        oy0, ox0 = (blk // tiles_w) * TH, (blk % tiles_w) * TW
+        iy0, ix0 = oy0 * sh - pt, ox0 * sw - pl
+        for n in range(N):
+            for o in range(CO):
+                acc = np.zeros((by, bx, opt, vec)) if layout == "NCHW" else np.zeros((by, opt))
+                for m in range(R):
+                    ci = (o // M) * R + m
+                    width = IP if layout == "NCHW" else IW
+                    tile = np.zeros((IH, width))
+                    for r in range(IH):
+                        for cc in range(width):
+                            gy, gx = iy0 + r, ix0 + cc
+                            if 0 <= gy < H and 0 <= gx < W:
+                                tile[r, cc] = xl[n, ci, gy, gx]
+                    if layout == "NHWC":
+                        # the lane's channel must lie inside the staged channel range
+                        TC = bx * vec
+                        o0 = (o // TC) * TC
+                        assert 0 <= ci - (o0 // M) * R < IP
+                    ty = np.arange(by)[:, None, None, None]
+                    tx = np.arange(bx)[None, :, None, None]
+                    r_ = np.arange(opt)[None, None, :, None]
+                    c_ = np.arange(vec)[None, None, None, :]
+                    for a in range(KH):
+                        for b in range(KW):
+                            if layout == "NCHW":
+                                if K and S:
+                                    nwv = -(-(vec + K - 1) // vec)
+                                    assert (bx - 1) * vec + nwv * vec <= IP  # window vector reads
+                                    rows, cols = ty * opt + r_ + a, tx * vec + c_ + b
+                                else:
+                                    rows = (ty * opt + r_) * sh + a * dh
+                                    cols = (tx + c_ * bx) * sw + b * dw
+                                acc += wk[o * R + m, a, b] * tile[rows, cols]
+                            else:
+                                twt = TW // opt
+                                t = np.arange(by)
+                                py, px = t // twt, t % twt
+                                rows = (py[:, None] * sh + a * dh)
+                                cols = (px[:, None] * opt + np.arange(opt)[None, :]) * sw + b * dw
+                                ok = py < TH
+                                acc[ok] += wk[o * R + m, a, b] * tile[rows[ok], cols[ok]]
+                bv = bias[o] if bias is not None else 0.0
+                if layout == "NCHW":
+                    for t_y in range(by):
+                        for t_x in range(bx):
+                            for r in range(opt):
+                                for cc in range(vec):
+                                    oy = oy0 + t_y * opt + r
+                                    ox = ox0 + (t_x * vec + cc if K and S else t_x + cc * bx)
+                                    if oy < OH and ox < OW:
+                                        y[n, o, oy, ox] = acc[t_y, t_x, r, cc] + bv
+                else:
+                    twt = TW // opt
+                    for t in range(by):
+                        py, px = t // twt, t % twt
+                        for cc in range(opt):
+                            oy, ox = oy0 + py, ox0 + px * opt + cc
+                            if py < TH and oy < OH and ox < OW:
+                                y[n, o, oy, ox] = acc[t, cc] + bv
+    return dwops.reference.activate(y, {v: k for k, v in cb.ACTIVATION_CODE.items()}[act])
+
+
+SMALL = [
+    dict(n=1, c=2, h=7, w=9),
+    dict(n=1, c=2, h=6, w=8, k=(1, 1), padding=0, activation="relu"),
+    dict(n=1, c=1, h=9, w=13, k=(5, 5), padding="same", bias=True),
+    dict(n=1, c=1, h=8, w=16, k=(7, 7), padding=3, activation="gelu"),
+    dict(n=2, c=1, h=9, w=10, k=(3, 3), s=2, padding="same"),
+    dict(n=1, c=1, h=11, w=12, k=(3, 3), s=(2, 3), d=(1, 2), padding=((0, 2), (1, 3))),
+    dict(n=1, c=2, h=6, w=7, k=(3, 5), padding=(1, 2), m=2, bias=True),
+    dict(n=1, c=2, h=7, w=8, k=(3, 3), d=3, padding=3, m=3),
+    dict(n=1, c=1, h=3, w=3, k=(3, 3), padding=0),
+    dict(n=1, c=1, h=12, w=10, k=(9, 9), padding=4),
+]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", range(len(SMALL)))
+def test_dw_forward_replay_matches_reference(case, layout, rng):
+    kw = dict(SMALL[case])
+    p = _dw_problem(layout=layout, dtype="float64", **kw)
+    x = rng.uniform(-1, 1, p.x_shape)
+    w = rng.uniform(-1, 1, p.w_shape)
+    b = rng.uniform(-1, 1, (p.CO,)) if p.has_bias else None
+    for addr in (0, 8):   # aligned (vectorized) and misaligned (scalar) plans
+        L = cb.plan_dw_forward(cb.conv_of_forward(p), "float64", layout, addr, 0)
+        got = _emulate_dw_forward(L, x, w, b, layout)
+        ref = dwops.reference.depthwise_conv2d(x, w, b, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
+                                               padding=((p.pt, p.pb), (p.pl, p.pr)), layout=layout,
+                                               activation=p.activation)
+        assert_close(_ref_layout(got, layout), ref, "float64", what=L.name)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", [0, 2, 6, 7, 9])
+def test_stride1_grad_input_replay(case, layout, rng):
+    kw = dict(SMALL[case])
+    kw.pop("activation", None)
+    kw.pop("bias", None)
+    p = _dw_problem(layout=layout, dtype="float64", **kw)
+    gy = rng.uniform(-1, 1, p.y_shape)
+    w = rng.uniform(-1, 1, p.w_shape)
+    L = cb.plan_dw_grad_input(p, layout)
+    got = _emulate_dw_forward(L, gy, w, None, layout)
+    ref = dwops.reference.depthwise_conv2d_grad_input(
+        gy, w, p.x_shape, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
+        padding=((p.pt, p.pb), (p.pl, p.pr)), layout=layout)
+    assert_close(_ref_layout(got, layout), ref, "float64", what=L.name)
+
+
+def _emulate_dw_grad_input(L, gy, w, layout):
+    """dw_grad_input (strided gather) in NumPy: the gy tile from (iy0, ix0) of IH x IW, and for
+    every gx pixel of the tile the taps with exact division."""
+    (N, C, H, W, M, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, TH, TW, IH, IW, IP) = L.ints
+    CO = C * M
+    g = gy if layout == "NCHW" else gy.transpose(0, 3, 1, 2)
+    wk = w.reshape(CO, KH, KW)
+    gx = np.full((N, C, H, W), np.nan)
+    tiles_w = math.ceil(W / TW)
+    for blk in range(L.grid[0]):
+        p0, q0 = (blk // tiles_w) * TH, (blk % tiles_w) * TW
+        iy0 = -((-(p0 + pt - (KH - 1) * dh)) // sh)
+        ix0 = -((-(q0 + pl - (KW - 1) * dw)) // sw)
+        for n in range(N):
+            for c in range(C):
+                acc = np.zeros((TH, TW))
+                for m in range(M):
+                    o = c * M + m
+                    tile = np.zeros((IH, IW))
+                    for r in range(IH):
+                        for cc in range(IW):
+                            i, j = iy0 + r, ix0 + cc
+                            if 0 <= i < OH and 0 <= j < OW:
+                                tile[r, cc] = g[n, o, i, j]
+                    for pp in range(TH):
+                        for qq in range(TW):
+                            for a in range(KH):
+                                nh = p0 + pp + pt - a * dh
+                                if nh % sh:
+                                    continue
+                                for b in range(KW):
+                                    nw = q0 + qq + pl - b * dw
+                                    if nw % sw:
+                                        continue
+                                    acc[pp, qq] += wk[o, a, b] * tile[nh // sh - iy0, nw // sw - ix0]
+                hh, ww = min(TH, H - p0), min(TW, W - q0)
+                gx[n, c, p0:p0 + hh, q0:q0 + ww] = acc[:hh, :ww]
+    return gx
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", [4, 5])
+def test_strided_grad_input_replay(case, layout, rng):
+    kw = dict(SMALL[case])
+    p = _dw_problem(layout=layout, dtype="float64", **kw)
+    gy = rng.uniform(-1, 1, p.y_shape)
+    w = rng.uniform(-1, 1, p.w_shape)
+    L = cb.plan_dw_grad_input(p, layout)
+    assert L.name.startswith("dw_grad_input<") and L.name in NAMES
+    got = _emulate_dw_grad_input(L, gy, w, layout)
+    ref = dwops.reference.depthwise_conv2d_grad_input(
+        gy, w, p.x_shape, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
+        padding=((p.pt, p.pb), (p.pl, p.pr)), layout=layout)
+    assert_close(_ref_layout(got, layout), ref, "float64", what=L.name)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", range(len(SMALL)))
+def test_dw_grad_weight_plan_covers_every_tile(case, layout):
+    kw = dict(SMALL[case])
+    p = _dw_problem(layout=layout, dtype="float32", **kw)
+    s1, s2, count = cb.plan_dw_grad_weight(p, layout, 0, 0)
+    assert s1.name in NAMES and s2.name in NAMES
+    th, tw = s1.info["tile"]
+    ntiles = p.N * math.ceil(p.OH / th) * math.ceil(p.OW / tw)
+    per = s1.ints[-1]
+    splits = s1.grid[0]
+    assert (splits - 1) * per < ntiles <= splits * per       # every tile in exactly one split
+    assert count == splits * p.CO * p.KH * p.KW
+    assert s2.ints == (splits, p.CO * p.KH * p.KW)
+    assert s1.shared <= cb.SMEM_OPTIN
+    if s1.name.startswith("dw_grad_weight<"):
+        K = s1.info["K"]
+        assert K == p.KH == p.KW
+        acc = cb.ACC_ITEMSIZE["float32"]
+        nthr = s1.block[0] * s1.block[1]
+        if layout == "NCHW":
+            assert s1.shared >= math.ceil(nthr / 32) * K * K * acc      # warp partials
+            assert s1.grid[1] == min(p.CO, 65535)
+        else:
+            assert s1.shared >= nthr * s1.info["vec"] * acc              # per-thread partials
+            assert K * K * s1.info["vec"] <= max(cb.GW_NHWC_ACC_REGS, K * K)
+    else:
+        taps = s1.block[1] * cb.TAPS_PER_THREAD
+        assert s1.grid[2] * taps >= p.KH * p.KW
+
+
+# ----------------------------------------------------------------------------- pointwise
+
+
+def _pw_problem(n=2, ci=5, co=7, h=3, w=4, layout="NCHW", activation=None, bias=False,
+                residual=False):
+    x = np.empty(_spec._physical(layout, n, ci, h, w))
+    wt = np.empty((co, ci))
+    b = np.empty((co,)) if bias else None
+    r = np.empty(_spec._physical(layout, n, co, h, w)) if residual else None
+    p, _ = _spec.pointwise("t", x, wt, b, layout, activation, r)
+    return p
+
+
+def _emulate_gemm(L, A, B):
+    """pw_gemm's operand addressing and split-K bookkeeping in NumPy: returns C per batch (or,
+    for PARTIAL, the sum of the split partials)."""
+    (bias_on_n, Md, Nd, Kd, lda, ldb, ldc, sA, sB, sC, batches, per_batch, k_splits) = L.ints
+    a_kc, b_nc, partial = (t.strip() == "true" for t in L.name[L.name.index(",") + 1:-1].split(","))
+    m, k = np.arange(Md)[:, None], np.arange(Kd)[None, :]
+    kk, j = np.arange(Kd)[:, None], np.arange(Nd)[None, :]
+    A, B = A.ravel(), B.ravel()
+
+    def mats(bt, k_lo, k_hi):
+        Am = A[bt * sA + (m * lda + k if a_kc else k * lda + m)][:, k_lo:k_hi]
+        Bm = B[bt * sB + (kk * ldb + j if b_nc else j * ldb + kk)][k_lo:k_hi]
+        return Am @ Bm
+
+    if not partial:
+        return [mats(bt, 0, Kd) for bt in range(batches)], ldc, sC
+    total = np.zeros((Md, Nd))
+    chunk = -(-(-(-Kd // k_splits)) // cb.PW_BK) * cb.PW_BK
+    seen = np.zeros((batches, Kd), int)
+    for z in range(L.grid[2]):
+        g, ks = divmod(z, k_splits)
+        for bt in range(g * per_batch, min(batches, (g + 1) * per_batch)):
+            lo, hi = ks * chunk, min(Kd, ks * chunk + chunk)
+            if lo < hi:
+                total += mats(bt, lo, hi)
+                seen[bt, lo:hi] += 1
+    assert (seen == 1).all()   # every (batch, k) exactly once over the splits
+    return total
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", [dict(), dict(n=1, ci=70, co=3, h=9, w=9),
+                                   dict(n=3, ci=1, co=130, h=1, w=67),
+                                   dict(n=40, ci=3, co=2, h=2, w=2)])
+def test_pointwise_operands_replay(layout, shape, rng):
+    p = _pw_problem(layout=layout, **shape)
+    x = rng.uniform(-1, 1, p.x_shape)
+    w = rng.uniform(-1, 1, (p.CO, p.CI))
+    gy = rng.uniform(-1, 1, p.y_shape)
+    arrays = {"x": x, "w": w, "gy": gy}
+    refs = {
+        "forward": dwops.reference.pointwise_conv2d(x, w, layout=layout),
+        "grad_input": dwops.reference.pointwise_conv2d_grad_input(gy, w, layout=layout),
+        "grad_weight": dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout),
+    }
+    for op, ref in refs.items():
+        L, red, count = cb.plan_pointwise(op, p, layout)
+        assert L.name in NAMES
+        Md, Nd = L.ints[1], L.ints[2]
+        assert L.grid[0] == math.ceil(Md / 64) * math.ceil(Nd / 64)
+        assert L.grid[2] <= 65535
+        a, b, c = L.info["operands"]
+        if red is None:
+            mats, ldc, sC = _emulate_gemm(L, arrays[a], arrays[b])
+            out = np.full(ref.size, np.nan)
+            mm, jj = np.arange(Md)[:, None], np.arange(Nd)[None, :]
+            for bt, C in enumerate(mats):
+                out[bt * sC + mm * ldc + jj] = C
+            assert_close(out.reshape(ref.shape), ref, "float64", what=f"{op} {L.name}")
+        else:
+            assert red.name in NAMES and count == L.grid[2] * p.CO * p.CI
+            total = _emulate_gemm(L, arrays[a], arrays[b])
+            assert_close(total, ref, "float64", what=f"{op} {L.name}")
+
+
+def test_gemm_strides_are_64_bit():
+    p = _pw_problem(n=64, ci=64, co=64, h=512, w=512, layout="NCHW")
+    L, _, _ = cb.plan_pointwise("forward", p, "NCHW")
+    assert all(isinstance(v, cb._I64) for v in L.ints[4:10])
+    assert L.ints[8] == 64 * 512 * 512   # sB = CI * H * W
+    assert cb._scalars(L.ints)[8].dtype == np.int64
+
+
+# ----------------------------------------------------------------------------- separable
+
+
+def _sep_problem(c=8, m=1, co=16, k=3, layout="NCHW", h=10, w=12, dtype="float32"):
+    dt = dwops._registry.numpy_dtype(dtype)
+    x = np.empty(_spec._physical(layout, 2, c, h, w), dtype=dt)
+    dww = np.empty((c * m, 1, k, k), dtype=dt)
+    pww = np.empty((co, c * m), dtype=dt)
+    p, _ = _spec.separable("t", x, dww, pww, None, None, 1, "same", 1, layout, "relu", None, None)
+    return p
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_separable_fuses_when_the_tile_fits(layout):
+    p = _sep_problem(layout=layout)
+    L = cb.plan_separable(p, layout)
+    assert L is not None and L.name in NAMES
+    th, tw = L.info["tile"]
+    assert th * tw <= cb.SEP_TP
+    assert L.grid[0] == math.ceil(p.dw.OH / th) * math.ceil(p.dw.OW / tw)
+    assert L.shared <= cb.SEP_SMEM_MAX
+    assert cb.plan_separable(_sep_problem(c=512, co=64, layout=layout), layout) is None
+    assert cb.plan_separable(_sep_problem(c=64, k=5, layout=layout, dtype="float64"), layout)
+
+
+# ----------------------------------------------------------------------------- backend plumbing
+
+
+def test_backend_interface_and_availability():
+    be = cb.BACKEND
+    assert be.name == "cupy" and be.device == "cuda"
+    assert isinstance(be, dwops._registry.Backend)
+    reason = be.unavailable_reason()
+    from tests.conftest import has_gpu
+
+    if has_gpu():
+        assert reason is None
+    else:
+        assert isinstance(reason, str) and reason
+        x = np.ones((1, 1, 3, 3), np.float32)
+        with pytest.raises(dwops.BackendUnavailableError):
+            dwops.depthwise_conv2d(x, np.ones((1, 1, 3, 3), np.float32), backend="cupy")
