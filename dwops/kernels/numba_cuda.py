@@ -20,6 +20,8 @@ from .._registry import Backend
 from . import _gpu
 
 THREADS = 256
+# Blocks a split reduction aims at (grad_weight of both ops): enough to fill every SM a few times.
+TARGET_BLOCKS = 1024
 
 
 def _cuda():
@@ -75,12 +77,12 @@ def _run_depthwise_forward(p, x, w, b, out, stream, out_dt=None):
             _or_dummy(b, p.dtype), _flat(out), *_dw_args(p))
 
 
-def _gemm_splits(tiles, nbr, K, target_blocks=1024):
+def _gemm_splits(tiles, nbr, K, target_blocks=None):
     """``(bpg, ks, kc_len)`` splitting an ``nbr x K`` reduction over about ``target_blocks``."""
     from ._numba_common import cdiv
     from ._numba_gemm import BK
 
-    want = max(1, target_blocks // max(tiles, 1))
+    want = max(1, (target_blocks or TARGET_BLOCKS) // max(tiles, 1))
     if nbr >= want:
         return cdiv(nbr, want), 1, K
     ks = cdiv(want, nbr)
@@ -170,6 +172,11 @@ class NumbaBackend(Backend):
 
     def allocate(self, shape, dtype, like_obj, like_info):
         cuda = _cuda()
+        if not like_info.on_gpu:  # host caller: copy back into the caller's library
+            from .._interop import from_host
+
+            native = cuda.device_array(tuple(shape), np.dtype(dtype))
+            return native, lambda: from_host(native.copy_to_host(), like_info, like_obj)
         holder = _gpu.empty_in_caller(shape, dtype, like_obj, like_info)
         if holder is not None:
             native = cuda.as_cuda_array(holder, sync=False)
@@ -204,7 +211,7 @@ class NumbaBackend(Backend):
         staged = fits(smem)
         if not staged:
             smem = THREADS * itemsize(acc) if p.layout == "NCHW" else 0
-        blocks, splits, per = D.grad_weight_plan(p)
+        blocks, splits, per = D.grad_weight_plan(p, TARGET_BLOCKS)
         L = p.CO * p.KH * p.KW
         part = _scratch(splits * L, acc)
         k = D.grad_weight_kernel(p.layout, *kernel_key(p.KH, p.KW), p.dtype, staged)
@@ -288,3 +295,162 @@ class NumbaBackend(Backend):
 
 
 BACKEND = NumbaBackend()
+
+
+# ----------------------------------------------------------------------------- kernel report
+
+
+def _report_specs(quick: bool = False):
+    """``(op, direction, specialization, Kernel)`` for the kernels the launcher picks over a
+    representative set: both layouts; float32 with every kernel-size specialization (1, 3, 5, 7,
+    generic), float16 and float64 with 3x3 and generic; the staged and the direct (footprint past
+    the shared-memory budget) variants of 3x3 and generic; every activation and bias flag; the
+    fused separable kernel and every GEMM role. ``quick`` keeps one kernel per factory branch
+    (layout, staged/direct, specialized/generic) and the heaviest dtype, for the unit test."""
+    if quick:
+        yield from _quick_specs()
+        return
+    from . import _numba_depthwise as D
+    from . import _numba_gemm as G
+    from ._numba_common import acc_dtype
+
+    def name(k):
+        return f"{k[0]}x{k[1]}" if k[0] else "generic"
+
+    for layout in ("NCHW", "NHWC"):
+        for dt in ("float16", "float32", "float64"):
+            sizes = ((1, 1), (3, 3), (5, 5), (7, 7), (0, 0)) if dt == "float32" else ((3, 3), (0, 0))
+            for kh, kw in sizes:
+                for staged in (True, False) if kh in (0, 3) else (True,):
+                    tag = f"{layout} {dt} k={name((kh, kw))} {'staged' if staged else 'direct'}"
+                    yield ("depthwise", "forward", tag,
+                           D.forward_kernel(layout, kh, kw, dt, dt, None, False, staged))
+                    yield ("depthwise", "grad_input", tag,
+                           D.grad_input_kernel(layout, kh, kw, dt, staged))
+                    yield ("depthwise", "grad_weight", tag,
+                           D.grad_weight_kernel(layout, kh, kw, dt, staged))
+                if kh == 3:
+                    yield ("separable", "forward", f"{layout} {dt} k=3x3 fused",
+                           G.separable_kernel(layout, 3, 3, dt, None, None, False, False, False))
+            acc = acc_dtype(dt)
+            if dt != "float32":  # the unfused separable intermediate (16-bit: float32)
+                yield ("depthwise", "forward", f"{layout} {dt} k=3x3 bias relu -> {acc}",
+                       D.forward_kernel(layout, 3, 3, dt, acc, "relu", True, True))
+            yield ("separable", "forward", f"{layout} {dt} k=generic fused relu/gelu bias res",
+                   G.separable_kernel(layout, 0, 0, dt, "relu", "gelu", True, True, True))
+        for act in ("relu", "relu6", "silu", "gelu"):
+            yield ("depthwise", "forward", f"{layout} float32 k=3x3 bias {act}",
+                   D.forward_kernel(layout, 3, 3, "float32", "float32", act, True, True))
+    for dt in ("float16", "float32", "float64"):
+        acc = acc_dtype(dt)
+        for bias_on_m in (True, False):
+            for act in ("relu", "relu6", "silu", "gelu") if dt == "float32" else ("gelu",):
+                yield ("pointwise", "forward",
+                       f"{dt} bias on {'m (NCHW)' if bias_on_m else 'n (NHWC)'} {act} res",
+                       G.gemm_kernel(dt, dt, dt, act, True, bias_on_m, True))
+        yield ("pointwise", "grad_input", f"{dt}",
+               G.gemm_kernel(dt, dt, dt, None, False, True, False))
+        yield ("pointwise", "grad_weight", f"{dt} split -> {acc}",
+               G.gemm_kernel(dt, dt, acc, None, False, True, False))
+        if dt != "float32":
+            yield ("pointwise", "grad_weight", f"{dt} one split",
+                   G.gemm_kernel(dt, dt, dt, None, False, True, False))
+            yield ("separable", "forward", f"{dt} unfused pointwise NCHW",
+                   G.gemm_kernel(dt, acc, dt, "relu", True, True, True))
+            yield ("separable", "forward", f"{dt} unfused pointwise NHWC",
+                   G.gemm_kernel(acc, dt, dt, "relu", True, False, True))
+        yield ("reduce", "grad_weight", f"{acc} -> {dt}", G.reduce_kernel(acc, dt))
+
+
+def _quick_specs():
+    from . import _numba_depthwise as D
+    from . import _numba_gemm as G
+
+    for layout in ("NCHW", "NHWC"):
+        for kh, dt, staged in ((3, "float16", True), (0, "float64", True), (0, "float32", False)):
+            tag = f"{layout} {dt} k={f'{kh}x{kh}' if kh else 'generic'} " \
+                  f"{'staged' if staged else 'direct'}"
+            yield ("depthwise", "forward", tag + " bias gelu",
+                   D.forward_kernel(layout, kh, kh, dt, dt, "gelu", True, staged))
+            yield ("depthwise", "grad_input", tag, D.grad_input_kernel(layout, kh, kh, dt, staged))
+            yield ("depthwise", "grad_weight", tag, D.grad_weight_kernel(layout, kh, kh, dt, staged))
+        yield ("separable", "forward", f"{layout} float64 k=generic fused silu/gelu bias res",
+               G.separable_kernel(layout, 0, 0, "float64", "silu", "gelu", True, True, True))
+    yield ("pointwise", "forward", "float64 bias on m relu6 res",
+           G.gemm_kernel("float64", "float64", "float64", "relu6", True, True, True))
+    yield ("pointwise", "forward", "float16 -> float32 unfused NHWC bias on n gelu res",
+           G.gemm_kernel("float32", "float16", "float16", "gelu", True, False, True))
+    yield ("reduce", "grad_weight", "float32 -> float16", G.reduce_kernel("float32", "float16"))
+
+
+def _ptxas_info(ptx: str, arch: str):
+    """(registers, shared bytes, spill bytes) of a PTX kernel assembled by nvJitLink."""
+    import re
+
+    from cuda.bindings import nvjitlink
+
+    opts = [f"-arch={arch}", "-verbose"]
+    handle = nvjitlink.create(len(opts), opts)
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
+        try:
+            nvjitlink.complete(handle)
+        except Exception as exc:
+            size = nvjitlink.get_error_log_size(handle)
+            log = bytearray(size)
+            nvjitlink.get_error_log(handle, log)
+            raise RuntimeError(f"nvJitLink: {log.decode(errors='replace').strip()}") from exc
+        size = nvjitlink.get_info_log_size(handle)
+        log = bytearray(size)
+        nvjitlink.get_info_log(handle, log)
+        text = log.decode(errors="replace")
+    finally:
+        nvjitlink.destroy(handle)
+    regs = re.search(r"[Uu]sed (\d+) registers", text)
+    smem = re.search(r"(\d+) bytes smem", text)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    if regs is None:
+        raise RuntimeError(f"no register count in the nvJitLink log: {text.strip()}")
+    return int(regs.group(1)), int(smem.group(1)) if smem else 0, sum(spills)
+
+
+def _report_row(index: int, quick: bool, arch: str) -> dict:
+    """Compile and assemble the ``index``-th kernel of :func:`_report_specs` (one report row)."""
+    from numba import cuda
+
+    op, direction, spec, k = list(_report_specs(quick))[index]
+    row = {"backend": "numba", "op": op, "direction": direction, "specialization": spec,
+           "registers": None, "shared_bytes": None, "spill_bytes": None, "error": None}
+    digits = arch.removeprefix("sm_").rstrip("a")
+    try:
+        ptx, _ = cuda.compile_ptx(k.py_func, k.sig, cc=(int(digits[:-1]), int(digits[-1])))
+        row["registers"], row["shared_bytes"], row["spill_bytes"] = _ptxas_info(ptx, arch)
+    except Exception as exc:  # reported, not raised: the report lists every failure
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def compile_report(arch: str = "sm_90", quick: bool = False, jobs: int | None = None) -> list[dict]:
+    """Compile every kernel specialization (see :func:`_report_specs`) to PTX for ``arch`` with
+    ``numba.cuda.compile_ptx`` (no GPU needed; not under the simulator) and assemble it with
+    nvJitLink. One row per kernel: backend, op, direction, specialization, registers,
+    shared_bytes (static; the tiles' dynamic shared memory is sized at launch, at most
+    48 KiB), spill_bytes (stores + loads), error (None or the message). ``quick``: one kernel
+    per code path instead of the whole representative set. ``jobs``: compiler processes
+    (default: the CPU count, at most 8)."""
+    import os
+
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        raise RuntimeError("compile_report needs the real CUDA target: unset NUMBA_ENABLE_CUDASIM")
+    n = len(list(_report_specs(quick)))
+    jobs = max(1, min(jobs or min(os.cpu_count() or 1, 8), n))
+    if jobs == 1:
+        return [_report_row(i, quick, arch) for i in range(n)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_report_row, range(n), [quick] * n, [arch] * n))

@@ -1,0 +1,295 @@
+"""Every Numba CUDA kernel and parameter path under the Numba CUDA simulator, against the reference.
+
+Not collected by the normal test run (the name does not start with ``test_``):
+``tests/test_numba_cuda.py`` runs this module in a separate process with
+``NUMBA_ENABLE_CUDASIM=1``, which must be set before ``numba.cuda`` is first imported.
+
+Shapes are tiny (the simulator runs every CUDA thread as a Python thread) and chosen to hit the
+tile edges of each kernel: sizes 1, tile - 1, tile and tile + 1 (depthwise NCHW tiles are 16 x 32
+outputs, NHWC tiles 4 x 8 pixels x 32 channels, GEMM tiles 64 x 64 with 16-deep k slices, fused
+separable tiles 64 pixels). Every output is poisoned with NaN before the kernel runs, so an
+element the kernel fails to write fails the comparison. Each case states which kernel variant it
+reaches (specialized or generic kernel size, staged or direct, fused or unfused, split or not),
+and asserts it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("runs under NUMBA_ENABLE_CUDASIM=1 only (tests/test_numba_cuda.py starts it)",
+                allow_module_level=True)
+
+from numba import cuda  # noqa: E402
+
+import dwops  # noqa: E402
+import dwops.reference as R  # noqa: E402
+from dwops import _spec  # noqa: E402
+from dwops.kernels import _numba_depthwise as D  # noqa: E402
+from dwops.kernels import _numba_gemm as G  # noqa: E402
+from dwops.kernels import numba_cuda as NB  # noqa: E402
+from dwops.kernels._numba_common import fits, kernel_key  # noqa: E402
+from tests.conftest import assert_close, rand  # noqa: E402
+
+BE = NB.BACKEND
+
+
+def dev(a):
+    return None if a is None else cuda.to_device(np.ascontiguousarray(a))
+
+
+def poisoned(shape, dtype):
+    return cuda.to_device(np.full(shape, np.nan, dtype=dtype))
+
+
+def absf(a):
+    """|a| with NaN replaced by 0: the magnitude a tolerance is relative to."""
+    return None if a is None else np.nan_to_num(np.abs(a.astype(np.float64)))
+
+
+def physical(layout, n, c, h, w):
+    return (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+
+
+# ----------------------------------------------------------------------------- depthwise
+
+# (id, layout, dtype, N, C, H, W, M, KH, KW, stride, padding, dilation, activation, bias, variant)
+# variant: "staged" or "direct" (shared-memory footprint past the budget), asserted per op.
+DEPTHWISE = [
+    # NCHW: 3x3 fast path, H and W one past the 16 x 32 tile, bias + relu6, NaN in the input
+    ("nchw-3x3-tile+1", "NCHW", "float32", 1, 2, 17, 33, 1, 3, 3, 1, 1, 1, "relu6", True, "staged"),
+    # 5x5 fast path, multiplier 3, stride 2, dilation (1, 2), explicit 4-sided padding, float16
+    ("nchw-5x5-m3-s2-d12", "NCHW", "float16", 1, 1, 31, 20, 3, 5, 5, 2, ((2, 1), (0, 3)), (1, 2),
+     "silu", True, "staged"),
+    # generic rectangular 4x2, stride (1, 3), "same" padding, float64, tile-exact 16 x 32 input
+    ("nchw-4x2-same", "NCHW", "float64", 2, 1, 16, 32, 1, 4, 2, (1, 3), "same", 1, "gelu", True,
+     "staged"),
+    # 7x7 fast path, tile - 1 sizes, multiplier 2, no bias
+    ("nchw-7x7-tile-1", "NCHW", "float32", 1, 1, 15, 31, 2, 7, 7, 1, 3, 1, None, False, "staged"),
+    # 1x1 fast path on a 1x1 image, stride 2, "valid"
+    ("nchw-1x1-size1", "NCHW", "float32", 2, 3, 1, 1, 1, 1, 1, 2, "valid", 1, "relu", True,
+     "staged"),
+    # 31x31, the largest kernel (generic path), one output
+    ("nchw-31x31", "NCHW", "float32", 1, 1, 31, 31, 1, 31, 31, 1, 0, 1, None, True, "staged"),
+    # 3x3 with dilation 30 in float64: the halo exceeds the budget, direct variant
+    ("nchw-direct", "NCHW", "float64", 1, 1, 62, 62, 1, 3, 3, 1, 0, 30, "relu", True, "direct"),
+    # NHWC: 3x3, 33 output channels (channel tile + 1) from 11 inputs x multiplier 3, pixel tile + 1
+    ("nhwc-3x3-m3", "NHWC", "float32", 1, 11, 5, 9, 3, 3, 3, 1, 1, 1, "relu", True, "staged"),
+    # 5x5 fast path, 32 channels (one full tile), stride 2, dilation (2, 1), "same", float16
+    ("nhwc-5x5-same-s2", "NHWC", "float16", 1, 32, 7, 15, 1, 5, 5, 2, "same", (2, 1), "silu", False,
+     "staged"),
+    # generic 2x3, 31 channels (tile - 1), stride (3, 1), asymmetric padding, float64
+    ("nhwc-2x3", "NHWC", "float64", 2, 31, 4, 8, 1, 2, 3, (3, 1), ((0, 2), (1, 0)), 1, "gelu", True,
+     "staged"),
+    # 7x7 on a 1x1 image (size 1), padding 3
+    ("nhwc-7x7-size1", "NHWC", "float32", 1, 3, 1, 1, 1, 7, 7, 1, 3, 1, None, True, "staged"),
+    # 1x1 fast path, multiplier 2, float16
+    ("nhwc-1x1-m2", "NHWC", "float16", 1, 3, 3, 2, 2, 1, 1, 1, 0, 1, "relu6", True, "staged"),
+    # dilation 7: the 32-channel halo exceeds the budget, direct variant
+    ("nhwc-direct", "NHWC", "float32", 1, 5, 16, 16, 1, 3, 3, 1, 0, 7, "relu", True, "direct"),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=[c[0] for c in DEPTHWISE])
+def test_depthwise(case, rng):
+    (_, layout, dtype, N, C, H, W, M, KH, KW, stride, padding, dilation, act, has_bias,
+     variant) = case
+    xs = physical(layout, N, C, H, W)
+    x = rand(rng, xs, dtype)
+    w = rand(rng, (C * M, 1, KH, KW), dtype)
+    b = rand(rng, (C * M,), dtype) if has_bias else None
+    if case[0] in ("nchw-3x3-tile+1", "nhwc-3x3-m3"):
+        x.flat[rng.integers(x.size)] = np.nan  # NaN propagates to the outputs that read it
+    geo = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    p, _ = _spec.depthwise("t", x, w, b, stride, padding, dilation, layout, act)
+    assert fits(D.forward_smem(p)) == (variant == "staged")
+    assert kernel_key(KH, KW) == ((KH, KW) if KH in (1, 3, 5, 7) and KH == KW else (0, 0))
+
+    out = poisoned(p.y_shape, dtype)
+    BE.depthwise_forward(p, dev(x), dev(w), dev(b), out)
+    expected = R.depthwise_conv2d(x, w, b, activation=act, **geo)
+    scale = R.depthwise_conv2d(absf(x), absf(w), absf(b), **geo)
+    assert_close(out.copy_to_host(), expected, dtype, scale, "forward")
+
+    gy = rand(rng, p.y_shape, dtype)
+    pg, _ = _spec.depthwise_grad_input("t", gy, w, xs, stride, padding, dilation, layout)
+    assert fits(D.grad_input_smem(pg)) == (variant == "staged")
+    out = poisoned(xs, dtype)
+    BE.depthwise_grad_input(pg, dev(gy), dev(w), out)
+    expected = R.depthwise_conv2d_grad_input(gy, w, xs, **geo)
+    scale = R.depthwise_conv2d_grad_input(absf(gy), absf(w), xs, **geo)
+    assert_close(out.copy_to_host(), expected, dtype, scale, "grad_input")
+
+    pw, _ = _spec.depthwise_grad_weight("t", x, gy, w.shape, stride, padding, dilation, layout)
+    assert fits(D.grad_weight_smem(pw)) == (variant == "staged")
+    out = poisoned(w.shape, dtype)
+    BE.depthwise_grad_weight(pw, dev(x), dev(gy), out)
+    expected = R.depthwise_conv2d_grad_weight(x, gy, w.shape, **geo)
+    scale = R.depthwise_conv2d_grad_weight(absf(x), absf(gy), w.shape, **geo)
+    assert_close(out.copy_to_host(), expected, dtype, scale, "grad_weight")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("target", [1, 3])
+def test_depthwise_grad_weight_splits(layout, target, rng, monkeypatch):
+    """The two-stage reduction with one split (target 1 block) and with uneven splits."""
+    monkeypatch.setattr(NB, "TARGET_BLOCKS", target)
+    N, C, H, W = 3, 2, 5, 9
+    xs = physical(layout, N, C, H, W)
+    x = rand(rng, xs, "float32")
+    p, _ = _spec.depthwise("t", x, rand(rng, (C, 1, 3, 3)), None, 1, 1, 1, layout, None)
+    gy = rand(rng, p.y_shape, "float32")
+    _, splits, per = D.grad_weight_plan(p, target)
+    assert (splits == 1) == (target == 1) and (target == 1 or splits * per >= N)
+    out = poisoned(p.w_shape, "float32")
+    BE.depthwise_grad_weight(p, dev(x), dev(gy), out)
+    geo = dict(stride=1, padding=1, layout=layout)
+    assert_close(out.copy_to_host(), R.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **geo),
+                 "float32", R.depthwise_conv2d_grad_weight(absf(x), absf(gy), p.w_shape, **geo))
+
+
+# ----------------------------------------------------------------------------- pointwise
+
+# (id, layout, dtype, N, CI, CO, H, W, activation, bias, residual)
+POINTWISE = [
+    # CI = BK + 1, CO = BM + 1, H*W = BN - 1
+    ("nchw-edges", "NCHW", "float32", 1, 17, 65, 3, 21, "gelu", True, True),
+    # NHWC: N*H*W = BM + 1, CI = BK, CO = BN, float16
+    ("nhwc-edges", "NHWC", "float16", 1, 16, 64, 5, 13, "relu", False, True),
+    # everything of size 1, float64
+    ("nchw-size1", "NCHW", "float64", 1, 1, 1, 1, 1, "relu6", True, False),
+    # NHWC, CI = 2 BK + 1, silu
+    ("nhwc-ci33", "NHWC", "float32", 2, 33, 3, 2, 3, "silu", True, False),
+]
+
+
+@pytest.mark.parametrize("case", POINTWISE, ids=[c[0] for c in POINTWISE])
+def test_pointwise(case, rng):
+    _, layout, dtype, N, CI, CO, H, W, act, has_bias, has_res = case
+    x = rand(rng, physical(layout, N, CI, H, W), dtype)
+    w = rand(rng, (CO, CI), dtype)
+    b = rand(rng, (CO,), dtype) if has_bias else None
+    ys = physical(layout, N, CO, H, W)
+    r = rand(rng, ys, dtype) if has_res else None
+    p, _ = _spec.pointwise("t", x, w, b, layout, act, r)
+    out = poisoned(ys, dtype)
+    BE.pointwise_forward(p, dev(x), dev(w), dev(b), dev(r), out)
+    expected = R.pointwise_conv2d(x, w, b, layout=layout, activation=act, residual=r)
+    scale = R.pointwise_conv2d(absf(x), absf(w), absf(b), layout=layout, residual=absf(r))
+    assert_close(out.copy_to_host(), expected, dtype, scale, "forward")
+
+    gy = rand(rng, ys, dtype)
+    pg, _ = _spec.pointwise_grad_input("t", gy, w, layout)
+    out = poisoned(x.shape, dtype)
+    BE.pointwise_grad_input(pg, dev(gy), dev(w), out)
+    assert_close(out.copy_to_host(), R.pointwise_conv2d_grad_input(gy, w, layout=layout), dtype,
+                 R.pointwise_conv2d_grad_input(absf(gy), absf(w), layout=layout), "grad_input")
+
+    pw, _ = _spec.pointwise_grad_weight("t", x, gy, layout)
+    out = poisoned((CO, CI), dtype)
+    BE.pointwise_grad_weight(pw, dev(x), dev(gy), out)
+    assert_close(out.copy_to_host(), R.pointwise_conv2d_grad_weight(x, gy, layout=layout), dtype,
+                 R.pointwise_conv2d_grad_weight(absf(x), absf(gy), layout=layout), "grad_weight")
+
+
+@pytest.mark.parametrize("layout,target,N", [("NCHW", 1, 3), ("NCHW", 2, 5), ("NHWC", 3, 2)])
+def test_pointwise_grad_weight_splits(layout, target, N, rng, monkeypatch):
+    """One split (direct store), batch groups (bpg > 1, NCHW), and k splits of the NHW rows."""
+    monkeypatch.setattr(NB, "TARGET_BLOCKS", target)
+    CI, CO, H, W = 5, 7, 3, 11
+    x = rand(rng, physical(layout, N, CI, H, W))
+    gy = rand(rng, physical(layout, N, CO, H, W))
+    p, _ = _spec.pointwise_grad_weight("t", x, gy, layout)
+    nbr, K = (N, H * W) if layout == "NCHW" else (1, N * H * W)
+    bpg, ks, _ = NB._gemm_splits(1, nbr, K)
+    assert {1: (bpg, ks) == (N, 1), 2: bpg == 3 and ks == 1, 3: ks == 3}[target]
+    out = poisoned((CO, CI), "float32")
+    BE.pointwise_grad_weight(p, dev(x), dev(gy), out)
+    assert_close(out.copy_to_host(), R.pointwise_conv2d_grad_weight(x, gy, layout=layout),
+                 "float32", R.pointwise_conv2d_grad_weight(absf(x), absf(gy), layout=layout))
+
+
+# ----------------------------------------------------------------------------- separable
+
+# (id, layout, dtype, N, C, M, CO, H, W, KH, KW, stride, padding, dilation, dw_act, act, dw_bias,
+#  bias, residual, fused)
+SEPARABLE = [
+    # fused 3x3 "same": 6 intermediate channels, CO = BM + 1 (two CO slices), W = 32 + 1
+    ("nchw-fused-3x3", "NCHW", "float32", 1, 3, 2, 65, 3, 33, 3, 3, 1, "same", 1, "relu", None,
+     True, True, True, True),
+    # fused generic 2x2 stride 2, 17 intermediate channels (BK + 1), float16, NHWC 8x8 tile + 1
+    ("nhwc-fused-2x2", "NHWC", "float16", 2, 17, 1, 5, 9, 17, 2, 2, 2, 0, 1, "silu", "gelu", False,
+     True, False, True),
+    # unfused: dilation 25 makes the float64 input halo too large for the fused tile
+    ("nchw-unfused-f64", "NCHW", "float64", 1, 2, 2, 3, 51, 3, 3, 3, 1, 0, (25, 1), "relu6",
+     "relu", True, True, True, False),
+    # unfused NHWC float16 (float32 intermediate): 180 channels do not fit the fused tile
+    ("nhwc-unfused-f16", "NHWC", "float16", 1, 180, 1, 3, 1, 2, 1, 1, 1, 0, 1, None, "silu", True,
+     False, True, False),
+    # unfused NCHW float16: dilation 45, halo too large
+    ("nchw-unfused-f16", "NCHW", "float16", 1, 2, 1, 2, 91, 3, 3, 3, 1, 0, (45, 1), "gelu", None,
+     False, True, False, False),
+]
+
+
+@pytest.mark.parametrize("case", SEPARABLE, ids=[c[0] for c in SEPARABLE])
+def test_separable(case, rng):
+    (_, layout, dtype, N, C, M, CO, H, W, KH, KW, stride, padding, dilation, dw_act, act,
+     has_dw_bias, has_bias, has_res, fused) = case
+    CM = C * M
+    x = rand(rng, physical(layout, N, C, H, W), dtype)
+    dw_w = rand(rng, (CM, 1, KH, KW), dtype)
+    pw_w = rand(rng, (CO, CM), dtype)
+    dw_b = rand(rng, (CM,), dtype) if has_dw_bias else None
+    b = rand(rng, (CO,), dtype) if has_bias else None
+    dp, _ = _spec.depthwise("t", x, dw_w, None, stride, padding, dilation, layout, None)
+    ys = physical(layout, N, CO, dp.OH, dp.OW)
+    r = rand(rng, ys, dtype) if has_res else None
+    sp, _ = _spec.separable("t", x, dw_w, pw_w, b, dw_b, stride, padding, dilation, layout,
+                            dw_act, act, r)
+    assert fits(G.separable_smem(sp)) == fused
+    out = poisoned(ys, dtype)
+    BE.separable_forward(sp, dev(x), dev(dw_w), dev(pw_w), dev(b), dev(dw_b), dev(r), out)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    expected = R.separable_conv2d(x, dw_w, pw_w, b, dw_bias=dw_b, dw_activation=dw_act,
+                                  activation=act, residual=r, **geo)
+    mid = R.depthwise_conv2d(absf(x), absf(dw_w), absf(dw_b), **geo)
+    scale = R.pointwise_conv2d(mid, absf(pw_w), absf(b), layout=layout, residual=absf(r))
+    assert_close(out.copy_to_host(), expected, dtype, scale, "separable")
+
+
+# ----------------------------------------------------------------------------- public API, plumbing
+
+
+def test_public_api_numpy_and_torch_cpu(rng):
+    """backend='numba' through the public functions: host arrays in, the caller's type out."""
+    x = rand(rng, (1, 2, 3, 4))
+    w = rand(rng, (2, 1, 3, 3))
+    y = dwops.depthwise_conv2d(x, w, padding=1, backend="numba")
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32
+    assert_close(y, R.depthwise_conv2d(x, w, padding=1), "float32",
+                 R.depthwise_conv2d(absf(x), absf(w), padding=1))
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(x).permute(0, 2, 3, 1)  # non-contiguous NHWC view
+    pw = rand(rng, (3, 2))
+    yt = dwops.pointwise_conv2d(t, torch.from_numpy(pw), layout="NHWC", backend="numba")
+    assert isinstance(yt, torch.Tensor) and yt.shape == (1, 3, 4, 3)
+    xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    assert_close(yt.numpy(), R.pointwise_conv2d(xn, pw, layout="NHWC"), "float32",
+                 R.pointwise_conv2d(absf(xn), absf(pw), layout="NHWC"))
+
+
+def test_bfloat16_refused_with_a_hint():
+    import ml_dtypes
+
+    x = np.ones((1, 1, 3, 3), ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"bfloat16.*backend='cupy'"):
+        dwops.depthwise_conv2d(x, x[:, :, :1, :1], backend="numba")
+
+
+def test_simulator_backend_is_available():
+    assert BE.unavailable_reason() is None and dwops.backend_available("numba")
