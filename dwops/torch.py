@@ -35,7 +35,9 @@ stores ``mid``, so the backward recomputes it with one depthwise forward, then::
     gz1 = gmid * dw_act'(z1);  gdw_b = sum gz1;  gx = dw_grad_input(gz1, dw);  gdw = dw_grad_weight(x, gz1)
 
 Recomputing instead of saving the pre-activations keeps the forward fused and its memory at one
-output; 16-bit activation derivatives are evaluated in float32.
+output; 16-bit activation derivatives are evaluated in float32. The gradient ops are themselves
+differentiable (each is linear in each argument, its gradients are the other ops), so double
+backward (``torch.autograd.gradgradcheck``) works too.
 
 Modules follow ``nn.Conv2d``: same initialization (Kaiming-uniform weights with ``a=sqrt(5)``, bias
 uniform in ``+-1/sqrt(fan_in)``), parameters ``weight`` ``(C*M, 1, KH, KW)`` and ``bias`` for the
@@ -174,6 +176,54 @@ def _(x, grad_output, weight_shape, stride, padding, same, dilation, layout, bac
     return x.new_empty(list(weight_shape))
 
 
+# The gradient ops are linear in each argument, so their own gradients (double backward) are the
+# other ops: for gx = W^T gy, d<c, gx>/dgy = W c (the forward) and d<c, gx>/dW = grad_weight(c, gy);
+# for gw = grad_weight(x, gy), d<c, gw>/dx = grad_input(gy, c) and d<c, gw>/dgy = conv(x, c).
+
+
+def _depthwise_grad_input_setup(ctx, inputs, output):
+    grad_output, weight, input_shape, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(grad_output, weight)
+
+
+def _depthwise_grad_input_backward(ctx, c):
+    grad_output, weight = ctx.saved_tensors
+    stride, padding, same, dilation, layout, backend = ctx.geometry
+    g_gy = g_w = None
+    if ctx.needs_input_grad[0]:
+        g_gy = _depthwise_op(c, weight, None, stride, padding, same, dilation, layout, None,
+                             backend)
+    if ctx.needs_input_grad[1]:
+        g_w = _depthwise_grad_weight_op(c, grad_output, list(weight.shape), stride, padding, same,
+                                        dilation, layout, backend)
+    return (g_gy, g_w) + (None,) * 7
+
+
+def _depthwise_grad_weight_setup(ctx, inputs, output):
+    x, grad_output, weight_shape, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(x, grad_output)
+
+
+def _depthwise_grad_weight_backward(ctx, c):
+    x, grad_output = ctx.saved_tensors
+    stride, padding, same, dilation, layout, backend = ctx.geometry
+    g_x = g_gy = None
+    if ctx.needs_input_grad[0]:
+        g_x = _depthwise_grad_input_op(grad_output, c, list(x.shape), stride, padding, same,
+                                       dilation, layout, backend)
+    if ctx.needs_input_grad[1]:
+        g_gy = _depthwise_op(x, c, None, stride, padding, same, dilation, layout, None, backend)
+    return (g_x, g_gy) + (None,) * 7
+
+
+_depthwise_grad_input_op.register_autograd(_depthwise_grad_input_backward,
+                                           setup_context=_depthwise_grad_input_setup)
+_depthwise_grad_weight_op.register_autograd(_depthwise_grad_weight_backward,
+                                            setup_context=_depthwise_grad_weight_setup)
+
+
 def _depthwise_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, same, dilation, layout, activation, backend = inputs
     ctx.geometry = (stride, padding, same, dilation, layout, backend)
@@ -247,6 +297,46 @@ def _pointwise_grad_weight_op(x: Tensor, grad_output: Tensor, layout: str, backe
 def _(x, grad_output, layout, backend):
     c = _nchw_dims(layout)[1]
     return x.new_empty([grad_output.shape[c], x.shape[c]])
+
+
+def _pointwise_grad_input_setup(ctx, inputs, output):
+    grad_output, weight, layout, backend = inputs
+    ctx.config = (layout, backend)
+    ctx.save_for_backward(grad_output, weight)
+
+
+def _pointwise_grad_input_backward(ctx, c):
+    grad_output, weight = ctx.saved_tensors
+    layout, backend = ctx.config
+    g_gy = g_w = None
+    if ctx.needs_input_grad[0]:
+        g_gy = _pointwise_op(c, weight, None, None, layout, None, backend)
+    if ctx.needs_input_grad[1]:
+        g_w = _pointwise_grad_weight_op(c, grad_output, layout, backend).reshape(weight.shape)
+    return g_gy, g_w, None, None
+
+
+def _pointwise_grad_weight_setup(ctx, inputs, output):
+    x, grad_output, layout, backend = inputs
+    ctx.config = (layout, backend)
+    ctx.save_for_backward(x, grad_output)
+
+
+def _pointwise_grad_weight_backward(ctx, c):
+    x, grad_output = ctx.saved_tensors
+    layout, backend = ctx.config
+    g_x = g_gy = None
+    if ctx.needs_input_grad[0]:
+        g_x = _pointwise_grad_input_op(grad_output, c, layout, backend)
+    if ctx.needs_input_grad[1]:
+        g_gy = _pointwise_op(x, c, None, None, layout, None, backend)
+    return g_x, g_gy, None, None
+
+
+_pointwise_grad_input_op.register_autograd(_pointwise_grad_input_backward,
+                                           setup_context=_pointwise_grad_input_setup)
+_pointwise_grad_weight_op.register_autograd(_pointwise_grad_weight_backward,
+                                            setup_context=_pointwise_grad_weight_setup)
 
 
 def _pointwise_setup(ctx, inputs, output):
