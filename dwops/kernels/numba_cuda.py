@@ -348,13 +348,13 @@ def _report_specs(quick: bool = False):
                 yield ("pointwise", "forward",
                        f"{dt} bias on {'m (NCHW)' if bias_on_m else 'n (NHWC)'} {act} res",
                        G.gemm_kernel(dt, dt, dt, act, True, bias_on_m, True))
-        yield ("pointwise", "grad_input", f"{dt}",
+        # grad_input and grad_weight (partials in ``acc``, equal to ``dt`` unless 16-bit)
+        yield ("pointwise", "grad_input+grad_weight", f"{dt}",
                G.gemm_kernel(dt, dt, dt, None, False, True, False))
-        yield ("pointwise", "grad_weight", f"{dt} split -> {acc}",
-               G.gemm_kernel(dt, dt, acc, None, False, True, False))
+        if acc != dt:
+            yield ("pointwise", "grad_weight", f"{dt} split -> {acc}",
+                   G.gemm_kernel(dt, dt, acc, None, False, True, False))
         if dt != "float32":
-            yield ("pointwise", "grad_weight", f"{dt} one split",
-                   G.gemm_kernel(dt, dt, dt, None, False, True, False))
             yield ("separable", "forward", f"{dt} unfused pointwise NCHW",
                    G.gemm_kernel(dt, acc, dt, "relu", True, True, True))
             yield ("separable", "forward", f"{dt} unfused pointwise NHWC",
