@@ -1,0 +1,224 @@
+"""dwops.jax: values and gradients under jax.jit against jax.lax.conv_general_dilated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dwops
+from tests.conftest import assert_close
+
+jax = pytest.importorskip("jax")
+import dwops.jax as dj  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+# The layer is tested on the reference backend (exact; no JIT compilation per configuration);
+# test_default_backend runs the default ("auto") path.
+HOST = "numpy"
+
+ACT = {None: lambda v: v, "relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu,
+       "gelu": lambda v: jax.nn.gelu(v, approximate=False)}
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(params=["pure", "buffer"])
+def route(request, monkeypatch):
+    """The CPU route (pure_callback) and the CUDA route (buffer_callback), both run on the CPU."""
+    monkeypatch.setattr(dj, "_CPU_ROUTE", request.param)
+    return request.param
+
+
+def _a(rng, *shape, dtype=np.float64):
+    return jnp.asarray(rng.uniform(-1, 1, size=shape).astype(dtype))
+
+
+def _shape(layout, n, c, h, w):
+    return (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+
+
+def _cax(layout):
+    return 1 if layout == "NCHW" else 3
+
+
+def _bias(b, layout):
+    return b[None, :, None, None] if layout == "NCHW" else b[None, None, None, :]
+
+
+def lax_depthwise(x, w, b, stride, padding, dilation, layout, act):
+    c = x.shape[_cax(layout)]
+    y = lax.conv_general_dilated(x, w, window_strides=stride, padding=padding,
+                                 rhs_dilation=dilation, dimension_numbers=(layout, "OIHW", layout),
+                                 feature_group_count=c, precision=lax.Precision.HIGHEST)
+    return ACT[act](y if b is None else y + _bias(b, layout))
+
+
+def lax_pointwise(x, w, b, layout, act, r=None):
+    w2 = w.reshape(w.shape[0], w.shape[1])
+    y = jnp.einsum("oc,nchw->nohw" if layout == "NCHW" else "oc,nhwc->nhwo", w2, x,
+                   precision=lax.Precision.HIGHEST)
+    y = ACT[act](y if b is None else y + _bias(b, layout))
+    return y if r is None else y + r
+
+
+def _check_grads(f, g, args, cot_shape, rng):
+    """Value and every gradient of f (dwops.jax) equal those of g (lax), under jit."""
+    cot = _a(rng, *cot_shape)
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+    y = jax.jit(f)(*args)
+    assert y.dtype == jnp.float64
+    assert_close(np.asarray(y), np.asarray(jax.jit(g)(*args)), "float64")
+    ga = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums))(*args)
+    gb = jax.jit(jax.grad(lambda *a: jnp.sum(g(*a) * cot), argnums))(*args)
+    for i, (u, v) in enumerate(zip(ga, gb)):
+        assert u.shape == v.shape and u.dtype == v.dtype
+        assert_close(np.asarray(u), np.asarray(v), "float64", what=f"grad {argnums[i]}")
+
+
+# (layout, C, M, H, W, K, stride, padding (dwops), padding (lax), dilation, bias, activation)
+DW_CASES = [
+    ("NCHW", 2, 1, 6, 5, 3, (1, 1), 0, "VALID", (1, 1), False, None),
+    ("NCHW", 3, 2, 7, 8, 3, (2, 2), "same", "SAME", (1, 1), True, "relu"),
+    ("NHWC", 2, 3, 7, 6, 4, (2, 1), "same", "SAME", (1, 1), True, "gelu"),
+    ("NHWC", 3, 1, 8, 7, 3, (1, 2), ((1, 0), (2, 1)), ((1, 0), (2, 1)), (2, 1), True, "silu"),
+    ("NCHW", 2, 2, 6, 6, 3, (1, 1), (1, 1), ((1, 1), (1, 1)), (1, 1), True, "relu6"),
+]
+
+
+@pytest.mark.parametrize("case", DW_CASES)
+def test_depthwise_against_lax(rng, case, route):
+    layout, c, m, h, w, k, stride, pad, lax_pad, dil, bias, act = case
+    x = _a(rng, *_shape(layout, 2, c, h, w))
+    wt = _a(rng, c * m, 1, k, k) * (8 if act == "relu6" else 1)
+    b = _a(rng, c * m) if bias else None
+
+    def f(x, wt, b):
+        return dj.depthwise_conv2d(x, wt, b, stride=stride, padding=pad, dilation=dil,
+                                   layout=layout, activation=act, backend=HOST)
+
+    def g(x, wt, b):
+        return lax_depthwise(x, wt, b, stride, lax_pad, dil, layout, act)
+
+    _check_grads(f, g, (x, wt, b), jax.eval_shape(g, x, wt, b).shape, rng)
+
+
+PW_CASES = [
+    ("NCHW", 3, 4, 4, False, None, False),
+    ("NHWC", 4, 3, 2, True, "gelu", True),
+    ("NCHW", 2, 5, 4, True, "relu", True),
+    ("NHWC", 3, 2, 2, True, "silu", False),
+]
+
+
+@pytest.mark.parametrize("case", PW_CASES)
+def test_pointwise_against_lax(rng, case, route):
+    layout, ci, co, wdim, bias, act, residual = case
+    x = _a(rng, *_shape(layout, 2, ci, 3, 4))
+    w = _a(rng, co, ci, 1, 1) if wdim == 4 else _a(rng, co, ci)
+    b = _a(rng, co) if bias else None
+    r = _a(rng, *_shape(layout, 2, co, 3, 4)) if residual else None
+
+    def f(x, w, b, r):
+        return dj.pointwise_conv2d(x, w, b, layout=layout, activation=act, residual=r,
+                                   backend=HOST)
+
+    def g(x, w, b, r):
+        return lax_pointwise(x, w, b, layout, act, r)
+
+    _check_grads(f, g, (x, w, b, r), _shape(layout, 2, co, 3, 4), rng)
+
+
+# (layout, C, M, C_out, K, stride, padding, lax padding, dw_bias, dw_act, act, residual)
+SEP_CASES = [
+    ("NCHW", 2, 1, 3, 3, (1, 1), "same", "SAME", False, "relu", None, True),
+    ("NCHW", 2, 2, 3, 3, (2, 2), "same", "SAME", True, "silu", "relu6", False),
+    ("NHWC", 3, 1, 4, 2, (2, 1), 0, "VALID", True, "gelu", "relu", True),
+]
+
+
+@pytest.mark.parametrize("case", SEP_CASES)
+def test_separable_against_lax(rng, case, route):
+    layout, c, m, co, k, stride, pad, lax_pad, has_db, dw_act, act, residual = case
+    x = _a(rng, *_shape(layout, 2, c, 6, 5))
+    dw_w, pw_w, b = _a(rng, c * m, 1, k, k), _a(rng, co, c * m), _a(rng, co)
+    db = _a(rng, c * m) if has_db else None
+    mid = jax.eval_shape(lambda: lax_depthwise(x, dw_w, db, stride, lax_pad, (1, 1), layout,
+                                               dw_act))
+    out_shape = list(mid.shape)
+    out_shape[_cax(layout)] = co
+    r = _a(rng, *out_shape) if residual else None
+
+    def f(x, dw_w, pw_w, b, db, r):
+        return dj.separable_conv2d(x, dw_w, pw_w, b, dw_bias=db, stride=stride, padding=pad,
+                                   layout=layout, dw_activation=dw_act, activation=act,
+                                   residual=r, backend=HOST)
+
+    def g(x, dw_w, pw_w, b, db, r):
+        mid = lax_depthwise(x, dw_w, db, stride, lax_pad, (1, 1), layout, dw_act)
+        return lax_pointwise(mid, pw_w, b, layout, act, r)
+
+    _check_grads(f, g, (x, dw_w, pw_w, b, db, r), tuple(out_shape), rng)
+
+
+def test_eager_vmap_and_dtypes(rng):
+    x, w, b = _a(rng, 3, 2, 2, 5, 5), _a(rng, 2, 1, 3, 3), _a(rng, 2)
+    kw = {"padding": 1, "activation": "silu", "backend": HOST}
+    y = dj.depthwise_conv2d(x[0], w, b, **kw)  # eager, no jit
+    assert isinstance(y, jax.Array)
+    assert_close(np.asarray(y), np.asarray(lax_depthwise(x[0], w, b, (1, 1), "SAME", (1, 1),
+                                                         "NCHW", "silu")), "float64")
+    batched = jax.jit(jax.vmap(lambda v: dj.depthwise_conv2d(v, w, b, **kw)))(x)
+    for i in range(3):
+        assert_close(np.asarray(batched[i]), np.asarray(dj.depthwise_conv2d(x[i], w, b, **kw)),
+                     "float64")
+    for dtype in (jnp.float32, jnp.bfloat16):
+        y = jax.jit(lambda a, c: dj.depthwise_conv2d(a, c, padding="same", backend=HOST))(
+            x[0].astype(dtype), w.astype(dtype))
+        assert y.dtype == dtype and y.shape == (2, 2, 5, 5)
+
+
+def test_errors_at_trace_time(rng):
+    x, w = _a(rng, 1, 2, 5, 5), _a(rng, 3, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"depthwise_conv2d: argument 'weight' has 3 output"):
+        jax.jit(lambda x, w: dj.depthwise_conv2d(x, w, backend=HOST))(x, w)
+    with pytest.raises(TypeError, match=r"'weight' has dtype float32 but 'x' has float64"):
+        dj.pointwise_conv2d(x, _a(rng, 4, 2).astype(jnp.float32), backend=HOST)
+    with pytest.raises(ValueError, match=r"separable_conv2d: backend must be one of"):
+        dj.separable_conv2d(x, _a(rng, 2, 1, 3, 3), _a(rng, 4, 2), backend="tpu")
+
+
+@pytest.mark.skipif(not dwops.backend_available("cpu"), reason="the 'cpu' backend is not built")
+def test_default_backend(rng):
+    """backend="auto" (the fast CPU backend) under jit: values and gradients of the reference."""
+    x, w, b = _a(rng, 2, 3, 7, 6), _a(rng, 6, 1, 3, 3), _a(rng, 6)
+    kw = {"stride": 2, "padding": "same", "activation": "gelu"}
+
+    def loss(be):
+        return jax.jit(jax.value_and_grad(
+            lambda *a: jnp.sum(dj.depthwise_conv2d(*a, backend=be, **kw) ** 2), (0, 1, 2)))
+
+    (va, ga), (vb, gb) = loss("auto")(x, w, b), loss(HOST)(x, w, b)
+    assert_close(np.asarray(va), np.asarray(vb), "float64")
+    for u, v in zip(ga, gb):
+        assert_close(np.asarray(u), np.asarray(v), "float64")
+
+
+def test_dwops_jax_does_not_import_torch():
+    code = (
+        "import sys, dwops, dwops.jax, jax, jax.numpy as jnp\n"
+        "f = jax.jit(jax.grad(lambda x: dwops.jax.depthwise_conv2d(x, jnp.ones((2, 1, 3, 3)),"
+        f" backend={HOST!r}).sum()))\n"
+        "f(jnp.ones((1, 2, 5, 5))).block_until_ready()\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'tensorflow'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
