@@ -415,7 +415,7 @@ def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0) -> tu
         name = f"dw_grad_weight_taps<{CTYPE[dtype]}, {TAPS_PER_THREAD}, {_b(layout == 'NHWC')}>"
         ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt,
                 p.pl, th, tw, ih, iw, per)
-        stage1 = Launch("depthwise", name, (splits, chans, zt), (tc, ty, 1), shared, ints,
+        stage1 = Launch("depthwise", name, (splits, min(chans, MAX_GRID_YZ), zt), (tc, ty, 1), shared, ints,
                         {"K": 0, "tile": (th, tw), "splits": splits})
     count = p.CO * KK
     stage2 = Launch("depthwise", f"sum_splits<{CTYPE[dtype]}>", (_cdiv(count, THREADS), 1, 1),
@@ -491,8 +491,7 @@ def plan_separable(p, layout: str):
     dtype = d.dtype
     acc = ACC_ITEMSIZE[dtype]
     ci2 = d.CO
-    K = kernel_size_spec(d.KH, d.KW)
-    K = K if K in (3, 5, 7) else 0
+    K = 3 if (d.KH, d.KW) == (3, 3) else 0   # 3x3 unrolled; the GEMM phase dominates otherwise
     if layout == "NCHW":
         tw = min(SEP_TP, _np2(d.OW))
         th = SEP_TP // tw
@@ -538,7 +537,7 @@ def instantiations() -> list[tuple]:
                                 f"dw_grad_weight<{ct}, {K}, {v}, {DW_GW_OPT[layout]}, {nhwc}>"))
             out.append(("depthwise", "depthwise", "grad_weight", f"{layout} generic (taps)",
                         f"dw_grad_weight_taps<{ct}, {TAPS_PER_THREAD}, {nhwc}>"))
-            for K in (3, 5, 7, 0):
+            for K in (3, 0):
                 out.append(("separable", "separable", "forward", f"{layout} K={K or 'generic'} fused",
                             f"sep_forward<{ct}, {K}, {nhwc}>"))
         out.append(("depthwise", "depthwise", "grad_weight", "sum_splits", f"sum_splits<{ct}>"))
@@ -704,31 +703,55 @@ def assemble(ptx: bytes, arch: str = "sm_90") -> dict:
     return out
 
 
-def compile_report(arch: str = "sm_90") -> list[dict]:
+def _compile_group(args):
+    """Worker: compile and assemble one (file, names) group; (props per name, error or None)."""
+    file, names, arch = args
+    try:
+        ptx, lowered = compile_ptx(file, names, arch)
+        props = assemble(ptx, arch)
+        return {n: props.get(lowered[n]) for n in names}, None
+    except Exception as exc:  # one broken group: reported on each of its rows
+        return {}, str(exc)
+
+
+def compile_report(arch: str = "sm_90", workers: int | None = None) -> list[dict]:
     """Compile every instantiation (:func:`instantiations`) through NVRTC for compute_XX and
-    assemble for ``arch`` with nvJitLink. One row per instantiation: backend, op, direction,
-    specialization, registers, shared_bytes (static), spill_bytes, error (None or a message)."""
+    assemble for ``arch`` with nvJitLink, one compilation per (file, dtype) group, groups in
+    parallel processes (``workers``, default: the CPUs available). One row per instantiation:
+    backend, op, direction, specialization, registers, shared_bytes (static), spill_bytes, error
+    (None or a message)."""
     insts = instantiations()
     groups: dict = {}
     for file, op, direction, spec, name in insts:
-        groups.setdefault(file, [])
-        if name not in groups[file]:
-            groups[file].append(name)
+        key = (file, name[name.index("<") + 1:].split(",")[0].rstrip(">"))
+        groups.setdefault(key, [])
+        if name not in groups[key]:
+            groups[key].append(name)
+    jobs = [(file, names, arch) for (file, _), names in groups.items()]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(workers or 1, len(jobs)))
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            outcomes = list(pool.map(_compile_group, jobs))
+    else:
+        outcomes = [_compile_group(j) for j in jobs]
     results, errors = {}, {}
-    for file, names in groups.items():
-        try:
-            ptx, lowered = compile_ptx(file, names, arch)
-            props = assemble(ptx, arch)
-            for n in names:
-                results[(file, n)] = props.get(lowered[n])
-        except Exception as exc:  # one broken file: report it on each of its rows
-            for n in names:
-                errors[(file, n)] = str(exc)
+    for (file, names, _), (props, err) in zip(jobs, outcomes):
+        for n in names:
+            if err is not None:
+                errors[(file, n)] = err
+            else:
+                results[(file, n)] = props.get(n)
     rows, seen = [], set()
     for file, op, direction, spec, name in insts:
-        if (file, name, direction) in seen:
+        if (file, name) in seen:
             continue
-        seen.add((file, name, direction))
+        seen.add((file, name))
         r = results.get((file, name))
         err = errors.get((file, name))
         if r is None and err is None:
@@ -778,14 +801,23 @@ class CupyBackend(Backend):
         return _gpu.caller_stream(like_obj, like_info)
 
     def asarray(self, obj, info):
-        """A C-contiguous CuPy array on the caller's GPU, zero-copy for GPU arrays (bfloat16 as a
-        uint16 view: CuPy has no bfloat16 dtype; the kernels read the bits)."""
+        """A C-contiguous CuPy array on the caller's GPU: zero-copy (DLPack with the caller's
+        stream, or __cuda_array_interface__) for GPU arrays, a copy for host arrays. bfloat16
+        arrives as its uint16 bits (CuPy has no bfloat16 dtype; the kernels read the bits)."""
         import cupy
 
         from . import _gpu
 
-        ordinal = info.device[1] if info.on_gpu else cupy.cuda.runtime.getDevice()
-        stream = self.stream_for(obj, info) if info.on_gpu else 0
+        if not info.on_gpu:
+            from .._interop import to_host
+
+            host = np.ascontiguousarray(to_host(obj, info))
+            if info.dtype == "bfloat16":
+                host = host.view(np.uint16)
+            with cupy.cuda.Device(cupy.cuda.runtime.getDevice()), cupy.cuda.Stream.null:
+                return cupy.asarray(host)
+        ordinal = info.device[1]
+        stream = self.stream_for(obj, info)
         if info.dtype == "bfloat16":
             obj = _bf16_bits(obj, info)
         a = _gpu.device_view(obj, info, stream, ordinal)
@@ -958,23 +990,19 @@ def _cupy_dtype(dtype: str):
 
 
 def _bf16_bits(obj, info):
-    """The bits of a bfloat16 array as a uint16/int16 array of the same library (zero-copy where
-    the library allows), since CuPy has no bfloat16 dtype."""
+    """The bits of a bfloat16 GPU array as a 16-bit integer array of the same library (zero-copy
+    for PyTorch), since CuPy has no bfloat16 dtype."""
     if info.lib == "torch":
         import torch
 
         return obj.detach().view(torch.int16)
-    if not info.on_gpu:
-        from .._interop import to_host
-
-        return np.ascontiguousarray(to_host(obj, info)).view(np.uint16)
     if info.lib == "jax":
         import jax
 
         return jax.lax.bitcast_convert_type(obj, np.uint16)
     raise BackendUnavailableError(
-        "dwops cupy backend: bfloat16 arrays are supported from PyTorch, JAX and host arrays "
-        "(CuPy has no bfloat16 dtype)")
+        "dwops cupy backend: bfloat16 GPU arrays are supported from PyTorch and JAX (CuPy has no "
+        "bfloat16 dtype); use backend='numba' or pass float16/float32")
 
 
 def _bits_to_bf16(result, info):

@@ -585,7 +585,7 @@ __global__ void dw_grad_weight(
 // (blockIdx.z selects which) of TC = blockDim.x channels; each thread keeps TPT partial sums.
 // Per tile, x (IH x IW pixels x TC channels) and gy (TH x TW pixels x TC channels) are staged in
 // shared memory as [pixel][channel]; every thread then walks the tile's outputs for its taps.
-//   grid (splits, ceil(CO / TC), ceil(KH*KW / TAPS)); NCHW uses TC = 1, NHWC TC = 32 (8 for double).
+//   grid (splits, min(ceil(CO / TC), 65535), ceil(KH*KW / TAPS)); NCHW uses TC = 1, NHWC TC = 32.
 template <typename T, int TPT, bool NHWC>
 __global__ void dw_grad_weight_taps(
     const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
@@ -609,8 +609,8 @@ __global__ void dw_grad_weight_taps(
     const i64 t_end = min(ntiles, t_begin + per_split);
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int o0 = blockIdx.y * TC;
     const int tap0 = blockIdx.z * blockDim.y * TPT;
+    for (int o0 = blockIdx.y * TC; o0 < CO; o0 += gridDim.y * TC) {  // channel groups
     A acc[TPT];
 #pragma unroll
     for (int j = 0; j < TPT; ++j) acc[j] = 0;
@@ -665,5 +665,8 @@ __global__ void dw_grad_weight_taps(
             const int tap = tap0 + ty + j * blockDim.y;
             if (tap < KK) partial[((i64)blockIdx.x * CO + o) * KK + tap] = acc[j];
         }
+    }
+    }
+}
     }
 }

@@ -28,10 +28,10 @@
 #define PW_BM 64
 #define PW_BN 64
 #define PW_BK 16
-#define PW_THREADS 256
+#define PW_THREADS 256   // 2 blocks per SM (<= 128 registers) except for double
 
 template <typename T, bool A_KC, bool B_NC, bool PARTIAL>
-__global__ void __launch_bounds__(PW_THREADS) pw_gemm(
+__global__ void __launch_bounds__(PW_THREADS, sizeof(T) == 8 ? 1 : 2) pw_gemm(
     const T* __restrict__ A_,    // A matrix of batch 0 (layout per A_KC)
     const T* __restrict__ B_,    // B matrix of batch 0 (layout per B_NC)
     T* __restrict__ C_,          // C matrix of batch 0, (Mdim, Ndim) with row stride ldc (unless PARTIAL)

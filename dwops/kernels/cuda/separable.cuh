@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(SEP_THREADS) sep_forward(
                 xs[cc * IHW + pix] = v;
             }
             __syncthreads();
+#pragma unroll 1
             for (int idx = tid; idx < (c2hi - c2lo) * SEP_TP; idx += SEP_THREADS) {
                 const int c2 = c2lo + idx / SEP_TP, p = idx % SEP_TP;
                 A s = 0;
@@ -108,6 +109,7 @@ __global__ void __launch_bounds__(SEP_THREADS) sep_forward(
                 }
                 __syncthreads();
                 const int kn = min(SEP_KC, CI2 - k0);
+#pragma unroll 2
                 for (int kk = 0; kk < kn; ++kk) {
                     A wv[4], dv[4];
 #pragma unroll
@@ -121,19 +123,18 @@ __global__ void __launch_bounds__(SEP_THREADS) sep_forward(
                 }
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int o2 = o2lo + (NHWC ? tx : ty) + 16 * i;
-                if (o2 >= CO2) continue;
-                const A bv = bias != nullptr ? to_acc(bias[o2]) : A(0);
+            for (int j = 0; j < 4; ++j) {
+                const int p = (NHWC ? ty : tx) + 16 * j;
+                const int oy = oy0 + p / TW, ox = ox0 + p % TW;
+                if (p >= TP || oy >= OH || ox >= OW) continue;
+                const i64 pix = NHWC ? (((i64)n * OH + oy) * OW + ox) * CO2 : ((i64)n * CO2 * OH + oy) * OW + ox;
+                const i64 ostride = NHWC ? 1 : (i64)OH * OW;   // distance between output channels
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int p = (NHWC ? ty : tx) + 16 * j;
-                    if (p >= TP) continue;
-                    const int oy = oy0 + p / TW, ox = ox0 + p % TW;
-                    if (oy >= OH || ox >= OW) continue;
-                    const i64 off = NHWC ? (((i64)n * OH + oy) * OW + ox) * CO2 + o2
-                                         : (((i64)n * CO2 + o2) * OH + oy) * OW + ox;
-                    A v = activate(acc[i][j] + bv, act);
+                for (int i = 0; i < 4; ++i) {
+                    const int o2 = o2lo + (NHWC ? tx : ty) + 16 * i;
+                    if (o2 >= CO2) continue;
+                    const i64 off = pix + o2 * ostride;
+                    A v = activate(acc[i][j] + (bias != nullptr ? to_acc(bias[o2]) : A(0)), act);
                     if (res != nullptr) v += to_acc(res[off]);
                     y[off] = from_acc<T>(v);
                 }

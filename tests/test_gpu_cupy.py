@@ -1,0 +1,260 @@
+"""The cupy backend on a real GPU (``pytest -m gpu``; skipped without one).
+
+Every op and dtype against the NumPy reference on odd and realistic sizes, both layouts, every
+padding form, strides, dilation and multiplier; outputs poisoned with NaN before the launch so an
+element a kernel forgets to write fails; non-contiguous inputs; cupy cross-checked against numba;
+PyTorch CUDA tensors (bfloat16 included) on a non-default stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dwops
+from dwops import _spec
+from tests.conftest import assert_close, gpu, rand
+
+pytestmark = [pytest.mark.gpu, gpu]
+
+cupy = pytest.importorskip("cupy")
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _backend():
+    from dwops.kernels import cupy_backend
+
+    reason = cupy_backend.BACKEND.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return cupy_backend.BACKEND
+
+
+def _dev(a, dtype):
+    """A CuPy array holding ``a`` (bfloat16 as its uint16 bits, as the backend keeps it)."""
+    a = np.ascontiguousarray(a)
+    if dtype == "bfloat16":
+        a = a.view(np.uint16)
+    return cupy.asarray(a)
+
+
+def _host(a, dtype):
+    h = cupy.asnumpy(a)
+    return h.view(dwops._registry.numpy_dtype("bfloat16")) if dtype == "bfloat16" else h
+
+
+def _poisoned(shape, dtype):
+    if dtype == "bfloat16":
+        return cupy.full(shape, 0x7FC0, dtype=np.uint16)   # bfloat16 NaN
+    return cupy.full(shape, np.nan, dtype=dwops._registry.numpy_dtype(dtype))
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a).astype(np.float64)
+
+
+DW_CASES = [
+    # (N, C, H, W, M, (KH, KW), stride, dilation, padding)
+    (2, 3, 17, 19, 1, (3, 3), 1, 1, "same"),
+    (1, 32, 56, 56, 1, (3, 3), 1, 1, 1),
+    (2, 24, 28, 28, 1, (5, 5), 2, 1, "same"),
+    (1, 16, 14, 14, 1, (7, 7), 1, 1, 3),
+    (3, 5, 13, 11, 2, (3, 3), (2, 3), (1, 2), ((0, 2), (1, 3))),
+    (1, 8, 31, 33, 1, (1, 1), 1, 1, 0),
+    (1, 4, 40, 37, 1, (9, 9), 1, 1, "same"),
+    (1, 2, 45, 47, 1, (31, 31), 1, 1, 15),
+    (2, 6, 23, 29, 3, (3, 5), 1, (2, 1), "valid"),
+    (1, 64, 9, 129, 1, (3, 3), 3, 2, (1, 2)),
+    (1, 3, 5, 7, 1, (3, 3), 2, 1, 0),
+]
+
+
+def _dw_problem(case, layout, dtype, activation=None, bias=False, rng=None):
+    n, c, h, w, m, k, s, d, pad = case
+    x = rand(rng, _spec._physical(layout, n, c, h, w), dtype)
+    wt = rand(rng, (c * m, 1, *k), dtype)
+    b = rand(rng, (c * m,), dtype) if bias else None
+    p, _ = _spec.depthwise("t", x, wt, b, s, pad, d, layout, activation)
+    return p, x, wt, b
+
+
+def _ref_kw(p):
+    return dict(stride=(p.sh, p.sw), dilation=(p.dh, p.dw), padding=((p.pt, p.pb), (p.pl, p.pr)),
+                layout=p.layout)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(DW_CASES)))
+def test_depthwise_forward(case, dtype, layout, rng):
+    be = _backend()
+    act = (None, "relu", "relu6", "silu", "gelu")[case % 5]
+    p, x, w, b = _dw_problem(DW_CASES[case], layout, dtype, act, bias=case % 2 == 0, rng=rng)
+    out = _poisoned(p.y_shape, dtype)
+    be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
+                         out, stream=0)
+    ref = dwops.reference.depthwise_conv2d(x, w, b, activation=act, **_ref_kw(p))
+    scale = dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
+                                             None if b is None else np.abs(_f64(b)), **_ref_kw(p))
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="forward")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(DW_CASES)))
+def test_depthwise_grads(case, dtype, layout, rng):
+    be = _backend()
+    p, x, w, _ = _dw_problem(DW_CASES[case], layout, dtype, rng=rng)
+    gy = rand(rng, p.y_shape, dtype)
+    gx = _poisoned(p.x_shape, dtype)
+    be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+    ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **_ref_kw(p))
+    scale = dwops.reference.depthwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
+                                                        p.x_shape, **_ref_kw(p))
+    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="grad_input")
+    gw = _poisoned(p.w_shape, dtype)
+    be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+    ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **_ref_kw(p))
+    scale = dwops.reference.depthwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
+                                                         p.w_shape, **_ref_kw(p))
+    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="grad_weight")
+
+
+PW_CASES = [(2, 3, 5, 7, 9), (1, 64, 128, 28, 28), (4, 130, 33, 5, 3), (1, 1, 1, 1, 1),
+            (2, 256, 256, 14, 14)]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(PW_CASES)))
+def test_pointwise_all_directions(case, dtype, layout, rng):
+    be = _backend()
+    n, ci, co, h, w_ = PW_CASES[case]
+    act = (None, "relu", "gelu", "silu", "relu6")[case]
+    x = rand(rng, _spec._physical(layout, n, ci, h, w_), dtype)
+    w = rand(rng, (co, ci), dtype)
+    b = rand(rng, (co,), dtype)
+    r = rand(rng, _spec._physical(layout, n, co, h, w_), dtype)
+    p, _ = _spec.pointwise("t", x, w, b, layout, act, r)
+    out = _poisoned(p.y_shape, dtype)
+    be.pointwise_forward(p, _dev(x, dtype), _dev(w, dtype), _dev(b, dtype), _dev(r, dtype), out,
+                         stream=0)
+    ref = dwops.reference.pointwise_conv2d(x, w, b, layout=layout, activation=act, residual=r)
+    scale = dwops.reference.pointwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)), np.abs(_f64(b)),
+                                             layout=layout, residual=np.abs(_f64(r)))
+    assert_close(_host(out, dtype), ref, dtype, scale=scale, what="pw forward")
+    gy = rand(rng, p.y_shape, dtype)
+    gx = _poisoned(p.x_shape, dtype)
+    be.pointwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+    ref = dwops.reference.pointwise_conv2d_grad_input(gy, w, layout=layout)
+    scale = dwops.reference.pointwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
+                                                        layout=layout)
+    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_input")
+    gw = _poisoned((co, ci), dtype)
+    be.pointwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+    ref = dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout)
+    scale = dwops.reference.pointwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
+                                                         layout=layout)
+    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_weight")
+
+
+SEP_CASES = [
+    # (N, C, M, CO, H, W, K, stride, padding)
+    (2, 8, 1, 16, 17, 19, 3, 1, "same"),      # fused
+    (1, 32, 1, 32, 28, 28, 3, 1, "same"),     # the motivating block shape, fused
+    (1, 6, 2, 5, 13, 9, 5, 2, 1),             # multiplier, stride, fused
+    (1, 4, 1, 70, 9, 11, 7, 1, 3),            # two output-channel blocks
+    (1, 3, 1, 4, 10, 12, 4, 1, "valid"),      # generic kernel size
+    (1, 512, 1, 8, 6, 7, 3, 1, "same"),       # too many channels to fuse: unfused path
+]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SEP_CASES)))
+def test_separable(case, dtype, layout, rng):
+    be = _backend()
+    n, c, m, co, h, w_, k, s, pad = SEP_CASES[case]
+    x = rand(rng, _spec._physical(layout, n, c, h, w_), dtype)
+    dww = rand(rng, (c * m, 1, k, k), dtype)
+    pww = rand(rng, (co, c * m), dtype)
+    b = rand(rng, (co,), dtype)
+    dwb = rand(rng, (c * m,), dtype)
+    p, _ = _spec.separable("t", x, dww, pww, b, dwb, s, pad, 1, layout, "relu", "gelu", None)
+    r = rand(rng, p.y_shape, dtype)
+    p, _ = _spec.separable("t", x, dww, pww, b, dwb, s, pad, 1, layout, "relu", "gelu", r)
+    out = _poisoned(p.y_shape, dtype)
+    be.separable_forward(p, _dev(x, dtype), _dev(dww, dtype), _dev(pww, dtype), _dev(b, dtype),
+                         _dev(dwb, dtype), _dev(r, dtype), out, stream=0)
+    kw = _ref_kw(p.dw)
+    ref = dwops.reference.separable_conv2d(x, dww, pww, b, dw_bias=dwb, dw_activation="relu",
+                                           activation="gelu", residual=r, **kw)
+    scale = dwops.reference.separable_conv2d(
+        np.abs(_f64(x)), np.abs(_f64(dww)), np.abs(_f64(pww)), np.abs(_f64(b)),
+        dw_bias=np.abs(_f64(dwb)), residual=np.abs(_f64(r)), **kw)
+    assert_close(_host(out, dtype), ref, dtype, scale=scale, what="separable")
+
+
+def test_public_api_cupy_arrays_non_contiguous(rng):
+    _backend()
+    x = cupy.asarray(rand(rng, (2, 8, 20, 30), "float32"))[:, :, :, ::2]   # non-contiguous
+    w = cupy.asarray(rand(rng, (8, 1, 3, 3), "float32"))
+    y = dwops.depthwise_conv2d(x, w, padding=1, backend="cupy")
+    assert isinstance(y, cupy.ndarray)
+    ref = dwops.reference.depthwise_conv2d(cupy.asnumpy(x), cupy.asnumpy(w), padding=1)
+    assert_close(cupy.asnumpy(y), ref, "float32")
+
+
+def test_numpy_inputs_come_back_as_numpy(rng):
+    _backend()
+    x, w = rand(rng, (1, 4, 9, 9), "bfloat16"), rand(rng, (4, 1, 3, 3), "bfloat16")
+    y = dwops.depthwise_conv2d(x, w, padding="same", backend="cupy")
+    assert isinstance(y, np.ndarray) and y.dtype == x.dtype
+    assert_close(y, dwops.reference.depthwise_conv2d(x, w, padding="same"), "bfloat16",
+                 scale=dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
+                                                        padding="same"))
+
+
+def test_cupy_matches_numba(rng):
+    _backend()
+    if not dwops.backend_available("numba"):
+        pytest.skip("numba backend unavailable")
+    x = cupy.asarray(rand(rng, (2, 16, 33, 35), "float32"))
+    w = cupy.asarray(rand(rng, (32, 1, 5, 5), "float32"))
+    for layout_x, lay in ((x, "NCHW"), (cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)), "NHWC")):
+        kw = dict(stride=2, padding="same", dilation=1, layout=lay)
+        a = dwops.depthwise_conv2d(layout_x, w, activation="silu", backend="cupy", **kw)
+        b = dwops.depthwise_conv2d(layout_x, w, activation="silu", backend="numba", **kw)
+        assert_close(cupy.asnumpy(a), cupy.asnumpy(b), "float32")
+        gy = cupy.asarray(rand(rng, a.shape, "float32"))
+        a = dwops.depthwise_conv2d_grad_weight(layout_x, gy, w.shape, backend="cupy", **kw)
+        b = dwops.depthwise_conv2d_grad_weight(layout_x, gy, w.shape, backend="numba", **kw)
+        assert_close(cupy.asnumpy(a), cupy.asnumpy(b), "float32", scale=float(abs(b).max().get()))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_torch_tensors_on_a_side_stream(dtype, rng):
+    torch = pytest.importorskip("torch")
+    _backend()
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    tdt = getattr(torch, dtype)
+    x = torch.randn(2, 64, 28, 28, device="cuda", dtype=torch.float32).to(tdt)
+    w = torch.randn(64, 1, 3, 3, device="cuda", dtype=torch.float32).to(tdt)
+    pw = torch.randn(32, 64, device="cuda", dtype=torch.float32).to(tdt)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x2 = x * 1  # produced on the side stream: dwops must order after it
+        y = dwops.depthwise_conv2d(x2, w, padding=1, activation="relu", backend="cupy")
+        z = dwops.separable_conv2d(x2, w, pw, padding="same", dw_activation="relu",
+                                   backend="cupy")
+    side.synchronize()
+    assert isinstance(y, torch.Tensor) and y.dtype == tdt and y.is_cuda
+    ref = torch.nn.functional.conv2d(x.float(), w.float(), padding=1, groups=64).relu()
+    tol = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-4}[dtype]
+    assert torch.allclose(y.float(), ref, atol=tol * 10, rtol=tol)
+    ref_z = torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(x.float(), w.float(), padding=1, groups=64).relu(),
+        pw.float()[:, :, None, None])
+    assert torch.allclose(z.float(), ref_z, atol=tol * 50, rtol=tol * 5)
