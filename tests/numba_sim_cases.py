@@ -218,8 +218,8 @@ def test_pointwise_grad_weight_splits(layout, target, N, rng, monkeypatch):
 # (id, layout, dtype, N, C, M, CO, H, W, KH, KW, stride, padding, dilation, dw_act, act, dw_bias,
 #  bias, residual, fused)
 SEPARABLE = [
-    # fused 3x3 "same": 6 intermediate channels, CO = BM + 1 (two CO slices), W = 32 + 1
-    ("nchw-fused-3x3", "NCHW", "float32", 1, 3, 2, 65, 3, 33, 3, 3, 1, "same", 1, "relu", None,
+    # fused 3x3 "same", dilation 2: 6 intermediate channels, CO = BM + 1 (two CO slices), W = 33
+    ("nchw-fused-3x3", "NCHW", "float32", 1, 3, 2, 65, 3, 33, 3, 3, 1, "same", 2, "relu", None,
      True, True, True, True),
     # fused generic 2x2 stride 2, 17 intermediate channels (BK + 1), float16, NHWC 8x8 tile + 1
     ("nhwc-fused-2x2", "NHWC", "float16", 2, 17, 1, 5, 9, 17, 2, 2, 2, 0, 1, "silu", "gelu", False,

@@ -3,7 +3,8 @@
 Math (``M`` = channel multiplier, ``o`` an output channel, ``c = o // M`` its input channel, ``xp``
 the zero-padded input, taps ``(a, b)`` in ``KH x KW``)::
 
-    forward      y[n, o, i, j]  = act(sum_{a,b} w[o, a, b] * xp[n, c, i*sh + a*dh, j*sw + b*dw] + bias[o])
+    forward      y[n, o, i, j]  = act(bias[o]
+                                      + sum_{a,b} w[o, a, b] * xp[n, c, i*sh + a*dh, j*sw + b*dw])
     grad_input   gx[n, c, p, q] = sum_{m < M} sum_{a,b} w[c*M + m, a, b] * gy[n, c*M + m, i, j]
                      over the (i, j) in range with i*sh + a*dh = p + pt and j*sw + b*dw = q + pl,
                  i.e. i = (p + pt - a*dh) / sh when that division is exact (likewise j)

@@ -14,9 +14,10 @@ computes a ``BM x BN`` = 64 x 64 tile with 256 threads, each owning ``TM x TN`` 
 registers; the k loop stages ``BK`` = 16 wide slices of A and B in shared memory (padded rows, so
 neither the transposed stores nor the reads conflict), loaded coalesced along whichever of the two
 operand axes is contiguous. Long reductions (the weight gradient over N*H*W) are split: the
-reduction domain is ``nbr`` batches x ``K`` and split ``s = rb * ks + kc`` covers batch ``rb``, rows
-``[kc*kc_len, (kc+1)*kc_len)``; each split writes its own slice of a partial buffer and
-:func:`reduce_kernel` sums the slices (no atomics, deterministic).
+reduction domain is ``nbr`` batches x ``K`` rows; split ``s = g * ks + kc`` covers the batches
+``[g*bpg, (g+1)*bpg)`` and the rows ``[kc*kc_len, (kc+1)*kc_len)`` of each; every split writes its
+own slice of a partial buffer and :func:`reduce_kernel` sums the slices (no atomics,
+deterministic).
 
 Separable (fused). ``y = act(PW @ dw_act(dw(x) + dw_b) + b) + residual``. A block owns a 64-pixel
 output tile; for every chunk of ``XC`` = 4 intermediate channels it stages the input halo of their
@@ -65,7 +66,7 @@ def gemm_kernel(a_dt, b_dt, c_dt, act, has_bias, bias_on_m, has_res):
                a_bo, a_br, a_sm, a_sk,  # A strides: output batch, reduced batch, m, k
                b_bo, b_br, b_sk, b_sn,  # B strides: output batch, reduced batch, k, n
                c_bz, c_sm, c_sn,  # C strides: z, m, n
-               nbr, bpg, ks, kc_len):  # reduced batches, batches per group, k splits, rows per split
+               nbr, bpg, ks, kc_len):  # reduced batches, batches/group, k splits, rows/split
         tid = cuda.threadIdx.x
         tx = tid % TPR
         ty = tid // TPR

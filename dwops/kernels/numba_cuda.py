@@ -130,7 +130,8 @@ class NumbaBackend(Backend):
             ok = cuda.is_available()
         except Exception as exc:  # pragma: no cover - broken driver
             return f"numba.cuda cannot reach a GPU ({exc})"
-        return None if ok else "numba.cuda finds no CUDA GPU or driver (cuda.is_available() is False)"
+        return None if ok else ("numba.cuda finds no CUDA GPU or driver "
+                                "(cuda.is_available() is False)")
 
     # -- plumbing
     def asarray(self, obj, info):
@@ -223,8 +224,9 @@ class NumbaBackend(Backend):
         HW = p.H * p.W
         dts = (p.dtype, p.dtype, p.dtype)
         if p.layout == "NCHW":  # y[n] (CO x HW) = W (CO x CI) @ x[n] (CI x HW)
-            _run_gemm(w, x, out, b, residual, p.CO, HW, p.CI, (0, 0, p.CI, 1), (p.CI * HW, 0, HW, 1),
-                      (p.CO * HW, HW, 1), p.N, dts, p.activation, True, stream=stream)
+            _run_gemm(w, x, out, b, residual, p.CO, HW, p.CI, (0, 0, p.CI, 1),
+                      (p.CI * HW, 0, HW, 1), (p.CO * HW, HW, 1), p.N, dts, p.activation, True,
+                      stream=stream)
         else:  # y (NHW x CO) = x (NHW x CI) @ W^T (CI x CO)
             _run_gemm(x, w, out, b, residual, p.N * HW, p.CO, p.CI, (0, 0, p.CI, 1),
                       (0, 0, 1, p.CI), (0, p.CO, 1), 1, dts, p.activation, False, stream=stream)
@@ -319,7 +321,8 @@ def _report_specs(quick: bool = False):
 
     for layout in ("NCHW", "NHWC"):
         for dt in ("float16", "float32", "float64"):
-            sizes = ((1, 1), (3, 3), (5, 5), (7, 7), (0, 0)) if dt == "float32" else ((3, 3), (0, 0))
+            sizes = ((3, 3), (0, 0)) if dt != "float32" else ((1, 1), (3, 3), (5, 5), (7, 7),
+                                                               (0, 0))
             for kh, kw in sizes:
                 for staged in (True, False) if kh in (0, 3) else (True,):
                     tag = f"{layout} {dt} k={name((kh, kw))} {'staged' if staged else 'direct'}"
@@ -373,7 +376,8 @@ def _quick_specs():
             yield ("depthwise", "forward", tag + " bias gelu",
                    D.forward_kernel(layout, kh, kh, dt, dt, "gelu", True, staged))
             yield ("depthwise", "grad_input", tag, D.grad_input_kernel(layout, kh, kh, dt, staged))
-            yield ("depthwise", "grad_weight", tag, D.grad_weight_kernel(layout, kh, kh, dt, staged))
+            yield ("depthwise", "grad_weight", tag,
+                   D.grad_weight_kernel(layout, kh, kh, dt, staged))
         yield ("separable", "forward", f"{layout} float64 k=generic fused silu/gelu bias res",
                G.separable_kernel(layout, 0, 0, "float64", "silu", "gelu", True, True, True))
     yield ("pointwise", "forward", "float64 bias on m relu6 res",
