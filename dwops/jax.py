@@ -22,7 +22,9 @@ How the kernels are reached from a JAX program (chosen per lowering platform wit
   synchronization. ``pure_callback`` would instead move every input and output through host memory;
   ``jax.ffi`` would need a compiled C++ handler per op, which a pure-Python package cannot ship. If
   a backend ever hands back a view that is not the output buffer, the result is copied into it on
-  the same stream (checked by data pointer).
+  the same stream (checked by data pointer). bfloat16 crosses the callback as its uint16 bits
+  (free bitcasts in XLA), the representation the CuPy backend's kernels read, so bfloat16 on the
+  GPU needs ``backend="cupy"`` (or ``"auto"`` choosing it).
 
 Backward, with ``z = conv(x) + b``, ``y = act(z) + r`` and ``g`` the cotangent of ``y``::
 
@@ -155,7 +157,14 @@ def _invoke(name: str, arrays: dict, kw: dict, backend: str, p=None):
     def buffered(*vals):
         from jax.experimental.buffer_callback import buffer_callback
 
-        return buffer_callback(device, result, vmap_method="sequential")(*vals)
+        if result.dtype != jnp.bfloat16:
+            return buffer_callback(device, result, vmap_method="sequential")(*vals)
+        # bfloat16 crosses as its uint16 bits (free bitcasts in XLA): CuPy has no bfloat16 dtype,
+        # and the CuPy backend's native bfloat16 arrays are exactly these bits.
+        bits = jax.ShapeDtypeStruct(result.shape, jnp.uint16)
+        vals = [jax.lax.bitcast_convert_type(v, jnp.uint16) for v in vals]
+        out = buffer_callback(device, bits, vmap_method="sequential")(*vals)
+        return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
 
     cpu = buffered if _CPU_ROUTE == "buffer" else pure
     return jax.lax.platform_dependent(*values, cpu=cpu, cuda=buffered, default=pure)
@@ -181,21 +190,35 @@ def _run_into(name, op: _Op, p, buffers: dict, out, ctx, backend: str) -> None:
             _launch_into(name, op, p, views, out_view, True, ctx.stream, backend)
             return
     views = {k: np.from_dlpack(b) for k, b in buffers.items()}
-    _launch_into(name, op, p, views, np.from_dlpack(out), False, None, backend)
+    out_view = np.from_dlpack(out)
+    if _api.problem_dtype(p) == "bfloat16":  # uint16 bits (see _invoke) viewed as bfloat16
+        bf16 = _registry.numpy_dtype("bfloat16")
+        views = {k: v.view(bf16) for k, v in views.items()}
+        out_view = out_view.view(bf16)
+    _launch_into(name, op, p, views, out_view, False, None, backend)
 
 
 def _launch_into(name, op: _Op, p, views: dict, out_view, on_gpu: bool, stream, backend) -> None:
     be = _registry.resolve(name, backend, on_gpu, op.method, p)
     reshape = op.reshape(p)
+    bits = on_gpu and _api.problem_dtype(p) == "bfloat16"  # CuPy views of uint16 bits
+    if bits and be.name != "cupy":
+        raise TypeError(f"{name}: bfloat16 on the GPU under dwops.jax needs backend 'cupy' "
+                        f"(backend {be.name!r} has no bfloat16 kernels)")
+
+    def native_view(v, k):
+        # The CuPy backend's native bfloat16 array is a C-contiguous uint16 CuPy array: the views.
+        return v if bits else be.asarray(v, describe(v, name, k))
+
     native = []
     for k in op.args:
         v = views.get(k)
         if v is None:
             native.append(None)
             continue
-        a = be.asarray(v, describe(v, name, k))
+        a = native_view(v, k)
         native.append(a.reshape(reshape[k]) if k in reshape else a)
-    out_native = be.asarray(out_view, describe(out_view, name, "out"))
+    out_native = native_view(out_view, "out")
     getattr(be, op.method)(p, *native, out_native, stream=stream)
     if _data_ptr(out_native) != _data_ptr(out_view):  # the backend worked on a copy of the buffer
         if on_gpu:

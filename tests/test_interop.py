@@ -273,6 +273,24 @@ def test_tensorflow_round_trip(rng):
     _check_depthwise(y.numpy(), x, w, b, "float32")
 
 
+# ----------------------------------------------------------------------------- GPU plumbing
+
+
+def test_gpu_stream_plumbing_without_a_gpu():
+    """The parts of dwops/kernels/_gpu.py that need no device: stream objects and host callers."""
+    cupy = pytest.importorskip("cupy")
+    from dwops._interop import describe
+    from dwops.kernels import _gpu
+
+    assert _gpu.cupy_stream(0) is cupy.cuda.Stream.null
+    assert _gpu.cupy_stream(0x1234).ptr == 0x1234  # an external stream wraps the caller's handle
+    x = np.ones((1, 1, 2, 2), np.float32)
+    info = describe(x, "f", "x")
+    assert _gpu.caller_stream(x, info) == 0  # host arrays: the legacy default stream
+    assert _gpu.empty_in_caller((2,), "float32", x, info) is None
+    assert _gpu.finish(None, x, info) is x  # a caller-allocated holder is the result
+
+
 # ----------------------------------------------------------------------------- no imports
 
 

@@ -168,7 +168,7 @@ def test_separable_against_lax(rng, case, route):
     _check_grads(f, g, (x, dw_w, pw_w, b, db, r), tuple(out_shape), rng)
 
 
-def test_eager_vmap_and_dtypes(rng):
+def test_eager_vmap_and_dtypes(rng, route):
     x, w, b = _a(rng, 3, 2, 2, 5, 5), _a(rng, 2, 1, 3, 3), _a(rng, 2)
     kw = {"padding": 1, "activation": "silu", "backend": HOST}
     y = dj.depthwise_conv2d(x[0], w, b, **kw)  # eager, no jit
@@ -179,10 +179,12 @@ def test_eager_vmap_and_dtypes(rng):
     for i in range(3):
         assert_close(np.asarray(batched[i]), np.asarray(dj.depthwise_conv2d(x[i], w, b, **kw)),
                      "float64")
-    for dtype in (jnp.float32, jnp.bfloat16):
-        y = jax.jit(lambda a, c: dj.depthwise_conv2d(a, c, padding="same", backend=HOST))(
-            x[0].astype(dtype), w.astype(dtype))
+    for dtype in ("float16", "bfloat16", "float32"):
+        xd, wd = x[0].astype(dtype), w.astype(dtype)
+        y = jax.jit(lambda a, c: dj.depthwise_conv2d(a, c, padding="same", backend=HOST))(xd, wd)
         assert y.dtype == dtype and y.shape == (2, 2, 5, 5)
+        expected = dwops.reference.depthwise_conv2d(np.asarray(xd), np.asarray(wd), padding="same")
+        assert_close(np.asarray(y), expected, dtype)
 
 
 def test_errors_at_trace_time(rng):
