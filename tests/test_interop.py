@@ -19,8 +19,9 @@ from tests.conftest import assert_close, rand
 
 torch = pytest.importorskip("torch")
 
-# The default host backend when it is built, else the reference backend (same routing either way).
-HOST = "auto" if dwops.backend_available("cpu") else "numpy"
+# The boundary is the same for every host backend: tested on the reference (no JIT compilation per
+# dtype); test_default_backend_round_trip runs the default ("auto") path for each library.
+HOST = "numpy"
 
 
 class BareDLPack:
@@ -103,6 +104,21 @@ def test_torch_round_trip(rng, dtype):
     assert y.dtype == getattr(torch, dtype) and y.device.type == "cpu"
     assert y.shape == (2, 6, 4, 3) and not y.requires_grad
     _check_depthwise(y, x, w, b, dtype)
+
+
+@pytest.mark.skipif(not dwops.backend_available("cpu"), reason="the 'cpu' backend is not built")
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax", "bare"])
+def test_default_backend_round_trip(rng, lib):
+    x, w, b = _inputs(rng, "float32")
+    if lib == "jax":
+        jnp = pytest.importorskip("jax").numpy
+        conv, kind = jnp.asarray, type(jnp.asarray(x))
+    else:
+        conv, kind = {"numpy": (np.asarray, np.ndarray), "torch": (_torch, torch.Tensor),
+                      "bare": (BareDLPack, np.ndarray)}[lib]
+    y = dwops.depthwise_conv2d(conv(x), conv(w), conv(b), **DW_KW)  # backend="auto"
+    assert isinstance(y, kind) and str(y.dtype).endswith("float32")
+    _check_depthwise(y, x, w, b, "float32")
 
 
 def test_torch_requires_grad_taken_as_data(rng):
