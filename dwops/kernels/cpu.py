@@ -46,8 +46,8 @@ How each is computed:
   and dw activation) goes into a cache-resident buffer, then the row's GEMM and the epilogue write
   the output; the intermediate never reaches main memory.
 
-Activations match :func:`dwops.reference.activate` exactly, including its NaN rules
-(``relu(y) = y if y > 0 else 0 * y``, so NaN stays NaN).
+Activations match :func:`dwops.reference.activate`, including its NaN rules (relu and relu6 are
+``np.maximum`` / ``np.minimum``, which propagate NaN).
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def _span(off, s, n_in, n_out):
 def _activate(v, act):
     """Apply activation code ``act`` (ACT_CODES) in place to the 1-d contiguous array ``v``.
 
-    Constants are cast to ``v``'s dtype, so float32 stays float32. NaN propagates as in the
-    reference: relu(y) = y if y > 0 else 0*y; relu6 adds 0*y; silu = y / (1 + exp(-y));
+    Constants are cast to ``v``'s dtype, so float32 stays float32. As the reference
+    (``np.maximum`` / ``np.minimum``), NaN propagates: a comparison with NaN is false, so NaN falls
+    through to "keep y". relu = max(y, 0); relu6 = min(max(y, 0), 6); silu = y / (1 + exp(-y));
     gelu = y/2 * (1 + erf(y / sqrt 2)).
     """
     t = v.dtype.type
@@ -113,13 +114,13 @@ def _activate(v, act):
     if act == 1:
         for k in range(v.shape[0]):
             y = v[k]
-            v[k] = y if y > zero else y * zero
+            v[k] = zero if y < zero else y
     elif act == 2:
         six = t(6.0)
         for k in range(v.shape[0]):
             y = v[k]
-            r = six if y > six else (y if y > zero else y * zero)
-            v[k] = r + y * zero
+            r = zero if y < zero else y
+            v[k] = six if r > six else r
     elif act == 3:
         for k in range(v.shape[0]):
             y = v[k]

@@ -1,0 +1,269 @@
+"""The "cpu" backend against the reference ("numpy" backend), through the public API.
+
+Every op and gradient, both layouts, the four dtypes; geometry cases cover kernel sizes 1, 2, 3,
+5, 7, non-square and 13x31, strides 1-3, dilations 1-3, multipliers 1-4, every padding form, odd
+and prime sizes down to 1x1; plus non-contiguous inputs, NaN/Inf propagation and the block sizes
+where the kernels switch paths (pixel blocks, reduction chunks, GEMM register-block remainders).
+Errors are bounded relative to the same computation on |inputs| (a sum of absolute products).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dwops
+from dwops import reference
+from dwops._registry import numpy_dtype
+
+from tests.conftest import DTYPES, assert_close, rand
+
+LAYOUTS = ("NCHW", "NHWC")
+ACTS = (None, "relu", "relu6", "silu", "gelu")
+
+# (N, C, H, W, M, KH, KW, stride, padding, dilation)
+CASES = [
+    (2, 3, 9, 11, 1, 3, 3, 1, "same", 1),
+    (1, 2, 1, 1, 1, 1, 1, 1, 0, 1),                        # 1x1 input, 1x1 kernel
+    (1, 1, 1, 1, 3, 3, 3, 1, 1, 1),                        # 1x1 input, padding only
+    (3, 5, 7, 13, 2, 2, 2, 2, "valid", 1),                 # even kernel, stride 2
+    (2, 4, 17, 19, 1, 5, 5, (1, 2), ((2, 1), (0, 3)), 2),  # per-side padding, dilation 2
+    (1, 3, 23, 11, 4, 7, 7, 3, "same", 1),                 # multiplier 4, stride 3 "same"
+    (2, 2, 13, 29, 3, 3, 5, (3, 1), (1, 2), (1, 3)),       # non-square kernel, dilation 3
+    (1, 2, 20, 40, 1, 13, 31, 1, "same", 1),               # large non-square kernel
+    (2, 6, 10, 10, 2, 5, 3, 2, "same", (2, 1)),            # "same" with stride and dilation
+    (1, 7, 31, 5, 1, 3, 1, (1, 3), ((0, 4), (2, 2)), 1),   # asymmetric, more pad than needed
+]
+
+
+def _ids(cases):
+    return [f"case{i}" for i in range(len(cases))]
+
+
+def _shape(layout, n, c, h, w):
+    return (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+
+
+def _absf(a):
+    return None if a is None else np.abs(np.asarray(a).astype(np.float64))
+
+
+def _check(fn, args, kwargs, dtype, abs_args=None, what=""):
+    """fn(*args, backend="cpu") against fn(*args, backend="numpy"), scaled by fn(|args|).
+
+    Non-finite values must match exactly (NaN where NaN, Inf of the same sign where Inf); the
+    finite ones within the dtype's tolerance.
+    """
+    result = got = fn(*args, **kwargs, backend="cpu")
+    want = fn(*args, **kwargs, backend="numpy")
+    assert got.dtype == want.dtype == numpy_dtype(dtype)
+    assert got.shape == want.shape
+    g64, w64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    finite = np.isfinite(w64)
+    if not finite.all():
+        np.testing.assert_array_equal(np.where(finite, 0.0, g64), np.where(finite, 0.0, w64),
+                                      err_msg=f"{what}: non-finite pattern differs")
+        got, want = np.where(finite, g64, 0.0), np.where(finite, w64, 0.0)
+    scale = None
+    if abs_args is not None:
+        abs_kwargs = {k: _absf(v) if k in ("residual", "dw_bias") else v for k, v in kwargs.items()}
+        scale = np.maximum(np.asarray(fn(*abs_args, **abs_kwargs, backend="numpy")), 1e-3)
+    assert_close(got, want, dtype, scale=scale, what=what)
+    return result
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_depthwise_forward(rng, case, layout, dtype):
+    n, c, h, w, m, kh, kw, stride, padding, dilation = case
+    x = rand(rng, _shape(layout, n, c, h, w), dtype)
+    wt = rand(rng, (c * m, 1, kh, kw), dtype)
+    b = rand(rng, (c * m,), dtype)
+    act = ACTS[CASES.index(case) % len(ACTS)]
+    kw_ = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    _check(dwops.depthwise_conv2d, (x, wt, b), dict(kw_, activation=act), dtype,
+           (_absf(x), _absf(wt), _absf(b)) if act is None else None, "forward")
+    _check(dwops.depthwise_conv2d, (x, wt), kw_, dtype, (_absf(x), _absf(wt)), "no bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_depthwise_grad_input(rng, case, layout, dtype):
+    n, c, h, w, m, kh, kw, stride, padding, dilation = case
+    xshape = _shape(layout, n, c, h, w)
+    wt = rand(rng, (c * m, 1, kh, kw), dtype)
+    kw_ = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    yshape = reference.depthwise_conv2d(np.zeros(xshape), wt.astype(np.float64), **kw_).shape
+    gy = rand(rng, yshape, dtype)
+    _check(dwops.depthwise_conv2d_grad_input, (gy, wt, xshape), kw_, dtype,
+           (_absf(gy), _absf(wt), xshape), "grad_input")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_depthwise_grad_weight(rng, case, layout, dtype):
+    n, c, h, w, m, kh, kw, stride, padding, dilation = case
+    x = rand(rng, _shape(layout, n, c, h, w), dtype)
+    wshape = (c * m, 1, kh, kw)
+    kw_ = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    yshape = reference.depthwise_conv2d(x.astype(np.float64), np.zeros(wshape), **kw_).shape
+    gy = rand(rng, yshape, dtype)
+    _check(dwops.depthwise_conv2d_grad_weight, (x, gy, wshape), kw_, dtype,
+           (_absf(x), _absf(gy), wshape), "grad_weight")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ("float32", "float64"))
+def test_depthwise_activations(rng, act, layout, dtype):
+    x = rand(rng, _shape(layout, 2, 4, 9, 8), dtype, -4.0, 4.0)  # reaches relu6's clip
+    wt = rand(rng, (8, 1, 3, 3), dtype)
+    b = rand(rng, (8,), dtype)
+    _check(dwops.depthwise_conv2d, (x, wt, b),
+           dict(padding="same", layout=layout, activation=act), dtype, what=str(act))
+
+
+# (N, CI, CO, H, W): odd/prime sizes, 1x1, CO not a multiple of the 4-wide register block,
+# pixel counts around the 64-pixel block, one case over the 4096-pixel reduction chunk.
+PW_CASES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (1, 8, 7, 8, 8), (3, 5, 4, 1, 67),
+            (1, 16, 9, 70, 70), (2, 64, 64, 5, 13)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", PW_CASES, ids=_ids(PW_CASES))
+def test_pointwise(rng, case, layout, dtype):
+    n, ci, co, h, w = case
+    x = rand(rng, _shape(layout, n, ci, h, w), dtype)
+    wt = rand(rng, (co, ci), dtype)
+    b = rand(rng, (co,), dtype)
+    r = rand(rng, _shape(layout, n, co, h, w), dtype)
+    gy = rand(rng, _shape(layout, n, co, h, w), dtype)
+    act = ACTS[PW_CASES.index(case) % len(ACTS)]
+    lay = dict(layout=layout)
+    _check(dwops.pointwise_conv2d, (x, wt, b), dict(lay, residual=r), dtype,
+           (_absf(x), _absf(wt), _absf(b)), "bias+residual")
+    _check(dwops.pointwise_conv2d, (x, wt.reshape(co, ci, 1, 1)), dict(lay, activation=act),
+           dtype, what=f"4-d weight, {act}")
+    _check(dwops.pointwise_conv2d, (x, wt, b), dict(lay, activation=act, residual=r), dtype,
+           what=f"{act}+residual")
+    _check(dwops.pointwise_conv2d_grad_input, (gy, wt), lay, dtype, (_absf(gy), _absf(wt)),
+           "grad_input")
+    _check(dwops.pointwise_conv2d_grad_weight, (x, gy), lay, dtype, (_absf(x), _absf(gy)),
+           "grad_weight")
+
+
+# depthwise case index, C_out of the pointwise stage
+SEP_CASES = [(0, 5), (1, 1), (3, 4), (4, 9), (5, 3), (6, 7), (8, 12)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sep", SEP_CASES, ids=_ids(SEP_CASES))
+def test_separable(rng, sep, layout, dtype):
+    k, co = sep
+    n, c, h, w, m, kh, kw, stride, padding, dilation = CASES[k]
+    x = rand(rng, _shape(layout, n, c, h, w), dtype)
+    dw_w = rand(rng, (c * m, 1, kh, kw), dtype)
+    pw_w = rand(rng, (co, c * m), dtype)
+    dw_b = rand(rng, (c * m,), dtype)
+    b = rand(rng, (co,), dtype)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    plain = _check(dwops.separable_conv2d, (x, dw_w, pw_w, b), dict(geo, dw_bias=dw_b), dtype,
+                   (_absf(x), _absf(dw_w), _absf(pw_w), _absf(b)), "linear")
+    r = rand(rng, plain.shape, dtype)
+    acts = ACTS[k % len(ACTS)], ACTS[(k + 2) % len(ACTS)]
+    _check(dwops.separable_conv2d, (x, dw_w, pw_w.reshape(co, c * m, 1, 1), b),
+           dict(geo, dw_bias=dw_b, dw_activation=acts[0], activation=acts[1], residual=r), dtype,
+           what=f"{acts} + residual")
+    _check(dwops.separable_conv2d, (x, dw_w, pw_w), dict(geo, dw_activation=acts[1]), dtype,
+           what="no biases")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_motivating_block(rng, layout, dtype):
+    """x + pw(relu(dw(x))) + b with C=64, 3x3 "same" (the benchmark's block, smaller N, H, W)."""
+    x = rand(rng, _shape(layout, 2, 64, 12, 9), dtype)
+    dw_w = rand(rng, (64, 1, 3, 3), dtype)
+    pw_w = rand(rng, (64, 64), dtype)
+    b = rand(rng, (64,), dtype)
+    _check(dwops.separable_conv2d, (x, dw_w, pw_w, b),
+           dict(padding="same", dw_activation="relu", residual=x, layout=layout), dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reduction_chunks(rng, layout):
+    """Depthwise grad_weight over more output rows than the NHWC partial-sum tasks (64) and
+    pointwise grad_weight over several 4096-pixel chunks, float32."""
+    x = rand(rng, _shape(layout, 3, 4, 70, 33), "float32")
+    kw_ = dict(padding="same", layout=layout)
+    gy = rand(rng, x.shape, "float32")
+    _check(dwops.depthwise_conv2d_grad_weight, (x, gy, (4, 1, 3, 3)), kw_, "float32",
+           (_absf(x), _absf(gy), (4, 1, 3, 3)))
+    _check(dwops.pointwise_conv2d_grad_weight, (x, gy), dict(layout=layout), "float32",
+           (_absf(x), _absf(gy)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous(rng, layout):
+    """Transposed, sliced and negatively strided views give the same result as copies."""
+    big = rand(rng, (2, 6, 15, 14), "float32")
+    x = big[:, ::2, 1:12, ::-1]  # NCHW view
+    if layout == "NHWC":
+        x = rand(rng, (2, 14, 11, 3), "float32").transpose(0, 2, 1, 3)  # (2, 11, 14, 3) view
+    assert not x.flags.c_contiguous
+    w = rand(rng, (3, 3, 1, 6), "float32").transpose(3, 2, 0, 1)[::2]  # (3, 1, 3, 3) view
+    pw = rand(rng, (3, 5), "float32").T  # (5, 3) view
+    b = rand(rng, (10,), "float32")[::2]
+    kw_ = dict(padding="same", layout=layout)
+    y = _check(dwops.depthwise_conv2d, (x, w, b[:3]), dict(kw_, activation="silu"), "float32")
+    np.testing.assert_array_equal(
+        y, dwops.depthwise_conv2d(np.ascontiguousarray(x), np.ascontiguousarray(w),
+                                  np.ascontiguousarray(b[:3]), activation="silu", **kw_,
+                                  backend="cpu"))
+    gy = rand(rng, y.shape[::-1], "float32").transpose(3, 2, 1, 0)
+    _check(dwops.depthwise_conv2d_grad_input, (gy, w, x.shape), kw_, "float32")
+    _check(dwops.depthwise_conv2d_grad_weight, (x, gy, w.shape), kw_, "float32")
+    r = rand(rng, _shape(layout, 2, 5, 11, 14)[::-1], "float32").transpose(3, 2, 1, 0)
+    _check(dwops.pointwise_conv2d, (x, pw, b), dict(layout=layout, residual=r), "float32")
+    _check(dwops.separable_conv2d, (x, w, pw, b), dict(kw_, residual=r, dw_activation="relu"),
+           "float32")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16", "float64"))
+def test_nan_inf_propagate(rng, layout, dtype):
+    """A NaN or Inf input reaches exactly the outputs the reference says it reaches."""
+    shape = _shape(layout, 2, 3, 8, 9)
+    x = rand(rng, shape, dtype).astype(np.float64)
+    x[(0, 1, 2, 3) if layout == "NCHW" else (0, 2, 3, 1)] = np.nan
+    x[(1, 2, 7, 0) if layout == "NCHW" else (1, 7, 0, 2)] = np.inf
+    x = x.astype(numpy_dtype(dtype))
+    w = rand(rng, (3, 1, 3, 3), dtype)
+    pw = rand(rng, (4, 3), dtype)
+    kw_ = dict(padding="same", layout=layout)
+    for act in ACTS:
+        y = _check(dwops.depthwise_conv2d, (x, w), dict(kw_, activation=act), dtype, what=str(act))
+        assert np.isnan(np.asarray(y, np.float64)).any()
+        _check(dwops.separable_conv2d, (x, w, pw), dict(kw_, dw_activation=act), dtype,
+               what=str(act))
+        _check(dwops.pointwise_conv2d, (x, pw), dict(layout=layout, activation=act), dtype,
+               what=str(act))
+    # x doubles as the output gradient of this stride-1 "same" convolution
+    _check(dwops.depthwise_conv2d_grad_input, (x, w, shape), kw_, dtype)
+    _check(dwops.depthwise_conv2d_grad_weight, (x, rand(rng, shape, dtype), w.shape), kw_, dtype)
+    _check(dwops.pointwise_conv2d_grad_input, (x, pw.T), dict(layout=layout), dtype)
+    _check(dwops.pointwise_conv2d_grad_weight, (x, rand(rng, shape, dtype)),
+           dict(layout=layout), dtype)
+
+
+def test_auto_uses_cpu_for_host_arrays(rng):
+    from dwops import _registry
+
+    p = dwops._spec.depthwise("f", rand(rng, (1, 2, 3, 3)), rand(rng, (2, 1, 3, 3)), None, 1, 0,
+                              1, "NCHW", None)[0]
+    assert _registry.resolve("f", "auto", False, "depthwise_forward", p).name == "cpu"
