@@ -206,7 +206,7 @@ class _Capsule:
     def __init__(self, capsule, device):
         self._capsule, self._device = capsule, device
 
-    def __dlpack__(self, stream=None):
+    def __dlpack__(self, stream=None, **kwargs):  # a legacy (unversioned) capsule, whatever is asked
         return self._capsule
 
     def __dlpack_device__(self):

@@ -187,7 +187,7 @@ def _run_into(name, op: _Op, p, buffers: dict, out, ctx, backend: str) -> None:
         with cupy.cuda.Device(int(ordinal)), cupy_stream(ctx.stream):
             views = {k: cupy.asarray(b) for k, b in buffers.items()}
             out_view = cupy.asarray(out)
-            _launch_into(name, op, p, views, out_view, True, ctx.stream, backend)
+            _launch_into(name, op, p, views, out_view, True, backend)
             return
     views = {k: np.from_dlpack(b) for k, b in buffers.items()}
     out_view = np.from_dlpack(out)
@@ -195,11 +195,14 @@ def _run_into(name, op: _Op, p, buffers: dict, out, ctx, backend: str) -> None:
         bf16 = _registry.numpy_dtype("bfloat16")
         views = {k: v.view(bf16) for k, v in views.items()}
         out_view = out_view.view(bf16)
-    _launch_into(name, op, p, views, out_view, False, None, backend)
+    _launch_into(name, op, p, views, out_view, False, backend)
 
 
-def _launch_into(name, op: _Op, p, views: dict, out_view, on_gpu: bool, stream, backend) -> None:
+def _launch_into(name, op: _Op, p, views: dict, out_view, on_gpu: bool, backend) -> None:
+    """Run ``op`` on the views (NumPy on the host; CuPy on the GPU, inside XLA's stream as CuPy's
+    current stream, which the backend's ``stream_for`` therefore returns in its own form)."""
     be = _registry.resolve(name, backend, on_gpu, op.method, p)
+    stream = be.stream_for(out_view, describe(out_view, name, "out"))
     reshape = op.reshape(p)
     bits = on_gpu and _api.problem_dtype(p) == "bfloat16"  # CuPy views of uint16 bits
     if bits and be.name != "cupy":

@@ -101,7 +101,7 @@ class _LegacyCapsule:
     def __init__(self, capsule, ordinal):
         self._capsule, self._ordinal = capsule, ordinal
 
-    def __dlpack__(self, stream=None):
+    def __dlpack__(self, stream=None, **kwargs):  # a legacy (unversioned) capsule, whatever is asked
         return self._capsule
 
     def __dlpack_device__(self):
