@@ -51,6 +51,16 @@ class LegacyDLPack:
         return (1, 0)
 
 
+class ForeignMetaDLPack(BareDLPack):
+    """A DLPack producer whose own ``shape``/``dtype`` are not NumPy's: read through DLPack."""
+
+    @property
+    def shape(self):
+        return "a foreign shape object"
+
+    dtype = object()
+
+
 def _np(a) -> np.ndarray:
     """NumPy copy of any host array (the test's own conversion, independent of dwops._interop)."""
     if isinstance(a, torch.Tensor):
@@ -58,7 +68,7 @@ def _np(a) -> np.ndarray:
         if t.dtype == torch.bfloat16:
             return t.float().numpy().astype(numpy_dtype("bfloat16"))
         return t.numpy().copy()
-    if isinstance(a, (BareDLPack, LegacyDLPack)):
+    if isinstance(a, (BareDLPack, LegacyDLPack)):  # ForeignMetaDLPack too
         return a._a.copy()
     return np.array(a)
 
@@ -169,7 +179,7 @@ def test_jax_tracer_points_to_dwops_jax(rng):
         jax.jit(lambda x, w: dwops.depthwise_conv2d(x, w, backend=HOST))(x, w)
 
 
-@pytest.mark.parametrize("kind", [BareDLPack, LegacyDLPack])
+@pytest.mark.parametrize("kind", [BareDLPack, LegacyDLPack, ForeignMetaDLPack])
 def test_bare_dlpack_objects(rng, kind):
     x, w, b = _inputs(rng, "float32")
     y = dwops.depthwise_conv2d(kind(x), kind(w), kind(b), backend=HOST, **DW_KW)
