@@ -42,6 +42,7 @@ nb_execution_show_tb = True
 nb_execution_timeout = 180  # seconds per cell
 nb_execution_in_temp = False  # cells run in docs/, so ../benchmarks is the repository's
 nb_merge_streams = True
+nb_render_markdown_format = "myst"  # Markdown outputs (the results tables) may hold tables
 
 # -- autodoc
 autodoc_member_order = "bysource"
