@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernels", help="compile report of every GPU kernel (no GPU needed)")
     k.add_argument("--arch", default="sm_90", help="target architecture (default sm_90)")
+    k.add_argument("--quick", action="store_true",
+                   help="one kernel per code path, where a backend's report offers that")
     return parser
 
 
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     if args.command == "info":
         return cmd_info()
     if args.command == "kernels":
-        return cmd_kernels(args.arch)
+        return cmd_kernels(args.arch, quick=args.quick)
     return cmd_bench(args)
 
 
@@ -109,8 +111,11 @@ def cmd_info(stream=None) -> int:
 # ----------------------------------------------------------------------------- kernels
 
 
-def kernel_rows(arch: str):
+def kernel_rows(arch: str, quick: bool = False):
     """``(rows, problems)``: every backend's compile-report rows, and what is wrong with them."""
+    import inspect
+    import time
+
     rows, problems = [], []
     for backend, module in KERNEL_REPORTS:
         try:
@@ -118,12 +123,22 @@ def kernel_rows(arch: str):
         except (ImportError, AttributeError) as exc:
             problems.append(f"{backend}: no {module}.compile_report ({type(exc).__name__}: {exc})")
             continue
+        kwargs = {}
         try:
-            got = list(report(arch))
+            if quick and "quick" in inspect.signature(report).parameters:
+                kwargs["quick"] = True
+        except (TypeError, ValueError):
+            pass
+        print(f"compiling the {backend} kernels for {arch} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            got = list(report(arch, **kwargs))
         except Exception as exc:  # noqa: BLE001 - any failure to report is a failure
             problems.append(f"{backend}: {module}.compile_report({arch!r}) raised "
                             f"{type(exc).__name__}: {exc}")
             continue
+        print(f"  {len(got)} {backend} kernels in {time.monotonic() - t0:.0f} s", file=sys.stderr,
+              flush=True)
         if not got:
             problems.append(f"{backend}: {module}.compile_report({arch!r}) reported no kernels")
         for r in got:
@@ -140,9 +155,9 @@ def kernel_rows(arch: str):
     return rows, problems
 
 
-def cmd_kernels(arch: str, stream=None) -> int:
+def cmd_kernels(arch: str, quick: bool = False, stream=None) -> int:
     out = stream or sys.stdout
-    rows, problems = kernel_rows(arch)
+    rows, problems = kernel_rows(arch, quick)
     cells = [[("-" if r.get(k) is None else str(r.get(k))) for k in KERNEL_COLUMNS] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(KERNEL_COLUMNS)]
     print(f"GPU kernels compiled for {arch}:", file=out)

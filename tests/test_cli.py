@@ -194,3 +194,21 @@ def test_bench_backend_error_fails(capsys):
 def test_bench_unknown_suite(capsys):
     assert main(["bench", "--suite", "nosuch"]) == 2
     assert "unknown suite 'nosuch'" in capsys.readouterr().err
+
+
+def test_kernels_quick_is_passed_where_offered(monkeypatch, capsys):
+    seen = {}
+    for name in (NUMBA_MOD, CUPY_MOD):
+        mod = types.ModuleType(name)
+        if name == NUMBA_MOD:
+            def compile_report(arch, quick=False):
+                seen["numba"] = quick
+                return [_row("numba")]
+        else:
+            def compile_report(arch):
+                seen["cupy"] = "called"
+                return [_row("cupy")]
+        mod.compile_report = compile_report
+        monkeypatch.setitem(sys.modules, name, mod)
+    assert main(["kernels", "--quick"]) == 0
+    assert seen == {"numba": True, "cupy": "called"}
