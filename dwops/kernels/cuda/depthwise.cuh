@@ -611,62 +611,60 @@ __global__ void dw_grad_weight_taps(
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int tap0 = blockIdx.z * blockDim.y * TPT;
     for (int o0 = blockIdx.y * TC; o0 < CO; o0 += gridDim.y * TC) {  // channel groups
-    A acc[TPT];
+        A acc[TPT];
 #pragma unroll
-    for (int j = 0; j < TPT; ++j) acc[j] = 0;
-    for (i64 t = t_begin; t < t_end; ++t) {
-        const i64 n = t / (tiles_h * tiles_w);
-        const int rem = (int)(t - n * tiles_h * tiles_w);
-        const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
-        const int iy0 = oy0 * sh - pt, ix0 = ox0 * sw - pl;
-        __syncthreads();
-        // Channel-fastest staging: coalesced along C for NHWC; TC = 1 for NCHW (along W).
-        for (int idx = tid; idx < IH * IW * TC; idx += nthr) {
-            const int k = idx % TC, pix = idx / TC;
-            const int r = pix / IW, c = pix - r * IW;
-            const int gyy = iy0 + r, gxx = ix0 + c, o = o0 + k;
-            A v = 0;
-            if (o < CO && gyy >= 0 && gyy < H && gxx >= 0 && gxx < W) {
-                const i64 off = NHWC ? ((n * H + gyy) * (i64)W + gxx) * C + o / M
-                                     : ((n * C + o / M) * (i64)H + gyy) * W + gxx;
-                v = to_acc(x[off]);
+        for (int j = 0; j < TPT; ++j) acc[j] = 0;
+        for (i64 t = t_begin; t < t_end; ++t) {
+            const i64 n = t / (tiles_h * tiles_w);
+            const int rem = (int)(t - n * tiles_h * tiles_w);
+            const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
+            const int iy0 = oy0 * sh - pt, ix0 = ox0 * sw - pl;
+            __syncthreads();
+            // Channel-fastest staging: coalesced along C for NHWC; TC = 1 for NCHW (along W).
+            for (int idx = tid; idx < IH * IW * TC; idx += nthr) {
+                const int k = idx % TC, pix = idx / TC;
+                const int r = pix / IW, c = pix - r * IW;
+                const int gyy = iy0 + r, gxx = ix0 + c, o = o0 + k;
+                A v = 0;
+                if (o < CO && gyy >= 0 && gyy < H && gxx >= 0 && gxx < W) {
+                    const i64 off = NHWC ? ((n * H + gyy) * (i64)W + gxx) * C + o / M
+                                         : ((n * C + o / M) * (i64)H + gyy) * W + gxx;
+                    v = to_acc(x[off]);
+                }
+                xs[idx] = v;
             }
-            xs[idx] = v;
-        }
-        for (int idx = tid; idx < TH * TW * TC; idx += nthr) {
-            const int k = idx % TC, pix = idx / TC;
-            const int r = pix / TW, c = pix - r * TW;
-            const int oy = oy0 + r, ox = ox0 + c, o = o0 + k;
-            A v = 0;
-            if (o < CO && oy < OH && ox < OW) {
-                const i64 off = NHWC ? ((n * OH + oy) * (i64)OW + ox) * CO + o
-                                     : ((n * CO + o) * (i64)OH + oy) * OW + ox;
-                v = to_acc(gy[off]);
+            for (int idx = tid; idx < TH * TW * TC; idx += nthr) {
+                const int k = idx % TC, pix = idx / TC;
+                const int r = pix / TW, c = pix - r * TW;
+                const int oy = oy0 + r, ox = ox0 + c, o = o0 + k;
+                A v = 0;
+                if (o < CO && oy < OH && ox < OW) {
+                    const i64 off = NHWC ? ((n * OH + oy) * (i64)OW + ox) * CO + o
+                                         : ((n * CO + o) * (i64)OH + oy) * OW + ox;
+                    v = to_acc(gy[off]);
+                }
+                gs[idx] = v;
             }
-            gs[idx] = v;
-        }
-        __syncthreads();
+            __syncthreads();
 #pragma unroll
-        for (int j = 0; j < TPT; ++j) {
-            const int tap = tap0 + ty + j * blockDim.y;
-            if (tap >= KK) continue;
-            const int a = tap / KW, b = tap - a * KW;
-            A s = 0;
-            for (int r = 0; r < TH; ++r)
-                for (int c = 0; c < TW; ++c)
-                    s += gs[(r * TW + c) * TC + tx] * xs[((r * sh + a * dh) * IW + c * sw + b * dw) * TC + tx];
-            acc[j] += s;
+            for (int j = 0; j < TPT; ++j) {
+                const int tap = tap0 + ty + j * blockDim.y;
+                if (tap >= KK) continue;
+                const int a = tap / KW, b = tap - a * KW;
+                A s = 0;
+                for (int r = 0; r < TH; ++r)
+                    for (int c = 0; c < TW; ++c)
+                        s += gs[(r * TW + c) * TC + tx] * xs[((r * sh + a * dh) * IW + c * sw + b * dw) * TC + tx];
+                acc[j] += s;
+            }
         }
-    }
-    const int o = o0 + tx;
-    if (o < CO) {
+        const int o = o0 + tx;
+        if (o < CO) {
 #pragma unroll
-        for (int j = 0; j < TPT; ++j) {
-            const int tap = tap0 + ty + j * blockDim.y;
-            if (tap < KK) partial[((i64)blockIdx.x * CO + o) * KK + tap] = acc[j];
+            for (int j = 0; j < TPT; ++j) {
+                const int tap = tap0 + ty + j * blockDim.y;
+                if (tap < KK) partial[((i64)blockIdx.x * CO + o) * KK + tap] = acc[j];
+            }
         }
-    }
-    }
-}
     }
 }
