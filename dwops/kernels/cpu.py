@@ -78,6 +78,8 @@ ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4}
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
+# NHWC depthwise flat path: about FLAT_ELEMS values (pixels x channels) per vectorized tap loop.
+FLAT_ELEMS = 1024
 GW_ROWS = 4096
 # NHWC depthwise grad_weight: number of row blocks (partial sums), fixed for reproducibility.
 GW_TASKS = 64
@@ -178,31 +180,47 @@ def _dw_row_nchw(x, w, b, n, o, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, 
 
 
 @njit(cache=True, fastmath=_FM)
-def _dw_row_nhwc(x, wt, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     """dst[d, j, o] = act(b[o] + sum_{a,b} wt[a,b,o] x[n, i*sh-pt+a*dh, j*sw-pl+b*dw, o//M]), NHWC.
 
     x:        (N, H, W, C) input
     wt:       (KH, KW, C*M) filters, channel last
+    wrep:     (KH, KW, JB*C) each tap's filters repeated for JB pixels, or a (1, 1, 1) stand-in
+              when the flat path does not apply (M > 1 or sw > 1)
     b:        (C*M,) bias (read only if has_bias)
     n, i:     image, output row
     dst, d:   (rows, OW, C*M) destination and its row
     M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
-    Per tap and valid output column, one multiply-add along C (vectorized).
+    With M == 1 and sw == 1, a tap's valid columns are one contiguous run of pixels in both x and
+    dst, so the tap is a flat multiply-add over JB pixels x C channels at a time (long vectorized
+    loops); otherwise one multiply-add along C per valid output column.
     """
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, CO = wt.shape
     OW = dst.shape[1]
+    JB = wrep.shape[2] // CO
+    flat = wrep.shape[0] == KH and wrep.shape[1] == KW and JB > 0
     zero = x.dtype.type(0.0)
     for j in range(OW):
         for o in range(CO):
             dst[d, j, o] = b[o] if has_bias else zero
+    dflat = dst[d].reshape(OW * CO)
     for a in range(KH):
         r = i * sh - pt + a * dh
         if r < 0 or r >= H:
             continue
+        xflat = x[n, r].reshape(W * C)
         for bb in range(KW):
             off = bb * dw - pl
             j0, j1 = _span(off, sw, W, OW)
+            if flat:
+                for jb in range(j0, j1, JB):
+                    L = (min(j1, jb + JB) - jb) * CO
+                    f0 = jb * CO
+                    x0 = (jb + off) * C
+                    for f in range(L):
+                        dflat[_u(f0 + f)] += wrep[a, bb, f] * xflat[_u(x0 + f)]
+                continue
             for j in range(j0, j1):
                 col = j * sw + off
                 if M == 1:
@@ -213,7 +231,7 @@ def _dw_row_nhwc(x, wt, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, ac
                         xv = x[n, r, col, c]
                         for m in range(M):
                             dst[d, j, c * M + m] += wt[a, bb, c * M + m] * xv
-    _activate(dst[d].reshape(OW * CO), act)
+    _activate(dflat, act)
 
 
 @njit(cache=True, fastmath=_FM_SUM)
@@ -290,6 +308,49 @@ def _bias_act(tile, b, has_bias, channel_rows, act):
 # ----------------------------------------------------------------------------- depthwise forward
 
 
+@njit(cache=True, fastmath=_FM)
+def _dw_plane_nchw(x, w, b, n, o, dst, d0, OH, M, dh, dw, pt, pl, has_bias, act):
+    """Stride-1 depthwise of a whole (n, o) plane into dst rows d0 .. d0+OH-1, NCHW.
+
+    x:        (N, C, H, W) input;  w: (C*M, KH, KW) filters;  b: (C*M,) bias (if has_bias)
+    dst:      (rows, OW) destination;  OH: output rows of the plane
+    M, dh, dw, pt, pl, act: as in _dw_row_nchw
+    The input plane is copied once into a zero-padded (OH + (KH-1)*dh, Wp) buffer with
+    Wp = OW + (KW-1)*dw. In padded coordinates output (i, j) reads (i + a*dh, j + b*dw), so
+    with outputs laid out at the same pitch Wp a tap is ONE flat multiply-add of length
+    (OH-1)*Wp + OW over the whole plane (columns j >= OW are scratch, never stored).
+    """
+    H, W = x.shape[2], x.shape[3]
+    KH, KW = w.shape[1], w.shape[2]
+    OW = dst.shape[1]
+    c = o // M
+    Wp = OW + (KW - 1) * dw
+    Hp = OH + (KH - 1) * dh
+    zero = x.dtype.type(0.0)
+    xp = np.empty(Hp * Wp, x.dtype)
+    for rp in range(Hp):
+        r = rp - pt
+        for cp in range(Wp):
+            q = cp - pl
+            xp[rp * Wp + cp] = x[n, c, r, q] if 0 <= r < H and 0 <= q < W else zero
+    L = (OH - 1) * Wp + OW
+    acc = np.empty(L, x.dtype)
+    bias = b[o] if has_bias else zero
+    for f in range(L):
+        acc[f] = bias
+    for a in range(KH):
+        for bb in range(KW):
+            wv = w[o, a, bb]
+            base = a * dh * Wp + bb * dw
+            for f in range(L):
+                acc[f] += wv * xp[_u(base + f)]
+    for i in range(OH):
+        row = acc[i * Wp:i * Wp + OW]
+        _activate(row, act)
+        for j in range(OW):
+            dst[d0 + i, j] = row[j]
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     """Depthwise forward, NCHW; one task per (n, o) plane.
@@ -299,6 +360,7 @@ def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     b:        (C*M,) bias (read only if has_bias)
     out:      (N*C*M*OH, OW) result, the (N, C*M, OH, OW) output viewed as rows
     M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
+    Stride 1: whole-plane flat taps (_dw_plane_nchw); otherwise row by row (_dw_row_nchw).
     """
     N = x.shape[0]
     CO = w.shape[0]
@@ -306,17 +368,20 @@ def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     for t in prange(N * CO):
         n = t // CO
         o = t - n * CO
-        for i in range(OH):
-            _dw_row_nchw(x, w, b, n, o, i, out, t * OH + i, M, sh, sw, dh, dw, pt, pl,
-                         has_bias, act)
+        if sh == 1 and sw == 1:
+            _dw_plane_nchw(x, w, b, n, o, out, t * OH, OH, M, dh, dw, pt, pl, has_bias, act)
+        else:
+            for i in range(OH):
+                _dw_row_nchw(x, w, b, n, o, i, out, t * OH + i, M, sh, sw, dh, dw, pt, pl,
+                             has_bias, act)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _dw_forward_nhwc(x, wt, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+def _dw_forward_nhwc(x, wt, wrep, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     """Depthwise forward, NHWC; one task per (n, output row).
 
     x:        (N, H, W, C) input
-    wt:       (KH, KW, C*M) filters, channel last
+    wt:       (KH, KW, C*M) filters, channel last;  wrep: as in _dw_row_nhwc
     b:        (C*M,) bias (read only if has_bias)
     out:      (N*OH, OW, C*M) result, the (N, OH, OW, C*M) output viewed as rows
     M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
@@ -325,7 +390,8 @@ def _dw_forward_nhwc(x, wt, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     OH = out.shape[0] // N
     for t in prange(N * OH):
         n = t // OH
-        _dw_row_nhwc(x, wt, b, n, t - n * OH, out, t, M, sh, sw, dh, dw, pt, pl, has_bias, act)
+        _dw_row_nhwc(x, wt, wrep, b, n, t - n * OH, out, t, M, sh, sw, dh, dw, pt, pl, has_bias,
+                     act)
 
 
 # ----------------------------------------------------------------------------- depthwise grad_input
@@ -657,12 +723,13 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _separable_nhwc(x, wt, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
+def _separable_nhwc(x, wt, wrep, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
                     has_db, dact, has_bias, has_res, act):
     """Fused separable forward, NHWC; one task per (n, output row), intermediate in cache.
 
     x:        (N, H, W, C) input
     wt:       (KH, KW, C*M) depthwise filters, channel last;  db: (C*M,) depthwise bias
+    wrep:     tap filters repeated, as in _dw_row_nhwc
     pw:       (CO, C*M) pointwise weights;  b: (CO,) bias (if has_bias)
     res:      (N, OH, OW, CO) residual (if has_res);  y: (N, OH, OW, CO) output
     M, sh, sw, dh, dw, pt, pl, dact, act: as in _separable_nchw
@@ -674,7 +741,7 @@ def _separable_nhwc(x, wt, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
         n = t // OH
         i = t - n * OH
         mid = np.empty((1, OW, CI), x.dtype)
-        _dw_row_nhwc(x, wt, db, n, i, mid, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
+        _dw_row_nhwc(x, wt, wrep, db, n, i, mid, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
         tile = np.empty((OW, CO), x.dtype)
         _gemm_nt(mid[0], 0, OW, pw, 0, CO, 0, CI, tile)
         _bias_act(tile, b, has_bias, False, act)
@@ -722,6 +789,15 @@ def _dw_weights(p, w, dt):
     return w3 if p.layout == "NCHW" else np.ascontiguousarray(w3.transpose(1, 2, 0))
 
 
+def _repeated_taps(p, wt):
+    """(KH, KW, JB*C) filters repeated for JB pixels (NHWC flat path), or a stand-in that turns
+    the flat path off when it does not apply (M > 1 or stride along W > 1)."""
+    if p.M != 1 or p.sw != 1:
+        return np.zeros((1, 1, 0), wt.dtype)
+    jb = max(1, min(p.OW, FLAT_ELEMS // p.CO))
+    return np.tile(wt, (1, 1, jb))
+
+
 def _geometry(p):
     return (p.M, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl)
 
@@ -752,7 +828,9 @@ class _CpuBackend(HostBackend):
             _dw_forward_nchw(*args, target.reshape(-1, p.OW), *_geometry(p), b is not None,
                              ACT_CODES[p.activation])
         else:
-            _dw_forward_nhwc(*args, target.reshape(-1, p.OW, p.CO), *_geometry(p),
+            x_, wt, b_ = args
+            _dw_forward_nhwc(x_, wt, _repeated_taps(p, wt), b_, target.reshape(-1, p.OW, p.CO),
+                             *_geometry(p),
                              b is not None, ACT_CODES[p.activation])
         _finish(out, target)
 
@@ -834,11 +912,15 @@ class _CpuBackend(HostBackend):
         d, q = p.dw, p.pw
         dt = _compute_dtype(d.dtype)
         target = _target(out, dt)
-        kernel = _separable_nchw if d.layout == "NCHW" else _separable_nhwc
-        kernel(_as(x, dt), _dw_weights(d, dw_w, dt), _opt(dw_b, dt, (d.CO,)), _as(pw_w, dt),
-               _opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target, *_geometry(d),
-               dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
-               ACT_CODES[q.activation])
+        wk = _dw_weights(d, dw_w, dt)
+        rest = (_opt(dw_b, dt, (d.CO,)), _as(pw_w, dt), _opt(b, dt, (q.CO,)),
+                _opt(residual, dt, q.y_shape), target, *_geometry(d), dw_b is not None,
+                ACT_CODES[d.activation], b is not None, residual is not None,
+                ACT_CODES[q.activation])
+        if d.layout == "NCHW":
+            _separable_nchw(_as(x, dt), wk, *rest)
+        else:
+            _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), *rest)
         _finish(out, target)
 
 
