@@ -13,7 +13,6 @@ Numba's default 64-bit integers, so tensors past 2**31 elements index correctly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda, types
@@ -47,19 +46,27 @@ def arr(dtype: str):
 I64 = types.int64
 
 
-@dataclass(frozen=True)
 class Kernel:
-    """One specialization: ``fn`` launches it, ``py_func``/``sig`` compile it for the report."""
+    """One specialization: ``fn`` launches it (compiled on first use for the current device, with
+    an explicit signature, so no per-call type dispatch), ``py_func``/``sig`` compile it for the
+    kernel report without a device."""
 
-    fn: object
-    py_func: object
-    sig: tuple
-    name: str
+    def __init__(self, py_func, sig: tuple, name: str):
+        self.py_func, self.sig, self.name = py_func, sig, name
+        self._fn = None
+
+    @property
+    def fn(self):
+        if self._fn is None:
+            self._fn = cuda.jit(self.sig)(self.py_func)
+        return self._fn
+
+    def __repr__(self):
+        return f"Kernel({self.name})"
 
 
 def make_kernel(py_func, sig, name: str) -> Kernel:
-    """Wrap ``py_func`` as a CUDA kernel with an explicit signature (no per-call type dispatch)."""
-    return Kernel(cuda.jit(sig)(py_func), py_func, sig, name)
+    return Kernel(py_func, sig, name)
 
 
 def activation(name, acc: str):
