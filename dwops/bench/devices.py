@@ -320,7 +320,7 @@ class CupyDevice(_CudaDevice):
 
     def random(self, shape, dtype, seed):
         cp = self.cupy
-        a = cp.random.default_rng(seed).uniform(-1.0, 1.0, size=shape, dtype=cp.float32)
+        a = cp.random.RandomState(seed).uniform(-1.0, 1.0, size=shape, dtype=cp.float32)
         return a.astype(numpy_dtype(dtype))
 
     def nhwc(self, a):

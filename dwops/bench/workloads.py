@@ -219,7 +219,11 @@ class Instance:
         def block(x, dw_w, pw_w, b):
             return x + F.conv2d(F.relu(F.conv2d(x, dw_w, None, 1, p, 1, c.C)), pw_w, b)
 
-        fn = torch.compile(block, dynamic=False) if compiled else block
+        if compiled:  # a fresh compile per shape: dynamo's per-code recompile limit never kicks in
+            torch._dynamo.reset()
+            fn = torch.compile(block, dynamic=False)
+        else:
+            fn = block
         return lambda: fn(x, dw_w, pw_w, b)
 
     def _dense_fn(self, layout):
