@@ -88,6 +88,13 @@ def load(name: str):
 
 
 def available(name: str) -> bool:
+    """Whether backend ``name`` ("numpy", "cpu", "numba", "cupy") can run here.
+
+    ``False`` for names that are not backends (including ``"auto"``, which is a choice, not a
+    backend); :func:`load` gives the reason a backend is unavailable.
+    """
+    if name not in _BACKENDS:
+        return False
     try:
         load(name)
     except BackendUnavailableError:
