@@ -34,6 +34,9 @@ FAILED=()
 STATUS=()
 
 elapsed() { echo $((SECONDS - START)); }
+left() { echo $((BUDGET - SECONDS + START)); }
+# cap LIMIT KEEP: LIMIT, shortened so that KEEP seconds of the budget remain after it (at least 20)
+cap() { local c=$(( $(left) - $2 )); (( c > $1 )) && c=$1; (( c < 20 )) && c=20; echo $c; }
 
 # stage NAME LOGFILE TIMEOUT_S COMMAND...: run COMMAND under a timeout, tee its output to LOGFILE.
 stage() {
@@ -70,8 +73,13 @@ stage "dwops info" "$ENVLOG" 120 "$PY" -m dwops info
 
 # ---------------------------------------------------------------------------- 2. GPU tests
 # Exit status 5 (no test collected) counts as a failure: a GPU check without GPU tests checks nothing.
-stage "pytest -m gpu" gpu_check-pytest.log 200 \
+stage "pytest -m gpu" gpu_check-pytest.log "$(cap 180 220)" \
     "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests
+if ! grep -qE "[0-9]+ passed" "$DEST/gpu_check-pytest.log"; then  # all skipped: no GPU seen
+    echo "no GPU test passed (all skipped or none collected): is the GPU visible?" | tee -a "$DEST/gpu_check-pytest.log"
+    FAILED+=("pytest -m gpu (no test passed)")
+    STATUS+=("| pytest -m gpu | FAILED (no test passed) | - | gpu_check-pytest.log |")
+fi
 
 # ---------------------------------------------------------------------------- 3. sanitizers
 SAN=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)}
@@ -80,22 +88,22 @@ if [[ -z "$SAN" ]]; then
     FAILED+=("compute-sanitizer (not found)")
     STATUS+=("| compute-sanitizer | FAILED (not found) | 0 s | gpu_check-sanitizer.log |")
 else
-    stage "memcheck" gpu_check-sanitizer.log 120 \
+    stage "memcheck" gpu_check-sanitizer.log "$(cap 100 140)" \
         "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_subset.py
-    stage "racecheck" gpu_check-sanitizer.log 120 \
+    stage "racecheck" gpu_check-sanitizer.log "$(cap 80 80)" \
         "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_subset.py --quick
 fi
 
 # ---------------------------------------------------------------------------- 4. benchmarks
-LEFT=$((BUDGET - $(elapsed) - 40))  # 40 s kept for copy-bandwidth, file writing and the summary
-if [[ $LEFT -lt 30 ]]; then
+LEFT=$(( $(left) - 25 ))  # kept for start-up, the copy-bandwidth measurement and the summary
+if [[ $LEFT -lt 60 ]]; then
     echo "only ${LEFT}s of the ${BUDGET}s budget left: running the default suite alone" | tee -a "$DEST/gpu_check-bench.log"
     SUITES=(--suite default)
-    LEFT=30
+    (( LEFT < 20 )) && LEFT=20
 else
     SUITES=(--suite default --suite gpu)
 fi
-stage "bench" gpu_check-bench.log $((LEFT + 60)) \
+stage "bench" gpu_check-bench.log $((LEFT + 40)) \
     "$PY" -m dwops bench "${SUITES[@]}" --device gpu --budget "$LEFT" --out "$DEST"
 
 # ---------------------------------------------------------------------------- summary
