@@ -54,7 +54,7 @@ DW_CASES = [
     (3, 24, 151, 199, 2, 5, 5, 2, ((2, 1), (3, 0)), (2, 1), "gelu"),
     (1, 65, 97, 131, 1, 7, 7, 1, 3, 1, "silu"),
     (2, 19, 111, 113, 1, 9, 4, (1, 3), "same", 1, "relu6"),  # generic kernel size
-    (1, 33, 63, 61, 1, 3, 3, 1, 0, 20, None),  # dilation 20: direct (unstaged) variant
+    (1, 33, 113, 117, 1, 3, 3, 1, 0, 50, None),  # dilation 50: direct (unstaged) variant
 ]
 
 
