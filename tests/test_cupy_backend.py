@@ -58,7 +58,8 @@ def test_registers_and_static_shared_fit_the_launch(report):
         # 256-thread blocks: at most 255 registers per thread (65536 per SM); pw_gemm asks for two
         # blocks per SM (<= 128 registers) except in double precision
         assert 0 < r["registers"] <= 255, r
-        if r["specialization"].startswith("pw_gemm<") and "double" not in r["specialization"]:
+        two_blocks = ("pw_gemm<", "dw_forward<", "dw_grad_weight<")
+        if r["specialization"].startswith(two_blocks) and "<double" not in r["specialization"]:
             assert r["registers"] <= 128, r
         # static shared memory (pw_gemm tiles) stays under the 48 KiB that needs no opt-in
         assert r["shared_bytes"] <= cb.SMEM_DEFAULT, r
@@ -186,6 +187,17 @@ def test_tile_shrinks_then_opts_in_for_large_kernels():
     p = _dw_problem(k=(31, 31), padding=0, d=(40, 40), h=1300, w=1300, n=1, c=1)
     with pytest.raises(NotImplementedError):
         cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
+
+
+def test_prefers_unless_no_plan_fits():
+    be = cb.BACKEND
+    p = _dw_problem(k=(3, 3), padding=1)
+    for op in ("depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight"):
+        assert be.prefers(op, p)
+    huge = _dw_problem(k=(31, 31), padding=0, d=(40, 40), h=1300, w=1300, n=1, c=1)
+    assert not be.prefers("depthwise_forward", huge)
+    assert not be.prefers("depthwise_grad_weight", huge)
+    assert be.prefers("pointwise_forward", _pw_problem())
 
 
 def test_stride1_grad_input_is_a_rotated_forward():

@@ -793,6 +793,19 @@ class CupyBackend(Backend):
         return None
 
     def prefers(self, op, problem) -> bool:
+        """True (the default GPU backend) unless no launch plan exists for this problem (a
+        dilated tile too large for shared memory), so that "auto" falls back to numba."""
+        try:
+            if op == "depthwise_forward":
+                plan_dw_forward(conv_of_forward(problem), problem.dtype, problem.layout)
+            elif op == "depthwise_grad_input":
+                plan_dw_grad_input(problem, problem.layout)
+            elif op == "depthwise_grad_weight":
+                plan_dw_grad_weight(problem, problem.layout)
+            elif op == "separable_forward" and plan_separable(problem, problem.dw.layout) is None:
+                plan_dw_forward(conv_of_forward(problem.dw), problem.dw.dtype, problem.dw.layout)
+        except NotImplementedError:
+            return False
         return True
 
     def stream_for(self, like_obj, like_info):
@@ -878,10 +891,11 @@ class CupyBackend(Backend):
         """Launch ``launch`` on ``stream`` with the pointer arguments followed by its integers."""
         from . import _gpu
 
-        fn = self._function(launch)
-        with _gpu.cupy_stream(stream):
-            fn(launch.grid, launch.block, tuple(pointers) + _scalars(launch.ints),
-               shared_mem=launch.shared)
+        with pointers[0].device:
+            fn = self._function(launch)
+            with _gpu.cupy_stream(stream):
+                fn(launch.grid, launch.block, tuple(pointers) + _scalars(launch.ints),
+                   shared_mem=launch.shared)
 
     def _weights_t(self, w, rows: int, kk: int, stream):
         """(rows, kk) -> (kk, rows) contiguous copy (NHWC kernels read taps along channels)."""
@@ -889,7 +903,7 @@ class CupyBackend(Backend):
 
         from . import _gpu
 
-        with _gpu.cupy_stream(stream):
+        with w.device, _gpu.cupy_stream(stream):
             return cupy.ascontiguousarray(w.reshape(rows, kk).T)
 
     def depthwise_forward(self, p, x, w, b, out, stream=None):
@@ -916,7 +930,7 @@ class CupyBackend(Backend):
         from . import _gpu
 
         s1, s2, count = plan_dw_grad_weight(p, p.layout, x.data.ptr, gy.data.ptr)
-        with _gpu.cupy_stream(stream):
+        with x.device, _gpu.cupy_stream(stream):
             part = cupy.empty(count, dtype="float64" if p.dtype == "float64" else "float32")
         self._run(s1, (x, gy, part), stream)
         self._run(s2, (part, out), stream)
@@ -930,15 +944,16 @@ class CupyBackend(Backend):
         a, b_, c = (arrays[k] for k in gemm.info["operands"])
         part = None
         if red is not None:
-            with _gpu.cupy_stream(stream):
+            with c.device, _gpu.cupy_stream(stream):
                 part = cupy.empty(count, dtype="float64" if p.dtype == "float64" else "float32")
         act = ACTIVATION_CODE[p.activation] if op == "forward" else 0
         # pw_gemm(A, B, C, partial, bias, bias_on_n, res, act, Mdim, ...)
-        fn = self._function(gemm)
         args = (a, b_, _ptr(None) if red is not None else c, _ptr(part), _ptr(bias),
                 np.int32(gemm.ints[0]), _ptr(residual), np.int32(act)) + _scalars(gemm.ints[1:])
-        with _gpu.cupy_stream(stream):
-            fn(gemm.grid, gemm.block, args, shared_mem=gemm.shared)
+        with c.device:
+            fn = self._function(gemm)
+            with _gpu.cupy_stream(stream):
+                fn(gemm.grid, gemm.block, args, shared_mem=gemm.shared)
         if red is not None:
             self._run(red, (part, c), stream)
 
@@ -956,17 +971,18 @@ class CupyBackend(Backend):
 
         launch = plan_separable(p, p.dw.layout)
         if launch is not None:
-            fn = self._function(launch)
             args = (x, dw_w, _ptr(dw_b), np.int32(ACTIVATION_CODE[p.dw.activation]), pw_w,
                     _ptr(b), _ptr(residual), np.int32(ACTIVATION_CODE[p.pw.activation]), out) + \
                 _scalars(launch.ints)
-            with _gpu.cupy_stream(stream):
-                fn(launch.grid, launch.block, args, shared_mem=launch.shared)
+            with x.device:
+                fn = self._function(launch)
+                with _gpu.cupy_stream(stream):
+                    fn(launch.grid, launch.block, args, shared_mem=launch.shared)
             return
         # Unfused: the depthwise result (with dw bias and dw activation) in a temporary.
         import cupy
 
-        with _gpu.cupy_stream(stream):
+        with x.device, _gpu.cupy_stream(stream):
             mid = cupy.empty(p.dw.y_shape, dtype=x.dtype)
         self.depthwise_forward(p.dw, x, dw_w, dw_b, mid, stream)
         self.pointwise_forward(p.pw, mid, pw_w, b, residual, out, stream)

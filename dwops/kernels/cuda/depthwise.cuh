@@ -28,6 +28,8 @@
 //   VEC  elements per vector access (16 bytes / sizeof(T), or smaller when rows are misaligned)
 //   OPT  outputs per thread along the second spatial axis (NCHW: rows; NHWC: columns)
 //   NHWC layout of x and y
+// dw_forward and dw_grad_weight ask for two 256-thread blocks per SM (<= 128 registers; ptxas
+// reports no spills) except in double precision, where 7x7 accumulators need more registers.
 
 // ------------------------------------------------------------------------------ tile loaders
 
@@ -98,7 +100,7 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
 //         TW = (PT / TH) * OPT
 //   dynamic shared memory: IH * IP elements of T (NCHW) or IH * IW * CP (NHWC).
 template <typename T, int K, int S, int VEC, int OPT, bool NHWC>
-__global__ void dw_forward(
+__global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     const T* __restrict__ x,     // input: (N, CI, H, W) or (N, H, W, CI)
     const T* __restrict__ w,     // NCHW: (CO*R, KH*KW); NHWC: transposed, (KH*KW, CO*R)
     const T* __restrict__ bias,  // (CO,) or nullptr
@@ -450,7 +452,7 @@ __global__ void dw_grad_input(
 //   NHWC  grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
 // Dynamic shared memory: max(x tile, reduction scratch), sized by the host.
 template <typename T, int K, int VEC, int OPT, bool NHWC>
-__global__ void dw_grad_weight(
+__global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
     const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
     const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
     typename Acc<T>::type* __restrict__ partial,  // (splits, CO, K*K)
