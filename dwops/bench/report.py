@@ -110,6 +110,15 @@ def markdown(result: dict) -> str:
             cells.append(_fmt(None if d is None else d / r["ms"], ".2f"))
         cells.append(_fmt(r["max_rel_err"], ".1e"))
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("floor: the fraction of the memory floor reached (bytes that must move / copy "
+                 "bandwidth / ms); max_rel_err: against dwops.reference (float64).")
+    if "torch" in names:
+        lines.append("x torch: PyTorch eager ms / dwops ms.")
+    if "dense3x3" in names:
+        lines.append("x dense3x3: one dense 3x3 64->64 convolution of the same input, ms / dwops ms "
+                     "(it does 7.9x the multiply-adds of the block and 64x those of the depthwise "
+                     "layer).")
     return "\n".join(lines) + "\n"
 
 
