@@ -147,11 +147,13 @@ def describe(obj, fn: str, arg: str) -> ArrayInfo:
     except Exception as exc:  # no or foreign metadata: a DLPack holder is read through DLPack
         if lib == "dlpack" and hasattr(obj, "__dlpack__"):
             # Look through it (zero-copy) to read its metadata.
+            from ._errors import BackendUnavailableError
+
             try:
                 view = _view_dlpack(obj)
+            except BackendUnavailableError:
+                raise
             except Exception as exc2:
-                if type(exc2).__name__ == "BackendUnavailableError":
-                    raise
                 raise TypeError(f"{fn}: cannot read argument '{arg}' through DLPack: {exc2}") \
                     from exc2
             info = describe(view, fn, arg)
