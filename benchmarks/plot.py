@@ -93,8 +93,8 @@ def plot_speedup(result, path):
                 g = math.exp(sum(math.log(a) for a in v) / len(v))
                 xs.append(i + k * width)
                 ys.append(g)
-                lo.append(g - min(v))
-                hi.append(max(v) - g)
+                lo.append(max(g - min(v), 0.0))  # rounding can put the mean past a lone value
+                hi.append(max(max(v) - g, 0.0))
             ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=f"{backend} {dtype}")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ops))])
         ax.set_xticklabels(ops, fontsize=8)
