@@ -1,10 +1,13 @@
 """Side-by-side speed of the "cpu" backend and PyTorch's CPU kernels (not collected by pytest).
 
-    python benchmarks/cpu_speed.py [--threads 2] [--reps 40] [--first-call]
+    python benchmarks/cpu_speed.py [--threads 2] [--reps 40] [--only NAME] [--solo dwops|torch]
+    python benchmarks/cpu_speed.py --first-call
 
 Shapes: the motivating block, N=16, C=64, 56x56, float32, 3x3 "same". Both libraries get the same
 thread count; each case alternates dwops and torch calls, round by round, so background load hits
-both alike; the table gives the median and the min over the rounds. ``--first-call`` instead
+both alike; the table gives the median and the min over the rounds. ``--solo`` times one
+library alone (both columns then show it), to see how much the two thread pools disturb each
+other when they alternate in one process. ``--first-call`` instead
 times each op's first call in fresh processes (cache load, or compile when the cache is cold).
 """
 
@@ -57,7 +60,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--first-call", action="store_true")
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--solo", choices=("dwops", "torch"), default=None,
+                    help="time one library alone (no alternation with the other's thread pool)")
     args = ap.parse_args()
     if args.first_call:
         return first_call()
@@ -126,7 +131,12 @@ def main():
         for name, (f_dw, f_t, nbytes) in cases.items():
             if args.only and args.only not in name:
                 continue
-            (dm, dmin), (tm, tmin) = _pairwise([f_dw, f_t], args.reps)
+            if args.solo:
+                fns = [f_dw if args.solo == "dwops" else f_t]
+                (dm, dmin), = _pairwise(fns, args.reps)
+                tm, tmin = dm, dmin
+            else:
+                (dm, dmin), (tm, tmin) = _pairwise([f_dw, f_t], args.reps)
             floor = nbytes / (bw_best * 1e9) * 1e3
             print(f"{name:28s} {dm:7.2f} ({dmin:6.2f}) {tm:7.2f} ({tmin:6.2f}) {tm / dm:11.2f} "
                   f"{floor:8.2f}")
@@ -144,7 +154,8 @@ w = rng.standard_normal((8, 1, 3, 3)).astype(np.{dt})
 pw = rng.standard_normal((8, 8)).astype(np.{dt})
 call = {call}
 t2 = time.perf_counter(); call(); t3 = time.perf_counter(); call(); t4 = time.perf_counter()
-print(f"{{(t3 - t2) * 1e3:9.1f} ms first call, {{(t4 - t3) * 1e3:7.2f}} ms second")
+print(f"{{(t1 - t0) * 1e3:7.1f}} ms import, {{(t3 - t2) * 1e3:9.1f}} ms first call, "
+      f"{{(t4 - t3) * 1e3:7.2f}} ms second")
 """
 
 
@@ -154,7 +165,7 @@ def first_call():
         "separable_conv2d": ("lambda: separable_conv2d(x, w, pw, padding='same', "
                              "dw_activation='relu', residual=x, backend='cpu')"),
     }
-    for dt in ("float32",):
+    for dt in ("float32", "float64"):
         for fn, call in calls.items():
             out = subprocess.run([sys.executable, "-c", _FIRST.format(fn=fn, dt=dt, call=call)],
                                  capture_output=True, text=True, check=True).stdout.strip()

@@ -328,11 +328,20 @@ def _dw_plane_nchw(x, w, b, n, o, dst, d0, OH, M, dh, dw, pt, pl, has_bias, act)
     Hp = OH + (KH - 1) * dh
     zero = x.dtype.type(0.0)
     xp = np.empty(Hp * Wp, x.dtype)
+    q1 = min(Wp, pl + W)  # padded columns [pl, q1) hold input columns [0, q1 - pl)
     for rp in range(Hp):
         r = rp - pt
-        for cp in range(Wp):
-            q = cp - pl
-            xp[rp * Wp + cp] = x[n, c, r, q] if 0 <= r < H and 0 <= q < W else zero
+        base = rp * Wp
+        if r < 0 or r >= H:
+            for cp in range(Wp):
+                xp[base + cp] = zero
+            continue
+        for cp in range(min(pl, Wp)):
+            xp[base + cp] = zero
+        for k in range(q1 - pl):
+            xp[_u(base + pl + k)] = x[n, c, r, k]
+        for cp in range(max(q1, 0), Wp):
+            xp[base + cp] = zero
     L = (OH - 1) * Wp + OW
     acc = np.empty(L, x.dtype)
     bias = b[o] if has_bias else zero
