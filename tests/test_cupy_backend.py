@@ -22,8 +22,6 @@ from dwops import _spec
 from dwops.kernels import cupy_backend as cb
 from tests.conftest import assert_close
 
-pytest.importorskip("cuda.bindings")
-
 
 # ----------------------------------------------------------------------------- the kernel report
 
@@ -31,6 +29,7 @@ pytest.importorskip("cuda.bindings")
 @pytest.fixture(scope="module")
 def report():
     """Compile every instantiation once per session (a few minutes of NVRTC + ptxas)."""
+    pytest.importorskip("cuda.bindings")
     return cb.compile_report("sm_90")
 
 
