@@ -614,3 +614,66 @@ def test_dw_grad_weight_replay(case, layout, rng):
         x, gy, p.w_shape, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
         padding=((p.pt, p.pb), (p.pl, p.pr)), layout=layout)
     assert_close(got, ref, "float64", what=s1.name)
+
+
+def _emulate_separable(L, x, dww, dwb, pww, b, r, p, layout):
+    """sep_forward in NumPy: per pixel tile, phase 1 stages CC-channel chunks of the input tile
+    (CINMAX x IH x IW) and fills D (CI2 x 64), phase 2 multiplies by pw_w with the epilogue."""
+    (N, C, H, W, M, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, CO2, TH, TW, IH, IW, CC) = L.ints
+    CI2 = C * M
+    cinmax = (CC - 1) // M + 2
+    xl = x if layout == "NCHW" else x.transpose(0, 3, 1, 2)
+    y = np.full((N, CO2, OH, OW), np.nan)
+    tiles_w = math.ceil(OW / TW)
+    dact = {v: k for k, v in cb.ACTIVATION_CODE.items()}
+    for blk in range(L.grid[0]):
+        oy0, ox0 = (blk // tiles_w) * TH, (blk % tiles_w) * TW
+        iy0, ix0 = oy0 * sh - pt, ox0 * sw - pl
+        for n in range(N):
+            D = np.zeros((CI2, cb.SEP_TP))
+            for c2lo in range(0, CI2, CC):
+                c2hi = min(CI2, c2lo + CC)
+                cin_lo, cin_n = c2lo // M, (c2hi - 1) // M - c2lo // M + 1
+                assert cin_n <= cinmax
+                xs = np.zeros((cin_n, IH, IW))
+                for cc in range(cin_n):
+                    for rr in range(IH):
+                        for q in range(IW):
+                            if 0 <= iy0 + rr < H and 0 <= ix0 + q < W:
+                                xs[cc, rr, q] = xl[n, cin_lo + cc, iy0 + rr, ix0 + q]
+                for c2 in range(c2lo, c2hi):
+                    for pix in range(TH * TW):
+                        py, px = divmod(pix, TW)
+                        s = sum(dww[c2, 0, a, bb] * xs[c2 // M - cin_lo, py * sh + a * dh,
+                                                       px * sw + bb * dw]
+                                for a in range(KH) for bb in range(KW))
+                        D[c2, pix] = s + dwb[c2]
+            D = dwops.reference.activate(D, p.dw.activation)
+            Y = pww @ D + b[:, None]
+            Y = dwops.reference.activate(Y, p.pw.activation)
+            for pix in range(TH * TW):
+                py, px = divmod(pix, TW)
+                if oy0 + py < OH and ox0 + px < OW:
+                    y[n, :, oy0 + py, ox0 + px] = Y[:, pix]
+    rl = r if layout == "NCHW" else r.transpose(0, 3, 1, 2)
+    return y + rl
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", [dict(c=3, m=1, co=5, k=3, h=9, w=10),
+                                   dict(c=20, m=1, co=4, k=3, h=5, w=6),
+                                   dict(c=3, m=2, co=3, k=5, h=7, w=17)])
+def test_separable_replay(layout, shape, rng):
+    c, m, co, k, h, w = (shape[s] for s in ("c", "m", "co", "k", "h", "w"))
+    x = rng.uniform(-1, 1, _spec._physical(layout, 1, c, h, w))
+    dww = rng.uniform(-1, 1, (c * m, 1, k, k))
+    pww = rng.uniform(-1, 1, (co, c * m))
+    b, dwb = rng.uniform(-1, 1, (co,)), rng.uniform(-1, 1, (c * m,))
+    r = rng.uniform(-1, 1, _spec._physical(layout, 1, co, h, w))
+    p, _ = _spec.separable("t", x, dww, pww, b, dwb, 1, "same", 1, layout, "relu", "silu", r)
+    L = cb.plan_separable(p, layout)
+    got = _emulate_separable(L, x, dww, dwb, pww, b, r, p, layout)
+    ref = dwops.reference.separable_conv2d(x, dww, pww, b, dw_bias=dwb, padding="same",
+                                           layout=layout, dw_activation="relu",
+                                           activation="silu", residual=r)
+    assert_close(_ref_layout(got, layout), ref, "float64", what=L.name)
