@@ -979,13 +979,53 @@ class CupyBackend(Backend):
                 with _gpu.cupy_stream(stream):
                     fn(launch.grid, launch.block, args, shared_mem=launch.shared)
             return
-        # Unfused: the depthwise result (with dw bias and dw activation) in a temporary.
+        # Unfused: the depthwise result (with dw bias and dw activation) in a temporary. 16-bit
+        # types run both stages in float32 and round once at the end, as the contract requires
+        # (the extra casting passes only concern channel counts too large to fuse).
+        import dataclasses
+
         import cupy
 
+        dt = p.dw.dtype
         with x.device, _gpu.cupy_stream(stream):
-            mid = cupy.empty(p.dw.y_shape, dtype=x.dtype)
-        self.depthwise_forward(p.dw, x, dw_w, dw_b, mid, stream)
-        self.pointwise_forward(p.pw, mid, pw_w, b, residual, out, stream)
+            if dt in ("float16", "bfloat16"):
+                f32 = [None if a is None else _to_float32(a, dt)
+                       for a in (x, dw_w, pw_w, b, dw_b, residual)]
+                x32, dww32, pww32, b32, dwb32, r32 = f32
+                pdw = dataclasses.replace(p.dw, dtype="float32")
+                ppw = dataclasses.replace(p.pw, dtype="float32")
+                mid = cupy.empty(p.dw.y_shape, dtype=np.float32)
+                out32 = cupy.empty(p.pw.y_shape, dtype=np.float32)
+            else:
+                x32, dww32, pww32, b32, dwb32, r32 = x, dw_w, pw_w, b, dw_b, residual
+                pdw, ppw = p.dw, p.pw
+                mid, out32 = cupy.empty(p.dw.y_shape, dtype=x.dtype), out
+        self.depthwise_forward(pdw, x32, dww32, dwb32, mid, stream)
+        self.pointwise_forward(ppw, mid, pww32, b32, r32, out32, stream)
+        if out32 is not out:
+            with x.device, _gpu.cupy_stream(stream):
+                _from_float32(out32, dt, out)
+
+
+def _to_float32(a, dtype: str):
+    """float32 copy of a 16-bit CuPy array (bfloat16 given as its uint16 bits)."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def _from_float32(a32, dtype: str, out) -> None:
+    """Round a float32 CuPy (or NumPy) array once, to nearest even, into the 16-bit ``out``
+    (bfloat16 as uint16 bits; NaN becomes the quiet NaN 0x7FC0)."""
+    import cupy
+
+    xp = cupy.get_array_module(a32)
+    if dtype == "float16":
+        out[...] = a32.astype(np.float16)
+        return
+    bits = a32.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+    out[...] = xp.where(xp.isnan(a32), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
 
 class _I64(int):
