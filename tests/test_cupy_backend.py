@@ -698,3 +698,20 @@ def test_bfloat16_round_trip_through_float32(rng):
     with np.errstate(over="ignore"):   # 3.39e38 overflows float16 to inf, as intended
         cb._from_float32(a, "float16", h)
         assert np.array_equal(h[~np.isnan(a)], a.astype(np.float16)[~np.isnan(a)])
+
+
+@pytest.mark.parametrize("file,name", [("depthwise", "dw_forward<__nv_bfloat16, 3, 1, 8, 4, true>"),
+                                       ("pointwise", "pw_gemm<__half, true, false, false>"),
+                                       ("separable", "sep_forward<float, 0, false>")])
+def test_cupy_nvrtc_wrapper_accepts_the_sources(file, name):
+    """CuPy's own NVRTC wrapper (what RawModule runs, with CuPy's extra options and include
+    directory) compiles the sources with our options and maps the name expressions. LTO-IR
+    output, so no device is needed to pick the architecture."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import compiler
+
+    inc = os.path.join(os.path.dirname(cupy.__file__), "_core", "include")
+    code, mapping = compiler.compile_using_nvrtc(
+        cb.source(file), options=cb.compile_options() + (f"-I{inc}", "-dlto"), arch="90",
+        method="lto", name_expressions=[name])
+    assert len(code) > 0 and mapping[name].startswith("_Z")
