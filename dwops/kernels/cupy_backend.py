@@ -235,8 +235,7 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
         vec = pick_vec(dtype, (c.CI, c.CO), (x_addr, y_addr)) if c.M == 1 and c.R == 1 else 1
         ct = min(32, _np2(_cdiv(c.CO, vec)))
         pt_ = THREADS // ct
-        twt = min(pt_, _np2(_cdiv(c.OW, opt)))
-        th0 = max(1, min(pt_ // twt, _np2(c.OH)))
+        th0, twt = _nhwc_tile(pt_, opt, c.OH, c.OW)
 
         def geometry(s):
             ct_, th_, twt_ = s
@@ -294,8 +293,7 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> La
         vec = pick_vec(dtype, (p.C,), (gy_addr, gx_addr)) if p.M == 1 else 1
         ct = min(32, _np2(_cdiv(p.C, vec)))
         pt_ = THREADS // ct
-        twt = min(pt_, _np2(_cdiv(p.W, opt)))
-        th0 = max(1, min(pt_ // twt, _np2(p.H)))
+        th0, twt = _nhwc_tile(pt_, opt, p.H, p.W)
 
         def geometry(ct_, th_, twt_):
             tw = twt_ * opt
@@ -313,6 +311,16 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> La
             th, tw, ih, iw, ip)
     return Launch("depthwise", name, grid, block, shared, ints,
                   {"K": K, "vec": vec, "opt": opt, "tile": (th, tw)})
+
+
+def _nhwc_tile(pt: int, opt: int, oh: int, ow: int) -> tuple[int, int]:
+    """(tile rows, thread columns) for ``pt`` pixel threads of ``opt`` outputs each: as wide as
+    the image allows, then narrowed towards a square tile (columns <= 2 x rows) while the image
+    has the rows, so the halo re-read from L2 stays small."""
+    twt = min(pt, _np2(_cdiv(ow, opt)))
+    while twt > 1 and twt * opt > 2 * (pt // twt) and pt // (twt // 2) <= _np2(oh):
+        twt //= 2
+    return max(1, min(pt // twt, _np2(oh))), twt
 
 
 def _splits(ntiles: int, other_blocks: int) -> tuple[int, int]:
@@ -357,8 +365,7 @@ def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0) -> tu
                 vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr), limit=max(1, GW_NHWC_ACC_REGS // KK))
             ct = min(32, _np2(_cdiv(p.CO, vec)))
             pt_ = THREADS // ct
-            twt = min(pt_, _np2(_cdiv(p.OW, opt)))
-            th0 = max(1, min(pt_ // twt, _np2(p.OH)))
+            th0, twt = _nhwc_tile(pt_, opt, p.OH, p.OW)
 
             def geometry(ct_, th_, twt_):
                 tc, tw = ct_ * vec, twt_ * opt
