@@ -126,10 +126,11 @@ def test_depthwise_activations(rng, act, layout, dtype):
            dict(padding="same", layout=layout, activation=act), dtype, what=str(act))
 
 
-# (N, CI, CO, H, W): odd/prime sizes, 1x1, CO not a multiple of the 4-wide register block,
-# pixel counts around the 64-pixel block, one case over the 4096-pixel reduction chunk.
+# (N, CI, CO, H, W): odd/prime sizes, 1x1, channel and pixel counts around the GEMM tile
+# (4 rows x 16 float32 / 8 float64 columns) and the 64-pixel block, one case over the 4096-pixel
+# reduction chunk.
 PW_CASES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (1, 8, 7, 8, 8), (3, 5, 4, 1, 67),
-            (1, 16, 9, 70, 70), (2, 64, 64, 5, 13)]
+            (1, 16, 9, 70, 70), (2, 64, 64, 5, 13), (2, 3, 20, 3, 7), (1, 17, 33, 2, 31)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,7 +158,7 @@ def test_pointwise(rng, case, layout, dtype):
 
 
 # depthwise case index, C_out of the pointwise stage
-SEP_CASES = [(0, 5), (1, 1), (3, 4), (4, 9), (5, 3), (6, 7), (8, 12)]
+SEP_CASES = [(0, 5), (1, 1), (3, 4), (4, 9), (5, 3), (6, 7), (8, 12), (0, 20), (7, 17)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

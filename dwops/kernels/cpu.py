@@ -37,11 +37,13 @@ How each is computed:
 * Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane; NHWC: a
   fixed block of output rows) a float64 partial sum, then one sum over the partials. The number
   of tasks does not depend on the thread count, so results are reproducible.
-* Pointwise products use one small GEMM, :func:`_gemm_nt` (``out = A B^T`` with both operands
-  running along the reduction axis, a 2x4 register block of vectorized dot products), per block
-  of PW_BLOCK pixels, with bias, activation and residual applied to the block while it is in
-  cache. NCHW blocks are transposed to (pixels, channels) first. No BLAS: one thread pool (Numba's)
-  runs everything, so no two pools spin against each other on a small machine.
+* Pointwise products use one small GEMM, :func:`_gemm_nn` (``out = A B``), per block of PW_BLOCK
+  pixels, with bias, activation and residual applied to the block while it is in cache. Its
+  inner tile, :func:`_microtile`, is a Numba intrinsic emitting LLVM vector FMAs with MR x 2
+  vector accumulators in registers (LLVM does not register-tile plain Numba loops). NCHW:
+  tile = W x[n][:, block]; NHWC: tile = x[block] W^T. Weight gradients use :func:`_gemm_nt`
+  (``A B^T``, both operands along the pixel axis: vectorized dot products). No BLAS: one thread
+  pool (Numba's) runs everything, so no two pools spin against each other on a small machine.
 * Separable is one fused kernel: per output row, the depthwise row of every channel (with dw bias
   and dw activation) goes into a cache-resident buffer, then the row's GEMM and the epilogue write
   the output; the intermediate never reaches main memory.
@@ -59,7 +61,11 @@ import numpy as np
 try:  # the backend reports itself unavailable instead of breaking ``import dwops``
     import numba
     from numba import njit, prange
+    from numba import types as _nbtypes
     from numba import uint64 as _u  # unsigned index cast, see "row kernels"
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+    from llvmlite import ir
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - exercised only without numba
@@ -69,12 +75,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
     def njit(*args, **kwargs):
         return lambda f: f
 
+    intrinsic = njit()
+
     prange = _u = range
 
 from .._registry import HostBackend
 
 ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4}
 
+# GEMM micro-tile: MR rows x 2 vectors of VEC_BYTES (AVX2 registers) per _microtile call.
+MR = 4
+VEC_BYTES = 32
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
@@ -133,6 +144,113 @@ def _activate(v, act):
         for k in range(v.shape[0]):
             y = v[k]
             v[k] = half * y * (one + math.erf(y * rsqrt2))
+
+
+# ----------------------------------------------------------------------------- GEMM micro-tile
+
+
+@intrinsic
+def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
+    """C[c0 + r, cq0 + l] = sum_k A[a0 + r, k] * BT[k, q0 + l] for r < MR, l < NR (K = A.shape[1]).
+
+    A:        (rows, K) C-contiguous left operand;  a0: its first row
+    BT:       (K, cols) C-contiguous right operand;  q0: its first column
+    C:        C-contiguous result;  c0, cq0: where the MR x NR tile goes
+    NR = 2 vectors of VEC_BYTES (16 float32 / 8 float64). Emitted as LLVM IR: MR x 2 vector
+    accumulators held in registers across the whole reduction, per k two vector loads of BT,
+    MR broadcasts of A and 2*MR fused multiply-adds (llvm.fma). LLVM does not produce this
+    register tiling from Numba loops, hence the intrinsic; everything else stays plain Numba.
+    """
+    sig = _nbtypes.void(A, a0, BT, q0, C, c0, cq0)
+
+    def codegen(context, builder, signature, args):
+        aty, _, bty, _, cty, _, _ = signature.args
+        fty = context.get_value_type(aty.dtype)
+        W = VEC_BYTES // (aty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        arrA = context.make_array(aty)(context, builder, args[0])
+        arrB = context.make_array(bty)(context, builder, args[2])
+        arrC = context.make_array(cty)(context, builder, args[4])
+        a0v, q0v, c0v, cq0v = args[1], args[3], args[5], args[6]
+        _, K = cgutils.unpack_tuple(builder, arrA.shape, 2)
+        ldb = cgutils.unpack_tuple(builder, arrB.shape, 2)[1]
+        ldc = cgutils.unpack_tuple(builder, arrC.shape, 2)[1]
+        suffix = f"v{W}f{aty.dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.{suffix}")
+        i32 = ir.IntType(32)
+        mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
+        undef = ir.Constant(vty, ir.Undefined)
+        zero = ir.Constant(vty, [0.0] * W)
+        arows = [builder.gep(arrA.data, [builder.mul(builder.add(a0v, ir.Constant(intp, r)), K)])
+                 for r in range(MR)]
+        entry = builder.basic_block
+        loop = builder.append_basic_block("mt.loop")
+        done = builder.append_basic_block("mt.done")
+        builder.cbranch(builder.icmp_signed(">", K, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(intp)
+        k.add_incoming(ir.Constant(intp, 0), entry)
+        accs = []
+        for r in range(MR):
+            for h in range(2):
+                ph = builder.phi(vty)
+                ph.add_incoming(zero, entry)
+                accs.append(ph)
+        bp = builder.gep(arrB.data, [builder.add(builder.mul(k, ldb), q0v)])
+        bv = []
+        for h in range(2):
+            ptr = builder.bitcast(builder.gep(bp, [ir.Constant(intp, h * W)]), vty.as_pointer())
+            bv.append(builder.load(ptr, align=aty.dtype.bitwidth // 8))
+        new = []
+        for r in range(MR):
+            a = builder.load(builder.gep(arows[r], [k]))
+            s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef, mask)
+            for h in range(2):
+                new.append(builder.call(fma, [s, bv[h], accs[r * 2 + h]]))
+        k1 = builder.add(k, ir.Constant(intp, 1))
+        k.add_incoming(k1, loop)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", k1, K), loop, done)
+        builder.position_at_end(done)
+        results = []
+        for v in new:
+            res = builder.phi(vty)
+            res.add_incoming(zero, entry)
+            res.add_incoming(v, loop)
+            results.append(res)
+        for r in range(MR):
+            crow = builder.gep(arrC.data, [builder.add(builder.mul(builder.add(c0v, ir.Constant(intp, r)), ldc), cq0v)])
+            for h in range(2):
+                ptr = builder.bitcast(builder.gep(crow, [ir.Constant(intp, h * W)]), vty.as_pointer())
+                builder.store(results[r * 2 + h], ptr, align=aty.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(cache=True, fastmath=_FM)
+def _gemm_nn(A, a0, P, BT, q0, Q, out):
+    """out[p, q] = sum_k A[a0 + p, k] * BT[k, q0 + q]  for p < P, q < Q  (K = A.shape[1]).
+
+    A:        (rows, K) C-contiguous;  BT: (K, cols) C-contiguous;  out: (>= P, >= Q) C-contiguous
+    Full MR x NR tiles by _microtile; the edge rows and columns by scalar dot products.
+    """
+    K = A.shape[1]
+    NR = 2 * (VEC_BYTES // A.itemsize)
+    Pm = P - P % MR
+    Qm = Q - Q % NR
+    for p in range(0, Pm, MR):
+        for q in range(0, Qm, NR):
+            _microtile(A, a0 + p, BT, q0 + q, out, p, q)
+    zero = out.dtype.type(0.0)
+    for p in range(P):
+        for q in range(Qm if p < Pm else 0, Q):
+            s = zero
+            for k in range(K):
+                s += A[a0 + p, k] * BT[k, q0 + q]
+            out[p, q] = s
 
 
 # ----------------------------------------------------------------------------- row kernels
@@ -587,8 +705,9 @@ def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
     res:      (N, CO, K) residual (read only if has_res)
     y:        (N, CO, K) output
     act:      activation code
-    One task per (image, block of PW_BLOCK pixels): the block is transposed to (pixels, CI) so
-    both GEMM operands run along CI, then GEMM, bias, activation and residual in cache.
+    One task per (image, block of PW_BLOCK pixels): tile (CO, pixels) = w x[n][:, block] by
+    _gemm_nn (x's (CI, H*W) image is already the right-hand operand), then bias, activation and
+    residual while the tile is in cache.
     """
     N, CI, K = x.shape
     CO = w.shape[0]
@@ -597,12 +716,8 @@ def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
         n = t // nb
         k0 = (t - n * nb) * PW_BLOCK
         pb = min(PW_BLOCK, K - k0)
-        xt = np.empty((pb, CI), x.dtype)
-        for c in range(CI):
-            for p in range(pb):
-                xt[p, c] = x[n, c, k0 + p]
         tile = np.empty((CO, pb), x.dtype)
-        _gemm_nt(w, 0, CO, xt, 0, pb, 0, CI, tile)
+        _gemm_nn(w, 0, CO, x[n], k0, pb, tile)
         _bias_act(tile, b, has_bias, True, act)
         for o in range(CO):
             if has_res:
@@ -614,21 +729,21 @@ def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_forward_nhwc(x, w, b, res, y, has_bias, has_res, act):
-    """y[p, o] = act(sum_c w[o, c] x[p, c] + b[o]) + res[p, o]  (NHWC, p = flat pixel).
+def _pw_forward_nhwc(x, wt, b, res, y, has_bias, has_res, act):
+    """y[p, o] = act(sum_c x[p, c] wt[c, o] + b[o]) + res[p, o]  (NHWC, p = flat pixel).
 
-    x:        (P, CI) input;  w: (CO, CI) weights;  b: (CO,) bias (read only if has_bias)
+    x:        (P, CI) input;  wt: (CI, CO) weights, transposed;  b: (CO,) bias (if has_bias)
     res:      (P, CO) residual (read only if has_res);  y: (P, CO) output;  act: activation code
     One task per block of PW_BLOCK pixels.
     """
     P, CI = x.shape
-    CO = w.shape[0]
+    CO = wt.shape[1]
     nb = (P + PW_BLOCK - 1) // PW_BLOCK
     for t in prange(nb):
         p0 = t * PW_BLOCK
         pb = min(PW_BLOCK, P - p0)
         tile = np.empty((pb, CO), x.dtype)
-        _gemm_nt(x, p0, pb, w, 0, CO, 0, CI, tile)
+        _gemm_nn(x, p0, pb, wt, 0, CO, tile)
         _bias_act(tile, b, has_bias, False, act)
         for p in range(pb):
             if has_res:
@@ -705,22 +820,25 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
     y:        (N, CO, OH, OW) output
     M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_row_nchw
     dact, act: depthwise and final activation codes
-    The depthwise row of every channel goes, transposed, into mid (OW, C*M); then
-    tile (CO, OW) = pw mid^T, bias, activation, residual, written as OW-long rows.
+    The depthwise row of every channel c goes into mid[c, :OW] (mid is (C*M, OWp), OWp = OW
+    rounded up to whole GEMM tiles, the pad columns zero); then tile (CO, OWp) = pw mid, bias,
+    activation, residual, the first OW columns written as rows of y.
     """
     N, CO, OH, OW = y.shape
     CI = w.shape[0]
+    NR = 2 * (VEC_BYTES // x.itemsize)
+    OWp = (OW + NR - 1) // NR * NR
     for t in prange(N * OH):
         n = t // OH
         i = t - n * OH
         row = np.empty((1, OW), x.dtype)
-        mid = np.empty((OW, CI), x.dtype)
+        mid = np.zeros((CI, OWp), x.dtype)
         for c in range(CI):
             _dw_row_nchw(x, w, db, n, c, i, row, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
             for j in range(OW):
-                mid[j, c] = row[0, j]
-        tile = np.empty((CO, OW), x.dtype)
-        _gemm_nt(pw, 0, CO, mid, 0, OW, 0, CI, tile)
+                mid[c, j] = row[0, j]
+        tile = np.empty((CO, OWp), x.dtype)
+        _gemm_nn(pw, 0, CO, mid, 0, OWp, tile)
         _bias_act(tile, b, has_bias, True, act)
         for o in range(CO):
             if has_res:
@@ -732,17 +850,17 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _separable_nhwc(x, wt, wrep, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
+def _separable_nhwc(x, wt, wrep, db, pwt, b, res, y, M, sh, sw, dh, dw, pt, pl,
                     has_db, dact, has_bias, has_res, act):
     """Fused separable forward, NHWC; one task per (n, output row), intermediate in cache.
 
     x:        (N, H, W, C) input
     wt:       (KH, KW, C*M) depthwise filters, channel last;  db: (C*M,) depthwise bias
     wrep:     tap filters repeated, as in _dw_row_nhwc
-    pw:       (CO, C*M) pointwise weights;  b: (CO,) bias (if has_bias)
+    pwt:      (C*M, CO) pointwise weights, transposed;  b: (CO,) bias (if has_bias)
     res:      (N, OH, OW, CO) residual (if has_res);  y: (N, OH, OW, CO) output
     M, sh, sw, dh, dw, pt, pl, dact, act: as in _separable_nchw
-    mid (1, OW, C*M) = depthwise row; tile (OW, CO) = mid pw^T, bias, activation, residual.
+    mid (1, OW, C*M) = depthwise row; tile (OW, CO) = mid pwt, bias, activation, residual.
     """
     N, OH, OW, CO = y.shape
     CI = wt.shape[2]
@@ -752,7 +870,7 @@ def _separable_nhwc(x, wt, wrep, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
         mid = np.empty((1, OW, CI), x.dtype)
         _dw_row_nhwc(x, wt, wrep, db, n, i, mid, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
         tile = np.empty((OW, CO), x.dtype)
-        _gemm_nt(mid[0], 0, OW, pw, 0, CO, 0, CI, tile)
+        _gemm_nn(mid[0], 0, OW, pwt, 0, CO, tile)
         _bias_act(tile, b, has_bias, False, act)
         for j in range(OW):
             if has_res:
@@ -869,12 +987,16 @@ class _CpuBackend(HostBackend):
 
     @staticmethod
     def _pw(p, x, w, b, residual, y, act):
-        """Pointwise GEMM + epilogue; x, w, b, residual, y in the compute dtype, y flat (_flat)."""
+        """y = act(w x + b) + residual over channels; w is (out channels, in channels);
+        x, w, b, residual, y in the compute dtype, x and y flat (_flat)."""
         dt = y.dtype
         bias = _opt(b, dt, (w.shape[0],))
         res = _opt(residual, dt, y.shape)
-        kernel = _pw_forward_nchw if p.layout == "NCHW" else _pw_forward_nhwc
-        kernel(x, w, bias, res, y, b is not None, residual is not None, act)
+        if p.layout == "NCHW":
+            _pw_forward_nchw(x, w, bias, res, y, b is not None, residual is not None, act)
+        else:
+            _pw_forward_nhwc(x, np.ascontiguousarray(w.T), bias, res, y, b is not None,
+                             residual is not None, act)
 
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         """x: p.x_shape, w: (CO, CI), b: (CO,) or None, residual: p.y_shape or None."""
@@ -922,14 +1044,16 @@ class _CpuBackend(HostBackend):
         dt = _compute_dtype(d.dtype)
         target = _target(out, dt)
         wk = _dw_weights(d, dw_w, dt)
-        rest = (_opt(dw_b, dt, (d.CO,)), _as(pw_w, dt), _opt(b, dt, (q.CO,)),
-                _opt(residual, dt, q.y_shape), target, *_geometry(d), dw_b is not None,
-                ACT_CODES[d.activation], b is not None, residual is not None,
+        pw = _as(pw_w, dt)
+        rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target, *_geometry(d),
+                dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
                 ACT_CODES[q.activation])
+        dwb = _opt(dw_b, dt, (d.CO,))
         if d.layout == "NCHW":
-            _separable_nchw(_as(x, dt), wk, *rest)
+            _separable_nchw(_as(x, dt), wk, dwb, pw, *rest)
         else:
-            _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), *rest)
+            _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), dwb,
+                            np.ascontiguousarray(pw.T), *rest)
         _finish(out, target)
 
 
