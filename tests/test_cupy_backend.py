@@ -80,11 +80,16 @@ def test_report_covers_every_op_and_dtype(report):
 NAMES = {n for _, _, _, _, n in cb.instantiations()}
 
 
+def _meta(shape, dtype="float64"):
+    """An array with this shape and dtype and no memory (validation reads metadata only)."""
+    return np.broadcast_to(np.zeros((), dwops._registry.numpy_dtype(dtype)), shape)
+
+
 def _dw_problem(n=2, c=3, h=9, w=11, m=1, k=(3, 3), s=1, d=1, padding=1, layout="NCHW",
                 dtype="float32", activation=None, bias=False):
-    x = np.empty(_spec._physical(layout, n, c, h, w), dtype=dwops._registry.numpy_dtype(dtype))
-    wt = np.empty((c * m, 1, *k), dtype=x.dtype)
-    b = np.empty((c * m,), dtype=x.dtype) if bias else None
+    x = _meta(_spec._physical(layout, n, c, h, w), dtype)
+    wt = _meta((c * m, 1, *k), dtype)
+    b = _meta((c * m,), dtype) if bias else None
     p, _ = _spec.depthwise("t", x, wt, b, s, padding, d, layout, activation)
     return p
 
@@ -435,10 +440,10 @@ def test_dw_grad_weight_plan_covers_every_tile(case, layout):
 
 def _pw_problem(n=2, ci=5, co=7, h=3, w=4, layout="NCHW", activation=None, bias=False,
                 residual=False):
-    x = np.empty(_spec._physical(layout, n, ci, h, w))
-    wt = np.empty((co, ci))
-    b = np.empty((co,)) if bias else None
-    r = np.empty(_spec._physical(layout, n, co, h, w)) if residual else None
+    x = _meta(_spec._physical(layout, n, ci, h, w))
+    wt = _meta((co, ci))
+    b = _meta((co,)) if bias else None
+    r = _meta(_spec._physical(layout, n, co, h, w)) if residual else None
     p, _ = _spec.pointwise("t", x, wt, b, layout, activation, r)
     return p
 
@@ -520,10 +525,9 @@ def test_gemm_strides_are_64_bit():
 
 
 def _sep_problem(c=8, m=1, co=16, k=3, layout="NCHW", h=10, w=12, dtype="float32"):
-    dt = dwops._registry.numpy_dtype(dtype)
-    x = np.empty(_spec._physical(layout, 2, c, h, w), dtype=dt)
-    dww = np.empty((c * m, 1, k, k), dtype=dt)
-    pww = np.empty((co, c * m), dtype=dt)
+    x = _meta(_spec._physical(layout, 2, c, h, w), dtype)
+    dww = _meta((c * m, 1, k, k), dtype)
+    pww = _meta((co, c * m), dtype)
     p, _ = _spec.separable("t", x, dww, pww, None, None, 1, "same", 1, layout, "relu", None, None)
     return p
 
@@ -715,3 +719,108 @@ def test_cupy_nvrtc_wrapper_accepts_the_sources(file, name):
         cb.source(file), options=cb.compile_options() + (f"-I{inc}", "-dlto"), arch="90",
         method="lto", name_expressions=[name])
     assert len(code) > 0 and mapping[name].startswith("_Z")
+
+
+# ----------------------------------------------------------------------------- random plans
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _random_problem(draw):
+    kh, kw = draw(st.sampled_from([1, 3, 5, 7, 2, 4, 9, 31])), draw(st.sampled_from([1, 3, 5, 7, 6]))
+    sh, sw, dh, dw = (draw(st.integers(1, 3)) for _ in range(4))
+    h = draw(st.integers(dh * (kh - 1) + 1, dh * (kh - 1) + 300))
+    w = draw(st.integers(dw * (kw - 1) + 1, dw * (kw - 1) + 300))
+    pads = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(2))
+    return dict(n=draw(st.integers(1, 70000)), c=draw(st.integers(1, 600)), h=h, w=w,
+                m=draw(st.integers(1, 3)), k=(kh, kw), s=(sh, sw), d=(dh, dw), padding=pads,
+                layout=draw(st.sampled_from(["NCHW", "NHWC"])),
+                dtype=draw(st.sampled_from(list(cb.CTYPE))))
+
+
+def _check_launch(L):
+    assert L.name in NAMES, L.name
+    assert 1 <= L.grid[0] < 2**31 and 1 <= L.grid[1] <= 65535 and 1 <= L.grid[2] <= 65535
+    assert 1 <= L.block[0] * L.block[1] * L.block[2] <= cb.THREADS
+    assert 0 <= L.shared <= cb.SMEM_OPTIN
+    assert all(-(2**31) <= v < 2**31 or isinstance(v, cb._I64) for v in L.ints)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_random_problem(), st.sampled_from([0, 2, 8, 16]))
+def test_every_plan_is_launchable(q, addr):
+    """Random problems (huge N, odd sizes, every kernel shape): every plan names an instantiated
+    kernel, stays within the grid, block and shared-memory limits, and 32-bit arguments fit."""
+    dtype = q.pop("dtype")
+    p = _dw_problem(dtype=dtype, **q)
+    try:
+        _check_launch(cb.plan_dw_forward(cb.conv_of_forward(p), dtype, p.layout, addr, 0))
+        _check_launch(cb.plan_dw_grad_input(p, p.layout, addr, 0))
+        s1, s2, _ = cb.plan_dw_grad_weight(p, p.layout, addr, 0)
+        _check_launch(s1)
+        _check_launch(s2)
+    except NotImplementedError:
+        assert not cb.BACKEND.prefers("depthwise_forward", p) or \
+            not cb.BACKEND.prefers("depthwise_grad_weight", p) or \
+            not cb.BACKEND.prefers("depthwise_grad_input", p)
+    import dataclasses
+
+    pw = _pw_problem(n=p.N, ci=p.C, co=p.CO, h=p.H, w=p.W, layout=p.layout)
+    for n0, n1 in cb.pointwise_chunks(pw):
+        for op in ("forward", "grad_input", "grad_weight"):
+            L, red, _ = cb.plan_pointwise(op, dataclasses.replace(pw, N=n1 - n0), p.layout)
+            _check_launch(L)
+            if red is not None:
+                _check_launch(red)
+
+
+def test_pointwise_chunks_keep_gemm_sizes_32_bit():
+    p = _pw_problem(n=70000, ci=8, co=8, h=300, w=300, layout="NHWC")   # 6.3e9 pixels
+    chunks = cb.pointwise_chunks(p)
+    assert chunks[0][0] == 0 and chunks[-1][1] == p.N
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    import dataclasses
+
+    for n0, n1 in chunks:
+        assert (n1 - n0) * p.H * p.W <= cb.GEMM_MAX_ROWS
+        for op in ("forward", "grad_input", "grad_weight"):
+            L, red, _ = cb.plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), "NHWC")
+            _check_launch(L)
+    assert cb.pointwise_chunks(_pw_problem(n=3)) == [(0, 3)]
+    one = _pw_problem(n=5, h=2**16, w=2**15)           # one image over the limit: one per launch
+    assert cb.pointwise_chunks(one) == [(i, i + 1) for i in range(5)]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_chunked_pointwise_replay(layout, rng, monkeypatch):
+    """The backend's chunk loop (images [n0, n1) per launch; grad_weight partials of all chunks
+    in one buffer, reduced once) replayed with a tiny row limit."""
+    import dataclasses
+
+    monkeypatch.setattr(cb, "GEMM_MAX_ROWS", 20)
+    p = _pw_problem(n=7, ci=5, co=6, h=2, w=3, layout=layout)
+    chunks = cb.pointwise_chunks(p)
+    assert len(chunks) == 3
+    x = rng.uniform(-1, 1, p.x_shape)
+    w = rng.uniform(-1, 1, (p.CO, p.CI))
+    gy = rng.uniform(-1, 1, p.y_shape)
+    y = np.concatenate([
+        _pw_out(cb.plan_pointwise("forward", dataclasses.replace(p, N=n1 - n0), layout)[0],
+                {"x": x[n0:n1], "w": w}, p.y_shape[1:], n1 - n0) for n0, n1 in chunks])
+    assert_close(y, dwops.reference.pointwise_conv2d(x, w, layout=layout), "float64")
+    total = sum(_emulate_gemm(cb.plan_pointwise("grad_weight", dataclasses.replace(p, N=n1 - n0),
+                                                layout)[0], gy[n0:n1], x[n0:n1])
+                for n0, n1 in chunks)
+    assert_close(total, dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout),
+                 "float64")
+
+
+def _pw_out(L, arrays, tail, n):
+    mats, ldc, sC = _emulate_gemm(L, *(arrays[k] for k in L.info["operands"][:2]))
+    out = np.full(n * math.prod(tail), np.nan)
+    mm, jj = np.arange(L.ints[1])[:, None], np.arange(L.ints[2])[None, :]
+    for bt, C in enumerate(mats):
+        out[bt * sC + mm * ldc + jj] = C
+    return out.reshape((n,) + tuple(tail))

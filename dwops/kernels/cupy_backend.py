@@ -491,6 +491,16 @@ def plan_pointwise(op: str, p, layout: str) -> tuple:
     return gemm, red, splits * count
 
 
+GEMM_MAX_ROWS = 2**30   # pw_gemm takes 32-bit sizes: at most this many pixels per launch
+
+
+def pointwise_chunks(p) -> list[tuple[int, int]]:
+    """Image ranges [n0, n1) of the pointwise launches: one launch unless N*H*W pixels exceed
+    GEMM_MAX_ROWS, then as many whole images per launch as fit (one image at least)."""
+    per = max(1, GEMM_MAX_ROWS // (p.H * p.W))
+    return [(n0, min(p.N, n0 + per)) for n0 in range(0, p.N, per)]
+
+
 def plan_separable(p, layout: str):
     """The fused sep_forward Launch, or None when the depthwise tile of all C*M channels does not
     fit in SEP_SMEM_MAX (then the backend runs dw_forward into a temporary and pw_gemm)."""
@@ -943,26 +953,47 @@ class CupyBackend(Backend):
         self._run(s2, (part, out), stream)
 
     def _pointwise(self, op, p, arrays: dict, bias, residual, stream):
+        """pw_gemm over images [n0, n1) of each chunk (pointwise_chunks keeps the GEMM's 32-bit
+        sizes in range); grad_weight chunks write consecutive splits of one partial buffer that a
+        single sum_splits reduces."""
+        import dataclasses
+
         import cupy
 
         from . import _gpu
 
-        gemm, red, count = plan_pointwise(op, p, p.layout)
-        a, b_, c = (arrays[k] for k in gemm.info["operands"])
+        chunks = pointwise_chunks(p)
+        plans = [plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), p.layout)
+                 for n0, n1 in chunks]
+        operands = plans[0][0].info["operands"]
+        out = arrays[operands[2]]
+        partial = plans[0][1] is not None
         part = None
-        if red is not None:
-            with c.device, _gpu.cupy_stream(stream):
-                part = cupy.empty(count, dtype="float64" if p.dtype == "float64" else "float32")
+        if partial:
+            with out.device, _gpu.cupy_stream(stream):
+                part = cupy.empty(sum(c for _, _, c in plans),
+                                  dtype="float64" if p.dtype == "float64" else "float32")
         act = ACTIVATION_CODE[p.activation] if op == "forward" else 0
-        # pw_gemm(A, B, C, partial, bias, bias_on_n, res, act, Mdim, ...)
-        args = (a, b_, _ptr(None) if red is not None else c, _ptr(part), _ptr(bias),
-                np.int32(gemm.ints[0]), _ptr(residual), np.int32(act)) + _scalars(gemm.ints[1:])
-        with c.device:
-            fn = self._function(gemm)
-            with _gpu.cupy_stream(stream):
-                fn(gemm.grid, gemm.block, args, shared_mem=gemm.shared)
-        if red is not None:
-            self._run(red, (part, c), stream)
+        offset = 0
+        for (n0, n1), (gemm, _, count) in zip(chunks, plans):
+            # the chunk's images of each batched operand (the weights w and gw are shared)
+            a, b_, c = (arrays[k] if k in ("w", "gw") else arrays[k][n0:n1] for k in operands)
+            res = None if residual is None else residual[n0:n1]
+            # pw_gemm(A, B, C, partial, bias, bias_on_n, res, act, Mdim, ...)
+            args = (a, b_, _ptr(None) if partial else c,
+                    _ptr(None if part is None else part[offset:offset + count]), _ptr(bias),
+                    np.int32(gemm.ints[0]), _ptr(res), np.int32(act)) + _scalars(gemm.ints[1:])
+            offset += count
+            with out.device:
+                fn = self._function(gemm)
+                with _gpu.cupy_stream(stream):
+                    fn(gemm.grid, gemm.block, args, shared_mem=gemm.shared)
+        if partial:
+            splits = offset // (p.CO * p.CI)
+            red = plans[0][1]
+            red = Launch(red.file, red.name, red.grid, red.block, red.shared,
+                         (splits, p.CO * p.CI), red.info)
+            self._run(red, (part, out), stream)
 
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         self._pointwise("forward", p, {"x": x, "w": w, "y": out}, b, residual, stream)
