@@ -89,6 +89,8 @@ VEC_BYTES = 32
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
+# NCHW separable: about SEP_PIXELS output pixels per band of rows (stride 1).
+SEP_PIXELS = 512
 # NHWC depthwise flat path: about FLAT_ELEMS values (pixels x channels) per vectorized tap loop.
 FLAT_ELEMS = 1024
 GW_ROWS = 4096
@@ -427,11 +429,13 @@ def _bias_act(tile, b, has_bias, channel_rows, act):
 
 
 @njit(cache=True, fastmath=_FM)
-def _dw_plane_nchw(x, w, b, n, o, dst, d0, OH, M, dh, dw, pt, pl, has_bias, act):
-    """Stride-1 depthwise of a whole (n, o) plane into dst rows d0 .. d0+OH-1, NCHW.
+def _dw_plane_nchw(x, w, b, n, o, i0, OH, dst, d0, M, dh, dw, pt, pl, has_bias, act):
+    """Stride-1 depthwise of output rows i0 .. i0+OH-1 of an (n, o) plane into dst rows d0 ..
+    d0+OH-1, NCHW (the whole plane when i0 = 0 and OH is its height).
 
     x:        (N, C, H, W) input;  w: (C*M, KH, KW) filters;  b: (C*M,) bias (if has_bias)
-    dst:      (rows, OW) destination;  OH: output rows of the plane
+    i0, OH:   first output row and number of rows
+    dst:      (rows, OW) destination
     M, dh, dw, pt, pl, act: as in _dw_row_nchw
     The input plane is copied once into a zero-padded (OH + (KH-1)*dh, Wp) buffer with
     Wp = OW + (KW-1)*dw. In padded coordinates output (i, j) reads (i + a*dh, j + b*dw), so
@@ -448,7 +452,7 @@ def _dw_plane_nchw(x, w, b, n, o, dst, d0, OH, M, dh, dw, pt, pl, has_bias, act)
     xp = np.empty(Hp * Wp, x.dtype)
     q1 = min(Wp, pl + W)  # padded columns [pl, q1) hold input columns [0, q1 - pl)
     for rp in range(Hp):
-        r = rp - pt
+        r = i0 + rp - pt
         base = rp * Wp
         if r < 0 or r >= H:
             for cp in range(Wp):
@@ -496,7 +500,7 @@ def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
         n = t // CO
         o = t - n * CO
         if sh == 1 and sw == 1:
-            _dw_plane_nchw(x, w, b, n, o, out, t * OH, OH, M, dh, dw, pt, pl, has_bias, act)
+            _dw_plane_nchw(x, w, b, n, o, 0, OH, out, t * OH, M, dh, dw, pt, pl, has_bias, act)
         else:
             for i in range(OH):
                 _dw_row_nchw(x, w, b, n, o, i, out, t * OH + i, M, sh, sw, dh, dw, pt, pl,
@@ -811,7 +815,7 @@ def _pw_grad_weight_nhwc(x, gy, part):
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
                     has_db, dact, has_bias, has_res, act):
-    """Fused separable forward, NCHW; one task per (n, output row), intermediate in cache.
+    """Fused separable forward, NCHW; one task per band of output rows, intermediate in cache.
 
     x:        (N, C, H, W) input
     w:        (C*M, KH, KW) depthwise filters;  db: (C*M,) depthwise bias (if has_db)
@@ -820,33 +824,44 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
     y:        (N, CO, OH, OW) output
     M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_row_nchw
     dact, act: depthwise and final activation codes
-    The depthwise row of every channel c goes into mid[c, :OW] (mid is (C*M, OWp), OWp = OW
-    rounded up to whole GEMM tiles, the pad columns zero); then tile (CO, OWp) = pw mid, bias,
-    activation, residual, the first OW columns written as rows of y.
+    One task per band of RB output rows of one image (RB = 1 unless the stride is 1; then about
+    SEP_PIXELS pixels per band). Each channel's band goes through a (RB, OW) buffer into
+    mid[c, :RB*OW] (mid is (C*M, Kp), Kp = RB*OW rounded up to whole GEMM tiles, the pad columns
+    zero); then tile (CO, Kp) = pw mid, bias, activation, residual; the first RB*OW columns are
+    the band's pixels of y.
     """
     N, CO, OH, OW = y.shape
     CI = w.shape[0]
     NR = 2 * (VEC_BYTES // x.itemsize)
-    OWp = (OW + NR - 1) // NR * NR
-    for t in prange(N * OH):
-        n = t // OH
-        i = t - n * OH
-        row = np.empty((1, OW), x.dtype)
-        mid = np.zeros((CI, OWp), x.dtype)
+    RB = max(1, min(OH, SEP_PIXELS // OW)) if sh == 1 and sw == 1 else 1
+    nb = (OH + RB - 1) // RB
+    for t in prange(N * nb):
+        n = t // nb
+        i0 = (t - n * nb) * RB
+        R = min(RB, OH - i0)
+        Kp = (R * OW + NR - 1) // NR * NR
+        band = np.empty((R, OW), x.dtype)
+        mid = np.zeros((CI, Kp), x.dtype)
         for c in range(CI):
-            _dw_row_nchw(x, w, db, n, c, i, row, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
-            for j in range(OW):
-                mid[c, j] = row[0, j]
-        tile = np.empty((CO, OWp), x.dtype)
-        _gemm_nn(pw, 0, CO, mid, 0, OWp, tile)
+            if sh == 1 and sw == 1:
+                _dw_plane_nchw(x, w, db, n, c, i0, R, band, 0, M, dh, dw, pt, pl, has_db, dact)
+            else:
+                _dw_row_nchw(x, w, db, n, c, i0, band, 0, M, sh, sw, dh, dw, pt, pl, has_db,
+                             dact)
+            for ii in range(R):
+                for j in range(OW):
+                    mid[c, ii * OW + j] = band[ii, j]
+        tile = np.empty((CO, Kp), x.dtype)
+        _gemm_nn(pw, 0, CO, mid, 0, Kp, tile)
         _bias_act(tile, b, has_bias, True, act)
         for o in range(CO):
-            if has_res:
-                for j in range(OW):
-                    y[n, o, i, j] = tile[o, j] + res[n, o, i, j]
-            else:
-                for j in range(OW):
-                    y[n, o, i, j] = tile[o, j]
+            for ii in range(R):
+                if has_res:
+                    for j in range(OW):
+                        y[n, o, i0 + ii, j] = tile[o, ii * OW + j] + res[n, o, i0 + ii, j]
+                else:
+                    for j in range(OW):
+                        y[n, o, i0 + ii, j] = tile[o, ii * OW + j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
