@@ -95,7 +95,8 @@ def main():
 
     bw_med, bw_best = bandwidth(args.reps)
     act_bytes = x.nbytes
-    print(f"threads={args.threads}  copy bandwidth {bw_med:.1f} GB/s (median), {bw_best:.1f} (best)")
+    print(f"threads={args.threads}  copy bandwidth {bw_med:.1f} GB/s (median), "
+          f"{bw_best:.1f} (best)")
     print(f"{'case':28s} {'dwops ms':>16s} {'torch ms':>16s} {'torch/dwops':>11s} {'floor ms':>8s}")
 
     cases = {

@@ -108,7 +108,7 @@ _FM = {"contract"}
 
 @njit(cache=True, inline="always")
 def _span(off, s, n_in, n_out):
-    """Outputs ``j`` in ``[j0, j1)`` with ``0 <= j*s + off < n_in`` (``s >= 1``), clipped to n_out."""
+    """Outputs ``j`` in ``[j0, j1)`` with ``0 <= j*s + off < n_in`` (s >= 1), clipped to n_out."""
     j0 = max(0, -(off // s))
     j1 = min(n_out, (n_in - 1 - off) // s + 1)
     return j0, max(j0, j1)
@@ -153,7 +153,7 @@ def _activate(v, act):
 
 @intrinsic
 def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
-    """C[c0 + r, cq0 + l] = sum_k A[a0 + r, k] * BT[k, q0 + l] for r < MR, l < NR (K = A.shape[1]).
+    """C[c0 + r, cq0 + l] = sum_k A[a0 + r, k] * BT[k, q0 + l], r < MR, l < NR, K = A.shape[1].
 
     A:        (rows, K) C-contiguous left operand;  a0: its first row
     BT:       (K, cols) C-contiguous right operand;  q0: its first column
@@ -166,6 +166,7 @@ def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
     sig = _nbtypes.void(A, a0, BT, q0, C, c0, cq0)
 
     def codegen(context, builder, signature, args):
+        # IR: entry -> (K > 0) loop over k with MR*2 vector phis -> done: store the tiles
         aty, _, bty, _, cty, _, _ = signature.args
         fty = context.get_value_type(aty.dtype)
         W = VEC_BYTES // (aty.dtype.bitwidth // 8)
@@ -208,7 +209,8 @@ def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
         new = []
         for r in range(MR):
             a = builder.load(builder.gep(arows[r], [k]))
-            s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef, mask)
+            one = builder.insert_element(undef, a, ir.Constant(i32, 0))
+            s = builder.shuffle_vector(one, undef, mask)  # broadcast A[a0 + r, k]
             for h in range(2):
                 new.append(builder.call(fma, [s, bv[h], accs[r * 2 + h]]))
         k1 = builder.add(k, ir.Constant(intp, 1))
@@ -224,9 +226,11 @@ def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
             res.add_incoming(v, loop)
             results.append(res)
         for r in range(MR):
-            crow = builder.gep(arrC.data, [builder.add(builder.mul(builder.add(c0v, ir.Constant(intp, r)), ldc), cq0v)])
+            row = builder.add(c0v, ir.Constant(intp, r))
+            crow = builder.gep(arrC.data, [builder.add(builder.mul(row, ldc), cq0v)])
             for h in range(2):
-                ptr = builder.bitcast(builder.gep(crow, [ir.Constant(intp, h * W)]), vty.as_pointer())
+                ptr = builder.gep(crow, [ir.Constant(intp, h * W)])
+                ptr = builder.bitcast(ptr, vty.as_pointer())
                 builder.store(results[r * 2 + h], ptr, align=aty.dtype.bitwidth // 8)
         return context.get_dummy_value()
     return sig, codegen
@@ -608,7 +612,7 @@ def _dw_grad_input_nhwc(gy, wt, gx, M, sh, sw, dh, dw, pt, pl):
                             gx[n, r, q, c] += s
 
 
-# ----------------------------------------------------------------------------- depthwise grad_weight
+# ------------------------------------------------------------------------- depthwise grad_weight
 
 
 @njit(parallel=True, cache=True, fastmath=_FM_SUM)
