@@ -115,6 +115,32 @@ def test_depthwise_grad_weight(rng, case, layout, dtype):
            (_absf(x), _absf(gy), wshape), "grad_weight")
 
 
+# NHWC register-tiled interior (channel multiples of 16 float32 / 8 float64 values, stride_w 1,
+# M 1): (N, C, H, W, KH, KW, stride, padding, dilation)
+TILE_CASES = [
+    (2, 32, 7, 13, 3, 3, 1, "same", 1),
+    (1, 48, 9, 22, 5, 5, (2, 1), ((1, 3), (2, 0)), (1, 2)),
+    (1, 24, 6, 17, 3, 7, 1, "valid", 1),
+    (1, 16, 4, 9, 1, 1, 1, 0, 1),
+    (1, 32, 5, 6, 3, 5, 1, ((0, 0), (4, 4)), 1),  # narrow input, wide padding: no interior
+]
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float64", "bfloat16"))
+@pytest.mark.parametrize("case", TILE_CASES, ids=_ids(TILE_CASES))
+def test_depthwise_nhwc_register_tiles(rng, case, dtype):
+    n, c, h, w, kh, kw, stride, padding, dilation = case
+    x = rand(rng, (n, h, w, c), dtype)
+    wt = rand(rng, (c, 1, kh, kw), dtype)
+    b = rand(rng, (c,), dtype)
+    kw_ = dict(stride=stride, padding=padding, dilation=dilation, layout="NHWC")
+    _check(dwops.depthwise_conv2d, (x, wt, b), kw_, dtype, (_absf(x), _absf(wt), _absf(b)))
+    _check(dwops.depthwise_conv2d, (x, wt), dict(kw_, activation="gelu"), dtype)
+    pw = rand(rng, (c + 3, c), dtype)
+    _check(dwops.separable_conv2d, (x, wt, pw), dict(kw_, dw_bias=b, dw_activation="relu6"),
+           dtype)
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", ("float32", "float64"))

@@ -86,6 +86,8 @@ ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4}
 # GEMM micro-tile: MR rows x 2 vectors of VEC_BYTES (AVX2 registers) per _microtile call.
 MR = 4
 VEC_BYTES = 32
+# NHWC depthwise register tile: JT pixels x 2 vectors of channels per _dw_tile call.
+JT = 4
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
@@ -236,6 +238,82 @@ def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
     return sig, codegen
 
 
+@intrinsic
+def _dw_tile(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix):
+    """acc[abase + p*pix + l] += sum_t wf[woffs[t] + c0 + l] * xf[xoffs[t] + xbase + p*pix + l]
+    for p < JT pixels and l < 2 vectors of channels (NHWC depthwise, interior pixels).
+
+    xf:       flat input;  xoffs: (T,) int64 offset of each valid tap's input pixel run
+    T:        number of valid taps;  wf: flat (KH, KW, C) filters;  woffs: (T,) tap offsets in wf
+    xbase:    added to every x offset (j*C + c0);  c0: first channel
+    acc:      flat destination row;  abase: offset of (pixel j, channel c0);  pix: pixel stride
+    The JT x 2 vector accumulators stay in registers across all taps: per tap 2 weight loads,
+    2*JT input loads and 2*JT vector FMAs (the flat per-tap loops need 3 loads and a store per
+    FMA).
+    """
+    sig = _nbtypes.void(xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix)
+
+    def codegen(context, builder, signature, args):
+        xty, oty, _, wty, _, _, _, aty, _, _ = signature.args
+        fty = context.get_value_type(xty.dtype)
+        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        al = xty.dtype.bitwidth // 8
+        X = context.make_array(xty)(context, builder, args[0])
+        XO = context.make_array(oty)(context, builder, args[1])
+        Tn = args[2]
+        Wf = context.make_array(wty)(context, builder, args[3])
+        WO = context.make_array(oty)(context, builder, args[4])
+        xbase, c0, abase, pix = args[5], args[6], args[8], args[9]
+        A = context.make_array(aty)(context, builder, args[7])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+        def vptr(base_ptr, off):
+            return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        offs = [builder.add(builder.mul(c(p), pix), c(h * W)) for p in range(JT) for h in range(2)]
+        init = [builder.load(vptr(A.data, builder.add(abase, o)), align=al) for o in offs]
+        entry = builder.basic_block
+        loop = builder.append_basic_block("dt.loop")
+        done = builder.append_basic_block("dt.done")
+        builder.cbranch(builder.icmp_signed(">", Tn, c(0)), loop, done)
+        builder.position_at_end(loop)
+        t = builder.phi(intp)
+        t.add_incoming(c(0), entry)
+        accs = []
+        for v in init:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, entry)
+            accs.append(ph)
+        xo = builder.add(builder.load(builder.gep(XO.data, [t])), xbase)
+        wo = builder.add(builder.load(builder.gep(WO.data, [t])), c0)
+        wv = [builder.load(vptr(Wf.data, builder.add(wo, c(h * W))), align=al) for h in range(2)]
+        new = []
+        for k, o in enumerate(offs):
+            xv = builder.load(vptr(X.data, builder.add(xo, o)), align=al)
+            new.append(builder.call(fma, [wv[k % 2], xv, accs[k]]))
+        t1 = builder.add(t, c(1))
+        t.add_incoming(t1, loop)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", t1, Tn), loop, done)
+        builder.position_at_end(done)
+        res = []
+        for v0, v1 in zip(init, new):
+            ph = builder.phi(vty)
+            ph.add_incoming(v0, entry)
+            ph.add_incoming(v1, loop)
+            res.append(ph)
+        for v, o in zip(res, offs):
+            builder.store(v, vptr(A.data, builder.add(abase, o)), align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(cache=True, fastmath=_FM)
 def _gemm_nn(A, a0, P, BT, q0, Q, out):
     """out[p, q] = sum_k A[a0 + p, k] * BT[k, q0 + q]  for p < P, q < Q  (K = A.shape[1]).
@@ -315,9 +393,10 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
     n, i:     image, output row
     dst, d:   (rows, OW, C*M) destination and its row
     M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
-    With M == 1 and sw == 1, a tap's valid columns are one contiguous run of pixels in both x and
-    dst, so the tap is a flat multiply-add over JB pixels x C channels at a time (long vectorized
-    loops); otherwise one multiply-add along C per valid output column.
+    With M == 1 and sw == 1: interior pixels (all taps inside the input) by the register tile
+    _dw_tile when C is a multiple of its channel width; the other pixels per tap as a flat
+    multiply-add over JB pixels x C channels (a tap's valid columns are one contiguous run of
+    pixels in both x and dst). Otherwise one multiply-add along C per valid output column.
     """
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, CO = wt.shape
@@ -329,6 +408,30 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
         for o in range(CO):
             dst[d, j, o] = b[o] if has_bias else zero
     dflat = dst[d].reshape(OW * CO)
+    # flat path, interior: pixels [jt0, jt1) where every tap column is inside the input, in
+    # register tiles of JT pixels x 2 channel vectors (needs C a multiple of that width)
+    jt0 = jt1 = 0
+    NRc = 2 * (VEC_BYTES // x.itemsize)
+    if flat and C % NRc == 0:
+        jt0 = min(max(0, pl), OW)
+        jt1 = jt0 + max(0, min(OW, W + pl - (KW - 1) * dw) - jt0) // JT * JT
+    if jt1 > jt0:
+        xoffs = np.empty(KH * KW, np.int64)
+        woffs = np.empty(KH * KW, np.int64)
+        T = 0
+        for a in range(KH):
+            r = i * sh - pt + a * dh
+            if r < 0 or r >= H:
+                continue
+            for bb in range(KW):
+                xoffs[T] = ((n * H + r) * W + bb * dw - pl) * C
+                woffs[T] = (a * KW + bb) * CO
+                T += 1
+        xf = x.reshape(x.size)
+        wf = wt.reshape(KH * KW * CO)
+        for j in range(jt0, jt1, JT):
+            for c0 in range(0, C, NRc):
+                _dw_tile(xf, xoffs, T, wf, woffs, j * C + c0, c0, dflat, j * CO + c0, C)
     for a in range(KH):
         r = i * sh - pt + a * dh
         if r < 0 or r >= H:
@@ -338,12 +441,14 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
             off = bb * dw - pl
             j0, j1 = _span(off, sw, W, OW)
             if flat:
-                for jb in range(j0, j1, JB):
-                    L = (min(j1, jb + JB) - jb) * CO
-                    f0 = jb * CO
-                    x0 = (jb + off) * C
-                    for f in range(L):
-                        dflat[_u(f0 + f)] += wrep[a, bb, f] * xflat[_u(x0 + f)]
+                # the pixels left of and right of the register-tiled interior
+                for lo, hi in ((j0, min(j1, jt0)), (max(j0, jt1), j1)):
+                    for jb in range(lo, hi, JB):
+                        L = (min(hi, jb + JB) - jb) * CO
+                        f0 = jb * CO
+                        x0 = (jb + off) * C
+                        for f in range(L):
+                            dflat[_u(f0 + f)] += wrep[a, bb, f] * xflat[_u(x0 + f)]
                 continue
             for j in range(j0, j1):
                 col = j * sw + off
