@@ -30,7 +30,11 @@ How each is computed:
 * Depthwise forward and grad_input are *row* kernels. For one kernel tap ``(a, b)`` the outputs of
   an output row that read a valid input column form one contiguous range ``[j0, j1)`` (see
   :func:`_span`), so the tap is a multiply-add over that range with no bounds test inside; LLVM
-  vectorizes it along W (NCHW) or along C (NHWC). grad_input *scatters* each output row into the
+  vectorizes it along W (NCHW) or along C (NHWC). Faster special cases of the forward: stride 1
+  NCHW copies the plane (or a band of rows) into a zero-padded buffer once, after which a tap is
+  one flat multiply-add over the whole plane (:func:`_dw_plane_nchw`); NHWC with M = 1 and
+  stride_w 1 runs the interior pixels in register tiles (:func:`_dw_tile`, accumulators kept in
+  registers across all taps) and the border pixels as flat per-tap loops. grad_input *scatters* each output row into the
   input rows it came from: the task owning an input plane (NCHW: one ``(n, c)`` plane with its
   ``M`` output channels) or an input row (NHWC: taps ``a`` with ``r + pt - a*dh`` divisible by
   ``sh``) is the only writer, so there are no races and no atomics.
