@@ -37,11 +37,17 @@ def assert_close(actual, expected, dtype: str, scale=None, what: str = "") -> No
     assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
     nan_a, nan_e = np.isnan(a), np.isnan(e)
     assert np.array_equal(nan_a, nan_e), f"{what}: NaN pattern differs"
+    inf_e = np.isinf(e)
+    assert np.array_equal(a[inf_e], e[inf_e]) and not np.isinf(a[~inf_e]).any(), \
+        f"{what}: infinities differ"
     if scale is None:
         scale = np.maximum(1.0, np.abs(e))
     bound = _RTOL[dtype] * np.asarray(scale, dtype=np.float64) + 1e-300
-    err = np.where(nan_e, 0.0, np.abs(a - e))
-    worst = np.unravel_index(np.argmax(err / bound), err.shape) if err.size else ()
+    bound = np.where(np.isnan(bound), np.inf, bound)  # NaN positions are checked above
+    with np.errstate(invalid="ignore"):
+        err = np.where(nan_e | (a == e), 0.0, np.abs(a - e))  # a == e covers matching infinities
+    with np.errstate(invalid="ignore"):
+        worst = np.unravel_index(np.argmax(err / bound), err.shape) if err.size else ()
     assert np.all(err <= bound), (
         f"{what}: max error {err[worst]:.3e} at {worst} exceeds {bound[worst] if np.ndim(bound) else bound:.3e}"
         f" ({dtype}); got {a[worst]!r}, expected {e[worst]!r}")
