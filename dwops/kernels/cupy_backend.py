@@ -25,13 +25,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .._errors import BackendUnavailableError
 from .._registry import Backend, numpy_dtype
+from ._ptxas import assemble
 
 # ----------------------------------------------------------------------------- constants
 
@@ -670,54 +670,6 @@ def compile_ptx(file: str, names: list[str], arch: str = "sm_90") -> tuple[bytes
         return ptx, lowered
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
-
-
-_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_USED = re.compile(r"Used (\d+) registers")
-_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
-
-
-def assemble(ptx: bytes, arch: str = "sm_90") -> dict:
-    """Assemble PTX for ``arch`` with nvJitLink; per lowered entry name: registers, static shared
-    bytes, spill bytes (stores + loads) and stack frame, parsed from ptxas' verbose log."""
-    from cuda.bindings import nvjitlink
-
-    h = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
-    try:
-        try:
-            nvjitlink.add_data(h, nvjitlink.InputType.PTX, ptx, len(ptx), "dwops.ptx")
-            nvjitlink.complete(h)
-        except Exception as exc:
-            n = nvjitlink.get_error_log_size(h)
-            buf = bytearray(n)
-            nvjitlink.get_error_log(h, buf)
-            raise RuntimeError(f"nvJitLink: {exc}\n{buf.decode(errors='replace')}") from exc
-        n = nvjitlink.get_info_log_size(h)
-        buf = bytearray(n)
-        nvjitlink.get_info_log(h, buf)
-        log = buf.decode(errors="replace")
-    finally:
-        nvjitlink.destroy(h)
-    out, cur = {}, None
-    for line in log.splitlines():
-        m = _PTXAS_ENTRY.search(line)
-        if m:
-            cur = m.group(1)
-            out[cur] = {"registers": None, "shared_bytes": 0, "spill_bytes": 0, "stack_bytes": 0}
-            continue
-        if cur is None:
-            continue
-        m = _PTXAS_SPILL.search(line)
-        if m:
-            out[cur]["stack_bytes"] = int(m.group(1))
-            out[cur]["spill_bytes"] = int(m.group(2)) + int(m.group(3))
-        m = _PTXAS_USED.search(line)
-        if m:
-            out[cur]["registers"] = int(m.group(1))
-            s = _PTXAS_SMEM.search(line)
-            out[cur]["shared_bytes"] = int(s.group(1)) if s else 0
-    return out
 
 
 def _compile_group(args):

@@ -388,35 +388,13 @@ def _quick_specs():
 
 
 def _ptxas_info(ptx: str, arch: str):
-    """(registers, shared bytes, spill bytes) of a PTX kernel assembled by nvJitLink."""
-    import re
+    """(registers, shared bytes, spill bytes) of a one-kernel PTX module assembled by nvJitLink."""
+    from ._ptxas import assemble
 
-    from cuda.bindings import nvjitlink
-
-    opts = [f"-arch={arch}", "-verbose"]
-    handle = nvjitlink.create(len(opts), opts)
-    try:
-        data = ptx.encode()
-        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
-        try:
-            nvjitlink.complete(handle)
-        except Exception as exc:
-            size = nvjitlink.get_error_log_size(handle)
-            log = bytearray(size)
-            nvjitlink.get_error_log(handle, log)
-            raise RuntimeError(f"nvJitLink: {log.decode(errors='replace').strip()}") from exc
-        size = nvjitlink.get_info_log_size(handle)
-        log = bytearray(size)
-        nvjitlink.get_info_log(handle, log)
-        text = log.decode(errors="replace")
-    finally:
-        nvjitlink.destroy(handle)
-    regs = re.search(r"[Uu]sed (\d+) registers", text)
-    smem = re.search(r"(\d+) bytes smem", text)
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
-    if regs is None:
-        raise RuntimeError(f"no register count in the nvJitLink log: {text.strip()}")
-    return int(regs.group(1)), int(smem.group(1)) if smem else 0, sum(spills)
+    (props,) = assemble(ptx, arch).values()
+    if props["registers"] is None:
+        raise RuntimeError("no register count in the nvJitLink log")
+    return props["registers"], props["shared_bytes"], props["spill_bytes"]
 
 
 def _report_row(index: int, quick: bool, arch: str) -> dict:
