@@ -629,7 +629,6 @@ def _emulate_separable(L, x, dww, dwb, pww, b, r, p, layout):
     xl = x if layout == "NCHW" else x.transpose(0, 3, 1, 2)
     y = np.full((N, CO2, OH, OW), np.nan)
     tiles_w = math.ceil(OW / TW)
-    dact = {v: k for k, v in cb.ACTIVATION_CODE.items()}
     for blk in range(L.grid[0]):
         oy0, ox0 = (blk // tiles_w) * TH, (blk % tiles_w) * TW
         iy0, ix0 = oy0 * sh - pt, ox0 * sw - pl

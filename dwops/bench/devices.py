@@ -223,7 +223,6 @@ class _CudaDevice:
         dst = self._empty_like(src)
         ms = statistics.median(self.time(lambda: self._copy(dst, src), warmup=2, min_iters=10,
                                          max_iters=20, target_s=0.05))
-        del src, dst
         return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
