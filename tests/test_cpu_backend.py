@@ -33,6 +33,10 @@ CASES = [
     (1, 2, 20, 40, 1, 13, 31, 1, "same", 1),               # large non-square kernel
     (2, 6, 10, 10, 2, 5, 3, 2, "same", (2, 1)),            # "same" with stride and dilation
     (1, 7, 31, 5, 1, 3, 1, (1, 3), ((0, 4), (2, 2)), 1),   # asymmetric, more pad than needed
+    # stride 1 (grad_input runs the forward kernel with flipped filters, padding K-1-p):
+    (2, 3, 12, 15, 2, 3, 5, 1, ((2, 0), (1, 3)), (2, 1)),  # multiplier 2, asymmetric, dilation
+    (1, 4, 9, 8, 1, 3, 3, 1, ((4, 0), (0, 5)), 1),         # padding beyond the kernel extent
+    (2, 2, 6, 7, 3, 2, 4, 1, "valid", (3, 2)),             # "valid", even kernel, multiplier 3
 ]
 
 

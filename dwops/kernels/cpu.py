@@ -27,17 +27,22 @@ The math (``M`` = channel multiplier, ``o // M`` the input channel of output cha
 
 How each is computed:
 
-* Depthwise forward and grad_input are *row* kernels. For one kernel tap ``(a, b)`` the outputs of
-  an output row that read a valid input column form one contiguous range ``[j0, j1)`` (see
-  :func:`_span`), so the tap is a multiply-add over that range with no bounds test inside; LLVM
-  vectorizes it along W (NCHW) or along C (NHWC). Faster special cases of the forward: stride 1
-  NCHW copies the plane (or a band of rows) into a zero-padded buffer once, after which a tap is
-  one flat multiply-add over the whole plane (:func:`_dw_plane_nchw`); NHWC with M = 1 and
-  stride_w 1 runs the interior pixels in register tiles (:func:`_dw_tile`, accumulators kept in
-  registers across all taps) and the border pixels as flat per-tap loops. grad_input *scatters* each output row into the
-  input rows it came from: the task owning an input plane (NCHW: one ``(n, c)`` plane with its
-  ``M`` output channels) or an input row (NHWC: taps ``a`` with ``r + pt - a*dh`` divisible by
-  ``sh``) is the only writer, so there are no races and no atomics.
+* Depthwise forward, NCHW (:func:`_dw_plane_nchw`): each task copies its input plane (or a band
+  of rows) once, zero-padded and split into stride_h x stride_w phase planes, after which every
+  tap is ONE flat multiply-add over the whole plane at a fixed offset; the taps run in register
+  tiles (:func:`_dw_tile`, accumulators kept in registers across all taps). NHWC is a *row*
+  kernel (:func:`_dw_row_nhwc`): for one tap ``(a, b)`` the outputs of a row that read a valid
+  input column form one contiguous range ``[j0, j1)`` (:func:`_span`), so the tap is a
+  multiply-add over that range with no bounds test inside (vectorized along C); with M = 1 and
+  stride_w 1 the interior pixels run in register tiles (:func:`_dw_tile`) and the border pixels
+  as flat per-tap loops.
+* Depthwise grad_input at stride 1 is a forward convolution of gy with the filters flipped
+  (``w[o, KH-1-a, KW-1-b]``) and the padding mirrored (``pt' = (KH-1)*dh - pt``, the same for
+  the left; it may be negative): NCHW sums the M output channels of input channel c as M source
+  planes of one task; NHWC (M = 1) runs the forward row kernel. Otherwise grad_input *scatters*
+  each output row into the input rows it came from: the task owning an input plane (NCHW: one
+  ``(n, c)`` plane with its ``M`` output channels) or an input row (NHWC: taps ``a`` with
+  ``r + pt - a*dh`` divisible by ``sh``) is the only writer, so there are no races and no atomics.
 * Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane; NHWC: a
   fixed block of output rows) a float64 partial sum, then one sum over the partials. The number
   of tasks does not depend on the thread count, so results are reproducible.
@@ -95,8 +100,10 @@ JT = 4
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
-# NCHW separable: about SEP_PIXELS output pixels per band of rows (stride 1).
+# NCHW separable: about SEP_PIXELS output pixels per band of rows.
 SEP_PIXELS = 512
+# NCHW depthwise: about PLANE_TASKS tasks (each a run of planes reusing one scratch set).
+PLANE_TASKS = 64
 # NHWC depthwise flat path: about FLAT_ELEMS values (pixels x channels) per vectorized tap loop.
 FLAT_ELEMS = 1024
 GW_ROWS = 4096
@@ -348,44 +355,6 @@ def _gemm_nn(A, a0, P, BT, q0, Q, out):
 
 
 @njit(cache=True, fastmath=_FM)
-def _dw_row_nchw(x, w, b, n, o, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
-    """dst[d, :] = act(b[o] + sum_{a,b} w[o,a,b] x[n, o//M, i*sh-pt+a*dh, j*sw-pl+b*dw]), NCHW.
-
-    x:        (N, C, H, W) input
-    w:        (C*M, KH, KW) filters
-    b:        (C*M,) bias (read only if has_bias)
-    n, o, i:  image, output channel, output row
-    dst, d:   (rows, OW) destination and its row
-    M:        channel multiplier;  sh, sw: stride;  dh, dw: dilation;  pt, pl: top/left padding
-    act:      activation code (ACT_CODES)
-    Per tap, one multiply-add over the contiguous valid column range (vectorized along W).
-    """
-    H, W = x.shape[2], x.shape[3]
-    KH, KW = w.shape[1], w.shape[2]
-    OW = dst.shape[1]
-    c = o // M
-    bias = b[o] if has_bias else x.dtype.type(0.0)
-    for j in range(OW):
-        dst[d, j] = bias
-    for a in range(KH):
-        r = i * sh - pt + a * dh
-        if r < 0 or r >= H:
-            continue
-        for bb in range(KW):
-            off = bb * dw - pl
-            j0, j1 = _span(off, sw, W, OW)
-            wv = w[o, a, bb]
-            s0 = j0 * sw + off
-            if sw == 1:
-                for k in range(j1 - j0):
-                    dst[d, _u(j0 + k)] += wv * x[n, c, r, _u(s0 + k)]
-            else:
-                for k in range(j1 - j0):
-                    dst[d, _u(j0 + k)] += wv * x[n, c, r, _u(s0 + k * sw)]
-    _activate(dst[d], act)
-
-
-@njit(cache=True, fastmath=_FM)
 def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     """dst[d, j, o] = act(b[o] + sum_{a,b} wt[a,b,o] x[n, i*sh-pt+a*dh, j*sw-pl+b*dw, o//M]), NHWC.
 
@@ -396,7 +365,7 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
     b:        (C*M,) bias (read only if has_bias)
     n, i:     image, output row
     dst, d:   (rows, OW, C*M) destination and its row
-    M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_forward_nchw
     With M == 1 and sw == 1: interior pixels (all taps inside the input) by the register tile
     _dw_tile when C is a multiple of its channel width; the other pixels per tap as a flat
     multiply-add over JB pixels x C channels (a tap's valid columns are one contiguous run of
@@ -542,82 +511,128 @@ def _bias_act(tile, b, has_bias, channel_rows, act):
 
 
 @njit(cache=True, fastmath=_FM)
-def _dw_plane_nchw(x, w, b, n, o, i0, OH, dst, d0, M, dh, dw, pt, pl, has_bias, act):
-    """Stride-1 depthwise of output rows i0 .. i0+OH-1 of an (n, o) plane into dst rows d0 ..
-    d0+OH-1, NCHW (the whole plane when i0 = 0 and OH is its height).
+def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bias, act, xp,
+                   acc, xoffs, woffs, wrep):
+    """dst[i, j] = act(b[o] + sum_{s<S, a, b} w[o+s, a, b] x[n, c+s, (i0+i)*sh - pt + a*dh,
+    j*sw - pl + b*dw]) for the output rows i0 .. i0+OH-1 of one plane, NCHW (x zero outside).
 
-    x:        (N, C, H, W) input;  w: (C*M, KH, KW) filters;  b: (C*M,) bias (if has_bias)
-    i0, OH:   first output row and number of rows
-    dst:      (rows, OW) destination
-    M, dh, dw, pt, pl, act: as in _dw_row_nchw
-    The input plane is copied once into a zero-padded (OH + (KH-1)*dh, Wp) buffer with
-    Wp = OW + (KW-1)*dw. In padded coordinates output (i, j) reads (i + a*dh, j + b*dw), so
-    with outputs laid out at the same pitch Wp a tap is ONE flat multiply-add of length
-    (OH-1)*Wp + OW over the whole plane (columns j >= OW are scratch, never stored).
+    x:        (N, CX, H, W) source;  its channels c .. c+S-1 are read
+    w:        (CW, KH, KW) filters;  rows o .. o+S-1 are used (filter o+s with channel c+s)
+    b:        bias, b[o] is read only if has_bias
+    n:        image;  i0: first output row
+    dst:      (OH, OW) destination (a plane, or a band of one)
+    sh, sw:   stride;  dh, dw: dilation;  pt, pl: top/left padding (may be negative)
+    act:      activation code (ACT_CODES)
+    xp, acc, xoffs, woffs, wrep: scratch from _plane_scratch (reused across a task's planes)
+    Forward: S = 1, c = o // M. grad_input (stride 1): x = gy, S = M, flipped filters.
+    Each source plane is copied once, zero-padded, into sh*sw phase planes of (Hq, Wq),
+    Hq = OH + (KH-1)*dh // sh, Wq = OW + (KW-1)*dw // sw: phase (u, v) element (ii, jj) is the
+    padded element ((i0+ii)*sh + u, jj*sw + v). Tap (a, b) of output (i, j) then reads phase
+    (a*dh % sh, b*dw % sw) at (i + a*dh // sh, j + b*dw // sw): with the outputs laid out at
+    pitch Wq, every tap is ONE flat multiply-add over L = (OH-1)*Wq + OW elements at a fixed
+    offset (columns j >= OW are scratch, never stored). All S*KH*KW taps run in register tiles
+    of JT x 2 vectors (_dw_tile, its "pixels" being consecutive vectors, each filter value
+    repeated across a vector); L is rounded up to whole tiles (scratch again).
     """
     H, W = x.shape[2], x.shape[3]
     KH, KW = w.shape[1], w.shape[2]
-    OW = dst.shape[1]
-    c = o // M
-    Wp = OW + (KW - 1) * dw
-    Hp = OH + (KH - 1) * dh
+    OH, OW = dst.shape
+    Wq = OW + (KW - 1) * dw // sw
+    Hq = OH + (KH - 1) * dh // sh
+    PQ = Hq * Wq
     zero = x.dtype.type(0.0)
-    xp = np.empty(Hp * Wp, x.dtype)
-    q1 = min(Wp, pl + W)  # padded columns [pl, q1) hold input columns [0, q1 - pl)
-    for rp in range(Hp):
-        r = i0 + rp - pt
-        base = rp * Wp
-        if r < 0 or r >= H:
-            for cp in range(Wp):
-                xp[base + cp] = zero
-            continue
-        for cp in range(min(pl, Wp)):
-            xp[base + cp] = zero
-        for k in range(q1 - pl):
-            xp[_u(base + pl + k)] = x[n, c, r, k]
-        for cp in range(max(q1, 0), Wp):
-            xp[base + cp] = zero
-    L = (OH - 1) * Wp + OW
-    acc = np.empty(L, x.dtype)
+    NRc = 2 * (VEC_BYTES // x.itemsize)
+    BLK = JT * NRc
+    L = (OH - 1) * Wq + OW
+    Lc = (L + BLK - 1) // BLK * BLK  # whole tiles; the Lc - L scratch reads land in zero slack
+    for f in range(S * sh * sw * PQ, S * sh * sw * PQ + Lc - L):
+        xp[f] = zero
+    for s in range(S):
+        for u in range(sh):
+            for v in range(sw):
+                off = v - pl  # input column of phase column jj: jj*sw + off
+                j0, j1 = _span(off, sw, W, Wq)
+                for ii in range(Hq):
+                    r = (i0 + ii) * sh + u - pt
+                    base = ((s * sh + u) * sw + v) * PQ + ii * Wq
+                    if r < 0 or r >= H:
+                        for jj in range(Wq):
+                            xp[base + jj] = zero
+                        continue
+                    for jj in range(j0):
+                        xp[base + jj] = zero
+                    q0 = j0 * sw + off
+                    if sw == 1:
+                        for k in range(j1 - j0):
+                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k)]
+                    else:
+                        for k in range(j1 - j0):
+                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k * sw)]
+                    for jj in range(j1, Wq):
+                        xp[base + jj] = zero
+    T = S * KH * KW
+    t = 0
+    for s in range(S):
+        for a in range(KH):
+            for bb in range(KW):
+                u, ro = (a * dh) % sh, (a * dh) // sh
+                v, co = (bb * dw) % sw, (bb * dw) // sw
+                xoffs[t] = ((s * sh + u) * sw + v) * PQ + ro * Wq + co
+                woffs[t] = t * NRc
+                wv = w[o + s, a, bb]
+                for l in range(NRc):
+                    wrep[t * NRc + l] = wv
+                t += 1
     bias = b[o] if has_bias else zero
-    for f in range(L):
+    for f in range(Lc):
         acc[f] = bias
-    for a in range(KH):
-        for bb in range(KW):
-            wv = w[o, a, bb]
-            base = a * dh * Wp + bb * dw
-            for f in range(L):
-                acc[f] += wv * xp[_u(base + f)]
+    for f in range(0, Lc, BLK):
+        _dw_tile(xp, xoffs, T, wrep, woffs, f, 0, acc, f, NRc)
+    if act != 0:
+        _activate(acc[:L], act)
     for i in range(OH):
-        row = acc[i * Wp:i * Wp + OW]
-        _activate(row, act)
         for j in range(OW):
-            dst[d0 + i, j] = row[j]
+            dst[i, _u(j)] = acc[_u(i * Wq + j)]
+
+
+@njit(cache=True)
+def _plane_scratch(x, KH, KW, OH, OW, S, sh, sw, dh, dw):
+    """Scratch for _dw_plane_nchw on (OH, OW) outputs: (xp, acc, xoffs, woffs, wrep)."""
+    NRc = 2 * (VEC_BYTES // x.itemsize)
+    BLK = JT * NRc
+    Wq = OW + (KW - 1) * dw // sw
+    Hq = OH + (KH - 1) * dh // sh
+    L = (OH - 1) * Wq + OW
+    Lc = (L + BLK - 1) // BLK * BLK
+    T = S * KH * KW
+    return (np.empty(S * sh * sw * Hq * Wq + Lc - L, x.dtype), np.empty(Lc, x.dtype),
+            np.empty(T, np.int64), np.empty(T, np.int64), np.empty(T * NRc, x.dtype))
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _dw_forward_nchw(x, w, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
-    """Depthwise forward, NCHW; one task per (n, o) plane.
+def _dw_forward_nchw(x, w, b, out, M, S, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """Depthwise forward, NCHW; one task per (n, p) output plane (_dw_plane_nchw).
 
-    x:        (N, C, H, W) input
-    w:        (C*M, KH, KW) filters
-    b:        (C*M,) bias (read only if has_bias)
-    out:      (N*C*M*OH, OW) result, the (N, C*M, OH, OW) output viewed as rows
-    M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
-    Stride 1: whole-plane flat taps (_dw_plane_nchw); otherwise row by row (_dw_row_nchw).
+    x:        (N, CX, H, W) input
+    w:        (CW, KH, KW) filters
+    b:        bias (read only if has_bias)
+    out:      (N, P, OH, OW) result
+    M:        channel multiplier;  S: source planes summed per output plane
+    sh, sw, dh, dw, pt, pl, act: as in _dw_plane_nchw
+    Output plane p reads channels (p // M)*S .. +S-1 with filters p*S .. p*S+S-1: the forward is
+    S = 1; grad_input at stride 1 is M = 1, S = multiplier, x = gy, flipped filters.
     """
-    N = x.shape[0]
-    CO = w.shape[0]
-    OH = out.shape[0] // (N * CO)
-    for t in prange(N * CO):
-        n = t // CO
-        o = t - n * CO
-        if sh == 1 and sw == 1:
-            _dw_plane_nchw(x, w, b, n, o, 0, OH, out, t * OH, M, dh, dw, pt, pl, has_bias, act)
-        else:
-            for i in range(OH):
-                _dw_row_nchw(x, w, b, n, o, i, out, t * OH + i, M, sh, sw, dh, dw, pt, pl,
-                             has_bias, act)
+    N, P, OH, OW = out.shape
+    KH, KW = w.shape[1], w.shape[2]
+    NP = N * P
+    per = max(1, NP // PLANE_TASKS)
+    for t in prange((NP + per - 1) // per):
+        xp, acc, xoffs, woffs, wrep = _plane_scratch(x, KH, KW, OH, OW, S, sh, sw, dh, dw)
+        for q in range(t * per, min(NP, (t + 1) * per)):
+            n = q // P
+            p = q - n * P
+            _dw_plane_nchw(x, w, b, n, (p // M) * S, p * S, S, 0, out[n, p], sh, sw, dh, dw, pt,
+                           pl, has_bias, act, xp, acc, xoffs, woffs, wrep)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -628,7 +643,7 @@ def _dw_forward_nhwc(x, wt, wrep, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, a
     wt:       (KH, KW, C*M) filters, channel last;  wrep: as in _dw_row_nhwc
     b:        (C*M,) bias (read only if has_bias)
     out:      (N*OH, OW, C*M) result, the (N, OH, OW, C*M) output viewed as rows
-    M, sh, sw, dh, dw, pt, pl, act: as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_forward_nchw
     """
     N = x.shape[0]
     OH = out.shape[0] // N
@@ -648,7 +663,7 @@ def _dw_grad_input_nchw(gy, w, gx, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, C*M, OH, OW) output gradient
     w:        (C*M, KH, KW) filters
     gx:       (N, C, H, W) input gradient, fully written
-    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     One task per (n, c) input plane (it owns all M output channels reading it): no races.
     """
     N, CO, OH, OW = gy.shape
@@ -684,7 +699,7 @@ def _dw_grad_input_nhwc(gy, wt, gx, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, OH, OW, C*M) output gradient
     wt:       (KH, KW, C*M) filters, channel last
     gx:       (N, H, W, C) input gradient, fully written
-    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     Input row r receives tap row a from output row i = (r + pt - a*dh) / sh when that is an
     integer in [0, OH); within the row the columns are scattered (vectorized along C).
     """
@@ -731,7 +746,7 @@ def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
     x:        (N, C, H, W) input
     gy:       (N, C*M, OH, OW) output gradient
     part:     (N, C*M, KH, KW) float64 partial sums, fully written (stage 2: sum over n)
-    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     Each output row's dot product is summed in the input dtype (vectorized), rows in float64.
     """
     H, W = x.shape[2], x.shape[3]
@@ -767,7 +782,7 @@ def _dw_grad_weight_nhwc(x, gy, part, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, OH, OW, C*M) output gradient
     part:     (T, KH, KW, C*M) float64 partial sums, fully written; task t sums the output rows
               (n, i) with flat index n*OH + i in [t*B, (t+1)*B), B = ceil(N*OH / T)
-    M, sh, sw, dh, dw, pt, pl: as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     Per (row, tap) the sum over the row's columns is vectorized along C in the input dtype, and
     added into the float64 partial.
     """
@@ -935,18 +950,17 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
     pw:       (CO, C*M) pointwise weights;      b: (CO,) bias (if has_bias)
     res:      (N, CO, OH, OW) residual (if has_res)
     y:        (N, CO, OH, OW) output
-    M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_row_nchw
+    M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_forward_nchw
     dact, act: depthwise and final activation codes
-    One task per band of RB output rows of one image (RB = 1 unless the stride is 1; then about
-    SEP_PIXELS pixels per band). Each channel's band goes through a (RB, OW) buffer into
-    mid[c, :RB*OW] (mid is (C*M, Kp), Kp = RB*OW rounded up to whole GEMM tiles, the pad columns
-    zero); then tile (CO, Kp) = pw mid, bias, activation, residual; the first RB*OW columns are
-    the band's pixels of y.
+    One task per band of RB output rows of one image (about SEP_PIXELS pixels per band). Each
+    channel's band goes through a (RB, OW) buffer into mid[c, :RB*OW] (mid is (C*M, Kp),
+    Kp = RB*OW rounded up to whole GEMM tiles, the pad columns zero); then tile (CO, Kp) =
+    pw mid, bias, activation, residual; the first RB*OW columns are the band's pixels of y.
     """
     N, CO, OH, OW = y.shape
     CI = w.shape[0]
     NR = 2 * (VEC_BYTES // x.itemsize)
-    RB = max(1, min(OH, SEP_PIXELS // OW)) if sh == 1 and sw == 1 else 1
+    RB = max(1, min(OH, SEP_PIXELS // OW))
     nb = (OH + RB - 1) // RB
     for t in prange(N * nb):
         n = t // nb
@@ -955,12 +969,11 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
         Kp = (R * OW + NR - 1) // NR * NR
         band = np.empty((R, OW), x.dtype)
         mid = np.zeros((CI, Kp), x.dtype)
+        xp, acc, xoffs, woffs, wrep = _plane_scratch(x, w.shape[1], w.shape[2], R, OW, 1, sh, sw,
+                                                     dh, dw)
         for c in range(CI):
-            if sh == 1 and sw == 1:
-                _dw_plane_nchw(x, w, db, n, c, i0, R, band, 0, M, dh, dw, pt, pl, has_db, dact)
-            else:
-                _dw_row_nchw(x, w, db, n, c, i0, band, 0, M, sh, sw, dh, dw, pt, pl, has_db,
-                             dact)
+            _dw_plane_nchw(x, w, db, n, c // M, c, 1, i0, band, sh, sw, dh, dw, pt, pl, has_db,
+                           dact, xp, acc, xoffs, woffs, wrep)
             for ii in range(R):
                 for j in range(OW):
                     mid[c, ii * OW + j] = band[ii, j]
@@ -1080,7 +1093,7 @@ class _CpuBackend(HostBackend):
         target = _target(out, dt)
         args = (_as(x, dt), _dw_weights(p, w, dt), _opt(b, dt, (p.CO,)))
         if p.layout == "NCHW":
-            _dw_forward_nchw(*args, target.reshape(-1, p.OW), *_geometry(p), b is not None,
+            _dw_forward_nchw(*args, target, p.M, 1, *_geometry(p)[1:], b is not None,
                              ACT_CODES[p.activation])
         else:
             x_, wt, b_ = args
@@ -1093,8 +1106,23 @@ class _CpuBackend(HostBackend):
         """gy: p.y_shape, w: (C*M, 1, KH, KW), out: p.x_shape."""
         dt = _compute_dtype(p.dtype)
         target = _target(out, dt)
-        kernel = _dw_grad_input_nchw if p.layout == "NCHW" else _dw_grad_input_nhwc
-        kernel(_as(gy, dt), _dw_weights(p, w, dt), target, *_geometry(p))
+        gy = _as(gy, dt)
+        nchw = p.layout == "NCHW"
+        if p.sh == 1 and p.sw == 1 and (nchw or p.M == 1):
+            # stride 1: the forward kernel on gy with flipped filters and mirrored padding
+            wf = np.ascontiguousarray(_as(w, dt).reshape(p.CO, p.KH, p.KW)[:, ::-1, ::-1])
+            ptf, plf = (p.KH - 1) * p.dh - p.pt, (p.KW - 1) * p.dw - p.pl
+            nob = np.zeros(1, dt)
+            if nchw:
+                _dw_forward_nchw(gy, wf, nob, target, 1, p.M, 1, 1, p.dh, p.dw, ptf, plf, False,
+                                 0)
+            else:
+                wt = np.ascontiguousarray(wf.transpose(1, 2, 0))
+                _dw_forward_nhwc(gy, wt, _repeated_taps(p, wt), nob, target.reshape(-1, p.W, p.C),
+                                 1, 1, 1, p.dh, p.dw, ptf, plf, False, 0)
+        else:
+            kernel = _dw_grad_input_nchw if nchw else _dw_grad_input_nhwc
+            kernel(gy, _dw_weights(p, w, dt), target, *_geometry(p))
         _finish(out, target)
 
     def depthwise_grad_weight(self, p, x, gy, out, stream=None):
