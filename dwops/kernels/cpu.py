@@ -511,6 +511,43 @@ def _bias_act(tile, b, has_bias, channel_rows, act):
 
 
 @njit(cache=True, fastmath=_FM)
+def _phase_copy(x, n, c, S, i0, sh, sw, pt, pl, Hq, Wq, xp):
+    """Copy channels c .. c+S-1 of image n, zero-padded, into sh*sw phase planes of (Hq, Wq)
+    each: xp[((s*sh + u)*sw + v)*Hq*Wq + ii*Wq + jj] = x[n, c+s, (i0+ii)*sh + u - pt,
+    jj*sw + v - pl] (zero outside the input).
+
+    x:        (N, CX, H, W) source;  i0: first output row of the band
+    sh, sw:   stride;  pt, pl: top/left padding (may be negative);  xp: flat destination
+    """
+    H, W = x.shape[2], x.shape[3]
+    PQ = Hq * Wq
+    zero = x.dtype.type(0.0)
+    for s in range(S):
+        for u in range(sh):
+            for v in range(sw):
+                off = v - pl  # input column of phase column jj: jj*sw + off
+                j0, j1 = _span(off, sw, W, Wq)
+                for ii in range(Hq):
+                    r = (i0 + ii) * sh + u - pt
+                    base = ((s * sh + u) * sw + v) * PQ + ii * Wq
+                    if r < 0 or r >= H:
+                        for jj in range(Wq):
+                            xp[base + jj] = zero
+                        continue
+                    for jj in range(j0):
+                        xp[base + jj] = zero
+                    q0 = j0 * sw + off
+                    if sw == 1:
+                        for k in range(j1 - j0):
+                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k)]
+                    else:
+                        for k in range(j1 - j0):
+                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k * sw)]
+                    for jj in range(j1, Wq):
+                        xp[base + jj] = zero
+
+
+@njit(cache=True, fastmath=_FM)
 def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bias, act, xp,
                    acc, xoffs, woffs, wrep):
     """dst[i, j] = act(b[o] + sum_{s<S, a, b} w[o+s, a, b] x[n, c+s, (i0+i)*sh - pt + a*dh,
@@ -547,29 +584,7 @@ def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bia
     Lc = (L + BLK - 1) // BLK * BLK  # whole tiles; the Lc - L scratch reads land in zero slack
     for f in range(S * sh * sw * PQ, S * sh * sw * PQ + Lc - L):
         xp[f] = zero
-    for s in range(S):
-        for u in range(sh):
-            for v in range(sw):
-                off = v - pl  # input column of phase column jj: jj*sw + off
-                j0, j1 = _span(off, sw, W, Wq)
-                for ii in range(Hq):
-                    r = (i0 + ii) * sh + u - pt
-                    base = ((s * sh + u) * sw + v) * PQ + ii * Wq
-                    if r < 0 or r >= H:
-                        for jj in range(Wq):
-                            xp[base + jj] = zero
-                        continue
-                    for jj in range(j0):
-                        xp[base + jj] = zero
-                    q0 = j0 * sw + off
-                    if sw == 1:
-                        for k in range(j1 - j0):
-                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k)]
-                    else:
-                        for k in range(j1 - j0):
-                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k * sw)]
-                    for jj in range(j1, Wq):
-                        xp[base + jj] = zero
+    _phase_copy(x, n, c, S, i0, sh, sw, pt, pl, Hq, Wq, xp)
     T = S * KH * KW
     t = 0
     for s in range(S):
@@ -747,31 +762,38 @@ def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
     gy:       (N, C*M, OH, OW) output gradient
     part:     (N, C*M, KH, KW) float64 partial sums, fully written (stage 2: sum over n)
     M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
-    Each output row's dot product is summed in the input dtype (vectorized), rows in float64.
+    The input plane is copied once into zero-padded phase planes (_phase_copy, as the forward),
+    so for every tap output row i reads one contiguous run of OW values (no strided gather):
+    part[n, o, a, b] = sum_i dot(gy[n, o, i, :], xp[tap offset + i*Wq : ... + OW]). Each row's
+    dot product is summed in the input dtype (vectorized), rows in float64. Tasks are runs of
+    planes sharing one scratch buffer.
     """
-    H, W = x.shape[2], x.shape[3]
     N, CO, OH, OW = gy.shape
     KH, KW = part.shape[2], part.shape[3]
+    Wq = OW + (KW - 1) * dw // sw
+    Hq = OH + (KH - 1) * dh // sh
+    PQ = Hq * Wq
     zero = x.dtype.type(0.0)
-    for t in prange(N * CO):
-        n = t // CO
-        o = t - n * CO
-        c = o // M
-        for a in range(KH):
-            for bb in range(KW):
-                off = bb * dw - pl
-                j0, j1 = _span(off, sw, W, OW)
-                s0 = j0 * sw + off
-                total = 0.0
-                for i in range(OH):
-                    r = i * sh - pt + a * dh
-                    if r < 0 or r >= H:
-                        continue
-                    s = zero
-                    for k in range(j1 - j0):
-                        s += gy[n, o, i, _u(j0 + k)] * x[n, c, r, _u(s0 + k * sw)]
-                    total += s
-                part[n, o, a, bb] = total
+    NP = N * CO
+    per = max(1, NP // PLANE_TASKS)
+    for t in prange((NP + per - 1) // per):
+        xp = np.empty(sh * sw * PQ, x.dtype)
+        for q in range(t * per, min(NP, (t + 1) * per)):
+            n = q // CO
+            o = q - n * CO
+            _phase_copy(x, n, o // M, 1, 0, sh, sw, pt, pl, Hq, Wq, xp)
+            for a in range(KH):
+                for bb in range(KW):
+                    base = (((a * dh) % sh) * sw + (bb * dw) % sw) * PQ
+                    base += (a * dh) // sh * Wq + (bb * dw) // sw
+                    total = 0.0
+                    for i in range(OH):
+                        s = zero
+                        ri = base + i * Wq
+                        for k in range(OW):
+                            s += gy[n, o, i, _u(k)] * xp[_u(ri + k)]
+                        total += s
+                    part[n, o, a, bb] = total
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
