@@ -673,38 +673,60 @@ def _dw_forward_nhwc(x, wt, wrep, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, a
 
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _dw_grad_input_nchw(gy, w, gx, M, sh, sw, dh, dw, pt, pl):
-    """Depthwise grad_input, NCHW: scatter each output row into the input rows it read.
+    """Depthwise grad_input, NCHW (used for stride > 1): accumulate in padded phase planes.
 
     gy:       (N, C*M, OH, OW) output gradient
     w:        (C*M, KH, KW) filters
     gx:       (N, C, H, W) input gradient, fully written
     M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
-    One task per (n, c) input plane (it owns all M output channels reading it): no races.
+    One task per run of (n, c) input planes (each owns all M output channels reading it): no
+    races. In the forward's phase-plane coordinates (_dw_plane_nchw) tap (a, b) of output
+    (i, j) is element (i + a*dh // sh, j + b*dw // sw) of phase (a*dh % sh, b*dw % sw), so
+    gx's zero-padded phase planes G receive, per tap and output row, ONE contiguous
+    multiply-add of OW values (vectorized; the old scatter stored with stride sw). Then
+    gx[r, q] = G[phase of (r + pt, q + pl)] (zero where no tap reaches), one pass.
     """
     N, CO, OH, OW = gy.shape
     KH, KW = w.shape[1], w.shape[2]
     C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
+    Wq = OW + (KW - 1) * dw // sw
+    Hq = OH + (KH - 1) * dh // sh
+    PQ = Hq * Wq
     zero = gy.dtype.type(0.0)
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        for r in range(H):
-            for q in range(W):
-                gx[n, c, r, q] = zero
-        for m in range(M):
-            o = c * M + m
-            for i in range(OH):
+    NP = N * C
+    per = max(1, NP // PLANE_TASKS)
+    for t in prange((NP + per - 1) // per):
+        G = np.empty(sh * sw * PQ, gy.dtype)
+        for q in range(t * per, min(NP, (t + 1) * per)):
+            n = q // C
+            c = q - n * C
+            for f in range(sh * sw * PQ):
+                G[f] = zero
+            for m in range(M):
+                o = c * M + m
                 for a in range(KH):
-                    r = i * sh - pt + a * dh
-                    if r < 0 or r >= H:
-                        continue
                     for bb in range(KW):
-                        off = bb * dw - pl
-                        j0, j1 = _span(off, sw, W, OW)
+                        base = (((a * dh) % sh) * sw + (bb * dw) % sw) * PQ
+                        base += (a * dh) // sh * Wq + (bb * dw) // sw
                         wv = w[o, a, bb]
-                        s0 = j0 * sw + off
-                        for k in range(j1 - j0):
-                            gx[n, c, r, _u(s0 + k * sw)] += wv * gy[n, o, i, _u(j0 + k)]
+                        for i in range(OH):
+                            ri = base + i * Wq
+                            for k in range(OW):
+                                G[_u(ri + k)] += wv * gy[n, o, i, _u(k)]
+            for r in range(H):
+                for k in range(W):
+                    gx[n, c, r, k] = zero
+                R = r + pt
+                if R < 0 or R // sh >= Hq:
+                    continue
+                rb = (R % sh) * sw * PQ + (R // sh) * Wq
+                for v in range(sw):
+                    off = v - pl  # gx column of phase column jj: jj*sw + off
+                    j0, j1 = _span(off, sw, W, Wq)
+                    gb = rb + v * PQ
+                    q0 = j0 * sw + off
+                    for k in range(j1 - j0):
+                        gx[n, c, r, _u(q0 + k * sw)] = G[_u(gb + j0 + k)]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
