@@ -97,6 +97,8 @@ MR = 4
 VEC_BYTES = 32
 # NHWC depthwise register tile: JT pixels x 2 vectors of channels per _dw_tile call.
 JT = 4
+# NCHW depthwise, stride_h 1: RT output rows x 1 vector per _dw_rows call.
+RT = 6
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
@@ -321,6 +323,111 @@ def _dw_tile(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix):
             res.append(ph)
         for v, o in zip(res, offs):
             builder.store(v, vptr(A.data, builder.add(abase, o)), align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _dw_rows(typingctx, xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab):
+    """acc[ab + r*rstep + l] += sum_{b<KW, a<KH} wf[wb + a*KW + b] * xp[coffs[b] + xb +
+    (r + a)*rstep + l]  for r < RT output rows and l < one vector (NCHW depthwise, stride_h 1).
+
+    xp:       flat padded phase planes;  coffs: (KW,) int64 offset of each tap column
+    KW, KH:   kernel size;  rstep: flat distance between consecutive rows (and taps a)
+    xb:       flat offset of the tile's first output row and column in xp
+    wf:       flat (.., KH, KW) filters;  wb: offset of this plane's filter
+    acc:      flat accumulator;  ab: offset of the tile's first output in acc (pitch rstep)
+    The RT vector accumulators stay in registers across all taps, and so does a sliding window
+    of RT input rows: for tap row a the rows a .. a+RT-1 are needed, a+1 needs one new row, so
+    per tap one input load and one filter broadcast feed RT vector FMAs (vs _dw_tile's one
+    input load per FMA).
+    """
+    sig = _nbtypes.void(xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab)
+
+    def codegen(context, builder, signature, args):
+        # IR: entry -> outer (b, acc phis) -> preload RT-1 window rows -> inner (a, acc and
+        # window phis) -> outer latch -> done: store
+        xty, oty = signature.args[0], signature.args[1]
+        fty = context.get_value_type(xty.dtype)
+        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        al = xty.dtype.bitwidth // 8
+        X = context.make_array(xty)(context, builder, args[0])
+        CO = context.make_array(oty)(context, builder, args[1])
+        KWv, KHv, rs, xb, wb, ab = args[2], args[3], args[4], args[5], args[7], args[9]
+        Wf = context.make_array(signature.args[6])(context, builder, args[6])
+        A = context.make_array(signature.args[8])(context, builder, args[8])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+        i32 = ir.IntType(32)
+        mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
+        undef = ir.Constant(vty, ir.Undefined)
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        def vload(base_ptr, off):
+            p = builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+            return builder.load(p, align=al)
+
+        init = [vload(A.data, builder.add(ab, builder.mul(c(r), rs))) for r in range(RT)]
+        entry = builder.basic_block
+        outer = builder.append_basic_block("dr.outer")
+        inner = builder.append_basic_block("dr.inner")
+        latch = builder.append_basic_block("dr.latch")
+        done = builder.append_basic_block("dr.done")
+        builder.branch(outer)
+        builder.position_at_end(outer)
+        b = builder.phi(intp)
+        b.add_incoming(c(0), entry)
+        oacc = []
+        for v in init:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, entry)
+            oacc.append(ph)
+        colb = builder.add(builder.load(builder.gep(CO.data, [b])), xb)
+        win0 = [vload(X.data, builder.add(colb, builder.mul(c(r), rs))) for r in range(RT - 1)]
+        outer_end = builder.basic_block
+        builder.branch(inner)
+        builder.position_at_end(inner)
+        a = builder.phi(intp)
+        a.add_incoming(c(0), outer_end)
+        iacc = []
+        for v in oacc:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, outer_end)
+            iacc.append(ph)
+        iwin = []
+        for v in win0:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, outer_end)
+            iwin.append(ph)
+        xnew = vload(X.data, builder.add(colb, builder.mul(builder.add(a, c(RT - 1)), rs)))
+        window = iwin + [xnew]
+        wsc = builder.load(builder.gep(Wf.data, [builder.add(builder.add(wb, builder.mul(a, KWv)),
+                                                             b)]))
+        wvec = builder.shuffle_vector(builder.insert_element(undef, wsc, ir.Constant(i32, 0)),
+                                      undef, mask)
+        nacc = [builder.call(fma, [wvec, window[r], iacc[r]]) for r in range(RT)]
+        a1 = builder.add(a, c(1))
+        a.add_incoming(a1, inner)
+        for ph, v in zip(iacc, nacc):
+            ph.add_incoming(v, inner)
+        for ph, v in zip(iwin, window[1:]):
+            ph.add_incoming(v, inner)
+        builder.cbranch(builder.icmp_signed("<", a1, KHv), inner, latch)
+        builder.position_at_end(latch)
+        b1 = builder.add(b, c(1))
+        b.add_incoming(b1, latch)
+        for ph, v in zip(oacc, nacc):
+            ph.add_incoming(v, latch)
+        builder.cbranch(builder.icmp_signed("<", b1, KWv), outer, done)
+        builder.position_at_end(done)
+        for r in range(RT):
+            p = builder.bitcast(builder.gep(A.data, [builder.add(ab, builder.mul(c(r), rs))]),
+                                vty.as_pointer())
+            builder.store(nacc[r], p, align=al)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -571,38 +678,48 @@ def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bia
     of JT x 2 vectors (_dw_tile, its "pixels" being consecutive vectors, each filter value
     repeated across a vector); L is rounded up to whole tiles (scratch again).
     """
-    H, W = x.shape[2], x.shape[3]
     KH, KW = w.shape[1], w.shape[2]
     OH, OW = dst.shape
-    Wq = OW + (KW - 1) * dw // sw
-    Hq = OH + (KH - 1) * dh // sh
+    Hq, Wq, Lc, slack = _plane_dims(x, KH, KW, OH, OW, sh, sw, dh, dw)
     PQ = Hq * Wq
     zero = x.dtype.type(0.0)
     NRc = 2 * (VEC_BYTES // x.itemsize)
-    BLK = JT * NRc
     L = (OH - 1) * Wq + OW
-    Lc = (L + BLK - 1) // BLK * BLK  # whole tiles; the Lc - L scratch reads land in zero slack
-    for f in range(S * sh * sw * PQ, S * sh * sw * PQ + Lc - L):
+    for f in range(S * sh * sw * PQ, S * sh * sw * PQ + slack):
         xp[f] = zero
     _phase_copy(x, n, c, S, i0, sh, sw, pt, pl, Hq, Wq, xp)
-    T = S * KH * KW
-    t = 0
-    for s in range(S):
-        for a in range(KH):
-            for bb in range(KW):
-                u, ro = (a * dh) % sh, (a * dh) // sh
-                v, co = (bb * dw) % sw, (bb * dw) // sw
-                xoffs[t] = ((s * sh + u) * sw + v) * PQ + ro * Wq + co
-                woffs[t] = t * NRc
-                wv = w[o + s, a, bb]
-                for l in range(NRc):
-                    wrep[t * NRc + l] = wv
-                t += 1
     bias = b[o] if has_bias else zero
     for f in range(Lc):
         acc[f] = bias
-    for f in range(0, Lc, BLK):
-        _dw_tile(xp, xoffs, T, wrep, woffs, f, 0, acc, f, NRc)
+    if sh == 1:
+        # RT rows (spaced dh apart) x 1 vector per _dw_rows call; rows >= OH are scratch
+        V = VEC_BYTES // x.itemsize
+        wf = w.reshape(w.size)
+        for s in range(S):
+            for bb in range(KW):
+                xoffs[bb] = (s * sw + (bb * dw) % sw) * PQ + (bb * dw) // sw
+            for g in range(0, Lc // Wq, RT * dh):
+                for rr in range(dh):
+                    i = g + rr
+                    for j0 in range(0, OW, V):
+                        _dw_rows(xp, xoffs, KW, KH, dh * Wq, i * Wq + j0, wf, (o + s) * KH * KW,
+                                 acc, i * Wq + j0)
+    else:
+        T = S * KH * KW
+        t = 0
+        for s in range(S):
+            for a in range(KH):
+                for bb in range(KW):
+                    u, ro = (a * dh) % sh, (a * dh) // sh
+                    v, co = (bb * dw) % sw, (bb * dw) // sw
+                    xoffs[t] = ((s * sh + u) * sw + v) * PQ + ro * Wq + co
+                    woffs[t] = t * NRc
+                    wv = w[o + s, a, bb]
+                    for l in range(NRc):
+                        wrep[t * NRc + l] = wv
+                    t += 1
+        for f in range(0, Lc, JT * NRc):
+            _dw_tile(xp, xoffs, T, wrep, woffs, f, 0, acc, f, NRc)
     if act != 0:
         _activate(acc[:L], act)
     for i in range(OH):
@@ -611,16 +728,34 @@ def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bia
 
 
 @njit(cache=True)
+def _plane_dims(x, KH, KW, OH, OW, sh, sw, dh, dw):
+    """(Hq, Wq, Lc, slack) of _dw_plane_nchw: phase-plane shape, accumulator length (pitch Wq)
+    and zeroed elements after the planes for reads past the last plane's end.
+
+    sh == 1 (_dw_rows): whole vectors per row (Wq >= OW rounded up to a vector) and whole groups
+    of RT*dh rows (Lc = OHc*Wq, OHc = OH rounded up); otherwise (_dw_tile) the flat length
+    (OH-1)*Wq + OW rounded up to whole JT x 2-vector tiles.
+    """
+    V = VEC_BYTES // x.itemsize
+    Wq = OW + (KW - 1) * dw // sw
+    if sh == 1:
+        Wq = max(Wq, (OW + V - 1) // V * V)
+        OHc = (OH + RT * dh - 1) // (RT * dh) * (RT * dh)
+        return OHc + (KH - 1) * dh, Wq, OHc * Wq, (KW - 1) * dw // sw + V
+    Hq = OH + (KH - 1) * dh // sh
+    BLK = JT * 2 * V
+    L = (OH - 1) * Wq + OW
+    Lc = (L + BLK - 1) // BLK * BLK
+    return Hq, Wq, Lc, Lc - L
+
+
+@njit(cache=True)
 def _plane_scratch(x, KH, KW, OH, OW, S, sh, sw, dh, dw):
     """Scratch for _dw_plane_nchw on (OH, OW) outputs: (xp, acc, xoffs, woffs, wrep)."""
     NRc = 2 * (VEC_BYTES // x.itemsize)
-    BLK = JT * NRc
-    Wq = OW + (KW - 1) * dw // sw
-    Hq = OH + (KH - 1) * dh // sh
-    L = (OH - 1) * Wq + OW
-    Lc = (L + BLK - 1) // BLK * BLK
+    Hq, Wq, Lc, slack = _plane_dims(x, KH, KW, OH, OW, sh, sw, dh, dw)
     T = S * KH * KW
-    return (np.empty(S * sh * sw * Hq * Wq + Lc - L, x.dtype), np.empty(Lc, x.dtype),
+    return (np.empty(S * sh * sw * Hq * Wq + slack, x.dtype), np.empty(Lc, x.dtype),
             np.empty(T, np.int64), np.empty(T, np.int64), np.empty(T * NRc, x.dtype))
 
 
