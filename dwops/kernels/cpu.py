@@ -30,22 +30,27 @@ How each is computed:
 * Depthwise forward, NCHW (:func:`_dw_plane_nchw`): each task copies its input plane (or a band
   of rows) once, zero-padded and split into stride_h x stride_w phase planes, after which every
   tap is ONE flat multiply-add over the whole plane at a fixed offset; the taps run in register
-  tiles (:func:`_dw_tile`, accumulators kept in registers across all taps). NHWC is a *row*
-  kernel (:func:`_dw_row_nhwc`): for one tap ``(a, b)`` the outputs of a row that read a valid
-  input column form one contiguous range ``[j0, j1)`` (:func:`_span`), so the tap is a
-  multiply-add over that range with no bounds test inside (vectorized along C); with M = 1 and
-  stride_w 1 the interior pixels run in register tiles (:func:`_dw_tile`) and the border pixels
-  as flat per-tap loops.
+  tiles, accumulators kept in registers across all taps: :func:`_dw_rows` at stride_h 1 (RT
+  output rows, with a sliding window of input rows also in registers: one load and one filter
+  broadcast per RT FMAs), :func:`_dw_tile` otherwise. NHWC is a *row* kernel
+  (:func:`_dw_row_nhwc`): for one tap ``(a, b)`` the outputs of a row that read a valid input
+  column form one contiguous range ``[j0, j1)`` (:func:`_span`), so the tap is a multiply-add
+  over that range with no bounds test inside (vectorized along C); with M = 1 and stride_w 1 the
+  interior pixels run in register tiles (:func:`_dw_tile`) and the border pixels as flat per-tap
+  loops.
 * Depthwise grad_input at stride 1 is a forward convolution of gy with the filters flipped
   (``w[o, KH-1-a, KW-1-b]``) and the padding mirrored (``pt' = (KH-1)*dh - pt``, the same for
   the left; it may be negative): NCHW sums the M output channels of input channel c as M source
-  planes of one task; NHWC (M = 1) runs the forward row kernel. Otherwise grad_input *scatters*
-  each output row into the input rows it came from: the task owning an input plane (NCHW: one
-  ``(n, c)`` plane with its ``M`` output channels) or an input row (NHWC: taps ``a`` with
-  ``r + pt - a*dh`` divisible by ``sh``) is the only writer, so there are no races and no atomics.
-* Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane; NHWC: a
-  fixed block of output rows) a float64 partial sum, then one sum over the partials. The number
-  of tasks does not depend on the thread count, so results are reproducible.
+  planes of one task; NHWC (M = 1) runs the forward row kernel. Otherwise NCHW accumulates in
+  the padded phase planes of gx (per tap and output row one contiguous multiply-add) and copies
+  them out once; NHWC *scatters* each output row into the input rows it came from. The task
+  owning an input plane (NCHW: one ``(n, c)`` plane with its ``M`` output channels) or an input
+  row (NHWC: taps ``a`` with ``r + pt - a*dh`` divisible by ``sh``) is the only writer, so there
+  are no races and no atomics.
+* Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane, read as
+  the forward's phase planes so every row is a contiguous dot product; NHWC: a fixed block of
+  output rows) a float64 partial sum, then one sum over the partials. The number of tasks does
+  not depend on the thread count, so results are reproducible.
 * Pointwise products use one small GEMM, :func:`_gemm_nn` (``out = A B``), per block of PW_BLOCK
   pixels, with bias, activation and residual applied to the block while it is in cache. Its
   inner tile, :func:`_microtile`, is a Numba intrinsic emitting LLVM vector FMAs with MR x 2
@@ -674,9 +679,11 @@ def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bia
     padded element ((i0+ii)*sh + u, jj*sw + v). Tap (a, b) of output (i, j) then reads phase
     (a*dh % sh, b*dw % sw) at (i + a*dh // sh, j + b*dw // sw): with the outputs laid out at
     pitch Wq, every tap is ONE flat multiply-add over L = (OH-1)*Wq + OW elements at a fixed
-    offset (columns j >= OW are scratch, never stored). All S*KH*KW taps run in register tiles
-    of JT x 2 vectors (_dw_tile, its "pixels" being consecutive vectors, each filter value
-    repeated across a vector); L is rounded up to whole tiles (scratch again).
+    offset (columns j >= OW are scratch, never stored). With stride_h 1 the taps run in
+    _dw_rows (RT rows x 1 vector of accumulators and a sliding window of input rows in
+    registers); otherwise all S*KH*KW taps run in register tiles of JT x 2 vectors (_dw_tile,
+    its "pixels" being consecutive vectors, each filter value repeated across a vector). The
+    accumulator is rounded up to whole tiles (scratch again, see _plane_dims).
     """
     KH, KW = w.shape[1], w.shape[2]
     OH, OW = dst.shape
