@@ -13,9 +13,13 @@ import pytest
 
 import dwops
 from dwops import _spec
-from tests.conftest import assert_close, gpu, rand
+from tests.conftest import EMULATED, assert_close, gpu, rand
 
-pytestmark = [pytest.mark.gpu, gpu]
+# Under DWOPS_CUDAEMU=1 (tests/test_cupy_emulated.py) "cupy" is the CPU emulator of tests/cudaemu:
+# the kernel tests run there; tests that need a real device (other libraries' GPU arrays, numba)
+# skip.
+pytestmark = [pytest.mark.gpu] + ([] if EMULATED else [gpu])
+real_gpu = pytest.mark.skipif(EMULATED, reason="needs a real GPU (not the emulator)")
 
 cupy = pytest.importorskip("cupy")
 
@@ -196,6 +200,7 @@ def test_separable(case, dtype, layout, rng):
     assert_close(_host(out, dtype), ref, dtype, scale=scale, what="separable")
 
 
+@real_gpu
 def test_public_api_cupy_arrays_non_contiguous(rng):
     _backend()
     x = cupy.asarray(rand(rng, (2, 8, 20, 30), "float32"))[:, :, :, ::2]   # non-contiguous
@@ -206,6 +211,7 @@ def test_public_api_cupy_arrays_non_contiguous(rng):
     assert_close(cupy.asnumpy(y), ref, "float32")
 
 
+@real_gpu
 def test_numpy_inputs_come_back_as_numpy(rng):
     _backend()
     x, w = rand(rng, (1, 4, 9, 9), "bfloat16"), rand(rng, (4, 1, 3, 3), "bfloat16")
@@ -216,6 +222,7 @@ def test_numpy_inputs_come_back_as_numpy(rng):
                                                         padding="same"))
 
 
+@real_gpu
 def test_cupy_matches_numba(rng):
     _backend()
     if not dwops.backend_available("numba"):
@@ -233,6 +240,7 @@ def test_cupy_matches_numba(rng):
         assert_close(cupy.asnumpy(a), cupy.asnumpy(b), "float32", scale=float(abs(b).max().get()))
 
 
+@real_gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_torch_tensors_on_a_side_stream(dtype, rng):
     torch = pytest.importorskip("torch")

@@ -331,103 +331,128 @@ def _splits(ntiles: int, other_blocks: int) -> tuple[int, int]:
 
 
 def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0) -> tuple:
-    """(stage-1 Launch, stage-2 Launch, partial-buffer element count) for the weight gradient."""
+    """(stage-1 Launch, stage-2 Launch, partial-buffer element count) for the weight gradient:
+    dw_grad_weight for square 1/3/5/7 kernels (when its tile fits), else dw_grad_weight_taps."""
+    stage1 = None
+    if kernel_size_spec(p.KH, p.KW):
+        try:
+            stage1 = _plan_gw_specialized(p, layout, x_addr, gy_addr)
+        except NotImplementedError:
+            stage1 = None
+    if stage1 is None:
+        stage1 = _plan_gw_taps(p, layout)
+    count = p.CO * p.KH * p.KW
+    stage2 = Launch("depthwise", f"sum_splits<{CTYPE[p.dtype]}>", (_cdiv(count, THREADS), 1, 1),
+                    (THREADS, 1, 1), 0, (stage1.grid[0], count))
+    return stage1, stage2, stage1.grid[0] * count
+
+
+def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
+    """dw_grad_weight (K = 1, 3, 5, 7). NCHW reduces with warp shuffles, so its block is a
+    multiple of 32 threads (rows past the image idle); NotImplementedError when no tile fits."""
     dtype = p.dtype
     item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
     K = kernel_size_spec(p.KH, p.KW)
-    KK = p.KH * p.KW
-    if K:
-        opt = DW_GW_OPT[layout]
-        if layout == "NCHW":
-            vec = pick_vec(dtype, (p.W,), (x_addr,))
-            bw = min(32, _np2(_cdiv(p.OW, vec)))
-            bh = max(1, min(THREADS // bw, _np2(p.OH)))
+    KK = K * K
+    opt = DW_GW_OPT[layout]
+    if layout == "NCHW":
+        vec = pick_vec(dtype, (p.W,), (x_addr,))
+        bw = min(32, _np2(_cdiv(p.OW, vec)))
+        bh = max(32 // bw, min(THREADS // bw, _np2(p.OH)))
 
-            def geometry(bw_, bh_):
-                th, tw = bh_, bw_ * vec
-                ih = (th - 1) * p.sh + (K - 1) * p.dh + 1
-                iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
-                return th, tw, ih, iw, _cdiv(iw, vec) * vec
-
-            def smem(s):
-                g = geometry(s[1], s[0])
-                return max(g[2] * g[4] * item, _cdiv(s[0] * s[1], 32) * KK * acc)
-
-            bh, bw = _fit([bh, bw], smem)
-            th, tw, ih, iw, ip = geometry(bw, bh)
-            shared = smem([bh, bw])
-            block = (bw, bh, 1)
-            other = min(p.CO, MAX_GRID_YZ)
-            chans = other
-        else:
-            vec = 1
-            if p.M == 1:
-                vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr), limit=max(1, GW_NHWC_ACC_REGS // KK))
-            ct = min(32, _np2(_cdiv(p.CO, vec)))
-            pt_ = THREADS // ct
-            th0, twt = _nhwc_tile(pt_, opt, p.OH, p.OW)
-
-            def geometry(ct_, th_, twt_):
-                tc, tw = ct_ * vec, twt_ * opt
-                ih = (th_ - 1) * p.sh + (K - 1) * p.dh + 1
-                iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
-                cp = tc if p.M == 1 else (tc - 1) // p.M + 2
-                return th_, tw, ih, iw, cp
-
-            def smem(s):
-                g = geometry(s[2], s[0], s[1])
-                return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * acc)
-
-            th_, twt, ct = _fit([th0, twt, ct], smem)
-            th, tw, ih, iw, ip = geometry(ct, th_, twt)
-            shared = smem([th_, twt, ct])
-            block = (ct, th * twt, 1)
-            chans = _cdiv(p.CO, ct * vec)
-            other = chans
-        ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
-        splits, per = _splits(ntiles, other)
-        name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
-        ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, th, tw,
-                ih, iw, ip, per)
-        stage1 = Launch("depthwise", name, (splits, chans, 1), block, shared, ints,
-                        {"K": K, "vec": vec, "opt": opt, "tile": (th, tw), "splits": splits})
-    else:
-        tc = 1 if layout == "NCHW" else 32
-        ty = THREADS // tc
-        taps = ty * TAPS_PER_THREAD
-        th0, tw0 = (16, 16) if layout == "NCHW" else (8, 8)
-        th0, tw0 = min(th0, _np2(p.OH)), min(tw0, _np2(p.OW))
-
-        def geometry(th_, tw_):
-            ih = (th_ - 1) * p.sh + (p.KH - 1) * p.dh + 1
-            iw = (tw_ - 1) * p.sw + (p.KW - 1) * p.dw + 1
-            return ih, iw
+        def geometry(bw_, bh_):
+            th, tw = bh_, bw_ * vec
+            ih = (th - 1) * p.sh + (K - 1) * p.dh + 1
+            iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
+            return th, tw, ih, iw, _cdiv(iw, vec) * vec
 
         def smem(s):
+            g = geometry(s[1], s[0])
+            return max(g[2] * g[4] * item, (s[0] * s[1] // 32) * KK * acc)
+
+        bh, bw = _fit([bh, bw], smem)
+        if bh * bw < 32:
+            raise NotImplementedError("no whole-warp tile fits in shared memory")
+        th, tw, ih, iw, ip = geometry(bw, bh)
+        shared = smem([bh, bw])
+        block = (bw, bh, 1)
+        other = min(p.CO, MAX_GRID_YZ)
+        chans = other
+    else:
+        vec = 1
+        if p.M == 1:
+            vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr), limit=max(1, GW_NHWC_ACC_REGS // KK))
+        ct = min(32, _np2(_cdiv(p.CO, vec)))
+        pt_ = THREADS // ct
+        th0, twt = _nhwc_tile(pt_, opt, p.OH, p.OW)
+
+        def geometry(ct_, th_, twt_):
+            tc, tw = ct_ * vec, twt_ * opt
+            ih = (th_ - 1) * p.sh + (K - 1) * p.dh + 1
+            iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
+            cp = tc if p.M == 1 else (tc - 1) // p.M + 2
+            return th_, tw, ih, iw, cp
+
+        def smem(s):
+            g = geometry(s[2], s[0], s[1])
+            return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * acc)
+
+        th_, twt, ct = _fit([th0, twt, ct], smem)
+        th, tw, ih, iw, ip = geometry(ct, th_, twt)
+        shared = smem([th_, twt, ct])
+        block = (ct, th * twt, 1)
+        chans = _cdiv(p.CO, ct * vec)
+        other = chans
+    ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
+    splits, per = _splits(ntiles, other)
+    name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, th, tw,
+            ih, iw, ip, per)
+    return Launch("depthwise", name, (splits, chans, 1), block, shared, ints,
+                  {"K": K, "vec": vec, "opt": opt, "tile": (th, tw), "splits": splits})
+
+
+def _plan_gw_taps(p, layout: str) -> Launch:
+    """dw_grad_weight_taps (any kernel): TC channels per block (NCHW 1, NHWC 32, halved while the
+    tile does not fit), 256 threads; NotImplementedError when a one-pixel tile does not fit."""
+    acc = ACC_ITEMSIZE[p.dtype]
+    KK = p.KH * p.KW
+
+    def geometry(th_, tw_):
+        ih = (th_ - 1) * p.sh + (p.KH - 1) * p.dh + 1
+        iw = (tw_ - 1) * p.sw + (p.KW - 1) * p.dw + 1
+        return ih, iw
+
+    tc, got = (1 if layout == "NCHW" else 32), None
+    th0, tw0 = (16, 16) if layout == "NCHW" else (8, 8)
+    th0, tw0 = min(th0, _np2(p.OH)), min(tw0, _np2(p.OW))
+    while got is None and tc >= 1:
+        def smem(s, tc=tc):
             ih, iw = geometry(s[0], s[1])
             return (ih * iw + s[0] * s[1]) * tc * acc
 
-        got = _shrink_to_fit([th0, tw0], smem, SMEM_DEFAULT) or _shrink_to_fit([th0, tw0], smem, SMEM_OPTIN)
+        got = _shrink_to_fit([th0, tw0], smem, SMEM_DEFAULT) or \
+            _shrink_to_fit([th0, tw0], smem, SMEM_OPTIN)
         if got is None:
-            raise NotImplementedError(
-                "dwops cupy backend: the input tile of this weight gradient (kernel and dilation) "
-                "does not fit in shared memory; use backend='numba'")
-        th, tw = got
-        ih, iw = geometry(th, tw)
-        shared = smem([th, tw])
-        chans = _cdiv(p.CO, tc)
-        ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
-        zt = _cdiv(KK, taps)
-        splits, per = _splits(ntiles, min(chans, MAX_GRID_YZ) * zt)
-        name = f"dw_grad_weight_taps<{CTYPE[dtype]}, {TAPS_PER_THREAD}, {_b(layout == 'NHWC')}>"
-        ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt,
-                p.pl, th, tw, ih, iw, per)
-        stage1 = Launch("depthwise", name, (splits, min(chans, MAX_GRID_YZ), zt), (tc, ty, 1), shared, ints,
-                        {"K": 0, "tile": (th, tw), "splits": splits})
-    count = p.CO * KK
-    stage2 = Launch("depthwise", f"sum_splits<{CTYPE[dtype]}>", (_cdiv(count, THREADS), 1, 1),
-                    (THREADS, 1, 1), 0, (stage1.grid[0], count))
-    return stage1, stage2, stage1.grid[0] * count
+            tc //= 2
+    if got is None:
+        raise NotImplementedError(
+            "dwops cupy backend: the input tile of this weight gradient (kernel and dilation) "
+            "does not fit in shared memory; use backend='numba'")
+    th, tw = got
+    ih, iw = geometry(th, tw)
+    shared = smem([th, tw])
+    ty = THREADS // tc
+    taps = ty * TAPS_PER_THREAD
+    chans = _cdiv(p.CO, tc)
+    ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
+    zt = _cdiv(KK, taps)
+    splits, per = _splits(ntiles, min(chans, MAX_GRID_YZ) * zt)
+    name = f"dw_grad_weight_taps<{CTYPE[p.dtype]}, {TAPS_PER_THREAD}, {_b(layout == 'NHWC')}>"
+    ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt,
+            p.pl, th, tw, ih, iw, per)
+    return Launch("depthwise", name, (splits, min(chans, MAX_GRID_YZ), zt), (tc, ty, 1), shared,
+                  ints, {"K": 0, "tile": (th, tw), "splits": splits, "tc": tc})
 
 
 def plan_pointwise(op: str, p, layout: str) -> tuple:

@@ -1,0 +1,329 @@
+// dwops CUDA emulator: runs the CUDA C++ kernels of dwops/kernels/cuda/*.cuh on the CPU.
+//
+// Not a general CUDA implementation: exactly what dwops' kernels use, executed with CUDA's
+// semantics so that index errors, missing writes, shared-memory races and barrier misuse show up
+// as wrong answers or errors on a machine without a GPU.
+//
+// * Every CUDA thread of a block is a fiber (ucontext) with its own guarded stack; the blocks of
+//   the grid run one after another. __syncthreads() suspends the fiber until every thread of the
+//   block that has not exited reaches a barrier; the barrier counts must then agree (a divergent
+//   __syncthreads is an error). __shfl_xor_sync suspends until the whole warp (32 lanes, none
+//   exited) arrives.
+// * Between barriers the fibers run one at a time, in thread order or in reverse thread order
+//   (`order`): a kernel whose result depends on that order has a race.
+// * Dynamic shared memory (`smem_raw`) is a fresh mapping per launch, filled with 0xFF bytes (NaN)
+//   before each block, and ends at a PROT_NONE page: reading or writing past the size the host
+//   asked for faults.
+// * __shared__ arrays become static storage: valid because blocks never overlap in time.
+#pragma once
+#include <ucontext.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+#define DWEMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+using std::erf;
+using std::exp;
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+
+// CUDA's min/max overloads (mixed int / long long arguments promote as in device code)
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+    typedef typename std::common_type<A, B>::type R;
+    return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b);
+}
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+    typedef typename std::common_type<A, B>::type R;
+    return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b);
+}
+
+namespace dwemu {
+
+enum State { RUNNABLE, AT_BARRIER, AT_WARP, EXITED };
+
+struct Fiber {
+    ucontext_t ctx;
+    State state;
+    uint3 tid;
+    int linear;
+    long barriers;  // __syncthreads calls so far in this block
+};
+
+static Fiber* cur = nullptr;
+static ucontext_t scheduler;
+static uint3 g_block;
+static dim3 g_bdim, g_gdim;
+static unsigned char* g_smem = nullptr;
+static std::vector<Fiber> g_fibers;
+static std::vector<unsigned long long> g_lane_value;  // one 8-byte slot per thread (shuffles)
+static void (*g_body)(void*) = nullptr;
+static void* g_body_arg = nullptr;
+static std::string g_error;
+
+const size_t STACK_BYTES = 256 * 1024;
+static std::vector<char*> g_stacks;  // STACK_BYTES each, a PROT_NONE page below
+
+static size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+static char* stack_for(size_t i) {
+    while (g_stacks.size() <= i) {
+        const size_t pg = page_size();
+        char* base = static_cast<char*>(mmap(nullptr, STACK_BYTES + pg, PROT_READ | PROT_WRITE,
+                                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+        if (base == MAP_FAILED) return nullptr;
+        mprotect(base, pg, PROT_NONE);  // stack overflow faults instead of corrupting
+        g_stacks.push_back(base + pg);
+    }
+    return g_stacks[i];
+}
+
+static void fiber_entry() {
+    g_body(g_body_arg);
+    cur->state = EXITED;  // returning resumes the scheduler through uc_link
+}
+
+inline void suspend(State s) {
+    cur->state = s;
+    swapcontext(&cur->ctx, &scheduler);
+}
+
+inline std::string where(const Fiber& f) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", g_block.x, g_block.y,
+                  g_block.z, f.tid.x, f.tid.y, f.tid.z);
+    return buf;
+}
+
+// Release whatever barrier is complete; false when nothing can run (deadlock or done).
+inline bool release(int n) {
+    bool any = false;
+    for (int w0 = 0; w0 < n; w0 += 32) {  // warp-level rendezvous (shuffles)
+        const int w1 = std::min(n, w0 + 32);
+        bool all = true, some = false;
+        for (int i = w0; i < w1; ++i) {
+            if (g_fibers[i].state == AT_WARP) some = true;
+            else all = false;
+        }
+        if (some && all) {
+            if (w1 - w0 != 32) {
+                g_error = "warp shuffle in a partial warp: " + where(g_fibers[w0]);
+                return false;
+            }
+            for (int i = w0; i < w1; ++i) g_fibers[i].state = RUNNABLE;
+            any = true;
+        } else if (some) {
+            for (int i = w0; i < w1; ++i) {
+                if (g_fibers[i].state == EXITED) {
+                    g_error = "warp shuffle with exited lanes in the warp: " + where(g_fibers[i]);
+                    return false;
+                }
+            }
+        }
+    }
+    if (any) return true;
+    long count = -1;
+    bool waiting = false;
+    for (int i = 0; i < n; ++i) {
+        const Fiber& f = g_fibers[i];
+        if (f.state == EXITED) continue;
+        if (f.state != AT_BARRIER) return false;  // some lane waits at a shuffle: deadlock
+        waiting = true;
+        if (count >= 0 && f.barriers != count) {
+            g_error = "divergent __syncthreads (different barrier counts): " + where(f);
+            return false;
+        }
+        count = f.barriers;
+    }
+    if (!waiting) return false;
+    for (int i = 0; i < n; ++i)
+        if (g_fibers[i].state == AT_BARRIER) g_fibers[i].state = RUNNABLE;
+    return true;
+}
+
+// Run one block to completion; false (with g_error) on a barrier error.
+inline bool run_block(int n, int order) {
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = g_fibers[i];
+        f.linear = i;
+        f.tid.x = i % g_bdim.x;
+        f.tid.y = (i / g_bdim.x) % g_bdim.y;
+        f.tid.z = i / (g_bdim.x * g_bdim.y);
+        f.state = RUNNABLE;
+        f.barriers = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stack_for(i);
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, fiber_entry, 0);
+    }
+    for (;;) {
+        for (int k = 0; k < n; ++k) {
+            Fiber& f = g_fibers[order ? n - 1 - k : k];
+            if (f.state != RUNNABLE) continue;
+            cur = &f;
+            swapcontext(&scheduler, &f.ctx);
+        }
+        bool done = true;
+        for (int i = 0; i < n; ++i) done = done && g_fibers[i].state == EXITED;
+        if (done) return true;
+        if (!release(n)) {
+            if (g_error.empty()) {
+                for (int i = 0; i < n; ++i) {
+                    if (g_fibers[i].state == AT_WARP) {
+                        g_error = "deadlock: a warp shuffle while other lanes wait at "
+                                  "__syncthreads: " + where(g_fibers[i]);
+                        break;
+                    }
+                }
+                if (g_error.empty()) g_error = "deadlock in the block scheduler";
+            }
+            return false;
+        }
+    }
+}
+
+// Run a grid; 0 on success, else 1 with the message in err.
+inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body)(void*),
+                    void* arg, char* err, int errlen) {
+    g_error.clear();
+    const int n = static_cast<int>(block.x * block.y * block.z);
+    g_fibers.assign(n, Fiber());
+    g_lane_value.assign(n, 0);
+    for (int i = 0; i < n; ++i) {
+        if (!stack_for(i)) {
+            std::snprintf(err, errlen, "cannot map fiber stacks");
+            return 1;
+        }
+    }
+    const size_t pg = page_size();
+    const size_t body_bytes = (shared + pg - 1) / pg * pg;
+    char* map = static_cast<char*>(mmap(nullptr, body_bytes + pg, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (map == MAP_FAILED) {
+        std::snprintf(err, errlen, "cannot map shared memory");
+        return 1;
+    }
+    mprotect(map + body_bytes, pg, PROT_NONE);
+    const size_t shared16 = (shared + 15) / 16 * 16;
+    g_smem = reinterpret_cast<unsigned char*>(map + body_bytes - shared16);
+    g_bdim = block;
+    g_gdim = grid;
+    g_body = body;
+    g_body_arg = arg;
+    int rc = 0;
+    for (unsigned bz = 0; bz < grid.z && !rc; ++bz)
+        for (unsigned by = 0; by < grid.y && !rc; ++by)
+            for (unsigned bx = 0; bx < grid.x && !rc; ++bx) {
+                g_block.x = bx;
+                g_block.y = by;
+                g_block.z = bz;
+                std::memset(g_smem, 0xFF, shared16);
+                if (!run_block(n, order)) rc = 1;
+            }
+    munmap(map, body_bytes + pg);
+    g_smem = nullptr;
+    if (rc) std::snprintf(err, errlen, "%s", g_error.c_str());
+    return rc;
+}
+
+// ----------------------------------------------------------------------- kernel arguments
+
+template <typename... A>
+struct Call {
+    void (*f)(A...);
+    std::tuple<typename std::decay<A>::type...> args;
+    static void body(void* p) {
+        Call* c = static_cast<Call*>(p);
+        std::apply(c->f, c->args);
+    }
+};
+
+template <typename... A, size_t... I>
+int launch_impl(void (*f)(A...), void** args, std::index_sequence<I...>, dim3 grid, dim3 block,
+                size_t shared, int order, char* err, int errlen) {
+    Call<A...> c{f, std::tuple<typename std::decay<A>::type...>(
+                        *static_cast<typename std::decay<A>::type*>(args[I])...)};
+    return run_grid(grid, block, shared, order, &Call<A...>::body, &c, err, errlen);
+}
+
+template <typename... A>
+int launch(void (*f)(A...), void** args, dim3 grid, dim3 block, size_t shared, int order,
+           char* err, int errlen) {
+    return launch_impl(f, args, std::index_sequence_for<A...>{}, grid, block, shared, order, err,
+                       errlen);
+}
+
+// Parameter kinds: 0 pointer, 1 signed integer, 2 unsigned integer, 3 floating point.
+template <typename P>
+constexpr int kind() {
+    return std::is_pointer<P>::value ? 0 : std::is_floating_point<P>::value ? 3
+                                         : std::is_signed<P>::value         ? 1
+                                                                            : 2;
+}
+
+template <typename... A>
+int params(void (*)(A...), int* sizes, int* kinds, int cap) {
+    const int s[] = {static_cast<int>(sizeof(A))..., 0};
+    const int k[] = {kind<A>()..., 0};
+    const int n = static_cast<int>(sizeof...(A));
+    for (int i = 0; i < n && i < cap; ++i) {
+        sizes[i] = s[i];
+        kinds[i] = k[i];
+    }
+    return n;
+}
+
+}  // namespace dwemu
+
+#define threadIdx (dwemu::cur->tid)
+#define blockIdx (dwemu::g_block)
+#define blockDim (dwemu::g_bdim)
+#define gridDim (dwemu::g_gdim)
+#define warpSize 32
+
+inline void __syncthreads() {
+    ++dwemu::cur->barriers;
+    dwemu::suspend(dwemu::AT_BARRIER);
+}
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
+    static_assert(sizeof(V) <= 8, "shuffle of more than 8 bytes");
+    if (mask != 0xffffffffu) {
+        dwemu::g_error = "__shfl_xor_sync with a partial mask is not emulated";
+    }
+    const int me = dwemu::cur->linear;
+    std::memcpy(&dwemu::g_lane_value[me], &v, sizeof(V));
+    dwemu::suspend(dwemu::AT_WARP);  // every lane has stored its value
+    const int partner = (me & ~31) | ((me & 31) ^ (lane_mask & 31));
+    V r;
+    std::memcpy(&r, &dwemu::g_lane_value[partner], sizeof(V));
+    dwemu::suspend(dwemu::AT_WARP);  // every lane has read before any slot is overwritten
+    return r;
+}
