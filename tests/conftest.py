@@ -72,6 +72,8 @@ if EMULATED:
     from tests import cudaemu
 
     cudaemu.install()
+    if os.environ.get("DWOPS_CUDAEMU_NAMES"):
+        cudaemu.write_names_at_exit(os.environ["DWOPS_CUDAEMU_NAMES"])
 
 
 @pytest.fixture

@@ -200,6 +200,134 @@ def test_separable(case, dtype, layout, rng):
     assert_close(_host(out, dtype), ref, dtype, scale=scale, what="separable")
 
 
+def _random_depthwise(rng):
+    """A random valid depthwise problem: small sizes (the emulator runs these too), every kernel
+    size 1-7 square or not, stride and dilation 1-3, multiplier 1-3, explicit asymmetric or
+    named padding, both layouts, every dtype."""
+    while True:
+        n, c, m = (int(v) for v in rng.integers(1, (4, 10, 4)))
+        h, w = (int(v) for v in rng.integers(1, 24, 2))
+        kh = int(rng.integers(1, 8))
+        kw = kh if rng.random() < 0.6 else int(rng.integers(1, 8))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2)) if rng.random() < 0.5 else 1
+        d = tuple(int(v) for v in rng.integers(1, 4, 2)) if rng.random() < 0.3 else 1
+        pad = ["same", "valid", tuple((int(a), int(b)) for a, b in rng.integers(0, 4, (2, 2))),
+               int(rng.integers(0, 4))][int(rng.integers(0, 4))]
+        if pad == "same" and s != 1:
+            pad = 1
+        layout = ("NCHW", "NHWC")[int(rng.integers(0, 2))]
+        dtype = DTYPES[int(rng.integers(0, 4))]
+        try:
+            x = rand(rng, _spec._physical(layout, n, c, h, w), dtype)
+            wt = rand(rng, (c * m, 1, kh, kw), dtype)
+            p, _ = _spec.depthwise("t", x, wt, None, s, pad, d, layout, None)
+        except ValueError:      # output would be empty: draw again
+            continue
+        return p, x, wt, dtype
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_random_depthwise_problems(seed):
+    """Forward (random activation and bias), grad_input and grad_weight of random problems."""
+    be = _backend()
+    rng = np.random.default_rng(1000 + seed)
+    p, x, w, dtype = _random_depthwise(rng)
+    act = (None, "relu", "relu6", "silu", "gelu")[seed % 5]
+    b = rand(rng, (p.CO,), dtype) if seed % 2 else None
+    p, _ = _spec.depthwise("t", x, w, b, (p.sh, p.sw), ((p.pt, p.pb), (p.pl, p.pr)), (p.dh, p.dw),
+                           p.layout, act)
+    kw = _ref_kw(p)
+    out = _poisoned(p.y_shape, dtype)
+    be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
+                         out, stream=0)
+    ref = dwops.reference.depthwise_conv2d(x, w, b, activation=act, **kw)
+    scale = dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
+                                             None if b is None else np.abs(_f64(b)), **kw)
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what=f"forward {p}")
+    gy = rand(rng, p.y_shape, dtype)
+    gx = _poisoned(p.x_shape, dtype)
+    be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+    ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **kw)
+    scale = dwops.reference.depthwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
+                                                        p.x_shape, **kw)
+    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"grad_input {p}")
+    gw = _poisoned(p.w_shape, dtype)
+    be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+    ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **kw)
+    scale = dwops.reference.depthwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
+                                                         p.w_shape, **kw)
+    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"grad_weight {p}")
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_separable_problems(seed):
+    """The fused (or unfused) separable forward of random problems, every epilogue."""
+    be = _backend()
+    rng = np.random.default_rng(2000 + seed)
+    p0, x, dww, dtype = _random_depthwise(rng)
+    co = int(rng.integers(1, 80))
+    pww = rand(rng, (co, p0.CO), dtype)
+    b, dwb = rand(rng, (co,), dtype), rand(rng, (p0.CO,), dtype)
+    acts = (None, "relu", "relu6", "silu", "gelu")
+    dact, act = acts[seed % 5], acts[(seed // 2) % 5]
+    args = ((p0.sh, p0.sw), ((p0.pt, p0.pb), (p0.pl, p0.pr)), (p0.dh, p0.dw), p0.layout, dact, act)
+    p, _ = _spec.separable("t", x, dww, pww, b, dwb, *args, None)
+    r = rand(rng, p.y_shape, dtype) if seed % 2 else None
+    p, _ = _spec.separable("t", x, dww, pww, b, dwb, *args, r)
+    out = _poisoned(p.y_shape, dtype)
+    be.separable_forward(p, _dev(x, dtype), _dev(dww, dtype), _dev(pww, dtype), _dev(b, dtype),
+                         _dev(dwb, dtype), None if r is None else _dev(r, dtype), out, stream=0)
+    kw = _ref_kw(p.dw)
+    ref = dwops.reference.separable_conv2d(x, dww, pww, b, dw_bias=dwb, dw_activation=dact,
+                                           activation=act, residual=r, **kw)
+    scale = dwops.reference.separable_conv2d(
+        np.abs(_f64(x)), np.abs(_f64(dww)), np.abs(_f64(pww)), np.abs(_f64(b)),
+        dw_bias=np.abs(_f64(dwb)), residual=None if r is None else np.abs(_f64(r)), **kw)
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"separable {p}")
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_pointwise_problems(seed):
+    """Pointwise forward (optional bias, residual, any activation) and both gradients of random
+    sizes around the 64 x 64 x 16 GEMM tile edges."""
+    be = _backend()
+    rng = np.random.default_rng(3000 + seed)
+    n, ci, co = int(rng.integers(1, 4)), int(rng.integers(1, 140)), int(rng.integers(1, 140))
+    h, w_ = (int(v) for v in rng.integers(1, 12, 2))
+    layout = ("NCHW", "NHWC")[seed % 2]
+    dtype = DTYPES[(seed // 2) % 4]
+    act = (None, "relu", "relu6", "silu", "gelu")[seed % 5]
+    x = rand(rng, _spec._physical(layout, n, ci, h, w_), dtype)
+    w = rand(rng, (co, ci), dtype)
+    b = rand(rng, (co,), dtype) if seed % 3 else None
+    r = rand(rng, _spec._physical(layout, n, co, h, w_), dtype) if seed % 4 < 2 else None
+    p, _ = _spec.pointwise("t", x, w, b, layout, act, r)
+    out = _poisoned(p.y_shape, dtype)
+    be.pointwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
+                         None if r is None else _dev(r, dtype), out, stream=0)
+    ref = dwops.reference.pointwise_conv2d(x, w, b, layout=layout, activation=act, residual=r)
+    scale = dwops.reference.pointwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
+                                             None if b is None else np.abs(_f64(b)), layout=layout,
+                                             residual=None if r is None else np.abs(_f64(r)))
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw forward")
+    gy = rand(rng, p.y_shape, dtype)
+    gx = _poisoned(p.x_shape, dtype)
+    be.pointwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+    ref = dwops.reference.pointwise_conv2d_grad_input(gy, w, layout=layout)
+    scale = dwops.reference.pointwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
+                                                        layout=layout)
+    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_input")
+    gw = _poisoned((co, ci), dtype)
+    be.pointwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+    ref = dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout)
+    scale = dwops.reference.pointwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
+                                                         layout=layout)
+    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_weight")
+
+
 @real_gpu
 def test_public_api_cupy_arrays_non_contiguous(rng):
     _backend()

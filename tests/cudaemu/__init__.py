@@ -281,7 +281,7 @@ class RawModule:
         return lib.function(name)
 
 
-stats = {"launches": 0}
+stats = {"launches": 0, "names": set()}   # launches run, template name expressions launched
 
 
 class Function:
@@ -364,6 +364,7 @@ class Function:
                     alloc.check()
             results.append([r.copy() for r in regions])
         stats["launches"] += 1
+        stats["names"].add(self.name)
         for i, (r0, r1) in enumerate(zip(*results)):
             if not np.array_equal(r0, r1):
                 at = int(np.flatnonzero(r0 != r1)[0])
@@ -387,6 +388,17 @@ def module() -> types.ModuleType:
     m.cuda = types.SimpleNamespace(runtime=runtime, Device=Device, Stream=_Stream,
                                    get_current_stream=lambda: _Stream.null)
     return m
+
+
+def write_names_at_exit(path: str) -> None:
+    """At interpreter exit, write the name expressions launched (one per line) to ``path``."""
+    import atexit
+
+    def dump():
+        with open(path, "w") as f:
+            f.write("".join(n + "\n" for n in sorted(stats["names"])))
+
+    atexit.register(dump)
 
 
 def install() -> types.ModuleType:

@@ -87,7 +87,13 @@ static void* g_body_arg = nullptr;
 static std::string g_error;
 
 const size_t STACK_BYTES = 256 * 1024;
-static std::vector<char*> g_stacks;  // STACK_BYTES each, a PROT_NONE page below
+static std::vector<char*> g_stacks;  // STACK_BYTES each, a PROT_NONE page below; per launch
+
+static void release_stacks() {
+    const size_t pg = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    for (char* s : g_stacks) munmap(s - pg, STACK_BYTES + pg);
+    g_stacks.clear();
+}
 
 static size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
@@ -217,6 +223,7 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
     g_lane_value.assign(n, 0);
     for (int i = 0; i < n; ++i) {
         if (!stack_for(i)) {
+            release_stacks();
             std::snprintf(err, errlen, "cannot map fiber stacks");
             return 1;
         }
@@ -226,6 +233,7 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
     char* map = static_cast<char*>(mmap(nullptr, body_bytes + pg, PROT_READ | PROT_WRITE,
                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (map == MAP_FAILED) {
+        release_stacks();
         std::snprintf(err, errlen, "cannot map shared memory");
         return 1;
     }
@@ -247,6 +255,7 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
                 if (!run_block(n, order)) rc = 1;
             }
     munmap(map, body_bytes + pg);
+    release_stacks();  // every loaded kernel library would otherwise hold its own stacks
     g_smem = nullptr;
     if (rc) std::snprintf(err, errlen, "%s", g_error.c_str());
     return rc;

@@ -1,0 +1,203 @@
+"""The cupy backend's CUDA C++ kernels executed on the CPU by the emulator in ``tests/cudaemu``.
+
+Two parts:
+
+* the emulator itself: a correct kernel gives the right answer; a race, an out-of-bounds write,
+  an uninitialised shared-memory read, a shuffle in a partial warp, a shuffle/barrier deadlock,
+  wrong argument types and launches CUDA would refuse are all caught (so a pass means something);
+* ``tests/test_gpu_cupy.py`` (the held-out GPU tests: every op, dtype and layout on odd and
+  realistic sizes, plus seeded random problems) run under ``DWOPS_CUDAEMU=1`` in two subprocesses
+  side by side, and every kernel they launched is one the NVRTC kernel report compiles.
+
+The emulator runs the kernels' source with CUDA's block/warp semantics, not the GPU's timing or
+floating-point units (no FMA contraction, host expf/erf): it checks indexing, tiling, barriers
+and launch plans, not speed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("the CUDA emulator needs a host C++ compiler (g++)", allow_module_level=True)
+
+from tests import cudaemu  # noqa: E402
+
+SELF_TEST = r"""
+#include <cuda_fp16.h>
+template <typename A> __device__ A warp_total(A v) {
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
+}
+// block sums of x through shared memory, warp shuffles and barriers: correct
+__global__ void block_sum(const float* __restrict__ x, float* __restrict__ out, int n) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* part = reinterpret_cast<float*>(smem_raw);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float v = i < n ? x[i] : 0.0f;
+    v = warp_total(v);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0;
+        for (int w = 0; w < (int)blockDim.x / 32; ++w) s += part[w];
+        out[blockIdx.x] = s;
+    }
+}
+// reads a neighbour's shared value with no barrier in between: a race
+__global__ void racy(float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = (float)threadIdx.x;
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+// writes one element past the end (i <= n)
+__global__ void off_by_one(float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i] = 1.0f;
+}
+// reads shared memory nobody wrote
+__global__ void uninitialised(float* out) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    out[threadIdx.x] = reinterpret_cast<float*>(smem_raw)[threadIdx.x];
+}
+// full-mask shuffle in a block of 16 threads
+__global__ void partial_warp(float* out) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+// lane 0 shuffles while the other lanes wait at a barrier
+__global__ void shuffle_deadlock(float* out) {
+    float v = 1.0f;
+    if (threadIdx.x == 0) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
+__global__ void __launch_bounds__(128) bounded(float* out) { out[threadIdx.x] = 0.0f; }
+template <typename T> __global__ void to_half(const float* x, T* y, long long n) {
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half_rn(x[i]);
+}
+"""
+
+NAMES = ["block_sum", "racy", "off_by_one", "uninitialised", "partial_warp", "shuffle_deadlock",
+         "bounded", "to_half<__half>"]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return cudaemu.Library(SELF_TEST, NAMES)
+
+
+def test_a_correct_kernel_gives_the_right_answer(lib):
+    rng = np.random.default_rng(7)
+    x = cudaemu.asarray(rng.uniform(-1, 1, 1000).astype(np.float32))
+    out = cudaemu.full((4,), np.nan, np.float32)
+    lib.function("block_sum")((4,), (256,), (x, out, np.int32(1000)), shared_mem=8 * 4)
+    want = [np.sum(np.asarray(x)[i * 256:(i + 1) * 256], dtype=np.float64) for i in range(4)]
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5)
+    h = cudaemu.empty((1000,), np.float16)
+    lib.function("to_half<__half>")((1,), (64,), (x, h, np.int64(1000)))
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(x).astype(np.float16))
+
+
+def test_a_race_is_caught(lib):
+    out = cudaemu.empty((64,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match="race"):
+        lib.function("racy")((1,), (64,), (out,))
+
+
+def test_an_out_of_bounds_write_is_caught(lib):
+    out = cudaemu.empty((100,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match="out-of-bounds write"):
+        lib.function("off_by_one")((1,), (128,), (out, np.int32(100)))
+
+
+def test_shared_memory_starts_poisoned(lib):
+    out = cudaemu.full((32,), 0.0, np.float32)
+    lib.function("uninitialised")((1,), (32,), (out,), shared_mem=32 * 4)
+    assert np.isnan(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("name, block, match", [
+    ("partial_warp", 16, "partial warp"),
+    ("shuffle_deadlock", 64, "deadlock"),
+])
+def test_warp_misuse_is_caught(lib, name, block, match):
+    out = cudaemu.empty((block,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match=match):
+        lib.function(name)((1,), (block,), (out,))
+
+
+def test_launches_cuda_would_refuse(lib):
+    x = cudaemu.empty((256,), np.float32)
+    out = cudaemu.empty((4,), np.float32)
+    fn = lib.function("block_sum")
+    with pytest.raises(cudaemu.EmuError, match="is int64, the parameter is a 4-byte int"):
+        fn((1,), (256,), (x, out, np.int64(256)))
+    with pytest.raises(cudaemu.EmuError, match="2 arguments for 3"):
+        fn((1,), (256,), (x, out))
+    with pytest.raises(cudaemu.EmuError, match="should be a pointer"):
+        fn((1,), (256,), (np.float32(0), out, np.int32(1)))
+    with pytest.raises(cudaemu.EmuError, match="non-contiguous"):
+        fn((1,), (32,), (cudaemu.empty((64,), np.float32)[::2], out, np.int32(1)))
+    with pytest.raises(cudaemu.EmuError, match="dynamic shared memory"):
+        fn((1,), (256,), (x, out, np.int32(256)), shared_mem=64 * 1024)
+    fn.max_dynamic_shared_size_bytes = 64 * 1024      # the opt-in CUDA requires above 48 KiB
+    fn((1,), (256,), (x, out, np.int32(256)), shared_mem=64 * 1024)
+    with pytest.raises(cudaemu.EmuError, match="__launch_bounds__ allows 128"):
+        lib.function("bounded")((1,), (256,), (cudaemu.empty((256,), np.float32),))
+    with pytest.raises(cudaemu.EmuError, match="beyond CUDA's limits"):
+        lib.function("bounded")((1, 70000), (32,), (cudaemu.empty((32,), np.float32),))
+
+
+# ----------------------------------------------------------------------------- the held-out tests
+
+# Two groups of tests/test_gpu_cupy.py, of similar cost, run concurrently (CI has 2 cores).
+GROUPS = {
+    "grads_random": "depthwise_grads or random",
+    "forward_pointwise_separable": "depthwise_forward or pointwise_all or test_separable",
+}
+
+
+@pytest.fixture(scope="module")
+def emulated_runs(tmp_path_factory):
+    """Start both groups at once; {group: (returncode, output, names file)} once both finish."""
+    tmp = tmp_path_factory.mktemp("cudaemu")
+    procs = {}
+    for group, expr in GROUPS.items():
+        env = dict(os.environ, DWOPS_CUDAEMU="1", DWOPS_CUDAEMU_NAMES=str(tmp / f"{group}.txt"),
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_gpu_cupy.py"),
+               "-m", "gpu", "-k", expr, "-q", "-p", "no:cacheprovider", "--no-header", "-rfEs"]
+        procs[group] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+    out = {}
+    for group, proc in procs.items():
+        text, _ = proc.communicate(timeout=1500)
+        out[group] = (proc.returncode, text, tmp / f"{group}.txt")
+    return out
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_held_out_gpu_tests_pass_in_the_emulator(emulated_runs, group):
+    rc, text, _ = emulated_runs[group]
+    print(text[-4000:])
+    assert rc == 0, f"tests/test_gpu_cupy.py -k '{GROUPS[group]}' under the emulator:\n{text[-8000:]}"
+    assert " passed" in text and " skipped" not in text.splitlines()[-1], text[-2000:]
+
+
+def test_every_launched_kernel_is_in_the_kernel_report(emulated_runs):
+    from dwops.kernels.cupy_backend import instantiations
+
+    launched = set()
+    for _, _, names in emulated_runs.values():
+        launched |= {n for n in names.read_text().splitlines() if n}
+    report = {row[-1] for row in instantiations()}
+    assert len(launched) > 100
+    assert launched <= report, f"launched but never compiled by the report: {launched - report}"
