@@ -5,8 +5,8 @@ The launch plans are checked two ways: by their invariants (tile covers the outp
 within the limit the launch assumes, vector width only where sizes and addresses allow), and by
 replaying the kernels' index arithmetic in NumPy (`_emulate_*`: the thread/tile loops of
 depthwise.cuh and pointwise.cuh transliterated) against the reference, which catches a tile that is
-too small, a wrong halo or a wrong operand stride without a GPU. The CUDA arithmetic itself runs
-only in tests/test_gpu_cupy.py.
+too small, a wrong halo or a wrong operand stride without a GPU. The kernels themselves run in
+tests/test_gpu_cupy.py: on a GPU, or on the CPU emulator (tests/test_cupy_emulated.py).
 """
 
 from __future__ import annotations
@@ -50,6 +50,27 @@ def test_every_instantiation_compiles_without_spills(report):
         assert r["backend"] == "cupy"
         assert set(r) == {"backend", "op", "direction", "specialization", "registers",
                           "shared_bytes", "spill_bytes", "error"}
+
+
+@pytest.mark.parametrize("file, name, loads, stores", [
+    ("depthwise", "dw_forward<float, 3, 1, 4, 2, false>", "ld.global.nc.v4.f32", "st.global.v4.f32"),
+    ("depthwise", "dw_forward<__half, 3, 1, 8, 4, true>", "ld.global.nc.v4.u32", "st.global.v4.u32"),
+    ("depthwise", "dw_forward<float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    ("depthwise", "dw_grad_input<float, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    ("depthwise", "dw_grad_weight<float, 3, 4, 1, false>", "ld.global.nc.v4.f32", None),
+])
+def test_vector_instantiations_use_16_byte_global_accesses(file, name, loads, stores):
+    """VEC > 1 instantiations compile to 128-bit global loads (read-only path) and, where the
+    kernel writes whole vectors, 128-bit stores: the 16-byte access the plans pay alignment for."""
+    pytest.importorskip("cuda.bindings")
+    import re
+
+    assert name in {row[-1] for row in cb.instantiations()}
+    ptx, lowered = cb.compile_ptx(file, [name])
+    body = ptx.decode().split(lowered[name], 1)[1]
+    found = set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.v\d\.\w+", body))
+    assert loads in found, found
+    assert stores is None or stores in found, found
 
 
 def test_registers_and_static_shared_fit_the_launch(report):
