@@ -161,7 +161,8 @@ def test_launches_cuda_would_refuse(lib):
 # Two groups of tests/test_gpu_cupy.py, of similar cost, run concurrently (CI has 2 cores).
 GROUPS = {
     "grads_random": "depthwise_grads or random",
-    "forward_pointwise_separable": "depthwise_forward or pointwise_all or test_separable or numpy_inputs",
+    "forward_pointwise_separable":
+        "depthwise_forward or pointwise_all or test_separable or numpy_inputs",
 }
 
 
