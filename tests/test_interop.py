@@ -299,6 +299,55 @@ def test_tensorflow_round_trip(rng):
     _check_depthwise(y.numpy(), x, w, b, "float32")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_tensorflow_every_op(dtype, backend, rng):
+    """Every op with TensorFlow tensors (a tf.Variable weight, a NumPy bias, NHWC): TensorFlow
+    tensors of the same dtype come back, with the reference's values."""
+    tf = pytest.importorskip("tensorflow")
+    x = rand(rng, (2, 9, 11, 6), dtype)                      # NHWC
+    w = rand(rng, (12, 1, 3, 3), dtype)                      # multiplier 2
+    b = rand(rng, (12,), dtype)
+    pw = rand(rng, (5, 12), dtype)
+    kw = dict(stride=(1, 2), padding=((1, 0), (2, 1)), layout="NHWC")
+    tx, tw = tf.constant(x), tf.Variable(w)
+
+    def check(got, want, scale=None):
+        assert isinstance(got, tf.Tensor) and got.dtype.name == dtype, type(got)
+        assert_close(np.asarray(got.numpy()), want, dtype, scale=scale)
+
+    def mag(*a):
+        return [np.abs(np.asarray(v, np.float64)) for v in a]
+
+    y = dwops.depthwise_conv2d(tx, tw, b, activation="relu", backend=backend, **kw)
+    check(y, ref.depthwise_conv2d(x, w, b, activation="relu", **kw),
+          ref.depthwise_conv2d(*mag(x, w, b), **kw))
+    gy = rand(rng, tuple(y.shape), dtype)
+    check(dwops.depthwise_conv2d_grad_input(tf.constant(gy), tw, x.shape, backend=backend, **kw),
+          ref.depthwise_conv2d_grad_input(gy, w, x.shape, **kw),
+          ref.depthwise_conv2d_grad_input(*mag(gy, w), x.shape, **kw))
+    check(dwops.depthwise_conv2d_grad_weight(tx, tf.constant(gy), w.shape, backend=backend, **kw),
+          ref.depthwise_conv2d_grad_weight(x, gy, w.shape, **kw),
+          ref.depthwise_conv2d_grad_weight(*mag(x, gy), w.shape, **kw))
+    x12 = rand(rng, (2, 4, 5, 12), dtype)
+    check(dwops.pointwise_conv2d(tf.constant(x12), tf.constant(pw), layout="NHWC", backend=backend),
+          ref.pointwise_conv2d(x12, pw, layout="NHWC"),
+          ref.pointwise_conv2d(*mag(x12, pw), layout="NHWC"))
+    g5 = rand(rng, (2, 4, 5, 5), dtype)
+    check(dwops.pointwise_conv2d_grad_input(tf.constant(g5), tf.constant(pw), layout="NHWC",
+                                            backend=backend),
+          ref.pointwise_conv2d_grad_input(g5, pw, layout="NHWC"),
+          ref.pointwise_conv2d_grad_input(*mag(g5, pw), layout="NHWC"))
+    check(dwops.pointwise_conv2d_grad_weight(tf.constant(x12), tf.constant(g5), layout="NHWC",
+                                             backend=backend),
+          ref.pointwise_conv2d_grad_weight(x12, g5, layout="NHWC"),
+          ref.pointwise_conv2d_grad_weight(*mag(x12, g5), layout="NHWC"))
+    check(dwops.separable_conv2d(tx, tw, tf.constant(pw), dw_activation="relu", backend=backend,
+                                 **kw),
+          ref.separable_conv2d(x, w, pw, dw_activation="relu", **kw),
+          ref.separable_conv2d(*mag(x, w, pw), **kw))
+
+
 # ----------------------------------------------------------------------------- GPU plumbing
 
 
