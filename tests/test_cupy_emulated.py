@@ -3,8 +3,9 @@
 Two parts:
 
 * the emulator itself: a correct kernel gives the right answer; a race, an out-of-bounds write,
-  an uninitialised shared-memory read, a shuffle in a partial warp, a shuffle/barrier deadlock,
-  wrong argument types and launches CUDA would refuse are all caught (so a pass means something);
+  an uninitialised shared-memory read, a misaligned vector access, a shuffle in a partial warp, a
+  shuffle/barrier deadlock, wrong argument types and launches CUDA would refuse are all caught
+  (so a pass means something);
 * ``tests/test_gpu_cupy.py`` (the held-out GPU tests: every op, dtype and layout on odd and
   realistic sizes, plus seeded random problems) run under ``DWOPS_CUDAEMU=1`` in two subprocesses
   side by side, and every kernel they launched is one the NVRTC kernel report compiles.
@@ -79,6 +80,20 @@ __global__ void shuffle_deadlock(float* out) {
     __syncthreads();
     out[threadIdx.x] = v;
 }
+// a 16-byte vector load from an address that is only 4-byte aligned
+struct __align__(16) F4 { float v[4]; };
+__global__ void misaligned_vector(const float* x, float* out) {
+    const F4 p = *reinterpret_cast<const F4*>(x + 1);
+    out[threadIdx.x] = p.v[0];
+}
+// reads past the end of its array (into the guard page)
+__global__ void overrun(const float* x, float* out) {
+    out[threadIdx.x] = x[threadIdx.x + 64];
+}
+// every block writes its index to the same element: a race between blocks
+__global__ void last_block_wins(float* out) {
+    if (threadIdx.x == 0) out[0] = (float)blockIdx.x;
+}
 __global__ void __launch_bounds__(128) bounded(float* out) { out[threadIdx.x] = 0.0f; }
 template <typename T> __global__ void to_half(const float* x, T* y, long long n) {
     for (long long i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half_rn(x[i]);
@@ -86,7 +101,8 @@ template <typename T> __global__ void to_half(const float* x, T* y, long long n)
 """
 
 NAMES = ["block_sum", "racy", "off_by_one", "uninitialised", "partial_warp", "shuffle_deadlock",
-         "bounded", "to_half<__half>"]
+         "bounded", "to_half<__half>", "misaligned_vector",
+         "overrun", "last_block_wins"]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +128,12 @@ def test_a_race_is_caught(lib):
         lib.function("racy")((1,), (64,), (out,))
 
 
+def test_a_race_between_blocks_is_caught(lib):
+    out = cudaemu.empty((1,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match="race"):
+        lib.function("last_block_wins")((3,), (32,), (out,))
+
+
 def test_an_out_of_bounds_write_is_caught(lib):
     out = cudaemu.empty((100,), np.float32)
     with pytest.raises(cudaemu.EmuError, match="out-of-bounds write"):
@@ -132,6 +154,22 @@ def test_warp_misuse_is_caught(lib, name, block, match):
     out = cudaemu.empty((block,), np.float32)
     with pytest.raises(cudaemu.EmuError, match=match):
         lib.function(name)((1,), (block,), (out,))
+
+
+def test_a_misaligned_vector_access_is_caught(lib):
+    x = cudaemu.asarray(np.ones(64, np.float32))
+    out = cudaemu.empty((32,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match=r"misaligned .*\(needs 16-byte alignment\)"):
+        lib.function("misaligned_vector")((1,), (32,), (x, out))
+
+
+def test_an_invalid_read_ends_the_launch_with_an_error(lib):
+    x = cudaemu.asarray(np.ones(64, np.float32))
+    out = cudaemu.empty((32,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match=r"invalid memory access .* past the end of a "
+                                               r"256-byte allocation"):
+        lib.function("overrun")((1,), (32,), (x, out))
+    test_a_correct_kernel_gives_the_right_answer(lib)       # and the process carries on
 
 
 def test_launches_cuda_would_refuse(lib):

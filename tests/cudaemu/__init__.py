@@ -6,8 +6,8 @@ How a launch runs (see ``emu.h``): the ``.cuh`` source of the backend, with ``in
 for ``cuda_fp16.h`` / ``cuda_bf16.h``, is compiled by the host C++ compiler into a shared library
 with one entry point per template name expression. Each CUDA thread is a fiber, blocks run one
 after another, ``__syncthreads`` and warp shuffles are real rendezvous points. Every launch runs
-twice, threads in forward and in reverse order between barriers, from the same inputs: results
-that differ mean a race. Device arrays live in guarded mappings (a ``PROT_NONE`` page on each side,
+twice from the same inputs, threads (and blocks) in forward and in reverse order: results that
+differ mean a race. Device arrays live in guarded mappings (a ``PROT_NONE`` page on each side,
 canary bytes in the slack), checked after every launch; dynamic shared memory is poisoned with NaN
 bytes and ends at a guard page. Launch limits (threads per block, grid y/z, dynamic shared memory
 over 48 KiB without the opt-in attribute, 227 KiB) and argument types (count, pointer or scalar,
@@ -40,8 +40,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 CXX = os.environ.get("CXX", "g++")
-CXXFLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-fvisibility=hidden",
-            "-Wno-unknown-pragmas", "-Wno-pragma-once-outside-header", "-Wno-attributes"]
+# compiled with the alignment check (emu.h handles its reports), linked without libubsan
+CXXFLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-fvisibility=hidden", "-fsanitize=alignment",
+            "-Wno-unknown-pragmas", "-Wno-attributes"]
 SMEM_DEFAULT = 48 * 1024
 SMEM_OPTIN = 227 * 1024
 CACHE = os.environ.get("DWOPS_CUDAEMU_CACHE",
@@ -92,6 +93,23 @@ class _Allocation:
                                                  self.raw[self.stop:self.hi]]) != CANARY)
             raise EmuError(f"out-of-bounds write next to a {self.stop - self.start}-byte "
                            f"allocation ({bad.size} canary bytes changed)")
+
+
+def _explain(message: str) -> str:
+    """Append which allocation an address in ``message`` lies in or next to."""
+    m = re.search(r"address 0x([0-9a-f]+)", message)
+    if not m:
+        return message
+    addr = int(m.group(1), 16)
+    for a in list(_Allocation.live):
+        base = ctypes.addressof(ctypes.c_char.from_buffer(a.mm))
+        start, stop = base + a.start, base + a.stop
+        if base <= addr < base + a.hi + PAGE:
+            where = (f"{addr - stop} bytes past the end" if addr >= stop else
+                     f"{start - addr} bytes before the start" if addr < start else
+                     f"at byte {addr - start}")
+            return f"{message} ({where} of a {a.stop - a.start}-byte allocation)"
+    return message
 
 
 class ndarray(np.ndarray):
@@ -229,10 +247,13 @@ def build(code: str, names: list[str]) -> str:
             with open(src, "w") as f:
                 f.write(unit)
             tmp = f"{lib}.{os.getpid()}.tmp"
-            cmd = [CXX, *CXXFLAGS, f"-I{HERE}", f"-I{INCLUDE}", src, "-o", tmp]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise EmuError(f"host compile failed ({' '.join(cmd)}):\n{res.stderr[-6000:]}")
+            obj = tmp + ".o"
+            for cmd in ([CXX, *CXXFLAGS, f"-I{HERE}", f"-I{INCLUDE}", "-c", src, "-o", obj],
+                        [CXX, "-shared", obj, "-o", tmp]):
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise EmuError(f"host compile failed ({' '.join(cmd)}):\n{res.stderr[-6000:]}")
+            os.remove(obj)
             os.replace(tmp, lib)
     return lib
 
@@ -357,7 +378,7 @@ class Function:
                     r[...] = b
             rc = self._launch(argv, _dim3(*grid), _dim3(*block), shared_mem, order, err, 1024)
             if rc:
-                raise EmuError(f"{self.name}: {err.value.decode()}")
+                raise EmuError(f"{self.name}: {_explain(err.value.decode())}")
             for a in arrays:
                 alloc = getattr(a, "_alloc", None)
                 if alloc is not None:
@@ -369,7 +390,7 @@ class Function:
             if not np.array_equal(r0, r1):
                 at = int(np.flatnonzero(r0 != r1)[0])
                 raise EmuError(f"{self.name}: race: argument array {i} differs at byte {at} "
-                               "between forward and reverse thread order")
+                               "between forward and reverse thread/block order")
         del keep
 
 

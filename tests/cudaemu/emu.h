@@ -10,12 +10,21 @@
 //   __syncthreads is an error). __shfl_xor_sync suspends until the whole warp (32 lanes, none
 //   exited) arrives.
 // * Between barriers the fibers run one at a time, in thread order or in reverse thread order
-//   (`order`): a kernel whose result depends on that order has a race.
+//   (`order`; the reverse run also takes the blocks in reverse order): a kernel whose result
+//   depends on that order has a race, within a block or between blocks.
 // * Dynamic shared memory (`smem_raw`) is a fresh mapping per launch, filled with 0xFF bytes (NaN)
 //   before each block, and ends at a PROT_NONE page: reading or writing past the size the host
 //   asked for faults.
 // * __shared__ arrays become static storage: valid because blocks never overlap in time.
+// * A memory fault (guard pages: past an allocation, past the dynamic shared memory, a fiber stack
+//   overflow) inside a launch ends the launch with an error naming the address, instead of
+//   killing the process.
+// * The source is compiled with -fsanitize=alignment and the handler below: an access through a
+//   pointer not aligned for its type (a 16-byte Pack from an address that is not a multiple of 16,
+//   which faults on a GPU but not on x86) is an error.
 #pragma once
+#include <signal.h>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -85,6 +94,8 @@ static std::vector<unsigned long long> g_lane_value;  // one 8-byte slot per thr
 static void (*g_body)(void*) = nullptr;
 static void* g_body_arg = nullptr;
 static std::string g_error;
+static sigjmp_buf g_abort;     // run_grid's exit for a fault or a misaligned access
+static bool g_in_launch = false;
 
 const size_t STACK_BYTES = 256 * 1024;
 static std::vector<char*> g_stacks;  // STACK_BYTES each, a PROT_NONE page below; per launch
@@ -214,6 +225,21 @@ inline bool run_block(int n, int order) {
     }
 }
 
+inline void on_fault(int sig, siginfo_t* si, void*) {
+    if (!g_in_launch) {  // not ours: default action
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "invalid memory access (%s) at address 0x%llx, %s",
+                  sig == SIGSEGV ? "SIGSEGV" : "SIGBUS",
+                  (unsigned long long)reinterpret_cast<uintptr_t>(si->si_addr),
+                  cur ? where(*cur).c_str() : "");
+    if (g_error.empty()) g_error = buf;
+    siglongjmp(g_abort, 1);
+}
+
 // Run a grid; 0 on success, else 1 with the message in err.
 inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body)(void*),
                     void* arg, char* err, int errlen) {
@@ -244,16 +270,36 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
     g_gdim = grid;
     g_body = body;
     g_body_arg = arg;
-    int rc = 0;
-    for (unsigned bz = 0; bz < grid.z && !rc; ++bz)
-        for (unsigned by = 0; by < grid.y && !rc; ++by)
-            for (unsigned bx = 0; bx < grid.x && !rc; ++bx) {
-                g_block.x = bx;
-                g_block.y = by;
-                g_block.z = bz;
-                std::memset(g_smem, 0xFF, shared16);
-                if (!run_block(n, order)) rc = 1;
-            }
+    static char alt_stack[1 << 16];
+    stack_t ss{}, old_ss{};
+    ss.ss_sp = alt_stack;
+    ss.ss_size = sizeof alt_stack;
+    sigaltstack(&ss, &old_ss);
+    struct sigaction sa{}, old_segv{}, old_bus{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+    volatile int rc = 0;
+    g_in_launch = true;
+    if (sigsetjmp(g_abort, 1) == 0) {
+        for (unsigned bz = 0; bz < grid.z && !rc; ++bz)
+            for (unsigned by = 0; by < grid.y && !rc; ++by)
+                for (unsigned bx = 0; bx < grid.x && !rc; ++bx) {
+                    g_block.x = order ? grid.x - 1 - bx : bx;  // reverse order: blocks too
+                    g_block.y = order ? grid.y - 1 - by : by;
+                    g_block.z = order ? grid.z - 1 - bz : bz;
+                    std::memset(g_smem, 0xFF, shared16);
+                    if (!run_block(n, order) || !g_error.empty()) rc = 1;
+                }
+    } else {
+        rc = 1;
+    }
+    g_in_launch = false;
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    sigaltstack(&old_ss, nullptr);
     munmap(map, body_bytes + pg);
     release_stacks();  // every loaded kernel library would otherwise hold its own stacks
     g_smem = nullptr;
@@ -309,6 +355,38 @@ int params(void (*)(A...), int* sizes, int* kinds, int cap) {
 }
 
 }  // namespace dwemu
+
+// UBSan's alignment check calls these (no libubsan: the emulator reports through g_error).
+namespace dwemu {
+struct SourceLocation {
+    const char* file;
+    unsigned line, column;
+};
+struct TypeMismatch {
+    SourceLocation loc;
+    const void* type;
+    unsigned char log_alignment;
+    unsigned char kind;  // 0 load, 1 store, others: reference binding, member access, ...
+};
+inline void misaligned(TypeMismatch* d, uintptr_t ptr) {
+    if (!g_error.empty()) return;
+    static const char* kinds[] = {"load", "store", "reference binding", "member access",
+                                  "member call", "constructor call"};
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "misaligned %s of address 0x%llx (needs %u-byte alignment) at "
+                  "line %u of the emulated source, %s", d->kind < 6 ? kinds[d->kind] : "access",
+                  (unsigned long long)ptr, 1u << d->log_alignment, d->loc.line,
+                  cur ? where(*cur).c_str() : "");
+    g_error = buf;
+    if (g_in_launch) siglongjmp(g_abort, 1);  // stop before the access faults or reads garbage
+}
+}  // namespace dwemu
+extern "C" void __ubsan_handle_type_mismatch_v1(dwemu::TypeMismatch* d, uintptr_t ptr) {
+    dwemu::misaligned(d, ptr);
+}
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(dwemu::TypeMismatch* d, uintptr_t ptr) {
+    dwemu::misaligned(d, ptr);
+}
 
 #define threadIdx (dwemu::cur->tid)
 #define blockIdx (dwemu::g_block)
