@@ -72,6 +72,7 @@ if EMULATED:
     from tests import cudaemu
 
     cudaemu.install()
+    cudaemu.prebuild_report()   # one library per (file, dtype); a lookup once the cache is warm
     if os.environ.get("DWOPS_CUDAEMU_NAMES"):
         cudaemu.write_names_at_exit(os.environ["DWOPS_CUDAEMU_NAMES"])
 

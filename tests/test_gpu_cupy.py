@@ -226,6 +226,44 @@ def _random_depthwise(rng):
         return p, x, wt, dtype
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_every_specialization(k, dtype, layout, aligned, rng):
+    """Each compile-time kernel size with and without 16-byte vectors (rows / channels a multiple
+    of 8 or not): forward with bias and activation, stride-1 and stride-2 grad_input, grad_weight,
+    and the stride-2 forward (generic path). With the tests above, every instantiation of the
+    kernel report runs (tests/test_cupy_emulated.py checks that under the emulator)."""
+    be = _backend()
+    c, w_ = (16, 32) if aligned else (7, 13)
+    for stride in (1, 2):
+        case = (1, c, 11, w_, 1, (k, k), stride, 1, k // 2)
+        p, x, w, b = _dw_problem(case, layout, dtype, "relu6", bias=True, rng=rng)
+        kw = _ref_kw(p)
+        out = _poisoned(p.y_shape, dtype)
+        be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), _dev(b, dtype), out, stream=0)
+        ref = dwops.reference.depthwise_conv2d(x, w, b, activation="relu6", **kw)
+        scale = dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
+                                                 np.abs(_f64(b)), **kw)
+        assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="forward")
+        gy = rand(rng, p.y_shape, dtype)
+        gx = _poisoned(p.x_shape, dtype)
+        be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+        ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **kw)
+        scale = dwops.reference.depthwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
+                                                            p.x_shape, **kw)
+        assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                     what="grad_input")
+        gw = _poisoned(p.w_shape, dtype)
+        be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+        ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **kw)
+        scale = dwops.reference.depthwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
+                                                             p.w_shape, **kw)
+        assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                     what="grad_weight")
+
+
 @pytest.mark.parametrize("seed", range(48))
 def test_random_depthwise_problems(seed):
     """Forward (random activation and bias), grad_input and grad_weight of random problems."""

@@ -285,6 +285,29 @@ def prebuild(code: str, names: list[str]) -> None:
         Library._prebuilt[(code, n)] = lib
 
 
+def prebuild_report(workers: int = 2) -> int:
+    """Build every instantiation of the cupy backend's kernel report, one library per (file,
+    element type), ``workers`` compilers at a time, and register them for later RawModules (a
+    warm disk cache makes this a lookup). Returns the number of name expressions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dwops.kernels import cupy_backend as cb
+
+    groups: dict = {}
+    for row in cb.instantiations():
+        file, name = row[0], row[-1]
+        ctype = name.split("<", 1)[1].split(",")[0].split(">")[0].strip()
+        group = groups.setdefault((file, ctype), [])
+        if name not in group:
+            group.append(name)
+    with ThreadPoolExecutor(max(1, workers)) as pool:   # g++ runs as subprocesses
+        list(pool.map(lambda fn: build(cb.source(fn[0]), fn[1]),
+                      [(f, names) for (f, _), names in groups.items()]))
+    for (file, _), names in groups.items():
+        prebuild(cb.source(file), names)
+    return sum(len(v) for v in groups.values())
+
+
 class RawModule:
     """CuPy's RawModule: ``code`` compiled with one library per module (or a prebuilt one)."""
 
