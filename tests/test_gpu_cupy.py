@@ -88,6 +88,62 @@ def _ref_kw(p):
                 layout=p.layout)
 
 
+def _abs(a):
+    return None if a is None else np.abs(_f64(a))
+
+
+def _check_dw_forward(be, p, x, w, b, act, dtype):
+    """The backend's forward (poisoned output) against the reference, error relative to the
+    forward of the magnitudes."""
+    kw = _ref_kw(p)
+    out = _poisoned(p.y_shape, dtype)
+    be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
+                         out, stream=0)
+    ref = dwops.reference.depthwise_conv2d(x, w, b, activation=act, **kw)
+    scale = dwops.reference.depthwise_conv2d(_abs(x), _abs(w), _abs(b), **kw)
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"forward {p}")
+
+
+def _check_dw_grads(be, p, x, w, gy, dtype):
+    """grad_input and grad_weight (poisoned outputs) against the reference."""
+    kw = _ref_kw(p)
+    gx = _poisoned(p.x_shape, dtype)
+    be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+    ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **kw)
+    scale = dwops.reference.depthwise_conv2d_grad_input(_abs(gy), _abs(w), p.x_shape, **kw)
+    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"grad_input {p}")
+    gw = _poisoned(p.w_shape, dtype)
+    be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+    ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **kw)
+    scale = dwops.reference.depthwise_conv2d_grad_weight(_abs(x), _abs(gy), p.w_shape, **kw)
+    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"grad_weight {p}")
+
+
+def _check_pointwise(be, p, x, w, b, r, act, gy, dtype):
+    """Pointwise forward (with its epilogue), grad_input and grad_weight against the reference."""
+    lay = p.layout
+    out = _poisoned(p.y_shape, dtype)
+    be.pointwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
+                         None if r is None else _dev(r, dtype), out, stream=0)
+    ref = dwops.reference.pointwise_conv2d(x, w, b, layout=lay, activation=act, residual=r)
+    scale = dwops.reference.pointwise_conv2d(_abs(x), _abs(w), _abs(b), layout=lay,
+                                             residual=_abs(r))
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw forward")
+    gx = _poisoned(p.x_shape, dtype)
+    be.pointwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
+    ref = dwops.reference.pointwise_conv2d_grad_input(gy, w, layout=lay)
+    scale = dwops.reference.pointwise_conv2d_grad_input(_abs(gy), _abs(w), layout=lay)
+    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_input")
+    gw = _poisoned((p.CO, p.CI), dtype)
+    be.pointwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
+    ref = dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=lay)
+    scale = dwops.reference.pointwise_conv2d_grad_weight(_abs(x), _abs(gy), layout=lay)
+    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_weight")
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(DW_CASES)))
@@ -95,13 +151,7 @@ def test_depthwise_forward(case, dtype, layout, rng):
     be = _backend()
     act = (None, "relu", "relu6", "silu", "gelu")[case % 5]
     p, x, w, b = _dw_problem(DW_CASES[case], layout, dtype, act, bias=case % 2 == 0, rng=rng)
-    out = _poisoned(p.y_shape, dtype)
-    be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
-                         out, stream=0)
-    ref = dwops.reference.depthwise_conv2d(x, w, b, activation=act, **_ref_kw(p))
-    scale = dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
-                                             None if b is None else np.abs(_f64(b)), **_ref_kw(p))
-    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="forward")
+    _check_dw_forward(be, p, x, w, b, act, dtype)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -110,19 +160,7 @@ def test_depthwise_forward(case, dtype, layout, rng):
 def test_depthwise_grads(case, dtype, layout, rng):
     be = _backend()
     p, x, w, _ = _dw_problem(DW_CASES[case], layout, dtype, rng=rng)
-    gy = rand(rng, p.y_shape, dtype)
-    gx = _poisoned(p.x_shape, dtype)
-    be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
-    ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **_ref_kw(p))
-    scale = dwops.reference.depthwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
-                                                        p.x_shape, **_ref_kw(p))
-    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="grad_input")
-    gw = _poisoned(p.w_shape, dtype)
-    be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
-    ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **_ref_kw(p))
-    scale = dwops.reference.depthwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
-                                                         p.w_shape, **_ref_kw(p))
-    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="grad_weight")
+    _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
 
 
 PW_CASES = [(2, 3, 5, 7, 9), (1, 64, 128, 28, 28), (4, 130, 33, 5, 3), (1, 1, 1, 1, 1),
@@ -141,26 +179,7 @@ def test_pointwise_all_directions(case, dtype, layout, rng):
     b = rand(rng, (co,), dtype)
     r = rand(rng, _spec._physical(layout, n, co, h, w_), dtype)
     p, _ = _spec.pointwise("t", x, w, b, layout, act, r)
-    out = _poisoned(p.y_shape, dtype)
-    be.pointwise_forward(p, _dev(x, dtype), _dev(w, dtype), _dev(b, dtype), _dev(r, dtype), out,
-                         stream=0)
-    ref = dwops.reference.pointwise_conv2d(x, w, b, layout=layout, activation=act, residual=r)
-    scale = dwops.reference.pointwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)), np.abs(_f64(b)),
-                                             layout=layout, residual=np.abs(_f64(r)))
-    assert_close(_host(out, dtype), ref, dtype, scale=scale, what="pw forward")
-    gy = rand(rng, p.y_shape, dtype)
-    gx = _poisoned(p.x_shape, dtype)
-    be.pointwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
-    ref = dwops.reference.pointwise_conv2d_grad_input(gy, w, layout=layout)
-    scale = dwops.reference.pointwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
-                                                        layout=layout)
-    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_input")
-    gw = _poisoned((co, ci), dtype)
-    be.pointwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
-    ref = dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout)
-    scale = dwops.reference.pointwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
-                                                         layout=layout)
-    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_weight")
+    _check_pointwise(be, p, x, w, b, r, act, rand(rng, p.y_shape, dtype), dtype)
 
 
 SEP_CASES = [
@@ -240,28 +259,8 @@ def test_every_specialization(k, dtype, layout, aligned, rng):
     for stride in (1, 2):
         case = (1, c, 11, w_, 1, (k, k), stride, 1, k // 2)
         p, x, w, b = _dw_problem(case, layout, dtype, "relu6", bias=True, rng=rng)
-        kw = _ref_kw(p)
-        out = _poisoned(p.y_shape, dtype)
-        be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), _dev(b, dtype), out, stream=0)
-        ref = dwops.reference.depthwise_conv2d(x, w, b, activation="relu6", **kw)
-        scale = dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
-                                                 np.abs(_f64(b)), **kw)
-        assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="forward")
-        gy = rand(rng, p.y_shape, dtype)
-        gx = _poisoned(p.x_shape, dtype)
-        be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
-        ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **kw)
-        scale = dwops.reference.depthwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
-                                                            p.x_shape, **kw)
-        assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
-                     what="grad_input")
-        gw = _poisoned(p.w_shape, dtype)
-        be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
-        ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **kw)
-        scale = dwops.reference.depthwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
-                                                             p.w_shape, **kw)
-        assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
-                     what="grad_weight")
+        _check_dw_forward(be, p, x, w, b, "relu6", dtype)
+        _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
 
 
 @pytest.mark.parametrize("seed", range(48))
@@ -274,29 +273,8 @@ def test_random_depthwise_problems(seed):
     b = rand(rng, (p.CO,), dtype) if seed % 2 else None
     p, _ = _spec.depthwise("t", x, w, b, (p.sh, p.sw), ((p.pt, p.pb), (p.pl, p.pr)), (p.dh, p.dw),
                            p.layout, act)
-    kw = _ref_kw(p)
-    out = _poisoned(p.y_shape, dtype)
-    be.depthwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
-                         out, stream=0)
-    ref = dwops.reference.depthwise_conv2d(x, w, b, activation=act, **kw)
-    scale = dwops.reference.depthwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
-                                             None if b is None else np.abs(_f64(b)), **kw)
-    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what=f"forward {p}")
-    gy = rand(rng, p.y_shape, dtype)
-    gx = _poisoned(p.x_shape, dtype)
-    be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
-    ref = dwops.reference.depthwise_conv2d_grad_input(gy, w, p.x_shape, **kw)
-    scale = dwops.reference.depthwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
-                                                        p.x_shape, **kw)
-    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
-                 what=f"grad_input {p}")
-    gw = _poisoned(p.w_shape, dtype)
-    be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
-    ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **kw)
-    scale = dwops.reference.depthwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
-                                                         p.w_shape, **kw)
-    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
-                 what=f"grad_weight {p}")
+    _check_dw_forward(be, p, x, w, b, act, dtype)
+    _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -343,27 +321,7 @@ def test_random_pointwise_problems(seed):
     b = rand(rng, (co,), dtype) if seed % 3 else None
     r = rand(rng, _spec._physical(layout, n, co, h, w_), dtype) if seed % 4 < 2 else None
     p, _ = _spec.pointwise("t", x, w, b, layout, act, r)
-    out = _poisoned(p.y_shape, dtype)
-    be.pointwise_forward(p, _dev(x, dtype), _dev(w, dtype), None if b is None else _dev(b, dtype),
-                         None if r is None else _dev(r, dtype), out, stream=0)
-    ref = dwops.reference.pointwise_conv2d(x, w, b, layout=layout, activation=act, residual=r)
-    scale = dwops.reference.pointwise_conv2d(np.abs(_f64(x)), np.abs(_f64(w)),
-                                             None if b is None else np.abs(_f64(b)), layout=layout,
-                                             residual=None if r is None else np.abs(_f64(r)))
-    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw forward")
-    gy = rand(rng, p.y_shape, dtype)
-    gx = _poisoned(p.x_shape, dtype)
-    be.pointwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
-    ref = dwops.reference.pointwise_conv2d_grad_input(gy, w, layout=layout)
-    scale = dwops.reference.pointwise_conv2d_grad_input(np.abs(_f64(gy)), np.abs(_f64(w)),
-                                                        layout=layout)
-    assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_input")
-    gw = _poisoned((co, ci), dtype)
-    be.pointwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
-    ref = dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout)
-    scale = dwops.reference.pointwise_conv2d_grad_weight(np.abs(_f64(x)), np.abs(_f64(gy)),
-                                                         layout=layout)
-    assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_weight")
+    _check_pointwise(be, p, x, w, b, r, act, rand(rng, p.y_shape, dtype), dtype)
 
 
 @real_gpu
