@@ -5,7 +5,8 @@
 #
 # Uses the preinstalled packages through PYTHONPATH=. (nothing is installed). Stages, each logged:
 #   1. environment: nvidia-smi, driver, `python -m dwops info` (backends, devices, versions);
-#   2. `pytest -m gpu` (up to 25 failures listed, so one device run shows every broken path);
+#   2. every cupy kernel compiled into CuPy's disk cache in parallel, then `pytest -m gpu` (up to
+#      25 failures listed, so one device run shows every broken path);
 #   3. compute-sanitizer memcheck and racecheck on scripts/sanitize_subset.py (every op, both
 #      GPU backends, small odd shapes, checked against the reference);
 #   4. the benchmark: the embedded default and every GPU suite, with a time budget so the whole
@@ -72,6 +73,11 @@ stage "nvidia-smi" "$ENVLOG" 30 nvidia-smi
 stage "dwops info" "$ENVLOG" 120 "$PY" -m dwops info
 
 # ---------------------------------------------------------------------------- 2. GPU tests
+# Every cupy kernel instantiation compiled once, on all CPUs, into CuPy's disk cache: the tests and
+# benchmarks then load binaries instead of running NVRTC for ~200 name expressions one by one.
+stage "cupy kernel cache" gpu_check-pytest.log "$(cap 120 300)" \
+    "$PY" -c "from dwops.kernels.cupy_backend import warm_cache; print(warm_cache(), 'cupy kernels in the cache')"
+
 # Exit status 5 (no test collected) counts as a failure: a GPU check without GPU tests checks nothing.
 stage "pytest -m gpu" gpu_check-pytest.log "$(cap 180 220)" \
     "$PY" -m pytest -m gpu --maxfail=25 -q -rf -p no:cacheprovider --durations=15 tests

@@ -844,3 +844,31 @@ def _pw_out(L, arrays, tail, n):
     for bt, C in enumerate(mats):
         out[bt * sC + mm * ldc + jj] = C
     return out.reshape((n,) + tuple(tail))
+
+
+def test_warm_cache_builds_the_modules_the_backend_launches(monkeypatch):
+    """warm_cache's workers and the backend's launcher build each module the same way (same
+    source, options and name expression), so CuPy's disk cache entry written by the first is
+    the one the second reads."""
+    import sys
+    import types
+
+    built = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            built.append((code, tuple(options), tuple(name_expressions)))
+
+        def get_function(self, name):
+            return types.SimpleNamespace(max_dynamic_shared_size_bytes=48 * 1024)
+
+    fake = types.SimpleNamespace(RawModule=RawModule,
+                                 cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(
+                                     getDevice=lambda: 0)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    launch = cb.plan_dw_forward(cb.Conv(1, 4, 9, 9, 4, 9, 9, 3, 3, 1, 1, 1, 1, 1, 1), "float32",
+                                "NCHW")
+    assert cb._warm_one((launch.file, launch.name)) == launch.name
+    cb.CupyBackend()._function(launch)
+    assert built[0] == built[1] == (cb.source("depthwise"), cb.compile_options(), (launch.name,))
+    assert (launch.file, launch.name) in {(row[0], row[-1]) for row in cb.instantiations()}

@@ -104,6 +104,8 @@ VEC_BYTES = 32
 JT = 4
 # NCHW depthwise, stride_h 1: RT output rows x 1 vector per _dw_rows call.
 RT = 6
+# NHWC depthwise, M == 1 and dilation_w 1: PT output pixels x 1 vector per _dw_win call.
+PT = 6
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
@@ -437,6 +439,114 @@ def _dw_rows(typingctx, xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab):
     return sig, codegen
 
 
+@intrinsic
+def _dw_win(typingctx, xf, xoffs, woffs, kn, U, xb, xstep, wf, wb, wstep, bz, acc, ab, astep):
+    """acc[ab + p*astep + l] = bz[wb + l] + sum_{u<U, k<kn[u]} wf[woffs[u] + wb + k*wstep + l]
+    * xf[xoffs[u] + xb + (p + k)*xstep + l]  for p < PT pixels, l < one vector (NHWC depthwise,
+    interior pixels, M == 1, dilation_w 1, any stride_w).
+
+    xf:       flat input;  xoffs, woffs, kn: (>= U,) int64: per (tap row, column phase b0) the
+              input offset of its first tap column, its filter offset and its number of taps
+              (columns b0, b0 + sw, ...)
+    xb:       offset of the tile's first pixel and channel (j*sw*C + c0);  xstep: sw*C
+    wf:       flat (KH, KW, C) filters;  wb: first channel c0;  wstep: sw*C (next tap column)
+    bz:       (C,) bias (zeros when there is none);  acc, ab, astep: destination, offset of
+              (pixel j, channel c0), pixel stride C
+    PT vector accumulators in registers across all taps, plus a sliding window of PT input
+    pixels: output j+p at tap k reads window element p+k, so tap k+1 needs ONE new input load.
+    Per tap 1 input load + 1 filter load feed PT FMAs. Stores (does not accumulate), so
+    overlapping tiles are harmless. U >= 1.
+    """
+    sig = _nbtypes.void(xf, xoffs, woffs, kn, U, xb, xstep, wf, wb, wstep, bz, acc, ab, astep)
+
+    def codegen(context, builder, signature, args):
+        # IR: entry -> outer (u, acc phis; preload PT-1 window pixels) -> inner (k, acc and
+        # window phis) -> latch -> done: store
+        xty, oty = signature.args[0], signature.args[1]
+        fty = context.get_value_type(xty.dtype)
+        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        al = xty.dtype.bitwidth // 8
+        X = context.make_array(xty)(context, builder, args[0])
+        XO = context.make_array(oty)(context, builder, args[1])
+        WO = context.make_array(oty)(context, builder, args[2])
+        KN = context.make_array(oty)(context, builder, args[3])
+        Un, xb, xs, wb, ws, ab, ast = args[4], args[5], args[6], args[8], args[9], args[12], \
+            args[13]
+        Wf = context.make_array(signature.args[7])(context, builder, args[7])
+        B = context.make_array(signature.args[10])(context, builder, args[10])
+        A = context.make_array(signature.args[11])(context, builder, args[11])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        def vload(base_ptr, off):
+            p = builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+            return builder.load(p, align=al)
+
+        bias = vload(B.data, wb)
+        entry = builder.basic_block
+        outer = builder.append_basic_block("dw.outer")
+        inner = builder.append_basic_block("dw.inner")
+        latch = builder.append_basic_block("dw.latch")
+        done = builder.append_basic_block("dw.done")
+        builder.branch(outer)
+        builder.position_at_end(outer)
+        u = builder.phi(intp)
+        u.add_incoming(c(0), entry)
+        oacc = []
+        for _ in range(PT):
+            ph = builder.phi(vty)
+            ph.add_incoming(bias, entry)
+            oacc.append(ph)
+        xo = builder.add(builder.load(builder.gep(XO.data, [u])), xb)
+        wo = builder.add(builder.load(builder.gep(WO.data, [u])), wb)
+        K = builder.load(builder.gep(KN.data, [u]))
+        win0 = [vload(X.data, builder.add(xo, builder.mul(c(p), xs))) for p in range(PT - 1)]
+        outer_end = builder.basic_block
+        builder.branch(inner)
+        builder.position_at_end(inner)
+        k = builder.phi(intp)
+        k.add_incoming(c(0), outer_end)
+        iacc = []
+        for v in oacc:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, outer_end)
+            iacc.append(ph)
+        iwin = []
+        for v in win0:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, outer_end)
+            iwin.append(ph)
+        xnew = vload(X.data, builder.add(xo, builder.mul(builder.add(k, c(PT - 1)), xs)))
+        window = iwin + [xnew]
+        wv = vload(Wf.data, builder.add(wo, builder.mul(k, ws)))
+        nacc = [builder.call(fma, [wv, window[p], iacc[p]]) for p in range(PT)]
+        k1 = builder.add(k, c(1))
+        k.add_incoming(k1, inner)
+        for ph, v in zip(iacc, nacc):
+            ph.add_incoming(v, inner)
+        for ph, v in zip(iwin, window[1:]):
+            ph.add_incoming(v, inner)
+        builder.cbranch(builder.icmp_signed("<", k1, K), inner, latch)
+        builder.position_at_end(latch)
+        u1 = builder.add(u, c(1))
+        u.add_incoming(u1, latch)
+        for ph, v in zip(oacc, nacc):
+            ph.add_incoming(v, latch)
+        builder.cbranch(builder.icmp_signed("<", u1, Un), outer, done)
+        builder.position_at_end(done)
+        for p in range(PT):
+            ptr = builder.bitcast(builder.gep(A.data, [builder.add(ab, builder.mul(c(p), ast))]),
+                                  vty.as_pointer())
+            builder.store(nacc[p], ptr, align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(cache=True, fastmath=_FM)
 def _gemm_nn(A, a0, P, BT, q0, Q, out):
     """out[p, q] = sum_k A[a0 + p, k] * BT[k, q0 + q]  for p < P, q < Q  (K = A.shape[1]).
@@ -489,15 +599,53 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
     JB = wrep.shape[2] // CO
     flat = wrep.shape[0] == KH and wrep.shape[1] == KW and JB > 0
     zero = x.dtype.type(0.0)
+    dflat = dst[d].reshape(OW * CO)
+    xf = x.reshape(x.size)
+    wf = wt.reshape(KH * KW * CO)
+    # interior pixels [jt0, jt1) (every tap column inside the input): M == 1, dw == 1 and C a
+    # multiple of one vector: _dw_win tiles of PT pixels (any stride_w), stored with the bias
+    jt0 = jt1 = 0
+    Vc = VEC_BYTES // x.itemsize
+    win = False
+    if M == 1 and dw == 1 and C % Vc == 0:
+        jw0 = min(max(0, (pl + sw - 1) // sw), OW)
+        jw1 = min(OW, (W - KW + pl) // sw + 1)
+        if jw1 - jw0 >= PT:
+            NB = min(sw, KW)
+            xoffs = np.empty(KH * NB, np.int64)
+            woffs = np.empty(KH * NB, np.int64)
+            kn = np.empty(KH * NB, np.int64)
+            U = 0
+            for a in range(KH):
+                r = i * sh - pt + a * dh
+                if r < 0 or r >= H:
+                    continue
+                for b0 in range(NB):
+                    xoffs[U] = ((n * H + r) * W + b0 - pl) * C
+                    woffs[U] = (a * KW + b0) * CO
+                    kn[U] = (KW - b0 + sw - 1) // sw
+                    U += 1
+            if U > 0:
+                win = True
+                jt0, jt1 = jw0, jw1
+                bz = np.empty(CO, x.dtype)
+                for o in range(CO):
+                    bz[o] = b[o] if has_bias else zero
+                last = jt1 - PT
+                for c0 in range(0, C, Vc):
+                    for j in range(jt0, jt1, PT):
+                        jj = min(j, last)
+                        _dw_win(xf, xoffs, woffs, kn, U, jj * sw * C + c0, sw * C, wf, c0, sw * CO,
+                                bz, dflat, jj * CO + c0, CO)
     for j in range(OW):
+        if j >= jt0 and j < jt1:
+            continue
         for o in range(CO):
             dst[d, j, o] = b[o] if has_bias else zero
-    dflat = dst[d].reshape(OW * CO)
     # flat path, interior: pixels [jt0, jt1) where every tap column is inside the input, in
     # register tiles of JT pixels x 2 channel vectors (needs C a multiple of that width)
-    jt0 = jt1 = 0
     NRc = 2 * (VEC_BYTES // x.itemsize)
-    if flat and C % NRc == 0:
+    if flat and not win and C % NRc == 0:
         jt0 = min(max(0, pl), OW)
         jt1 = jt0 + max(0, min(OW, W + pl - (KW - 1) * dw) - jt0) // JT * JT
     if jt1 > jt0:
@@ -512,8 +660,6 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
                 xoffs[T] = ((n * H + r) * W + bb * dw - pl) * C
                 woffs[T] = (a * KW + bb) * CO
                 T += 1
-        xf = x.reshape(x.size)
-        wf = wt.reshape(KH * KW * CO)
         for j in range(jt0, jt1, JT):
             for c0 in range(0, C, NRc):
                 _dw_tile(xf, xoffs, T, wf, woffs, j * C + c0, c0, dflat, j * CO + c0, C)
@@ -536,6 +682,8 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
                             dflat[_u(f0 + f)] += wrep[a, bb, f] * xflat[_u(x0 + f)]
                 continue
             for j in range(j0, j1):
+                if j >= jt0 and j < jt1:
+                    continue
                 col = j * sw + off
                 if M == 1:
                     for o in range(CO):

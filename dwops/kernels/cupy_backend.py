@@ -764,6 +764,35 @@ def compile_report(arch: str = "sm_90", workers: int | None = None) -> list[dict
 # ----------------------------------------------------------------------------- the backend
 
 
+def _module(file: str, name: str):
+    """The CuPy module of one name expression, exactly as the backend builds it (so the disk
+    cache entry :func:`warm_cache` writes is the one a later launch reads)."""
+    import cupy
+
+    return cupy.RawModule(code=source(file), options=compile_options(), name_expressions=[name])
+
+
+def _warm_one(item) -> str:
+    file, name = item
+    _module(file, name).get_function(name)
+    return name
+
+
+def warm_cache(workers: int | None = None) -> int:
+    """Compile every instantiation (:func:`instantiations`) for the current GPU into CuPy's
+    on-disk kernel cache, ``workers`` processes at a time (default: the CPUs available), so that
+    later launches load binaries instead of running NVRTC one name expression at a time. Needs a
+    GPU. Returns the number of name expressions compiled."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    items = sorted({(row[0], row[-1]) for row in instantiations()})
+    workers = workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(_warm_one, items, chunksize=4))
+    return len(done)
+
+
 class CupyBackend(Backend):
     """CUDA C++ kernels through CuPy; arrays are CuPy arrays on the caller's device and stream."""
 
@@ -873,9 +902,7 @@ class CupyBackend(Backend):
         key = (dev, launch.file, launch.name)
         fn = self._modules.get(key)
         if fn is None:
-            mod = cupy.RawModule(code=source(launch.file), options=compile_options(),
-                                 name_expressions=[launch.name])
-            fn = mod.get_function(launch.name)
+            fn = _module(launch.file, launch.name).get_function(launch.name)
             self._modules[key] = fn
         if launch.shared > SMEM_DEFAULT and fn.max_dynamic_shared_size_bytes < launch.shared:
             fn.max_dynamic_shared_size_bytes = launch.shared

@@ -1,0 +1,1402 @@
+"""The ``"cpu"`` backend: Numba CPU kernels (``njit(parallel=True, cache=True)``), no BLAS.
+
+``backend="auto"`` runs this for host arrays. Every op and gradient of the Backend interface is
+here, for any kernel size up to 31x31, stride, dilation, channel multiplier, asymmetric padding,
+bias, the four activations, residual, both layouts and the four dtypes.
+
+Dtypes. float32 and float64 compute in their own precision (float32 reductions over many terms
+are summed per row in float32 and across rows in float64). float16 and bfloat16 are converted to
+float32, computed as float32 and rounded once at the end. Each kernel below is ONE generic
+function: Numba specializes it per array dtype (float32 / float64); kernel size, stride, dilation
+and padding are runtime integers, so a new geometry never triggers a compile. Compiled code is
+cached on disk (``cache=True``), so only a process's very first call of a kernel and dtype pays
+the load (and a fresh installation's first call pays the compile).
+
+The math (``M`` = channel multiplier, ``o // M`` the input channel of output channel ``o``,
+``x`` zero outside ``[0, H) x [0, W)``)::
+
+    depthwise    y[n, o, i, j]  = act(b[o] + sum_{a, b} w[o, a, b] * x[n, o//M, i*sh - pt + a*dh,
+                                                                         j*sw - pl + b*dw])
+    grad_input   gx[n, c, r, q] = sum_{m, i, j, a, b : i*sh - pt + a*dh == r, j*sw - pl + b*dw == q}
+                                      w[c*M + m, a, b] * gy[n, c*M + m, i, j]
+    grad_weight  gw[o, a, b]    = sum_{n, i, j} gy[n, o, i, j] * x[n, o//M, i*sh - pt + a*dh,
+                                                                    j*sw - pl + b*dw]
+    pointwise    y[n, o, h, w]  = act(b[o] + sum_c W[o, c] x[n, c, h, w]) + residual[n, o, h, w]
+                 gx = W^T gy (over channels);  gW[o, c] = sum_{n, h, w} gy[n, o, h, w] x[n, c, h, w]
+    separable    y = act(pw(dw_act(dw(x) + dw_b)) + b) + residual
+
+How each is computed:
+
+* Depthwise forward, NCHW (:func:`_dw_plane_nchw`): each task copies its input plane (or a band
+  of rows) once, zero-padded and split into stride_h x stride_w phase planes, after which every
+  tap is ONE flat multiply-add over the whole plane at a fixed offset; the taps run in register
+  tiles, accumulators kept in registers across all taps: :func:`_dw_rows` at stride_h 1 (RT
+  output rows, with a sliding window of input rows also in registers: one load and one filter
+  broadcast per RT FMAs), :func:`_dw_tile` otherwise. NHWC is a *row* kernel
+  (:func:`_dw_row_nhwc`): for one tap ``(a, b)`` the outputs of a row that read a valid input
+  column form one contiguous range ``[j0, j1)`` (:func:`_span`), so the tap is a multiply-add
+  over that range with no bounds test inside (vectorized along C); with M = 1 and stride_w 1 the
+  interior pixels run in register tiles (:func:`_dw_tile`) and the border pixels as flat per-tap
+  loops.
+* Depthwise grad_input at stride 1 is a forward convolution of gy with the filters flipped
+  (``w[o, KH-1-a, KW-1-b]``) and the padding mirrored (``pt' = (KH-1)*dh - pt``, the same for
+  the left; it may be negative): NCHW sums the M output channels of input channel c as M source
+  planes of one task; NHWC (M = 1) runs the forward row kernel. Otherwise NCHW accumulates in
+  the padded phase planes of gx (per tap and output row one contiguous multiply-add) and copies
+  them out once; NHWC *scatters* each output row into the input rows it came from. The task
+  owning an input plane (NCHW: one ``(n, c)`` plane with its ``M`` output channels) or an input
+  row (NHWC: taps ``a`` with ``r + pt - a*dh`` divisible by ``sh``) is the only writer, so there
+  are no races and no atomics.
+* Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane, read as
+  the forward's phase planes so every row is a contiguous dot product; NHWC: a fixed block of
+  output rows) a float64 partial sum, then one sum over the partials. The number of tasks does
+  not depend on the thread count, so results are reproducible.
+* Pointwise products use one small GEMM, :func:`_gemm_nn` (``out = A B``), per block of PW_BLOCK
+  pixels, with bias, activation and residual applied to the block while it is in cache. Its
+  inner tile, :func:`_microtile`, is a Numba intrinsic emitting LLVM vector FMAs with MR x 2
+  vector accumulators in registers (LLVM does not register-tile plain Numba loops). NCHW:
+  tile = W x[n][:, block]; NHWC: tile = x[block] W^T. Weight gradients use :func:`_gemm_nt`
+  (``A B^T``, both operands along the pixel axis: vectorized dot products). No BLAS: one thread
+  pool (Numba's) runs everything, so no two pools spin against each other on a small machine.
+* Separable is one fused kernel: per output row, the depthwise row of every channel (with dw bias
+  and dw activation) goes into a cache-resident buffer, then the row's GEMM and the epilogue write
+  the output; the intermediate never reaches main memory.
+
+Activations match :func:`dwops.reference.activate`, including its NaN rules (relu and relu6 are
+``np.maximum`` / ``np.minimum``, which propagate NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # the backend reports itself unavailable instead of breaking ``import dwops``
+    import numba
+    from numba import njit, prange
+    from numba import types as _nbtypes
+    from numba import uint64 as _u  # unsigned index cast, see "row kernels"
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+    from llvmlite import ir
+
+    _IMPORT_ERROR = None
+except ImportError as exc:  # pragma: no cover - exercised only without numba
+    numba = None
+    _IMPORT_ERROR = str(exc)
+
+    def njit(*args, **kwargs):
+        return lambda f: f
+
+    intrinsic = njit()
+
+    prange = _u = range
+
+from .._registry import HostBackend
+
+ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4}
+
+# GEMM micro-tile: MR rows x 2 vectors of VEC_BYTES (AVX2 registers) per _microtile call.
+MR = 4
+VEC_BYTES = 32
+# NHWC depthwise register tile: JT pixels x 2 vectors of channels per _dw_tile call.
+JT = 4
+# NCHW depthwise, stride_h 1: RT output rows x 1 vector per _dw_rows call.
+RT = 6
+# Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
+# sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
+PW_BLOCK = 64
+# NCHW separable: about SEP_PIXELS output pixels per band of rows.
+SEP_PIXELS = 512
+# NCHW depthwise: about PLANE_TASKS tasks (each a run of planes reusing one scratch set).
+PLANE_TASKS = 64
+# NHWC depthwise flat path: about FLAT_ELEMS values (pixels x channels) per vectorized tap loop.
+FLAT_ELEMS = 1024
+GW_ROWS = 4096
+# NHWC depthwise grad_weight: number of row blocks (partial sums), fixed for reproducibility.
+GW_TASKS = 64
+
+# Reductions may be reassociated (vectorized sums); "contract" lets LLVM use FMA. No nnan/ninf:
+# NaN and Inf must propagate.
+_FM_SUM = {"reassoc", "contract"}
+_FM = {"contract"}
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@njit(cache=True, inline="always")
+def _span(off, s, n_in, n_out):
+    """Outputs ``j`` in ``[j0, j1)`` with ``0 <= j*s + off < n_in`` (s >= 1), clipped to n_out."""
+    j0 = max(0, -(off // s))
+    j1 = min(n_out, (n_in - 1 - off) // s + 1)
+    return j0, max(j0, j1)
+
+
+@njit(cache=True)
+def _activate(v, act):
+    """Apply activation code ``act`` (ACT_CODES) in place to the 1-d contiguous array ``v``.
+
+    Constants are cast to ``v``'s dtype, so float32 stays float32. As the reference
+    (``np.maximum`` / ``np.minimum``), NaN propagates: a comparison with NaN is false, so NaN falls
+    through to "keep y". relu = max(y, 0); relu6 = min(max(y, 0), 6); silu = y / (1 + exp(-y));
+    gelu = y/2 * (1 + erf(y / sqrt 2)).
+    """
+    t = v.dtype.type
+    zero = t(0.0)
+    one = t(1.0)
+    if act == 1:
+        for k in range(v.shape[0]):
+            y = v[k]
+            v[k] = zero if y < zero else y
+    elif act == 2:
+        six = t(6.0)
+        for k in range(v.shape[0]):
+            y = v[k]
+            r = zero if y < zero else y
+            v[k] = six if r > six else r
+    elif act == 3:
+        for k in range(v.shape[0]):
+            y = v[k]
+            v[k] = y / (one + np.exp(-y))
+    elif act == 4:
+        half = t(0.5)
+        rsqrt2 = t(0.7071067811865476)
+        for k in range(v.shape[0]):
+            y = v[k]
+            v[k] = half * y * (one + math.erf(y * rsqrt2))
+
+
+# ----------------------------------------------------------------------------- GEMM micro-tile
+
+
+@intrinsic
+def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
+    """C[c0 + r, cq0 + l] = sum_k A[a0 + r, k] * BT[k, q0 + l], r < MR, l < NR, K = A.shape[1].
+
+    A:        (rows, K) C-contiguous left operand;  a0: its first row
+    BT:       (K, cols) C-contiguous right operand;  q0: its first column
+    C:        C-contiguous result;  c0, cq0: where the MR x NR tile goes
+    NR = 2 vectors of VEC_BYTES (16 float32 / 8 float64). Emitted as LLVM IR: MR x 2 vector
+    accumulators held in registers across the whole reduction, per k two vector loads of BT,
+    MR broadcasts of A and 2*MR fused multiply-adds (llvm.fma). LLVM does not produce this
+    register tiling from Numba loops, hence the intrinsic; everything else stays plain Numba.
+    """
+    sig = _nbtypes.void(A, a0, BT, q0, C, c0, cq0)
+
+    def codegen(context, builder, signature, args):
+        # IR: entry -> (K > 0) loop over k with MR*2 vector phis -> done: store the tiles
+        aty, _, bty, _, cty, _, _ = signature.args
+        fty = context.get_value_type(aty.dtype)
+        W = VEC_BYTES // (aty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        arrA = context.make_array(aty)(context, builder, args[0])
+        arrB = context.make_array(bty)(context, builder, args[2])
+        arrC = context.make_array(cty)(context, builder, args[4])
+        a0v, q0v, c0v, cq0v = args[1], args[3], args[5], args[6]
+        _, K = cgutils.unpack_tuple(builder, arrA.shape, 2)
+        ldb = cgutils.unpack_tuple(builder, arrB.shape, 2)[1]
+        ldc = cgutils.unpack_tuple(builder, arrC.shape, 2)[1]
+        suffix = f"v{W}f{aty.dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.{suffix}")
+        i32 = ir.IntType(32)
+        mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
+        undef = ir.Constant(vty, ir.Undefined)
+        zero = ir.Constant(vty, [0.0] * W)
+        arows = [builder.gep(arrA.data, [builder.mul(builder.add(a0v, ir.Constant(intp, r)), K)])
+                 for r in range(MR)]
+        entry = builder.basic_block
+        loop = builder.append_basic_block("mt.loop")
+        done = builder.append_basic_block("mt.done")
+        builder.cbranch(builder.icmp_signed(">", K, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(intp)
+        k.add_incoming(ir.Constant(intp, 0), entry)
+        accs = []
+        for r in range(MR):
+            for h in range(2):
+                ph = builder.phi(vty)
+                ph.add_incoming(zero, entry)
+                accs.append(ph)
+        bp = builder.gep(arrB.data, [builder.add(builder.mul(k, ldb), q0v)])
+        bv = []
+        for h in range(2):
+            ptr = builder.bitcast(builder.gep(bp, [ir.Constant(intp, h * W)]), vty.as_pointer())
+            bv.append(builder.load(ptr, align=aty.dtype.bitwidth // 8))
+        new = []
+        for r in range(MR):
+            a = builder.load(builder.gep(arows[r], [k]))
+            one = builder.insert_element(undef, a, ir.Constant(i32, 0))
+            s = builder.shuffle_vector(one, undef, mask)  # broadcast A[a0 + r, k]
+            for h in range(2):
+                new.append(builder.call(fma, [s, bv[h], accs[r * 2 + h]]))
+        k1 = builder.add(k, ir.Constant(intp, 1))
+        k.add_incoming(k1, loop)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", k1, K), loop, done)
+        builder.position_at_end(done)
+        results = []
+        for v in new:
+            res = builder.phi(vty)
+            res.add_incoming(zero, entry)
+            res.add_incoming(v, loop)
+            results.append(res)
+        for r in range(MR):
+            row = builder.add(c0v, ir.Constant(intp, r))
+            crow = builder.gep(arrC.data, [builder.add(builder.mul(row, ldc), cq0v)])
+            for h in range(2):
+                ptr = builder.gep(crow, [ir.Constant(intp, h * W)])
+                ptr = builder.bitcast(ptr, vty.as_pointer())
+                builder.store(results[r * 2 + h], ptr, align=aty.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _dw_tile(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix):
+    """acc[abase + p*pix + l] += sum_t wf[woffs[t] + c0 + l] * xf[xoffs[t] + xbase + p*pix + l]
+    for p < JT pixels and l < 2 vectors of channels (NHWC depthwise, interior pixels).
+
+    xf:       flat input;  xoffs: (T,) int64 offset of each valid tap's input pixel run
+    T:        number of valid taps;  wf: flat (KH, KW, C) filters;  woffs: (T,) tap offsets in wf
+    xbase:    added to every x offset (j*C + c0);  c0: first channel
+    acc:      flat destination row;  abase: offset of (pixel j, channel c0);  pix: pixel stride
+    The JT x 2 vector accumulators stay in registers across all taps: per tap 2 weight loads,
+    2*JT input loads and 2*JT vector FMAs (the flat per-tap loops need 3 loads and a store per
+    FMA).
+    """
+    sig = _nbtypes.void(xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix)
+
+    def codegen(context, builder, signature, args):
+        xty, oty, _, wty, _, _, _, aty, _, _ = signature.args
+        fty = context.get_value_type(xty.dtype)
+        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        al = xty.dtype.bitwidth // 8
+        X = context.make_array(xty)(context, builder, args[0])
+        XO = context.make_array(oty)(context, builder, args[1])
+        Tn = args[2]
+        Wf = context.make_array(wty)(context, builder, args[3])
+        WO = context.make_array(oty)(context, builder, args[4])
+        xbase, c0, abase, pix = args[5], args[6], args[8], args[9]
+        A = context.make_array(aty)(context, builder, args[7])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+        def vptr(base_ptr, off):
+            return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        offs = [builder.add(builder.mul(c(p), pix), c(h * W)) for p in range(JT) for h in range(2)]
+        init = [builder.load(vptr(A.data, builder.add(abase, o)), align=al) for o in offs]
+        entry = builder.basic_block
+        loop = builder.append_basic_block("dt.loop")
+        done = builder.append_basic_block("dt.done")
+        builder.cbranch(builder.icmp_signed(">", Tn, c(0)), loop, done)
+        builder.position_at_end(loop)
+        t = builder.phi(intp)
+        t.add_incoming(c(0), entry)
+        accs = []
+        for v in init:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, entry)
+            accs.append(ph)
+        xo = builder.add(builder.load(builder.gep(XO.data, [t])), xbase)
+        wo = builder.add(builder.load(builder.gep(WO.data, [t])), c0)
+        wv = [builder.load(vptr(Wf.data, builder.add(wo, c(h * W))), align=al) for h in range(2)]
+        new = []
+        for k, o in enumerate(offs):
+            xv = builder.load(vptr(X.data, builder.add(xo, o)), align=al)
+            new.append(builder.call(fma, [wv[k % 2], xv, accs[k]]))
+        t1 = builder.add(t, c(1))
+        t.add_incoming(t1, loop)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", t1, Tn), loop, done)
+        builder.position_at_end(done)
+        res = []
+        for v0, v1 in zip(init, new):
+            ph = builder.phi(vty)
+            ph.add_incoming(v0, entry)
+            ph.add_incoming(v1, loop)
+            res.append(ph)
+        for v, o in zip(res, offs):
+            builder.store(v, vptr(A.data, builder.add(abase, o)), align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _dw_rows(typingctx, xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab):
+    """acc[ab + r*rstep + l] += sum_{b<KW, a<KH} wf[wb + a*KW + b] * xp[coffs[b] + xb +
+    (r + a)*rstep + l]  for r < RT output rows and l < one vector (NCHW depthwise, stride_h 1).
+
+    xp:       flat padded phase planes;  coffs: (KW,) int64 offset of each tap column
+    KW, KH:   kernel size;  rstep: flat distance between consecutive rows (and taps a)
+    xb:       flat offset of the tile's first output row and column in xp
+    wf:       flat (.., KH, KW) filters;  wb: offset of this plane's filter
+    acc:      flat accumulator;  ab: offset of the tile's first output in acc (pitch rstep)
+    The RT vector accumulators stay in registers across all taps, and so does a sliding window
+    of RT input rows: for tap row a the rows a .. a+RT-1 are needed, a+1 needs one new row, so
+    per tap one input load and one filter broadcast feed RT vector FMAs (vs _dw_tile's one
+    input load per FMA).
+    """
+    sig = _nbtypes.void(xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab)
+
+    def codegen(context, builder, signature, args):
+        # IR: entry -> outer (b, acc phis) -> preload RT-1 window rows -> inner (a, acc and
+        # window phis) -> outer latch -> done: store
+        xty, oty = signature.args[0], signature.args[1]
+        fty = context.get_value_type(xty.dtype)
+        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, W)
+        intp = context.get_value_type(_nbtypes.intp)
+        al = xty.dtype.bitwidth // 8
+        X = context.make_array(xty)(context, builder, args[0])
+        CO = context.make_array(oty)(context, builder, args[1])
+        KWv, KHv, rs, xb, wb, ab = args[2], args[3], args[4], args[5], args[7], args[9]
+        Wf = context.make_array(signature.args[6])(context, builder, args[6])
+        A = context.make_array(signature.args[8])(context, builder, args[8])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+        i32 = ir.IntType(32)
+        mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
+        undef = ir.Constant(vty, ir.Undefined)
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        def vload(base_ptr, off):
+            p = builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+            return builder.load(p, align=al)
+
+        init = [vload(A.data, builder.add(ab, builder.mul(c(r), rs))) for r in range(RT)]
+        entry = builder.basic_block
+        outer = builder.append_basic_block("dr.outer")
+        inner = builder.append_basic_block("dr.inner")
+        latch = builder.append_basic_block("dr.latch")
+        done = builder.append_basic_block("dr.done")
+        builder.branch(outer)
+        builder.position_at_end(outer)
+        b = builder.phi(intp)
+        b.add_incoming(c(0), entry)
+        oacc = []
+        for v in init:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, entry)
+            oacc.append(ph)
+        colb = builder.add(builder.load(builder.gep(CO.data, [b])), xb)
+        win0 = [vload(X.data, builder.add(colb, builder.mul(c(r), rs))) for r in range(RT - 1)]
+        outer_end = builder.basic_block
+        builder.branch(inner)
+        builder.position_at_end(inner)
+        a = builder.phi(intp)
+        a.add_incoming(c(0), outer_end)
+        iacc = []
+        for v in oacc:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, outer_end)
+            iacc.append(ph)
+        iwin = []
+        for v in win0:
+            ph = builder.phi(vty)
+            ph.add_incoming(v, outer_end)
+            iwin.append(ph)
+        xnew = vload(X.data, builder.add(colb, builder.mul(builder.add(a, c(RT - 1)), rs)))
+        window = iwin + [xnew]
+        wsc = builder.load(builder.gep(Wf.data, [builder.add(builder.add(wb, builder.mul(a, KWv)),
+                                                             b)]))
+        wvec = builder.shuffle_vector(builder.insert_element(undef, wsc, ir.Constant(i32, 0)),
+                                      undef, mask)
+        nacc = [builder.call(fma, [wvec, window[r], iacc[r]]) for r in range(RT)]
+        a1 = builder.add(a, c(1))
+        a.add_incoming(a1, inner)
+        for ph, v in zip(iacc, nacc):
+            ph.add_incoming(v, inner)
+        for ph, v in zip(iwin, window[1:]):
+            ph.add_incoming(v, inner)
+        builder.cbranch(builder.icmp_signed("<", a1, KHv), inner, latch)
+        builder.position_at_end(latch)
+        b1 = builder.add(b, c(1))
+        b.add_incoming(b1, latch)
+        for ph, v in zip(oacc, nacc):
+            ph.add_incoming(v, latch)
+        builder.cbranch(builder.icmp_signed("<", b1, KWv), outer, done)
+        builder.position_at_end(done)
+        for r in range(RT):
+            p = builder.bitcast(builder.gep(A.data, [builder.add(ab, builder.mul(c(r), rs))]),
+                                vty.as_pointer())
+            builder.store(nacc[r], p, align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(cache=True, fastmath=_FM)
+def _gemm_nn(A, a0, P, BT, q0, Q, out):
+    """out[p, q] = sum_k A[a0 + p, k] * BT[k, q0 + q]  for p < P, q < Q  (K = A.shape[1]).
+
+    A:        (rows, K) C-contiguous;  BT: (K, cols) C-contiguous;  out: (>= P, >= Q) C-contiguous
+    Full MR x NR tiles by _microtile; the edge rows and columns by scalar dot products.
+    """
+    K = A.shape[1]
+    NR = 2 * (VEC_BYTES // A.itemsize)
+    Pm = P - P % MR
+    Qm = Q - Q % NR
+    for p in range(0, Pm, MR):
+        for q in range(0, Qm, NR):
+            _microtile(A, a0 + p, BT, q0 + q, out, p, q)
+    zero = out.dtype.type(0.0)
+    for p in range(P):
+        for q in range(Qm if p < Pm else 0, Q):
+            s = zero
+            for k in range(K):
+                s += A[a0 + p, k] * BT[k, q0 + q]
+            out[p, q] = s
+
+
+# ----------------------------------------------------------------------------- row kernels
+# Inner loops index with ``_u(...)`` (an unsigned cast): Numba wraps negative signed indices, and
+# that select on a computed index stops LLVM from vectorizing; the spans guarantee the index is
+# valid. Leading indices are loop-invariant, so their wrap test is hoisted.
+
+
+@njit(cache=True, fastmath=_FM)
+def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """dst[d, j, o] = act(b[o] + sum_{a,b} wt[a,b,o] x[n, i*sh-pt+a*dh, j*sw-pl+b*dw, o//M]), NHWC.
+
+    x:        (N, H, W, C) input
+    wt:       (KH, KW, C*M) filters, channel last
+    wrep:     (KH, KW, JB*C) each tap's filters repeated for JB pixels, or a (1, 1, 1) stand-in
+              when the flat path does not apply (M > 1 or sw > 1)
+    b:        (C*M,) bias (read only if has_bias)
+    n, i:     image, output row
+    dst, d:   (rows, OW, C*M) destination and its row
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_forward_nchw
+    With M == 1 and sw == 1: interior pixels (all taps inside the input) by the register tile
+    _dw_tile when C is a multiple of its channel width; the other pixels per tap as a flat
+    multiply-add over JB pixels x C channels (a tap's valid columns are one contiguous run of
+    pixels in both x and dst). Otherwise one multiply-add along C per valid output column.
+    """
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    KH, KW, CO = wt.shape
+    OW = dst.shape[1]
+    JB = wrep.shape[2] // CO
+    flat = wrep.shape[0] == KH and wrep.shape[1] == KW and JB > 0
+    zero = x.dtype.type(0.0)
+    for j in range(OW):
+        for o in range(CO):
+            dst[d, j, o] = b[o] if has_bias else zero
+    dflat = dst[d].reshape(OW * CO)
+    # flat path, interior: pixels [jt0, jt1) where every tap column is inside the input, in
+    # register tiles of JT pixels x 2 channel vectors (needs C a multiple of that width)
+    jt0 = jt1 = 0
+    NRc = 2 * (VEC_BYTES // x.itemsize)
+    if flat and C % NRc == 0:
+        jt0 = min(max(0, pl), OW)
+        jt1 = jt0 + max(0, min(OW, W + pl - (KW - 1) * dw) - jt0) // JT * JT
+    if jt1 > jt0:
+        xoffs = np.empty(KH * KW, np.int64)
+        woffs = np.empty(KH * KW, np.int64)
+        T = 0
+        for a in range(KH):
+            r = i * sh - pt + a * dh
+            if r < 0 or r >= H:
+                continue
+            for bb in range(KW):
+                xoffs[T] = ((n * H + r) * W + bb * dw - pl) * C
+                woffs[T] = (a * KW + bb) * CO
+                T += 1
+        xf = x.reshape(x.size)
+        wf = wt.reshape(KH * KW * CO)
+        for j in range(jt0, jt1, JT):
+            for c0 in range(0, C, NRc):
+                _dw_tile(xf, xoffs, T, wf, woffs, j * C + c0, c0, dflat, j * CO + c0, C)
+    for a in range(KH):
+        r = i * sh - pt + a * dh
+        if r < 0 or r >= H:
+            continue
+        xflat = x[n, r].reshape(W * C)
+        for bb in range(KW):
+            off = bb * dw - pl
+            j0, j1 = _span(off, sw, W, OW)
+            if flat:
+                # the pixels left of and right of the register-tiled interior
+                for lo, hi in ((j0, min(j1, jt0)), (max(j0, jt1), j1)):
+                    for jb in range(lo, hi, JB):
+                        L = (min(hi, jb + JB) - jb) * CO
+                        f0 = jb * CO
+                        x0 = (jb + off) * C
+                        for f in range(L):
+                            dflat[_u(f0 + f)] += wrep[a, bb, f] * xflat[_u(x0 + f)]
+                continue
+            for j in range(j0, j1):
+                col = j * sw + off
+                if M == 1:
+                    for o in range(CO):
+                        dst[d, j, o] += wt[a, bb, o] * x[n, r, col, o]
+                else:
+                    for c in range(C):
+                        xv = x[n, r, col, c]
+                        for m in range(M):
+                            dst[d, j, c * M + m] += wt[a, bb, c * M + m] * xv
+    _activate(dflat, act)
+
+
+@njit(cache=True, fastmath=_FM_SUM)
+def _gemm_nt(A, a0, P, B, b0, Q, k0, k1, out):
+    """out[p, q] = sum_{k0 <= k < k1} A[a0 + p, k] * B[b0 + q, k]  for p < P, q < Q.
+
+    A:        (rows, K) left operand, row-major along the reduction axis
+    B:        (rows, K) right operand, row-major along the reduction axis
+    a0, P:    first row of A and number of rows;  b0, Q: the same for B
+    k0, k1:   reduction range
+    out:      (>= P, >= Q) result
+    Register block of 2 rows of A x 4 rows of B: 8 running sums, each vectorized along k, so
+    every loaded vector of A feeds 4 FMAs and every vector of B feeds 2.
+    """
+    zero = out.dtype.type(0.0)
+    L = k1 - k0
+    P2 = P - P % 2
+    Q4 = Q - Q % 4
+    for p in range(0, P2, 2):
+        ra, rc = a0 + p, a0 + p + 1
+        for q in range(0, Q4, 4):
+            r0, r1, r2, r3 = b0 + q, b0 + q + 1, b0 + q + 2, b0 + q + 3
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            for t in range(L):
+                k = _u(k0 + t)
+                u = A[ra, k]
+                v = A[rc, k]
+                e0, e1, e2, e3 = B[r0, k], B[r1, k], B[r2, k], B[r3, k]
+                s00 += u * e0
+                s01 += u * e1
+                s02 += u * e2
+                s03 += u * e3
+                s10 += v * e0
+                s11 += v * e1
+                s12 += v * e2
+                s13 += v * e3
+            out[p, q], out[p, q + 1], out[p, q + 2], out[p, q + 3] = s00, s01, s02, s03
+            out[p + 1, q], out[p + 1, q + 1], out[p + 1, q + 2], out[p + 1, q + 3] = (
+                s10, s11, s12, s13)
+        for q in range(Q4, Q):
+            s0 = s1 = zero
+            for t in range(L):
+                k = _u(k0 + t)
+                e = B[b0 + q, k]
+                s0 += A[ra, k] * e
+                s1 += A[rc, k] * e
+            out[p, q], out[p + 1, q] = s0, s1
+    for p in range(P2, P):
+        for q in range(Q):
+            s = zero
+            for t in range(L):
+                k = _u(k0 + t)
+                s += A[a0 + p, k] * B[b0 + q, k]
+            out[p, q] = s
+
+
+@njit(cache=True, fastmath=_FM)
+def _bias_act(tile, b, has_bias, channel_rows, act):
+    """In place on a C-contiguous (R, L) tile: add b[row] (channel_rows) or b[col], activate."""
+    R, L = tile.shape
+    if has_bias:
+        if channel_rows:
+            for r in range(R):
+                br = b[r]
+                for l in range(L):
+                    tile[r, l] += br
+        else:
+            for r in range(R):
+                for l in range(L):
+                    tile[r, l] += b[l]
+    _activate(tile.reshape(R * L), act)
+
+
+# ----------------------------------------------------------------------------- depthwise forward
+
+
+@njit(cache=True, fastmath=_FM)
+def _phase_copy(x, n, c, S, i0, sh, sw, pt, pl, Hq, Wq, xp):
+    """Copy channels c .. c+S-1 of image n, zero-padded, into sh*sw phase planes of (Hq, Wq)
+    each: xp[((s*sh + u)*sw + v)*Hq*Wq + ii*Wq + jj] = x[n, c+s, (i0+ii)*sh + u - pt,
+    jj*sw + v - pl] (zero outside the input).
+
+    x:        (N, CX, H, W) source;  i0: first output row of the band
+    sh, sw:   stride;  pt, pl: top/left padding (may be negative);  xp: flat destination
+    """
+    H, W = x.shape[2], x.shape[3]
+    PQ = Hq * Wq
+    zero = x.dtype.type(0.0)
+    for s in range(S):
+        for u in range(sh):
+            for v in range(sw):
+                off = v - pl  # input column of phase column jj: jj*sw + off
+                j0, j1 = _span(off, sw, W, Wq)
+                for ii in range(Hq):
+                    r = (i0 + ii) * sh + u - pt
+                    base = ((s * sh + u) * sw + v) * PQ + ii * Wq
+                    if r < 0 or r >= H:
+                        for jj in range(Wq):
+                            xp[base + jj] = zero
+                        continue
+                    for jj in range(j0):
+                        xp[base + jj] = zero
+                    q0 = j0 * sw + off
+                    if sw == 1:
+                        for k in range(j1 - j0):
+                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k)]
+                    else:
+                        for k in range(j1 - j0):
+                            xp[_u(base + j0 + k)] = x[n, c + s, r, _u(q0 + k * sw)]
+                    for jj in range(j1, Wq):
+                        xp[base + jj] = zero
+
+
+@njit(cache=True, fastmath=_FM)
+def _dw_plane_nchw(x, w, b, n, c, o, S, i0, dst, sh, sw, dh, dw, pt, pl, has_bias, act, xp,
+                   acc, xoffs, woffs, wrep):
+    """dst[i, j] = act(b[o] + sum_{s<S, a, b} w[o+s, a, b] x[n, c+s, (i0+i)*sh - pt + a*dh,
+    j*sw - pl + b*dw]) for the output rows i0 .. i0+OH-1 of one plane, NCHW (x zero outside).
+
+    x:        (N, CX, H, W) source;  its channels c .. c+S-1 are read
+    w:        (CW, KH, KW) filters;  rows o .. o+S-1 are used (filter o+s with channel c+s)
+    b:        bias, b[o] is read only if has_bias
+    n:        image;  i0: first output row
+    dst:      (OH, OW) destination (a plane, or a band of one)
+    sh, sw:   stride;  dh, dw: dilation;  pt, pl: top/left padding (may be negative)
+    act:      activation code (ACT_CODES)
+    xp, acc, xoffs, woffs, wrep: scratch from _plane_scratch (reused across a task's planes)
+    Forward: S = 1, c = o // M. grad_input (stride 1): x = gy, S = M, flipped filters.
+    Each source plane is copied once, zero-padded, into sh*sw phase planes of (Hq, Wq),
+    Hq = OH + (KH-1)*dh // sh, Wq = OW + (KW-1)*dw // sw: phase (u, v) element (ii, jj) is the
+    padded element ((i0+ii)*sh + u, jj*sw + v). Tap (a, b) of output (i, j) then reads phase
+    (a*dh % sh, b*dw % sw) at (i + a*dh // sh, j + b*dw // sw): with the outputs laid out at
+    pitch Wq, every tap is ONE flat multiply-add over L = (OH-1)*Wq + OW elements at a fixed
+    offset (columns j >= OW are scratch, never stored). With stride_h 1 the taps run in
+    _dw_rows (RT rows x 1 vector of accumulators and a sliding window of input rows in
+    registers); otherwise all S*KH*KW taps run in register tiles of JT x 2 vectors (_dw_tile,
+    its "pixels" being consecutive vectors, each filter value repeated across a vector). The
+    accumulator is rounded up to whole tiles (scratch again, see _plane_dims).
+    """
+    KH, KW = w.shape[1], w.shape[2]
+    OH, OW = dst.shape
+    Hq, Wq, Lc, slack = _plane_dims(x, KH, KW, OH, OW, sh, sw, dh, dw)
+    PQ = Hq * Wq
+    zero = x.dtype.type(0.0)
+    NRc = 2 * (VEC_BYTES // x.itemsize)
+    L = (OH - 1) * Wq + OW
+    for f in range(S * sh * sw * PQ, S * sh * sw * PQ + slack):
+        xp[f] = zero
+    _phase_copy(x, n, c, S, i0, sh, sw, pt, pl, Hq, Wq, xp)
+    bias = b[o] if has_bias else zero
+    for f in range(Lc):
+        acc[f] = bias
+    if sh == 1:
+        # RT rows (spaced dh apart) x 1 vector per _dw_rows call; rows >= OH are scratch
+        V = VEC_BYTES // x.itemsize
+        wf = w.reshape(w.size)
+        for s in range(S):
+            for bb in range(KW):
+                xoffs[bb] = (s * sw + (bb * dw) % sw) * PQ + (bb * dw) // sw
+            for g in range(0, Lc // Wq, RT * dh):
+                for rr in range(dh):
+                    i = g + rr
+                    for j0 in range(0, OW, V):
+                        _dw_rows(xp, xoffs, KW, KH, dh * Wq, i * Wq + j0, wf, (o + s) * KH * KW,
+                                 acc, i * Wq + j0)
+    else:
+        T = S * KH * KW
+        t = 0
+        for s in range(S):
+            for a in range(KH):
+                for bb in range(KW):
+                    u, ro = (a * dh) % sh, (a * dh) // sh
+                    v, co = (bb * dw) % sw, (bb * dw) // sw
+                    xoffs[t] = ((s * sh + u) * sw + v) * PQ + ro * Wq + co
+                    woffs[t] = t * NRc
+                    wv = w[o + s, a, bb]
+                    for l in range(NRc):
+                        wrep[t * NRc + l] = wv
+                    t += 1
+        for f in range(0, Lc, JT * NRc):
+            _dw_tile(xp, xoffs, T, wrep, woffs, f, 0, acc, f, NRc)
+    if act != 0:
+        _activate(acc[:L], act)
+    for i in range(OH):
+        for j in range(OW):
+            dst[i, _u(j)] = acc[_u(i * Wq + j)]
+
+
+@njit(cache=True)
+def _plane_dims(x, KH, KW, OH, OW, sh, sw, dh, dw):
+    """(Hq, Wq, Lc, slack) of _dw_plane_nchw: phase-plane shape, accumulator length (pitch Wq)
+    and zeroed elements after the planes for reads past the last plane's end.
+
+    sh == 1 (_dw_rows): whole vectors per row (Wq >= OW rounded up to a vector) and whole groups
+    of RT*dh rows (Lc = OHc*Wq, OHc = OH rounded up); otherwise (_dw_tile) the flat length
+    (OH-1)*Wq + OW rounded up to whole JT x 2-vector tiles.
+    """
+    V = VEC_BYTES // x.itemsize
+    Wq = OW + (KW - 1) * dw // sw
+    if sh == 1:
+        Wq = max(Wq, (OW + V - 1) // V * V)
+        OHc = (OH + RT * dh - 1) // (RT * dh) * (RT * dh)
+        return OHc + (KH - 1) * dh, Wq, OHc * Wq, (KW - 1) * dw // sw + V
+    Hq = OH + (KH - 1) * dh // sh
+    BLK = JT * 2 * V
+    L = (OH - 1) * Wq + OW
+    Lc = (L + BLK - 1) // BLK * BLK
+    return Hq, Wq, Lc, Lc - L
+
+
+@njit(cache=True)
+def _plane_scratch(x, KH, KW, OH, OW, S, sh, sw, dh, dw):
+    """Scratch for _dw_plane_nchw on (OH, OW) outputs: (xp, acc, xoffs, woffs, wrep)."""
+    NRc = 2 * (VEC_BYTES // x.itemsize)
+    Hq, Wq, Lc, slack = _plane_dims(x, KH, KW, OH, OW, sh, sw, dh, dw)
+    T = S * KH * KW
+    return (np.empty(S * sh * sw * Hq * Wq + slack, x.dtype), np.empty(Lc, x.dtype),
+            np.empty(T, np.int64), np.empty(T, np.int64), np.empty(T * NRc, x.dtype))
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _dw_forward_nchw(x, w, b, out, M, S, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """Depthwise forward, NCHW; one task per (n, p) output plane (_dw_plane_nchw).
+
+    x:        (N, CX, H, W) input
+    w:        (CW, KH, KW) filters
+    b:        bias (read only if has_bias)
+    out:      (N, P, OH, OW) result
+    M:        channel multiplier;  S: source planes summed per output plane
+    sh, sw, dh, dw, pt, pl, act: as in _dw_plane_nchw
+    Output plane p reads channels (p // M)*S .. +S-1 with filters p*S .. p*S+S-1: the forward is
+    S = 1; grad_input at stride 1 is M = 1, S = multiplier, x = gy, flipped filters.
+    """
+    N, P, OH, OW = out.shape
+    KH, KW = w.shape[1], w.shape[2]
+    NP = N * P
+    per = max(1, NP // PLANE_TASKS)
+    for t in prange((NP + per - 1) // per):
+        xp, acc, xoffs, woffs, wrep = _plane_scratch(x, KH, KW, OH, OW, S, sh, sw, dh, dw)
+        for q in range(t * per, min(NP, (t + 1) * per)):
+            n = q // P
+            p = q - n * P
+            _dw_plane_nchw(x, w, b, n, (p // M) * S, p * S, S, 0, out[n, p], sh, sw, dh, dw, pt,
+                           pl, has_bias, act, xp, acc, xoffs, woffs, wrep)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _dw_forward_nhwc(x, wt, wrep, b, out, M, sh, sw, dh, dw, pt, pl, has_bias, act):
+    """Depthwise forward, NHWC; one task per (n, output row).
+
+    x:        (N, H, W, C) input
+    wt:       (KH, KW, C*M) filters, channel last;  wrep: as in _dw_row_nhwc
+    b:        (C*M,) bias (read only if has_bias)
+    out:      (N*OH, OW, C*M) result, the (N, OH, OW, C*M) output viewed as rows
+    M, sh, sw, dh, dw, pt, pl, act: as in _dw_forward_nchw
+    """
+    N = x.shape[0]
+    OH = out.shape[0] // N
+    for t in prange(N * OH):
+        n = t // OH
+        _dw_row_nhwc(x, wt, wrep, b, n, t - n * OH, out, t, M, sh, sw, dh, dw, pt, pl, has_bias,
+                     act)
+
+
+# ----------------------------------------------------------------------------- depthwise grad_input
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _dw_grad_input_nchw(gy, w, gx, M, sh, sw, dh, dw, pt, pl):
+    """Depthwise grad_input, NCHW (used for stride > 1): accumulate in padded phase planes.
+
+    gy:       (N, C*M, OH, OW) output gradient
+    w:        (C*M, KH, KW) filters
+    gx:       (N, C, H, W) input gradient, fully written
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    One task per run of (n, c) input planes (each owns all M output channels reading it): no
+    races. In the forward's phase-plane coordinates (_dw_plane_nchw) tap (a, b) of output
+    (i, j) is element (i + a*dh // sh, j + b*dw // sw) of phase (a*dh % sh, b*dw % sw), so
+    gx's zero-padded phase planes G receive, per tap and output row, ONE contiguous
+    multiply-add of OW values (vectorized; the old scatter stored with stride sw). Then
+    gx[r, q] = G[phase of (r + pt, q + pl)] (zero where no tap reaches), one pass.
+    """
+    N, CO, OH, OW = gy.shape
+    KH, KW = w.shape[1], w.shape[2]
+    C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
+    Wq = OW + (KW - 1) * dw // sw
+    Hq = OH + (KH - 1) * dh // sh
+    PQ = Hq * Wq
+    zero = gy.dtype.type(0.0)
+    NP = N * C
+    per = max(1, NP // PLANE_TASKS)
+    for t in prange((NP + per - 1) // per):
+        G = np.empty(sh * sw * PQ, gy.dtype)
+        for q in range(t * per, min(NP, (t + 1) * per)):
+            n = q // C
+            c = q - n * C
+            for f in range(sh * sw * PQ):
+                G[f] = zero
+            for m in range(M):
+                o = c * M + m
+                for a in range(KH):
+                    for bb in range(KW):
+                        base = (((a * dh) % sh) * sw + (bb * dw) % sw) * PQ
+                        base += (a * dh) // sh * Wq + (bb * dw) // sw
+                        wv = w[o, a, bb]
+                        for i in range(OH):
+                            ri = base + i * Wq
+                            for k in range(OW):
+                                G[_u(ri + k)] += wv * gy[n, o, i, _u(k)]
+            for r in range(H):
+                for k in range(W):
+                    gx[n, c, r, k] = zero
+                R = r + pt
+                if R < 0 or R // sh >= Hq:
+                    continue
+                rb = (R % sh) * sw * PQ + (R // sh) * Wq
+                for v in range(sw):
+                    off = v - pl  # gx column of phase column jj: jj*sw + off
+                    j0, j1 = _span(off, sw, W, Wq)
+                    gb = rb + v * PQ
+                    q0 = j0 * sw + off
+                    for k in range(j1 - j0):
+                        gx[n, c, r, _u(q0 + k * sw)] = G[_u(gb + j0 + k)]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _dw_grad_input_nhwc(gy, wt, gx, M, sh, sw, dh, dw, pt, pl):
+    """Depthwise grad_input, NHWC: each task owns one input row and gathers the taps that hit it.
+
+    gy:       (N, OH, OW, C*M) output gradient
+    wt:       (KH, KW, C*M) filters, channel last
+    gx:       (N, H, W, C) input gradient, fully written
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    Input row r receives tap row a from output row i = (r + pt - a*dh) / sh when that is an
+    integer in [0, OH); within the row the columns are scattered (vectorized along C).
+    """
+    N, OH, OW, CO = gy.shape
+    KH, KW = wt.shape[0], wt.shape[1]
+    H, W, C = gx.shape[1], gx.shape[2], gx.shape[3]
+    zero = gy.dtype.type(0.0)
+    for t in prange(N * H):
+        n = t // H
+        r = t - n * H
+        for q in range(W):
+            for c in range(C):
+                gx[n, r, q, c] = zero
+        for a in range(KH):
+            num = r + pt - a * dh
+            if num < 0 or num % sh != 0:
+                continue
+            i = num // sh
+            if i >= OH:
+                continue
+            for bb in range(KW):
+                off = bb * dw - pl
+                j0, j1 = _span(off, sw, W, OW)
+                for j in range(j0, j1):
+                    q = j * sw + off
+                    if M == 1:
+                        for c in range(C):
+                            gx[n, r, q, c] += wt[a, bb, c] * gy[n, i, j, c]
+                    else:
+                        for c in range(C):
+                            s = zero
+                            for m in range(M):
+                                s += wt[a, bb, c * M + m] * gy[n, i, j, c * M + m]
+                            gx[n, r, q, c] += s
+
+
+# ------------------------------------------------------------------------- depthwise grad_weight
+
+
+@njit(parallel=True, cache=True, fastmath=_FM_SUM)
+def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
+    """Depthwise grad_weight, NCHW, stage 1: one float64 partial per (n, o) plane.
+
+    x:        (N, C, H, W) input
+    gy:       (N, C*M, OH, OW) output gradient
+    part:     (N, C*M, KH, KW) float64 partial sums, fully written (stage 2: sum over n)
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    The input plane is copied once into zero-padded phase planes (_phase_copy, as the forward),
+    so for every tap output row i reads one contiguous run of OW values (no strided gather):
+    part[n, o, a, b] = sum_i dot(gy[n, o, i, :], xp[tap offset + i*Wq : ... + OW]). Each row's
+    dot product is summed in the input dtype (vectorized), rows in float64. Tasks are runs of
+    planes sharing one scratch buffer.
+    """
+    N, CO, OH, OW = gy.shape
+    KH, KW = part.shape[2], part.shape[3]
+    Wq = OW + (KW - 1) * dw // sw
+    Hq = OH + (KH - 1) * dh // sh
+    PQ = Hq * Wq
+    zero = x.dtype.type(0.0)
+    NP = N * CO
+    per = max(1, NP // PLANE_TASKS)
+    for t in prange((NP + per - 1) // per):
+        xp = np.empty(sh * sw * PQ, x.dtype)
+        for q in range(t * per, min(NP, (t + 1) * per)):
+            n = q // CO
+            o = q - n * CO
+            _phase_copy(x, n, o // M, 1, 0, sh, sw, pt, pl, Hq, Wq, xp)
+            for a in range(KH):
+                for bb in range(KW):
+                    base = (((a * dh) % sh) * sw + (bb * dw) % sw) * PQ
+                    base += (a * dh) // sh * Wq + (bb * dw) // sw
+                    total = 0.0
+                    for i in range(OH):
+                        s = zero
+                        ri = base + i * Wq
+                        for k in range(OW):
+                            s += gy[n, o, i, _u(k)] * xp[_u(ri + k)]
+                        total += s
+                    part[n, o, a, bb] = total
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _dw_grad_weight_nhwc(x, gy, part, M, sh, sw, dh, dw, pt, pl):
+    """Depthwise grad_weight, NHWC, stage 1: one float64 partial per block of output rows.
+
+    x:        (N, H, W, C) input
+    gy:       (N, OH, OW, C*M) output gradient
+    part:     (T, KH, KW, C*M) float64 partial sums, fully written; task t sums the output rows
+              (n, i) with flat index n*OH + i in [t*B, (t+1)*B), B = ceil(N*OH / T)
+    M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
+    Per (row, tap) the sum over the row's columns is vectorized along C in the input dtype, and
+    added into the float64 partial.
+    """
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    N, OH, OW, CO = gy.shape
+    T, KH, KW = part.shape[0], part.shape[1], part.shape[2]
+    rows = N * OH
+    per = (rows + T - 1) // T
+    zero = x.dtype.type(0.0)
+    for t in prange(T):
+        for a in range(KH):
+            for bb in range(KW):
+                for o in range(CO):
+                    part[t, a, bb, o] = 0.0
+        acc = np.empty(CO, x.dtype)
+        for flat in range(t * per, min(rows, (t + 1) * per)):
+            n = flat // OH
+            i = flat - n * OH
+            for a in range(KH):
+                r = i * sh - pt + a * dh
+                if r < 0 or r >= H:
+                    continue
+                for bb in range(KW):
+                    off = bb * dw - pl
+                    j0, j1 = _span(off, sw, W, OW)
+                    for o in range(CO):
+                        acc[o] = zero
+                    for j in range(j0, j1):
+                        col = j * sw + off
+                        if M == 1:
+                            for o in range(CO):
+                                acc[o] += gy[n, i, j, o] * x[n, r, col, o]
+                        else:
+                            for c in range(C):
+                                xv = x[n, r, col, c]
+                                for m in range(M):
+                                    acc[c * M + m] += gy[n, i, j, c * M + m] * xv
+                    for o in range(CO):
+                        part[t, a, bb, o] += acc[o]
+
+
+# ----------------------------------------------------------------------------- pointwise
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
+    """y[n, o, k] = act(sum_c w[o, c] x[n, c, k] + b[o]) + res[n, o, k]  (NCHW, k = flat pixel).
+
+    x:        (N, CI, K) input
+    w:        (CO, CI) weights
+    b:        (CO,) bias (read only if has_bias)
+    res:      (N, CO, K) residual (read only if has_res)
+    y:        (N, CO, K) output
+    act:      activation code
+    One task per (image, block of PW_BLOCK pixels): tile (CO, pixels) = w x[n][:, block] by
+    _gemm_nn (x's (CI, H*W) image is already the right-hand operand), then bias, activation and
+    residual while the tile is in cache.
+    """
+    N, CI, K = x.shape
+    CO = w.shape[0]
+    nb = (K + PW_BLOCK - 1) // PW_BLOCK
+    for t in prange(N * nb):
+        n = t // nb
+        k0 = (t - n * nb) * PW_BLOCK
+        pb = min(PW_BLOCK, K - k0)
+        tile = np.empty((CO, pb), x.dtype)
+        _gemm_nn(w, 0, CO, x[n], k0, pb, tile)
+        _bias_act(tile, b, has_bias, True, act)
+        for o in range(CO):
+            if has_res:
+                for p in range(pb):
+                    y[n, o, k0 + p] = tile[o, p] + res[n, o, k0 + p]
+            else:
+                for p in range(pb):
+                    y[n, o, k0 + p] = tile[o, p]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_forward_nhwc(x, wt, b, res, y, has_bias, has_res, act):
+    """y[p, o] = act(sum_c x[p, c] wt[c, o] + b[o]) + res[p, o]  (NHWC, p = flat pixel).
+
+    x:        (P, CI) input;  wt: (CI, CO) weights, transposed;  b: (CO,) bias (if has_bias)
+    res:      (P, CO) residual (read only if has_res);  y: (P, CO) output;  act: activation code
+    One task per block of PW_BLOCK pixels.
+    """
+    P, CI = x.shape
+    CO = wt.shape[1]
+    nb = (P + PW_BLOCK - 1) // PW_BLOCK
+    for t in prange(nb):
+        p0 = t * PW_BLOCK
+        pb = min(PW_BLOCK, P - p0)
+        tile = np.empty((pb, CO), x.dtype)
+        _gemm_nn(x, p0, pb, wt, 0, CO, tile)
+        _bias_act(tile, b, has_bias, False, act)
+        for p in range(pb):
+            if has_res:
+                for o in range(CO):
+                    y[p0 + p, o] = tile[p, o] + res[p0 + p, o]
+            else:
+                for o in range(CO):
+                    y[p0 + p, o] = tile[p, o]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_grad_weight_nchw(x, gy, part, K):
+    """Pointwise grad_weight, NCHW, stage 1: part[t] = sum over a pixel chunk of gy x^T.
+
+    x:        (N*CI, K) input, rows (n, c);  gy: (N*CO, K) output gradient, rows (n, o)
+    part:     (N * ceil(K / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
+    K:        pixels per image
+    """
+    T, CO, CI = part.shape
+    nb = T // (x.shape[0] // CI)
+    for t in prange(T):
+        n = t // nb
+        k0 = (t - n * nb) * GW_ROWS
+        tile = np.empty((CO, CI), x.dtype)
+        _gemm_nt(gy, n * CO, CO, x, n * CI, CI, k0, min(K, k0 + GW_ROWS), tile)
+        for o in range(CO):
+            for c in range(CI):
+                part[t, o, c] = tile[o, c]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _pw_grad_weight_nhwc(x, gy, part):
+    """Pointwise grad_weight, NHWC, stage 1: part[t] = sum over pixels of chunk t of gy x^T.
+
+    x:        (P, CI) input;  gy: (P, CO) output gradient
+    part:     (ceil(P / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
+    Sub-blocks of PW_BLOCK pixels are transposed to (channels, pixels) and multiplied in the
+    input dtype; sub-block products are added in float64.
+    """
+    P, CI = x.shape
+    T, CO = part.shape[0], part.shape[1]
+    for t in prange(T):
+        for o in range(CO):
+            for c in range(CI):
+                part[t, o, c] = 0.0
+        xt = np.empty((CI, PW_BLOCK), x.dtype)
+        gt = np.empty((CO, PW_BLOCK), x.dtype)
+        tile = np.empty((CO, CI), x.dtype)
+        for p0 in range(t * GW_ROWS, min(P, (t + 1) * GW_ROWS), PW_BLOCK):
+            pb = min(PW_BLOCK, P - p0, (t + 1) * GW_ROWS - p0)
+            for p in range(pb):
+                for c in range(CI):
+                    xt[c, p] = x[p0 + p, c]
+                for o in range(CO):
+                    gt[o, p] = gy[p0 + p, o]
+            _gemm_nt(gt, 0, CO, xt, 0, CI, 0, pb, tile)
+            for o in range(CO):
+                for c in range(CI):
+                    part[t, o, c] += tile[o, c]
+
+
+# ----------------------------------------------------------------------------- separable
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
+                    has_db, dact, has_bias, has_res, act):
+    """Fused separable forward, NCHW; one task per band of output rows, intermediate in cache.
+
+    x:        (N, C, H, W) input
+    w:        (C*M, KH, KW) depthwise filters;  db: (C*M,) depthwise bias (if has_db)
+    pw:       (CO, C*M) pointwise weights;      b: (CO,) bias (if has_bias)
+    res:      (N, CO, OH, OW) residual (if has_res)
+    y:        (N, CO, OH, OW) output
+    M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_forward_nchw
+    dact, act: depthwise and final activation codes
+    One task per band of RB output rows of one image (about SEP_PIXELS pixels per band). Each
+    channel's band goes through a (RB, OW) buffer into mid[c, :RB*OW] (mid is (C*M, Kp),
+    Kp = RB*OW rounded up to whole GEMM tiles, the pad columns zero); then tile (CO, Kp) =
+    pw mid, bias, activation, residual; the first RB*OW columns are the band's pixels of y.
+    """
+    N, CO, OH, OW = y.shape
+    CI = w.shape[0]
+    NR = 2 * (VEC_BYTES // x.itemsize)
+    RB = max(1, min(OH, SEP_PIXELS // OW))
+    nb = (OH + RB - 1) // RB
+    for t in prange(N * nb):
+        n = t // nb
+        i0 = (t - n * nb) * RB
+        R = min(RB, OH - i0)
+        Kp = (R * OW + NR - 1) // NR * NR
+        band = np.empty((R, OW), x.dtype)
+        mid = np.zeros((CI, Kp), x.dtype)
+        xp, acc, xoffs, woffs, wrep = _plane_scratch(x, w.shape[1], w.shape[2], R, OW, 1, sh, sw,
+                                                     dh, dw)
+        for c in range(CI):
+            _dw_plane_nchw(x, w, db, n, c // M, c, 1, i0, band, sh, sw, dh, dw, pt, pl, has_db,
+                           dact, xp, acc, xoffs, woffs, wrep)
+            for ii in range(R):
+                for j in range(OW):
+                    mid[c, ii * OW + j] = band[ii, j]
+        tile = np.empty((CO, Kp), x.dtype)
+        _gemm_nn(pw, 0, CO, mid, 0, Kp, tile)
+        _bias_act(tile, b, has_bias, True, act)
+        for o in range(CO):
+            for ii in range(R):
+                if has_res:
+                    for j in range(OW):
+                        y[n, o, i0 + ii, j] = tile[o, ii * OW + j] + res[n, o, i0 + ii, j]
+                else:
+                    for j in range(OW):
+                        y[n, o, i0 + ii, j] = tile[o, ii * OW + j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _separable_nhwc(x, wt, wrep, db, pwt, b, res, y, M, sh, sw, dh, dw, pt, pl,
+                    has_db, dact, has_bias, has_res, act):
+    """Fused separable forward, NHWC; one task per (n, output row), intermediate in cache.
+
+    x:        (N, H, W, C) input
+    wt:       (KH, KW, C*M) depthwise filters, channel last;  db: (C*M,) depthwise bias
+    wrep:     tap filters repeated, as in _dw_row_nhwc
+    pwt:      (C*M, CO) pointwise weights, transposed;  b: (CO,) bias (if has_bias)
+    res:      (N, OH, OW, CO) residual (if has_res);  y: (N, OH, OW, CO) output
+    M, sh, sw, dh, dw, pt, pl, dact, act: as in _separable_nchw
+    mid (1, OW, C*M) = depthwise row; tile (OW, CO) = mid pwt, bias, activation, residual.
+    """
+    N, OH, OW, CO = y.shape
+    CI = wt.shape[2]
+    for t in prange(N * OH):
+        n = t // OH
+        i = t - n * OH
+        mid = np.empty((1, OW, CI), x.dtype)
+        _dw_row_nhwc(x, wt, wrep, db, n, i, mid, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
+        tile = np.empty((OW, CO), x.dtype)
+        _gemm_nn(mid[0], 0, OW, pwt, 0, CO, tile)
+        _bias_act(tile, b, has_bias, False, act)
+        for j in range(OW):
+            if has_res:
+                for o in range(CO):
+                    y[n, i, j, o] = tile[j, o] + res[n, i, j, o]
+            else:
+                for o in range(CO):
+                    y[n, i, j, o] = tile[j, o]
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def _compute_dtype(dtype: str):
+    """float64 stays float64; float32, float16 and bfloat16 compute in float32."""
+    return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
+
+
+def _as(a, dt):
+    """``a`` as a C-contiguous array of dtype ``dt`` (no copy when it already is one)."""
+    return None if a is None else np.ascontiguousarray(a, dtype=dt)
+
+
+def _target(out, dt):
+    """The array a kernel writes: ``out`` itself, or a ``dt`` temporary for 16-bit outputs."""
+    return out if out.dtype == dt else np.empty(out.shape, dt)
+
+
+def _finish(out, target):
+    """Round the float32 temporary once into a 16-bit ``out``."""
+    if target is not out:
+        out[...] = target
+
+
+def _opt(a, dt, shape):
+    """An optional operand, or a 1-element stand-in of the same rank (flag tells it is absent)."""
+    return np.zeros((1,) * len(shape), dt) if a is None else _as(a, dt).reshape(shape)
+
+
+def _dw_weights(p, w, dt):
+    """(C*M, 1, KH, KW) -> (C*M, KH, KW) for NCHW kernels, (KH, KW, C*M) for NHWC kernels."""
+    w3 = _as(w, dt).reshape(p.CO, p.KH, p.KW)
+    return w3 if p.layout == "NCHW" else np.ascontiguousarray(w3.transpose(1, 2, 0))
+
+
+def _repeated_taps(p, wt):
+    """(KH, KW, JB*C) filters repeated for JB pixels (NHWC flat path), or a stand-in that turns
+    the flat path off when it does not apply (M > 1 or stride along W > 1)."""
+    if p.M != 1 or p.sw != 1:
+        return np.zeros((1, 1, 0), wt.dtype)
+    jb = max(1, min(p.OW, FLAT_ELEMS // p.CO))
+    return np.tile(wt, (1, 1, jb))
+
+
+def _geometry(p):
+    return (p.M, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl)
+
+
+def _flat(p, a):
+    """Physical (N, C, H, W) -> (N, C, H*W); (N, H, W, C) -> (N*H*W, C). Views."""
+    if p.layout == "NCHW":
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    return a.reshape(-1, a.shape[-1])
+
+
+class _CpuBackend(HostBackend):
+    """Numba CPU kernels; arrays arrive C-contiguous in the problem's layout (see Backend)."""
+
+    name = "cpu"
+
+    def unavailable_reason(self):
+        return None if _IMPORT_ERROR is None else f"numba cannot be imported ({_IMPORT_ERROR})"
+
+    # -- depthwise
+
+    def depthwise_forward(self, p, x, w, b, out, stream=None):
+        """x: p.x_shape, w: (C*M, 1, KH, KW), b: (C*M,) or None, out: p.y_shape."""
+        dt = _compute_dtype(p.dtype)
+        target = _target(out, dt)
+        args = (_as(x, dt), _dw_weights(p, w, dt), _opt(b, dt, (p.CO,)))
+        if p.layout == "NCHW":
+            _dw_forward_nchw(*args, target, p.M, 1, *_geometry(p)[1:], b is not None,
+                             ACT_CODES[p.activation])
+        else:
+            x_, wt, b_ = args
+            _dw_forward_nhwc(x_, wt, _repeated_taps(p, wt), b_, target.reshape(-1, p.OW, p.CO),
+                             *_geometry(p),
+                             b is not None, ACT_CODES[p.activation])
+        _finish(out, target)
+
+    def depthwise_grad_input(self, p, gy, w, out, stream=None):
+        """gy: p.y_shape, w: (C*M, 1, KH, KW), out: p.x_shape."""
+        dt = _compute_dtype(p.dtype)
+        target = _target(out, dt)
+        gy = _as(gy, dt)
+        nchw = p.layout == "NCHW"
+        if p.sh == 1 and p.sw == 1 and (nchw or p.M == 1):
+            # stride 1: the forward kernel on gy with flipped filters and mirrored padding
+            wf = np.ascontiguousarray(_as(w, dt).reshape(p.CO, p.KH, p.KW)[:, ::-1, ::-1])
+            ptf, plf = (p.KH - 1) * p.dh - p.pt, (p.KW - 1) * p.dw - p.pl
+            nob = np.zeros(1, dt)
+            if nchw:
+                _dw_forward_nchw(gy, wf, nob, target, 1, p.M, 1, 1, p.dh, p.dw, ptf, plf, False,
+                                 0)
+            else:
+                wt = np.ascontiguousarray(wf.transpose(1, 2, 0))
+                _dw_forward_nhwc(gy, wt, _repeated_taps(p, wt), nob, target.reshape(-1, p.W, p.C),
+                                 1, 1, 1, p.dh, p.dw, ptf, plf, False, 0)
+        else:
+            kernel = _dw_grad_input_nchw if nchw else _dw_grad_input_nhwc
+            kernel(gy, _dw_weights(p, w, dt), target, *_geometry(p))
+        _finish(out, target)
+
+    def depthwise_grad_weight(self, p, x, gy, out, stream=None):
+        """x: p.x_shape, gy: p.y_shape, out: (C*M, 1, KH, KW)."""
+        dt = _compute_dtype(p.dtype)
+        x, gy = _as(x, dt), _as(gy, dt)
+        if p.layout == "NCHW":
+            part = np.empty((p.N, p.CO, p.KH, p.KW), np.float64)
+            _dw_grad_weight_nchw(x, gy, part, *_geometry(p))
+            gw = part.sum(axis=0)
+        else:
+            part = np.empty((min(GW_TASKS, p.N * p.OH), p.KH, p.KW, p.CO), np.float64)
+            _dw_grad_weight_nhwc(x, gy, part, *_geometry(p))
+            gw = part.sum(axis=0).transpose(2, 0, 1)
+        out[...] = gw.reshape(out.shape)  # float64 sums, rounded once
+
+    # -- pointwise
+
+    @staticmethod
+    def _pw(p, x, w, b, residual, y, act):
+        """y = act(w x + b) + residual over channels; w is (out channels, in channels);
+        x, w, b, residual, y in the compute dtype, x and y flat (_flat)."""
+        dt = y.dtype
+        bias = _opt(b, dt, (w.shape[0],))
+        res = _opt(residual, dt, y.shape)
+        if p.layout == "NCHW":
+            _pw_forward_nchw(x, w, bias, res, y, b is not None, residual is not None, act)
+        else:
+            _pw_forward_nhwc(x, np.ascontiguousarray(w.T), bias, res, y, b is not None,
+                             residual is not None, act)
+
+    def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
+        """x: p.x_shape, w: (CO, CI), b: (CO,) or None, residual: p.y_shape or None."""
+        dt = _compute_dtype(p.dtype)
+        target = _target(out, dt)
+        res = None if residual is None else _flat(p, _as(residual, dt))
+        self._pw(p, _flat(p, _as(x, dt)), _as(w, dt), b if b is None else _as(b, dt), res,
+                 _flat(p, target), ACT_CODES[p.activation])
+        _finish(out, target)
+
+    def pointwise_grad_input(self, p, gy, w, out, stream=None):
+        """gy: p.y_shape, w: (CO, CI), out: p.x_shape;  gx = W^T gy over channels."""
+        dt = _compute_dtype(p.dtype)
+        target = _target(out, dt)
+        wt = np.ascontiguousarray(_as(w, dt).T)  # (CI, CO): the forward kernel with W^T
+        self._pw(p, _flat(p, _as(gy, dt)), wt, None, None, _flat(p, target), 0)
+        _finish(out, target)
+
+    def pointwise_grad_weight(self, p, x, gy, out, stream=None):
+        """x: p.x_shape, gy: p.y_shape, out: (CO, CI);  gW = sum over pixels of gy x^T.
+
+        Chunks of at most GW_ROWS pixels are summed in the compute dtype, chunks in float64.
+        """
+        dt = _compute_dtype(p.dtype)
+        xf, gf = _as(x, dt), _as(gy, dt)
+        if p.layout == "NCHW":
+            K = p.H * p.W
+            part = np.empty((p.N * -(-K // GW_ROWS), p.CO, p.CI), np.float64)
+            _pw_grad_weight_nchw(xf.reshape(p.N * p.CI, K), gf.reshape(p.N * p.CO, K), part, K)
+        else:
+            P = p.N * p.H * p.W
+            part = np.empty((-(-P // GW_ROWS), p.CO, p.CI), np.float64)
+            _pw_grad_weight_nhwc(xf.reshape(P, p.CI), gf.reshape(P, p.CO), part)
+        out[...] = part.sum(axis=0)  # float64 sums, rounded once
+
+    # -- separable
+
+    def separable_forward(self, p, x, dw_w, pw_w, b, dw_b, residual, out, stream=None):
+        """x: p.x_shape, dw_w: (C*M, 1, KH, KW), pw_w: (CO, C*M), b: (CO,) or None,
+        dw_b: (C*M,) or None, residual: p.y_shape or None, out: p.y_shape.
+
+        One fused kernel: per output row, depthwise into a cache-resident row, GEMM, epilogue.
+        """
+        d, q = p.dw, p.pw
+        dt = _compute_dtype(d.dtype)
+        target = _target(out, dt)
+        wk = _dw_weights(d, dw_w, dt)
+        pw = _as(pw_w, dt)
+        rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target, *_geometry(d),
+                dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
+                ACT_CODES[q.activation])
+        dwb = _opt(dw_b, dt, (d.CO,))
+        if d.layout == "NCHW":
+            _separable_nchw(_as(x, dt), wk, dwb, pw, *rest)
+        else:
+            _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), dwb,
+                            np.ascontiguousarray(pw.T), *rest)
+        _finish(out, target)
+
+
+BACKEND = _CpuBackend()
