@@ -119,18 +119,25 @@ def test_depthwise_grad_weight(rng, case, layout, dtype):
            (_absf(x), _absf(gy), wshape), "grad_weight")
 
 
-# NHWC register-tiled interior (channel multiples of 16 float32 / 8 float64 values, stride_w 1,
-# M 1): (N, C, H, W, KH, KW, stride, padding, dilation)
+# NHWC register-tiled interior (channel multiples of 16 float32 / 8 float64 values, M 1):
+# (N, C, H, W, KH, KW, stride, padding, dilation)
 TILE_CASES = [
     (2, 32, 7, 13, 3, 3, 1, "same", 1),
     (1, 48, 9, 22, 5, 5, (2, 1), ((1, 3), (2, 0)), (1, 2)),
     (1, 24, 6, 17, 3, 7, 1, "valid", 1),
     (1, 16, 4, 9, 1, 1, 1, 0, 1),
     (1, 32, 5, 6, 3, 5, 1, ((0, 0), (4, 4)), 1),  # narrow input, wide padding: no interior
+    # stride_w > 1 and dilation in the PT-pixel tiles (_dw_tile_s); the last tile of a row
+    # overlaps the previous one when the interior is not a multiple of PT pixels
+    (2, 32, 7, 29, 3, 3, 2, 1, 1),
+    (1, 16, 6, 40, 5, 5, (1, 3), ((2, 2), (1, 3)), (1, 2)),
+    (1, 48, 9, 31, 7, 7, 2, "valid", 1),
+    (1, 16, 5, 23, 3, 3, (2, 2), ((0, 2), (3, 1)), (2, 3)),
+    (3, 16, 4, 15, 2, 4, 1, "same", 1),  # even kernel, asymmetric "same"
 ]
 
 
-@pytest.mark.parametrize("dtype", ("float32", "float64", "bfloat16"))
+@pytest.mark.parametrize("dtype", ("float32", "float64", "bfloat16", "float16"))
 @pytest.mark.parametrize("case", TILE_CASES, ids=_ids(TILE_CASES))
 def test_depthwise_nhwc_register_tiles(rng, case, dtype):
     n, c, h, w, kh, kw, stride, padding, dilation = case
@@ -143,6 +150,10 @@ def test_depthwise_nhwc_register_tiles(rng, case, dtype):
     pw = rand(rng, (c + 3, c), dtype)
     _check(dwops.separable_conv2d, (x, wt, pw), dict(kw_, dw_bias=b, dw_activation="relu6"),
            dtype)
+    y = dwops.depthwise_conv2d(x, wt, **kw_, backend="numpy")
+    gy = rand(rng, y.shape, dtype)
+    _check(dwops.depthwise_conv2d_grad_input, (gy, wt, x.shape), kw_, dtype,
+           (_absf(gy), _absf(wt), x.shape), "grad_input")
 
 
 @pytest.mark.parametrize("act", ACTS)

@@ -104,7 +104,7 @@ VEC_BYTES = 32
 JT = 4
 # NCHW depthwise, stride_h 1: RT output rows x 1 vector per _dw_rows call.
 RT = 6
-# NHWC depthwise, M == 1 and dilation_w 1: PT output pixels x 1 vector per _dw_win call.
+# NHWC depthwise, M == 1: PT output pixels x 2 vectors of channels per _dw_tile_s call.
 PT = 6
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
@@ -440,28 +440,23 @@ def _dw_rows(typingctx, xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab):
 
 
 @intrinsic
-def _dw_win(typingctx, xf, xoffs, woffs, kn, U, xb, xstep, wf, wb, wstep, bz, acc, ab, astep):
-    """acc[ab + p*astep + l] = bz[wb + l] + sum_{u<U, k<kn[u]} wf[woffs[u] + wb + k*wstep + l]
-    * xf[xoffs[u] + xb + (p + k)*xstep + l]  for p < PT pixels, l < one vector (NHWC depthwise,
-    interior pixels, M == 1, dilation_w 1, any stride_w).
+def _dw_tile_s(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, xpix, bz, acc, abase, apix):
+    """acc[abase + p*apix + l] = bz[c0 + l] + sum_t wf[woffs[t] + c0 + l]
+    * xf[xoffs[t] + xbase + p*xpix + l]  for p < PT pixels and l < 2 vectors of channels
+    (NHWC depthwise interior pixels, M == 1, any stride and dilation).
 
-    xf:       flat input;  xoffs, woffs, kn: (>= U,) int64: per (tap row, column phase b0) the
-              input offset of its first tap column, its filter offset and its number of taps
-              (columns b0, b0 + sw, ...)
-    xb:       offset of the tile's first pixel and channel (j*sw*C + c0);  xstep: sw*C
-    wf:       flat (KH, KW, C) filters;  wb: first channel c0;  wstep: sw*C (next tap column)
-    bz:       (C,) bias (zeros when there is none);  acc, ab, astep: destination, offset of
-              (pixel j, channel c0), pixel stride C
-    PT vector accumulators in registers across all taps, plus a sliding window of PT input
-    pixels: output j+p at tap k reads window element p+k, so tap k+1 needs ONE new input load.
-    Per tap 1 input load + 1 filter load feed PT FMAs. Stores (does not accumulate), so
-    overlapping tiles are harmless. U >= 1.
+    xf:       flat input;  xoffs: (T,) int64 offset of each valid tap's input pixel
+    T:        number of valid taps (>= 1);  wf: flat (KH, KW, C) filters;  woffs: (T,) offsets
+    xbase:    added to every x offset (j*sw*C + c0);  c0: first channel;  xpix: sw*C
+    bz:       (C,) bias (zeros when there is none)
+    acc:      flat destination row;  abase: offset of (pixel j, channel c0);  apix: pixel stride
+    2*PT vector accumulators in registers across all taps (12 independent FMA chains: enough
+    to hide the FMA latency; _dw_tile's 8 are not), the input operands straight from memory.
+    Stores bias + sum without reading acc, so overlapping tiles are harmless.
     """
-    sig = _nbtypes.void(xf, xoffs, woffs, kn, U, xb, xstep, wf, wb, wstep, bz, acc, ab, astep)
+    sig = _nbtypes.void(xf, xoffs, T, wf, woffs, xbase, c0, xpix, bz, acc, abase, apix)
 
     def codegen(context, builder, signature, args):
-        # IR: entry -> outer (u, acc phis; preload PT-1 window pixels) -> inner (k, acc and
-        # window phis) -> latch -> done: store
         xty, oty = signature.args[0], signature.args[1]
         fty = context.get_value_type(xty.dtype)
         W = VEC_BYTES // (xty.dtype.bitwidth // 8)
@@ -470,79 +465,51 @@ def _dw_win(typingctx, xf, xoffs, woffs, kn, U, xb, xstep, wf, wb, wstep, bz, ac
         al = xty.dtype.bitwidth // 8
         X = context.make_array(xty)(context, builder, args[0])
         XO = context.make_array(oty)(context, builder, args[1])
-        WO = context.make_array(oty)(context, builder, args[2])
-        KN = context.make_array(oty)(context, builder, args[3])
-        Un, xb, xs, wb, ws, ab, ast = args[4], args[5], args[6], args[8], args[9], args[12], \
-            args[13]
-        Wf = context.make_array(signature.args[7])(context, builder, args[7])
-        B = context.make_array(signature.args[10])(context, builder, args[10])
-        A = context.make_array(signature.args[11])(context, builder, args[11])
+        Tn = args[2]
+        Wf = context.make_array(signature.args[3])(context, builder, args[3])
+        WO = context.make_array(oty)(context, builder, args[4])
+        xbase, c0, xpix, abase, apix = args[5], args[6], args[7], args[10], args[11]
+        B = context.make_array(signature.args[8])(context, builder, args[8])
+        A = context.make_array(signature.args[9])(context, builder, args[9])
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                              f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+
+        def vptr(base_ptr, off):
+            return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
 
         def c(v):
             return ir.Constant(intp, v)
 
-        def vload(base_ptr, off):
-            p = builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
-            return builder.load(p, align=al)
-
-        bias = vload(B.data, wb)
+        xo_ = [builder.add(builder.mul(c(p), xpix), c(h * W)) for p in range(PT) for h in range(2)]
+        ao_ = [builder.add(builder.mul(c(p), apix), c(h * W)) for p in range(PT) for h in range(2)]
+        bias = [builder.load(vptr(B.data, builder.add(c0, c(h * W))), align=al) for h in range(2)]
         entry = builder.basic_block
-        outer = builder.append_basic_block("dw.outer")
-        inner = builder.append_basic_block("dw.inner")
-        latch = builder.append_basic_block("dw.latch")
-        done = builder.append_basic_block("dw.done")
-        builder.branch(outer)
-        builder.position_at_end(outer)
-        u = builder.phi(intp)
-        u.add_incoming(c(0), entry)
-        oacc = []
-        for _ in range(PT):
+        loop = builder.append_basic_block("ds.loop")
+        done = builder.append_basic_block("ds.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        t = builder.phi(intp)
+        t.add_incoming(c(0), entry)
+        accs = []
+        for k in range(2 * PT):
             ph = builder.phi(vty)
-            ph.add_incoming(bias, entry)
-            oacc.append(ph)
-        xo = builder.add(builder.load(builder.gep(XO.data, [u])), xb)
-        wo = builder.add(builder.load(builder.gep(WO.data, [u])), wb)
-        K = builder.load(builder.gep(KN.data, [u]))
-        win0 = [vload(X.data, builder.add(xo, builder.mul(c(p), xs))) for p in range(PT - 1)]
-        outer_end = builder.basic_block
-        builder.branch(inner)
-        builder.position_at_end(inner)
-        k = builder.phi(intp)
-        k.add_incoming(c(0), outer_end)
-        iacc = []
-        for v in oacc:
-            ph = builder.phi(vty)
-            ph.add_incoming(v, outer_end)
-            iacc.append(ph)
-        iwin = []
-        for v in win0:
-            ph = builder.phi(vty)
-            ph.add_incoming(v, outer_end)
-            iwin.append(ph)
-        xnew = vload(X.data, builder.add(xo, builder.mul(builder.add(k, c(PT - 1)), xs)))
-        window = iwin + [xnew]
-        wv = vload(Wf.data, builder.add(wo, builder.mul(k, ws)))
-        nacc = [builder.call(fma, [wv, window[p], iacc[p]]) for p in range(PT)]
-        k1 = builder.add(k, c(1))
-        k.add_incoming(k1, inner)
-        for ph, v in zip(iacc, nacc):
-            ph.add_incoming(v, inner)
-        for ph, v in zip(iwin, window[1:]):
-            ph.add_incoming(v, inner)
-        builder.cbranch(builder.icmp_signed("<", k1, K), inner, latch)
-        builder.position_at_end(latch)
-        u1 = builder.add(u, c(1))
-        u.add_incoming(u1, latch)
-        for ph, v in zip(oacc, nacc):
-            ph.add_incoming(v, latch)
-        builder.cbranch(builder.icmp_signed("<", u1, Un), outer, done)
+            ph.add_incoming(bias[k % 2], entry)
+            accs.append(ph)
+        xo = builder.add(builder.load(builder.gep(XO.data, [t])), xbase)
+        wo = builder.add(builder.load(builder.gep(WO.data, [t])), c0)
+        wv = [builder.load(vptr(Wf.data, builder.add(wo, c(h * W))), align=al) for h in range(2)]
+        new = []
+        for k, o in enumerate(xo_):
+            xv = builder.load(vptr(X.data, builder.add(xo, o)), align=al)
+            new.append(builder.call(fma, [wv[k % 2], xv, accs[k]]))
+        t1 = builder.add(t, c(1))
+        t.add_incoming(t1, loop)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", t1, Tn), loop, done)
         builder.position_at_end(done)
-        for p in range(PT):
-            ptr = builder.bitcast(builder.gep(A.data, [builder.add(ab, builder.mul(c(p), ast))]),
-                                  vty.as_pointer())
-            builder.store(nacc[p], ptr, align=al)
+        for v, o in zip(new, ao_):
+            builder.store(v, vptr(A.data, builder.add(abase, o)), align=al)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -602,41 +569,38 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
     dflat = dst[d].reshape(OW * CO)
     xf = x.reshape(x.size)
     wf = wt.reshape(KH * KW * CO)
-    # interior pixels [jt0, jt1) (every tap column inside the input): M == 1, dw == 1 and C a
-    # multiple of one vector: _dw_win tiles of PT pixels (any stride_w), stored with the bias
+    # interior pixels [jt0, jt1) (every tap column inside the input): M == 1 and C a multiple
+    # of two vectors: _dw_tile_s tiles of PT pixels (any stride, dilation), storing bias + sum
     jt0 = jt1 = 0
-    Vc = VEC_BYTES // x.itemsize
+    NRc = 2 * (VEC_BYTES // x.itemsize)
     win = False
-    if M == 1 and dw == 1 and C % Vc == 0:
+    if M == 1 and C % NRc == 0:
         jw0 = min(max(0, (pl + sw - 1) // sw), OW)
-        jw1 = min(OW, (W - KW + pl) // sw + 1)
+        jw1 = min(OW, (W - 1 - (KW - 1) * dw + pl) // sw + 1)
         if jw1 - jw0 >= PT:
-            NB = min(sw, KW)
-            xoffs = np.empty(KH * NB, np.int64)
-            woffs = np.empty(KH * NB, np.int64)
-            kn = np.empty(KH * NB, np.int64)
-            U = 0
+            xoffs = np.empty(KH * KW, np.int64)
+            woffs = np.empty(KH * KW, np.int64)
+            T = 0
             for a in range(KH):
                 r = i * sh - pt + a * dh
                 if r < 0 or r >= H:
                     continue
-                for b0 in range(NB):
-                    xoffs[U] = ((n * H + r) * W + b0 - pl) * C
-                    woffs[U] = (a * KW + b0) * CO
-                    kn[U] = (KW - b0 + sw - 1) // sw
-                    U += 1
-            if U > 0:
+                for bb in range(KW):
+                    xoffs[T] = ((n * H + r) * W + bb * dw - pl) * C
+                    woffs[T] = (a * KW + bb) * CO
+                    T += 1
+            if T > 0:
                 win = True
                 jt0, jt1 = jw0, jw1
                 bz = np.empty(CO, x.dtype)
                 for o in range(CO):
                     bz[o] = b[o] if has_bias else zero
                 last = jt1 - PT
-                for c0 in range(0, C, Vc):
-                    for j in range(jt0, jt1, PT):
-                        jj = min(j, last)
-                        _dw_win(xf, xoffs, woffs, kn, U, jj * sw * C + c0, sw * C, wf, c0, sw * CO,
-                                bz, dflat, jj * CO + c0, CO)
+                for j in range(jt0, jt1, PT):
+                    jj = min(j, last)
+                    for c0 in range(0, C, NRc):
+                        _dw_tile_s(xf, xoffs, T, wf, woffs, jj * sw * C + c0, c0, sw * C, bz,
+                                   dflat, jj * CO + c0, CO)
     for j in range(OW):
         if j >= jt0 and j < jt1:
             continue
@@ -644,11 +608,10 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
             dst[d, j, o] = b[o] if has_bias else zero
     # flat path, interior: pixels [jt0, jt1) where every tap column is inside the input, in
     # register tiles of JT pixels x 2 channel vectors (needs C a multiple of that width)
-    NRc = 2 * (VEC_BYTES // x.itemsize)
     if flat and not win and C % NRc == 0:
         jt0 = min(max(0, pl), OW)
         jt1 = jt0 + max(0, min(OW, W + pl - (KW - 1) * dw) - jt0) // JT * JT
-    if jt1 > jt0:
+    if jt1 > jt0 and not win:
         xoffs = np.empty(KH * KW, np.int64)
         woffs = np.empty(KH * KW, np.int64)
         T = 0
