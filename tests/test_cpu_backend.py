@@ -134,6 +134,7 @@ TILE_CASES = [
     (1, 48, 9, 31, 7, 7, 2, "valid", 1),
     (1, 16, 5, 23, 3, 3, (2, 2), ((0, 2), (3, 1)), (2, 3)),
     (3, 16, 4, 15, 2, 4, 1, "same", 1),  # even kernel, asymmetric "same"
+    (1, 16, 4, 20, 3, 3, 1, ((1, 1), (4, 0)), 1),  # border pixels with no valid tap
 ]
 
 

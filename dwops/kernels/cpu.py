@@ -106,6 +106,8 @@ JT = 4
 RT = 6
 # NHWC depthwise, M == 1: PT output pixels x 2 vectors of channels per _dw_tile_s call.
 PT = 6
+# ... and border pixels one at a time (_dw_tile_s1) when the kernel has at most BORDER_TAPS taps.
+BORDER_TAPS = 9
 # Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
 # sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
 PW_BLOCK = 64
@@ -439,80 +441,91 @@ def _dw_rows(typingctx, xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab):
     return sig, codegen
 
 
-@intrinsic
-def _dw_tile_s(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, xpix, bz, acc, abase, apix):
-    """acc[abase + p*apix + l] = bz[c0 + l] + sum_t wf[woffs[t] + c0 + l]
-    * xf[xoffs[t] + xbase + p*xpix + l]  for p < PT pixels and l < 2 vectors of channels
-    (NHWC depthwise interior pixels, M == 1, any stride and dilation).
+def _make_dw_tile_s(P):
+    """The NHWC tile intrinsic for P pixels (the codegen unrolls over P)."""
 
-    xf:       flat input;  xoffs: (T,) int64 offset of each valid tap's input pixel
-    T:        number of valid taps (>= 1);  wf: flat (KH, KW, C) filters;  woffs: (T,) offsets
-    xbase:    added to every x offset (j*sw*C + c0);  c0: first channel;  xpix: sw*C
-    bz:       (C,) bias (zeros when there is none)
-    acc:      flat destination row;  abase: offset of (pixel j, channel c0);  apix: pixel stride
-    2*PT vector accumulators in registers across all taps (12 independent FMA chains: enough
-    to hide the FMA latency; _dw_tile's 8 are not), the input operands straight from memory.
-    Stores bias + sum without reading acc, so overlapping tiles are harmless.
-    """
-    sig = _nbtypes.void(xf, xoffs, T, wf, woffs, xbase, c0, xpix, bz, acc, abase, apix)
+    def _dw_tile_s(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, xpix, bz, acc, abase, apix):
+        """acc[abase + p*apix + l] = bz[c0 + l] + sum_t wf[woffs[t] + c0 + l]
+        * xf[xoffs[t] + xbase + p*xpix + l]  for p < P pixels and l < 2 vectors of channels
+        (NHWC depthwise, M == 1, any stride and dilation).
 
-    def codegen(context, builder, signature, args):
-        xty, oty = signature.args[0], signature.args[1]
-        fty = context.get_value_type(xty.dtype)
-        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
-        vty = ir.VectorType(fty, W)
-        intp = context.get_value_type(_nbtypes.intp)
-        al = xty.dtype.bitwidth // 8
-        X = context.make_array(xty)(context, builder, args[0])
-        XO = context.make_array(oty)(context, builder, args[1])
-        Tn = args[2]
-        Wf = context.make_array(signature.args[3])(context, builder, args[3])
-        WO = context.make_array(oty)(context, builder, args[4])
-        xbase, c0, xpix, abase, apix = args[5], args[6], args[7], args[10], args[11]
-        B = context.make_array(signature.args[8])(context, builder, args[8])
-        A = context.make_array(signature.args[9])(context, builder, args[9])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
+        xf:       flat input;  xoffs: (T,) int64 offset of each valid tap's input pixel
+        T:        number of valid taps (>= 1);  wf: flat (KH, KW, C) filters;  woffs: (T,) offsets
+        xbase:    added to every x offset (j*sw*C + c0);  c0: first channel;  xpix: sw*C
+        bz:       (C,) bias (zeros when there is none)
+        acc:      flat destination row;  abase: offset of (pixel j, channel c0);  apix: pixel stride
+        2*P vector accumulators in registers across all taps (P = PT: 12 independent FMA
+        chains, enough to hide the FMA latency; _dw_tile's 8 are not; P = 1 for single border
+        pixels), the input operands straight from memory.
+        Stores bias + sum without reading acc, so overlapping tiles are harmless.
+        """
+        sig = _nbtypes.void(xf, xoffs, T, wf, woffs, xbase, c0, xpix, bz, acc, abase, apix)
 
-        def vptr(base_ptr, off):
-            return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+        def codegen(context, builder, signature, args):
+            xty, oty = signature.args[0], signature.args[1]
+            fty = context.get_value_type(xty.dtype)
+            W = VEC_BYTES // (xty.dtype.bitwidth // 8)
+            vty = ir.VectorType(fty, W)
+            intp = context.get_value_type(_nbtypes.intp)
+            al = xty.dtype.bitwidth // 8
+            X = context.make_array(xty)(context, builder, args[0])
+            XO = context.make_array(oty)(context, builder, args[1])
+            Tn = args[2]
+            Wf = context.make_array(signature.args[3])(context, builder, args[3])
+            WO = context.make_array(oty)(context, builder, args[4])
+            xbase, c0, xpix, abase, apix = args[5], args[6], args[7], args[10], args[11]
+            B = context.make_array(signature.args[8])(context, builder, args[8])
+            A = context.make_array(signature.args[9])(context, builder, args[9])
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                                 f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
 
-        def c(v):
-            return ir.Constant(intp, v)
+            def vptr(base_ptr, off):
+                return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
 
-        xo_ = [builder.add(builder.mul(c(p), xpix), c(h * W)) for p in range(PT) for h in range(2)]
-        ao_ = [builder.add(builder.mul(c(p), apix), c(h * W)) for p in range(PT) for h in range(2)]
-        bias = [builder.load(vptr(B.data, builder.add(c0, c(h * W))), align=al) for h in range(2)]
-        entry = builder.basic_block
-        loop = builder.append_basic_block("ds.loop")
-        done = builder.append_basic_block("ds.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        t = builder.phi(intp)
-        t.add_incoming(c(0), entry)
-        accs = []
-        for k in range(2 * PT):
-            ph = builder.phi(vty)
-            ph.add_incoming(bias[k % 2], entry)
-            accs.append(ph)
-        xo = builder.add(builder.load(builder.gep(XO.data, [t])), xbase)
-        wo = builder.add(builder.load(builder.gep(WO.data, [t])), c0)
-        wv = [builder.load(vptr(Wf.data, builder.add(wo, c(h * W))), align=al) for h in range(2)]
-        new = []
-        for k, o in enumerate(xo_):
-            xv = builder.load(vptr(X.data, builder.add(xo, o)), align=al)
-            new.append(builder.call(fma, [wv[k % 2], xv, accs[k]]))
-        t1 = builder.add(t, c(1))
-        t.add_incoming(t1, loop)
-        for ph, v in zip(accs, new):
-            ph.add_incoming(v, loop)
-        builder.cbranch(builder.icmp_signed("<", t1, Tn), loop, done)
-        builder.position_at_end(done)
-        for v, o in zip(new, ao_):
-            builder.store(v, vptr(A.data, builder.add(abase, o)), align=al)
-        return context.get_dummy_value()
-    return sig, codegen
+            def c(v):
+                return ir.Constant(intp, v)
 
+            pv = [(p, h) for p in range(P) for h in range(2)]
+            xo_ = [builder.add(builder.mul(c(p), xpix), c(h * W)) for p, h in pv]
+            ao_ = [builder.add(builder.mul(c(p), apix), c(h * W)) for p, h in pv]
+            bias = [builder.load(vptr(B.data, builder.add(c0, c(h * W))), align=al)
+                    for h in range(2)]
+            entry = builder.basic_block
+            loop = builder.append_basic_block("ds.loop")
+            done = builder.append_basic_block("ds.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            t = builder.phi(intp)
+            t.add_incoming(c(0), entry)
+            accs = []
+            for k in range(2 * P):
+                ph = builder.phi(vty)
+                ph.add_incoming(bias[k % 2], entry)
+                accs.append(ph)
+            xo = builder.add(builder.load(builder.gep(XO.data, [t])), xbase)
+            wo = builder.add(builder.load(builder.gep(WO.data, [t])), c0)
+            wv = [builder.load(vptr(Wf.data, builder.add(wo, c(h * W))), align=al)
+                  for h in range(2)]
+            new = []
+            for k, o in enumerate(xo_):
+                xv = builder.load(vptr(X.data, builder.add(xo, o)), align=al)
+                new.append(builder.call(fma, [wv[k % 2], xv, accs[k]]))
+            t1 = builder.add(t, c(1))
+            t.add_incoming(t1, loop)
+            for ph, v in zip(accs, new):
+                ph.add_incoming(v, loop)
+            builder.cbranch(builder.icmp_signed("<", t1, Tn), loop, done)
+            builder.position_at_end(done)
+            for v, o in zip(new, ao_):
+                builder.store(v, vptr(A.data, builder.add(abase, o)), align=al)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    return intrinsic(_dw_tile_s)
+
+
+_dw_tile_s = _make_dw_tile_s(PT)
+_dw_tile_s1 = _make_dw_tile_s(1)
 
 @njit(cache=True, fastmath=_FM)
 def _gemm_nn(A, a0, P, BT, q0, Q, out):
@@ -601,6 +614,33 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
                     for c0 in range(0, C, NRc):
                         _dw_tile_s(xf, xoffs, T, wf, woffs, jj * sw * C + c0, c0, sw * C, bz,
                                    dflat, jj * CO + c0, CO)
+                # few taps: the border pixels one at a time, each with its own list of valid
+                # taps (with many taps the 2 FMA chains of a 1-pixel tile are latency-bound and
+                # the per-tap loops below are faster)
+                for j in range(OW if KH * KW <= BORDER_TAPS else 0):
+                    if j >= jt0 and j < jt1:
+                        continue
+                    T = 0
+                    for a in range(KH):
+                        r = i * sh - pt + a * dh
+                        if r < 0 or r >= H:
+                            continue
+                        for bb in range(KW):
+                            col = j * sw - pl + bb * dw
+                            if col < 0 or col >= W:
+                                continue
+                            xoffs[T] = ((n * H + r) * W + col) * C
+                            woffs[T] = (a * KW + bb) * CO
+                            T += 1
+                    if T == 0:
+                        for o in range(CO):
+                            dflat[j * CO + o] = bz[o]
+                        continue
+                    for c0 in range(0, C, NRc):
+                        _dw_tile_s1(xf, xoffs, T, wf, woffs, c0, c0, 0, bz, dflat, j * CO + c0, CO)
+    if win and KH * KW <= BORDER_TAPS:
+        _activate(dflat, act)
+        return
     for j in range(OW):
         if j >= jt0 and j < jt1:
             continue
