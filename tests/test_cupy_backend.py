@@ -53,8 +53,10 @@ def test_every_instantiation_compiles_without_spills(report):
 
 
 @pytest.mark.parametrize("file, name, loads, stores", [
-    ("depthwise", "dw_forward<float, 3, 1, 4, 2, false>", "ld.global.nc.v4.f32", "st.global.v4.f32"),
-    ("depthwise", "dw_forward<__half, 3, 1, 8, 4, true>", "ld.global.nc.v4.u32", "st.global.v4.u32"),
+    ("depthwise", "dw_forward<float, 3, 1, 4, 2, false>", "ld.global.nc.v4.f32",
+     "st.global.v4.f32"),
+    ("depthwise", "dw_forward<__half, 3, 1, 8, 4, true>", "ld.global.nc.v4.u32",
+     "st.global.v4.u32"),
     ("depthwise", "dw_forward<float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_input<float, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_weight<float, 3, 4, 1, false>", "ld.global.nc.v4.f32", None),

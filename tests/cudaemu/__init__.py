@@ -75,7 +75,8 @@ class _Allocation:
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         end = base + PAGE + body
         start = (end - nbytes) // ALIGN * ALIGN
-        self.lo, self.start, self.stop, self.hi = PAGE, start - base, start - base + nbytes, PAGE + body
+        self.lo, self.hi = PAGE, PAGE + body
+        self.start, self.stop = start - base, start - base + nbytes
         raw = np.frombuffer(self.mm, np.uint8)
         raw[self.lo:self.start] = CANARY
         raw[self.stop:self.hi] = CANARY
@@ -233,8 +234,8 @@ def build(code: str, names: list[str]) -> str:
     headers = "".join(open(os.path.join(INCLUDE, h)).read() for h in sorted(os.listdir(INCLUDE)))
     lines = ['#include "emu.h"', _emu_source(code), ""]
     for i, n in enumerate(names):
-        lines.append(f"DWEMU_EXPORT int dwemu_launch_{i}(void** a, dim3 g, dim3 b, size_t s, int o, "
-                     f"char* e, int n) {{ return dwemu::launch(&{n}, a, g, b, s, o, e, n); }}")
+        lines.append(f"DWEMU_EXPORT int dwemu_launch_{i}(void** a, dim3 g, dim3 b, size_t s, "
+                     f"int o, char* e, int n) {{ return dwemu::launch(&{n}, a, g, b, s, o, e, n); }}")
         lines.append(f"DWEMU_EXPORT int dwemu_params_{i}(int* s, int* k, int cap) "
                      f"{{ return dwemu::params(&{n}, s, k, cap); }}")
     unit = "\n".join(lines) + "\n"
@@ -365,8 +366,9 @@ class Function:
                                    f"{size} bytes, got {type(a).__name__}")
                 want = {1: "i", 2: "u", 3: "f"}[kind]
                 if a.dtype.itemsize != size or a.dtype.kind != want:
+                    what = {1: "int", 2: "uint", 3: "float"}[kind]
                     raise EmuError(f"{self.name}: argument {i} is {a.dtype}, the parameter is a "
-                                   f"{size}-byte {'int' if kind == 1 else 'uint' if kind == 2 else 'float'}")
+                                   f"{size}-byte {what}")
                 c = np.ctypeslib.as_ctypes(np.array(a))
             keep.append(c)
             slots.append(ctypes.cast(ctypes.pointer(c), ctypes.c_void_p))
@@ -384,8 +386,8 @@ class Function:
         if grid[0] >= 2 ** 31 or grid[1] > 65535 or grid[2] > 65535 or block[2] > 64:
             raise EmuError(f"{self.name}: grid {grid} / block {block} beyond CUDA's limits")
         if shared_mem > min(self.max_dynamic_shared_size_bytes, SMEM_OPTIN):
-            raise EmuError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, the function "
-                           f"allows {self.max_dynamic_shared_size_bytes}")
+            raise EmuError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, the "
+                           f"function allows {self.max_dynamic_shared_size_bytes}")
         keep, argv, arrays = self._pack(args)
         # the bytes each pointer may touch: its whole allocation, or the array itself
         regions = []
@@ -424,8 +426,8 @@ def module() -> types.ModuleType:
     """A module object with the CuPy API the dwops cupy backend and its GPU tests use."""
     m = types.ModuleType("cupy")
     m.__dict__.update(
-        ndarray=ndarray, empty=empty, asarray=asarray, array=asarray, ascontiguousarray=ascontiguousarray,
-        full=full, zeros=zeros, asnumpy=asnumpy, get_array_module=get_array_module,
+        ndarray=ndarray, empty=empty, asarray=asarray, array=asarray,
+        ascontiguousarray=ascontiguousarray, full=full, zeros=zeros, asnumpy=asnumpy, get_array_module=get_array_module,
         from_dlpack=from_dlpack, RawModule=RawModule, float16=np.float16, float32=np.float32,
         float64=np.float64, uint16=np.uint16, __version__="emulated", __dwops_emulator__=True)
     runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1)
