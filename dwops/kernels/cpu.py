@@ -175,6 +175,27 @@ def _activate(v, act):
 # ----------------------------------------------------------------------------- GEMM micro-tile
 
 
+def _vector_ir(context, builder, dtype):
+    """The LLVM pieces every vector intrinsic below starts from, for element type ``dtype``:
+    (W lanes of one VEC_BYTES vector, the vector type, intp, the element alignment in bytes,
+    llvm.fma on the vector type, c(v): an intp constant, vptr(base, off): base + off as a
+    vector pointer)."""
+    W = VEC_BYTES // (dtype.bitwidth // 8)
+    vty = ir.VectorType(context.get_value_type(dtype), W)
+    intp = context.get_value_type(_nbtypes.intp)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                         f"llvm.fma.v{W}f{dtype.bitwidth}")
+
+    def c(v):
+        return ir.Constant(intp, v)
+
+    def vptr(base_ptr, off):
+        return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
+
+    return W, vty, intp, dtype.bitwidth // 8, fma, c, vptr
+
+
+
 @intrinsic
 def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
     """C[c0 + r, cq0 + l] = sum_k A[a0 + r, k] * BT[k, q0 + l], r < MR, l < NR, K = A.shape[1].
@@ -192,10 +213,7 @@ def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
     def codegen(context, builder, signature, args):
         # IR: entry -> (K > 0) loop over k with MR*2 vector phis -> done: store the tiles
         aty, _, bty, _, cty, _, _ = signature.args
-        fty = context.get_value_type(aty.dtype)
-        W = VEC_BYTES // (aty.dtype.bitwidth // 8)
-        vty = ir.VectorType(fty, W)
-        intp = context.get_value_type(_nbtypes.intp)
+        W, vty, intp, _, fma, _, _ = _vector_ir(context, builder, aty.dtype)
         arrA = context.make_array(aty)(context, builder, args[0])
         arrB = context.make_array(bty)(context, builder, args[2])
         arrC = context.make_array(cty)(context, builder, args[4])
@@ -203,9 +221,6 @@ def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
         _, K = cgutils.unpack_tuple(builder, arrA.shape, 2)
         ldb = cgutils.unpack_tuple(builder, arrB.shape, 2)[1]
         ldc = cgutils.unpack_tuple(builder, arrC.shape, 2)[1]
-        suffix = f"v{W}f{aty.dtype.bitwidth}"
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.{suffix}")
         i32 = ir.IntType(32)
         mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
         undef = ir.Constant(vty, ir.Undefined)
@@ -277,11 +292,7 @@ def _dw_tile(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix):
 
     def codegen(context, builder, signature, args):
         xty, oty, _, wty, _, _, _, aty, _, _ = signature.args
-        fty = context.get_value_type(xty.dtype)
-        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
-        vty = ir.VectorType(fty, W)
-        intp = context.get_value_type(_nbtypes.intp)
-        al = xty.dtype.bitwidth // 8
+        W, vty, intp, al, fma, c, vptr = _vector_ir(context, builder, xty.dtype)
         X = context.make_array(xty)(context, builder, args[0])
         XO = context.make_array(oty)(context, builder, args[1])
         Tn = args[2]
@@ -289,13 +300,6 @@ def _dw_tile(typingctx, xf, xoffs, T, wf, woffs, xbase, c0, acc, abase, pix):
         WO = context.make_array(oty)(context, builder, args[4])
         xbase, c0, abase, pix = args[5], args[6], args[8], args[9]
         A = context.make_array(aty)(context, builder, args[7])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
-        def vptr(base_ptr, off):
-            return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
-
-        def c(v):
-            return ir.Constant(intp, v)
 
         offs = [builder.add(builder.mul(c(p), pix), c(h * W)) for p in range(JT) for h in range(2)]
         init = [builder.load(vptr(A.data, builder.add(abase, o)), align=al) for o in offs]
@@ -357,28 +361,18 @@ def _dw_rows(typingctx, xp, coffs, KW, KH, rstep, xb, wf, wb, acc, ab):
         # IR: entry -> outer (b, acc phis) -> preload RT-1 window rows -> inner (a, acc and
         # window phis) -> outer latch -> done: store
         xty, oty = signature.args[0], signature.args[1]
-        fty = context.get_value_type(xty.dtype)
-        W = VEC_BYTES // (xty.dtype.bitwidth // 8)
-        vty = ir.VectorType(fty, W)
-        intp = context.get_value_type(_nbtypes.intp)
-        al = xty.dtype.bitwidth // 8
+        W, vty, intp, al, fma, c, vptr = _vector_ir(context, builder, xty.dtype)
         X = context.make_array(xty)(context, builder, args[0])
         CO = context.make_array(oty)(context, builder, args[1])
         KWv, KHv, rs, xb, wb, ab = args[2], args[3], args[4], args[5], args[7], args[9]
         Wf = context.make_array(signature.args[6])(context, builder, args[6])
         A = context.make_array(signature.args[8])(context, builder, args[8])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
         i32 = ir.IntType(32)
         mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
         undef = ir.Constant(vty, ir.Undefined)
 
-        def c(v):
-            return ir.Constant(intp, v)
-
         def vload(base_ptr, off):
-            p = builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
-            return builder.load(p, align=al)
+            return builder.load(vptr(base_ptr, off), align=al)
 
         init = [vload(A.data, builder.add(ab, builder.mul(c(r), rs))) for r in range(RT)]
         entry = builder.basic_block
@@ -463,11 +457,7 @@ def _make_dw_tile_s(P):
 
         def codegen(context, builder, signature, args):
             xty, oty = signature.args[0], signature.args[1]
-            fty = context.get_value_type(xty.dtype)
-            W = VEC_BYTES // (xty.dtype.bitwidth // 8)
-            vty = ir.VectorType(fty, W)
-            intp = context.get_value_type(_nbtypes.intp)
-            al = xty.dtype.bitwidth // 8
+            W, vty, intp, al, fma, c, vptr = _vector_ir(context, builder, xty.dtype)
             X = context.make_array(xty)(context, builder, args[0])
             XO = context.make_array(oty)(context, builder, args[1])
             Tn = args[2]
@@ -476,14 +466,6 @@ def _make_dw_tile_s(P):
             xbase, c0, xpix, abase, apix = args[5], args[6], args[7], args[10], args[11]
             B = context.make_array(signature.args[8])(context, builder, args[8])
             A = context.make_array(signature.args[9])(context, builder, args[9])
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                                 f"llvm.fma.v{W}f{xty.dtype.bitwidth}")
-
-            def vptr(base_ptr, off):
-                return builder.bitcast(builder.gep(base_ptr, [off]), vty.as_pointer())
-
-            def c(v):
-                return ir.Constant(intp, v)
 
             pv = [(p, h) for p in range(P) for h in range(2)]
             xo_ = [builder.add(builder.mul(c(p), xpix), c(h * W)) for p, h in pv]
@@ -556,6 +538,27 @@ def _gemm_nn(A, a0, P, BT, q0, Q, out):
 # valid. Leading indices are loop-invariant, so their wrap test is hoisted.
 
 
+@njit(cache=True)
+def _nhwc_taps(xoffs, woffs, n, i, j, H, W, C, CO, KH, KW, sh, sw, dh, dw, pt, pl, check_cols):
+    """Fill xoffs[:T] / woffs[:T] with the flat x offset ((n, r, col) * C) and the flat filter
+    offset ((a, b) * CO) of each tap of output (row i, column j) whose input row is inside the
+    image (and, with check_cols, whose column is too); returns T. With j = 0 and no column
+    check the x offsets are relative to the tile's first pixel (add j*sw*C for pixel j)."""
+    T = 0
+    for a in range(KH):
+        r = i * sh - pt + a * dh
+        if r < 0 or r >= H:
+            continue
+        for bb in range(KW):
+            col = j * sw - pl + bb * dw
+            if check_cols and (col < 0 or col >= W):
+                continue
+            xoffs[T] = ((n * H + r) * W + col) * C
+            woffs[T] = (a * KW + bb) * CO
+            T += 1
+    return T
+
+
 @njit(cache=True, fastmath=_FM)
 def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bias, act):
     """dst[d, j, o] = act(b[o] + sum_{a,b} wt[a,b,o] x[n, i*sh-pt+a*dh, j*sw-pl+b*dw, o//M]), NHWC.
@@ -568,10 +571,13 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
     n, i:     image, output row
     dst, d:   (rows, OW, C*M) destination and its row
     M, sh, sw, dh, dw, pt, pl, act: as in _dw_forward_nchw
-    With M == 1 and sw == 1: interior pixels (all taps inside the input) by the register tile
-    _dw_tile when C is a multiple of its channel width; the other pixels per tap as a flat
-    multiply-add over JB pixels x C channels (a tap's valid columns are one contiguous run of
-    pixels in both x and dst). Otherwise one multiply-add along C per valid output column.
+    With M == 1 and C a multiple of two vectors: interior pixels (all taps inside the input) in
+    register tiles of PT pixels (_dw_tile_s, any stride and dilation; on rows with fewer than PT
+    interior pixels, _dw_tile when the flat path applies), and for kernels of at most
+    BORDER_TAPS taps the border pixels as 1-pixel tiles (_dw_tile_s1). Remaining pixels: per tap,
+    a flat multiply-add over JB pixels x C channels (a tap's valid columns are one contiguous
+    run of pixels in both x and dst) on the flat path, else one multiply-add along C per valid
+    output column.
     """
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, CO = wt.shape
@@ -593,15 +599,8 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
         if jw1 - jw0 >= PT:
             xoffs = np.empty(KH * KW, np.int64)
             woffs = np.empty(KH * KW, np.int64)
-            T = 0
-            for a in range(KH):
-                r = i * sh - pt + a * dh
-                if r < 0 or r >= H:
-                    continue
-                for bb in range(KW):
-                    xoffs[T] = ((n * H + r) * W + bb * dw - pl) * C
-                    woffs[T] = (a * KW + bb) * CO
-                    T += 1
+            T = _nhwc_taps(xoffs, woffs, n, i, 0, H, W, C, CO, KH, KW, sh, sw, dh, dw, pt, pl,
+                           False)
             if T > 0:
                 win = True
                 jt0, jt1 = jw0, jw1
@@ -620,18 +619,8 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
                 for j in range(OW if KH * KW <= BORDER_TAPS else 0):
                     if j >= jt0 and j < jt1:
                         continue
-                    T = 0
-                    for a in range(KH):
-                        r = i * sh - pt + a * dh
-                        if r < 0 or r >= H:
-                            continue
-                        for bb in range(KW):
-                            col = j * sw - pl + bb * dw
-                            if col < 0 or col >= W:
-                                continue
-                            xoffs[T] = ((n * H + r) * W + col) * C
-                            woffs[T] = (a * KW + bb) * CO
-                            T += 1
+                    T = _nhwc_taps(xoffs, woffs, n, i, j, H, W, C, CO, KH, KW, sh, sw, dh, dw,
+                                   pt, pl, True)
                     if T == 0:
                         for o in range(CO):
                             dflat[j * CO + o] = bz[o]
@@ -654,15 +643,7 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
     if jt1 > jt0 and not win:
         xoffs = np.empty(KH * KW, np.int64)
         woffs = np.empty(KH * KW, np.int64)
-        T = 0
-        for a in range(KH):
-            r = i * sh - pt + a * dh
-            if r < 0 or r >= H:
-                continue
-            for bb in range(KW):
-                xoffs[T] = ((n * H + r) * W + bb * dw - pl) * C
-                woffs[T] = (a * KW + bb) * CO
-                T += 1
+        T = _nhwc_taps(xoffs, woffs, n, i, 0, H, W, C, CO, KH, KW, sh, sw, dh, dw, pt, pl, False)
         for j in range(jt0, jt1, JT):
             for c0 in range(0, C, NRc):
                 _dw_tile(xf, xoffs, T, wf, woffs, j * C + c0, c0, dflat, j * CO + c0, C)
