@@ -160,10 +160,6 @@ def full(shape, fill_value, dtype=None):
     return out
 
 
-def zeros(shape, dtype=np.float32):
-    return full(shape, 0, dtype)
-
-
 def asnumpy(a):
     return np.array(a)
 
@@ -426,10 +422,9 @@ def module() -> types.ModuleType:
     """A module object with the CuPy API the dwops cupy backend and its GPU tests use."""
     m = types.ModuleType("cupy")
     m.__dict__.update(
-        ndarray=ndarray, empty=empty, asarray=asarray, array=asarray,
-        ascontiguousarray=ascontiguousarray, full=full, zeros=zeros, asnumpy=asnumpy, get_array_module=get_array_module,
-        from_dlpack=from_dlpack, RawModule=RawModule, float16=np.float16, float32=np.float32,
-        float64=np.float64, uint16=np.uint16, __version__="emulated", __dwops_emulator__=True)
+        ndarray=ndarray, empty=empty, asarray=asarray, ascontiguousarray=ascontiguousarray,
+        full=full, asnumpy=asnumpy, get_array_module=get_array_module, from_dlpack=from_dlpack,
+        RawModule=RawModule, __version__="emulated", __dwops_emulator__=True)
     runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1)
     m.cuda = types.SimpleNamespace(runtime=runtime, Device=Device, Stream=_Stream,
                                    get_current_stream=lambda: _Stream.null)
