@@ -7,6 +7,9 @@ first use. See DESIGN.md for the contract.
 
 from . import reference
 from ._api import (
+    depthwise_conv1d,
+    depthwise_conv1d_backward,
+    depthwise_conv1d_update,
     depthwise_conv2d,
     depthwise_conv2d_grad_input,
     depthwise_conv2d_grad_weight,
@@ -24,6 +27,9 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
     "backend_available",
+    "depthwise_conv1d",
+    "depthwise_conv1d_backward",
+    "depthwise_conv1d_update",
     "depthwise_conv2d",
     "depthwise_conv2d_grad_input",
     "depthwise_conv2d_grad_weight",

@@ -7,7 +7,7 @@ the backend, allocates the output in the caller's library and calls the backend'
 
 from __future__ import annotations
 
-from . import _registry, _spec
+from . import _interop, _registry, _spec
 
 
 def _launch(backend, op, problem, infos, arrays, out_shape, ref, reshape=None):
@@ -31,6 +31,46 @@ def _launch(backend, op, problem, infos, arrays, out_shape, ref, reshape=None):
     stream = backend.stream_for(arrays[ref], infos[ref])
     getattr(backend, op)(problem, *native, out, stream=stream)
     return finish()
+
+
+def _natives(backend, infos, arrays, reshape=None):
+    """Native (backend) arrays for the caller's arrays, None kept."""
+    reshape = reshape or {}
+    native = {}
+    for name, obj in arrays.items():
+        a = None if obj is None else backend.asarray(obj, infos[name])
+        if a is not None and name in reshape:
+            a = a.reshape(reshape[name])
+        native[name] = a
+    return native
+
+
+def _launch_many(backend, op, problem, infos, arrays, out_shapes, ref, native=None):
+    """Like :func:`_launch` for ops with several outputs.
+
+    Each entry of ``out_shapes`` is a shape (allocate it), ``None`` (no such output) or a native
+    array to write into. Returns the allocated outputs as the caller's arrays (None elsewhere).
+    """
+    native = _natives(backend, infos, arrays) if native is None else native
+    outs, finishes = [], []
+    for shape in out_shapes:
+        if not isinstance(shape, tuple):
+            outs.append(shape)
+            finishes.append(None)
+            continue
+        out, finish = backend.allocate(shape, problem_dtype(problem), arrays[ref], infos[ref])
+        outs.append(out)
+        finishes.append(finish)
+    stream = backend.stream_for(arrays[ref], infos[ref])
+    getattr(backend, op)(problem, *native.values(), *outs, stream=stream)
+    return tuple(None if f is None else f() for f in finishes)
+
+
+def _check_seq_idx(fn, backend, native_seq) -> None:
+    """seq_idx must be non-decreasing along L (a data check, made before any output exists)."""
+    if native_seq is not None and not backend.nondecreasing(native_seq):
+        raise ValueError(f"{fn}: argument 'seq_idx' must be non-decreasing along L (one packed "
+                         f"sequence after another)")
 
 
 def problem_dtype(problem) -> str:
@@ -159,3 +199,104 @@ def separable_conv2d(x, dw_weight, pw_weight, bias=None, *, dw_bias=None, stride
                    {"x": x, "dw_weight": dw_weight, "pw_weight": pw_weight, "bias": bias,
                     "dw_bias": dw_bias, "residual": residual}, p.y_shape, "x",
                    reshape={"pw_weight": (p.pw.CO, p.pw.CI)})
+
+
+def depthwise_conv1d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCL",
+                     activation=None, initial_state=None, return_final_state=False, seq_idx=None,
+                     backend="auto"):
+    """Depthwise 1-d convolution (cross-correlation), e.g. the short causal convolution of a
+    sequence model.
+
+    Shapes (``M`` = channel multiplier, ``W = dilation * (K - 1)``):
+
+    * ``x``: ``(N, C, L)`` for ``layout="NCL"``, ``(N, L, C)`` for ``"NLC"``
+    * ``weight``: ``(C*M, 1, K)`` (PyTorch ``nn.Conv1d(C, C*M, K, groups=C)``); ``bias`` ``(C*M,)``
+    * ``initial_state``: ``(N, C, W)`` (whatever the layout), the previous chunk's last ``W``
+      inputs, oldest first; it replaces the zeros of ``padding="causal"``
+    * ``seq_idx``: ``(N, L)`` int32/int64, non-decreasing: the packed sequence each position
+      belongs to; an output never reads an input of another sequence (causal, stride 1 only;
+      ``initial_state`` belongs to the sequence of position 0)
+    * returns ``y`` ``(N, C*M, OL)`` / ``(N, OL, C*M)`` with
+      ``OL = (L + pad_left + pad_right - W - 1) // stride + 1``, and with
+      ``return_final_state=True`` the tuple ``(y, final_state)``, ``final_state`` ``(N, C, W)``
+      the last ``W`` inputs (of ``initial_state`` followed by ``x``), ready for the next chunk.
+
+    ``padding`` is an int, ``(left, right)``, ``"valid"``, ``"same"`` (TensorFlow/JAX semantics)
+    or ``"causal"`` (``W`` zeros on the left, so ``y[l]`` depends on ``x[:l+1]`` only);
+    ``initial_state`` and ``return_final_state`` need ``"causal"``. The result is
+    ``activation(conv(x) + bias)``, in ``x``'s library, device and dtype.
+    """
+    fn = "depthwise_conv1d"
+    p, infos = _spec.depthwise_1d(fn, x, weight, bias, stride, padding, dilation, layout,
+                                  activation, initial_state, return_final_state, seq_idx)
+    be = _registry.resolve(fn, backend, infos["x"].on_gpu, "depthwise_conv1d_forward", p)
+    arrays = {"x": x, "weight": weight, "bias": bias, "initial_state": initial_state,
+              "seq_idx": seq_idx}
+    native = _natives(be, infos, arrays)
+    _check_seq_idx(fn, be, native["seq_idx"])
+    y, final = _launch_many(be, "depthwise_conv1d_forward", p, infos, arrays,
+                            [p.y_shape, p.state_shape if p.final_state else None], "x", native)
+    return (y, final) if return_final_state else y
+
+
+def depthwise_conv1d_backward(x, grad_output, weight, *, stride=1, padding=0, dilation=1,
+                              layout="NCL", initial_state=None, seq_idx=None, need_input=True,
+                              need_weight=True, need_bias=False, need_initial_state=False,
+                              backend="auto"):
+    """Gradients of :func:`depthwise_conv1d` (the linear convolution, without activation) in one
+    pass over ``x`` and ``grad_output``.
+
+    Takes the forward's ``x``, ``weight``, geometry, ``initial_state`` and ``seq_idx`` and
+    ``grad_output`` shaped like its output; returns ``(grad_input, grad_weight, grad_bias,
+    grad_initial_state)`` shaped like ``x``, ``weight`` ``(C*M, 1, K)``, ``(C*M,)`` and
+    ``initial_state`` ``(N, C, W)``, with ``None`` for each one not asked for by the ``need_*``
+    flags. ``need_initial_state=True`` needs ``initial_state``.
+    """
+    fn = "depthwise_conv1d_backward"
+    need = {"need_input": need_input, "need_weight": need_weight, "need_bias": need_bias,
+            "need_initial_state": need_initial_state}
+    p, infos = _spec.depthwise_1d_backward(fn, x, grad_output, weight, stride, padding, dilation,
+                                           layout, initial_state, seq_idx, need)
+    be = _registry.resolve(fn, backend, infos["x"].on_gpu, "depthwise_conv1d_backward", p)
+    arrays = {"x": x, "grad_output": grad_output, "weight": weight,
+              "initial_state": initial_state, "seq_idx": seq_idx}
+    native = _natives(be, infos, arrays)
+    _check_seq_idx(fn, be, native["seq_idx"])
+    shapes = [p.x_shape if need_input else None, p.w_shape if need_weight else None,
+              (p.CO,) if need_bias else None, p.state_shape if need_initial_state else None]
+    if not any(shapes):
+        return (None, None, None, None)
+    return _launch_many(be, "depthwise_conv1d_backward", p, infos, arrays, shapes, "grad_output",
+                        native)
+
+
+def depthwise_conv1d_update(x_step, state, weight, bias=None, *, activation=None, backend="auto"):
+    """One token (or ``T`` tokens) of a causal depthwise 1-d convolution, for streaming decode.
+
+    Shapes: ``x_step`` ``(N, C)`` or ``(N, C, T)``; ``state`` ``(N, C, K-1)``, the last ``K-1``
+    inputs, oldest first (the ``final_state`` of :func:`depthwise_conv1d` with dilation 1);
+    ``weight`` ``(C*M, 1, K)``; ``bias`` ``(C*M,)``. Returns ``(y, new_state)``: ``y``
+    ``(N, C*M)`` or ``(N, C*M, T)``, equal to the matching outputs of
+    ``depthwise_conv1d(concat(state, x), weight, bias, padding="valid")``.
+
+    ``state`` is updated in place when its library's arrays are mutable (NumPy, CuPy, PyTorch,
+    Numba), and ``new_state`` is then ``state`` itself; for immutable arrays (JAX, TensorFlow)
+    ``new_state`` is a new array and ``state`` is left as it was.
+    """
+    fn = "depthwise_conv1d_update"
+    p, infos = _spec.depthwise_1d_update(fn, x_step, state, weight, bias, activation)
+    be = _registry.resolve(fn, backend, infos["x_step"].on_gpu, "depthwise_conv1d_update", p)
+    arrays = {"x_step": x_step, "state": state, "weight": weight, "bias": bias}
+    native = _natives(be, infos, arrays)
+    info = infos["state"]
+    mutable = info.lib in _interop.MUTABLE_LIBS
+    if mutable and be.aliases(native["state"], state, info):  # update the caller's memory
+        y, _ = _launch_many(be, "depthwise_conv1d_update", p, infos, arrays,
+                            [p.y_shape, native["state"]], "x_step", native)
+        return y, state
+    y, new_state = _launch_many(be, "depthwise_conv1d_update", p, infos, arrays,
+                                [p.y_shape, p.state_shape], "x_step", native)
+    if mutable:
+        _interop.write_back(state, info, new_state)
+        return y, state
+    return y, new_state

@@ -250,6 +250,22 @@ def from_host(arr: np.ndarray, like_info: ArrayInfo, like_obj):
     return arr
 
 
+MUTABLE_LIBS = ("numpy", "cupy", "torch", "numba")  # arrays dwops may update in place
+
+
+def write_back(obj, info: ArrayInfo, new) -> None:
+    """Copy ``new`` (an array of ``obj``'s library, same shape and dtype) into ``obj`` in place."""
+    if info.lib == "torch":
+        import torch
+
+        with torch.no_grad():
+            obj.copy_(new)
+    elif info.lib == "numba":
+        obj.copy_to_device(new)
+    else:  # numpy, cupy
+        obj[...] = new
+
+
 def imported(name: str) -> bool:
     """Whether the caller's process already imported library ``name`` (we never import it first)."""
     return name in sys.modules

@@ -57,6 +57,14 @@ class Backend:
     def prefers(self, op, problem) -> bool:
         return True
 
+    def nondecreasing(self, seq) -> bool:
+        """Whether the native integer array ``seq`` (N, L) is non-decreasing along L."""
+        raise NotImplementedError
+
+    def aliases(self, native, obj, info) -> bool:
+        """Whether ``native`` (from :meth:`asarray`) is the memory of the caller's ``obj``."""
+        return False
+
     # -- ops (see dwops/_spec.py for the problem objects)
     def depthwise_forward(self, p, x, w, b, out, stream=None): raise NotImplementedError
     def depthwise_grad_input(self, p, gy, w, out, stream=None): raise NotImplementedError
@@ -65,6 +73,19 @@ class Backend:
     def pointwise_grad_input(self, p, gy, w, out, stream=None): raise NotImplementedError
     def pointwise_grad_weight(self, p, x, gy, out, stream=None): raise NotImplementedError
     def separable_forward(self, p, x, dw_w, pw_w, b, dw_b, residual, out, stream=None):
+        raise NotImplementedError
+
+    # depthwise 1-d (dwops/_spec.py Conv1dProblem, Conv1dUpdateProblem). ``state`` (N, C, W),
+    # ``seq`` (N, L) int32/int64 and every output but ``out`` may be None (not given / not asked
+    # for). x, gy, out and gx are in the problem's layout ("NCL" or "NLC"), states always (N, C, W).
+    def depthwise_conv1d_forward(self, p, x, w, b, state, seq, out, final_out, stream=None):
+        raise NotImplementedError
+
+    def depthwise_conv1d_backward(self, p, x, gy, w, state, seq, gx, gw, gb, gstate, stream=None):
+        raise NotImplementedError
+
+    def depthwise_conv1d_update(self, p, x, state, w, b, out, state_out, stream=None):
+        """x (N, C) or (N, C, T); ``state_out`` may be ``state`` itself (update in place)."""
         raise NotImplementedError
 
 
@@ -148,6 +169,18 @@ class HostBackend(Backend):
         from ._interop import to_host
 
         return np.ascontiguousarray(to_host(obj, info))
+
+    def nondecreasing(self, seq) -> bool:
+        import numpy as np
+
+        return bool(np.all(np.diff(seq, axis=-1) >= 0))
+
+    def aliases(self, native, obj, info) -> bool:
+        import numpy as np
+
+        from ._interop import to_host
+
+        return info.lib in ("numpy", "torch") and np.shares_memory(native, to_host(obj, info))
 
     def allocate(self, shape, dtype, like_obj, like_info):
         import numpy as np

@@ -413,3 +413,281 @@ def separable(fn, x, dw_weight, pw_weight, bias, dw_bias, stride, padding, dilat
     if residual is not None:
         _check_shape(fn, "residual", infos["residual"].shape, pwp.y_shape, f"the {layout} output")
     return SeparableProblem(dwp, pwp), infos
+
+
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+LAYOUTS_1D = ("NCL", "NLC")
+INT_DTYPES = ("int32", "int64")
+
+
+@dataclass(frozen=True)
+class Conv1dProblem:
+    """A depthwise 1-d convolution: x (N, C, L) logical, y (N, C*M, OL) logical.
+
+    ``y[n, o, l] = sum_k w[o, 0, k] * xp[n, o // M, l * s + k * d]`` where ``xp`` is ``x`` with
+    ``pl`` values on the left (zeros, or ``initial_state`` for causal padding) and ``pr`` zeros on
+    the right. With ``seq_idx`` (causal, stride 1) a tap that reads position ``src = l - (K-1-k)*d``
+    counts only when ``seq_idx[n, src] == seq_idx[n, l]``; state positions (``src < 0``) belong to
+    the sequence ``seq_idx[n, 0]``.
+    """
+
+    N: int
+    C: int
+    L: int
+    M: int
+    K: int
+    OL: int
+    s: int  # stride
+    d: int  # dilation
+    pl: int  # padding left / right
+    pr: int
+    layout: str  # "NCL" or "NLC": physical order of x and y
+    dtype: str
+    activation: str | None = None
+    has_bias: bool = False
+    causal: bool = False  # padding="causal": pl == W, pr == 0
+    has_state: bool = False  # initial_state given (N, C, W)
+    final_state: bool = False  # return_final_state: also write (N, C, W)
+    has_seq: bool = False  # seq_idx given (N, L)
+
+    @property
+    def CO(self) -> int:
+        return self.C * self.M
+
+    @property
+    def W(self) -> int:
+        """Width of the causal state: the inputs one output reaches back over."""
+        return self.d * (self.K - 1)
+
+    @property
+    def x_shape(self) -> tuple:
+        return (self.N, self.C, self.L) if self.layout == "NCL" else (self.N, self.L, self.C)
+
+    @property
+    def y_shape(self) -> tuple:
+        return (self.N, self.CO, self.OL) if self.layout == "NCL" else (self.N, self.OL, self.CO)
+
+    @property
+    def w_shape(self) -> tuple:
+        return (self.CO, 1, self.K)
+
+    @property
+    def state_shape(self) -> tuple:
+        return (self.N, self.C, self.W)
+
+
+@dataclass(frozen=True)
+class Conv1dUpdateProblem:
+    """One decode step (or T steps) of a causal depthwise 1-d convolution with a rolling state.
+
+    ``x`` is ``(N, C, T)`` logical (``(N, C)`` when ``T`` is 1 and ``squeeze``), ``state``
+    ``(N, C, K-1)`` holds the last ``K-1`` inputs, oldest first; ``y`` is ``(N, C*M, T)``.
+    """
+
+    N: int
+    C: int
+    M: int
+    K: int
+    T: int
+    dtype: str
+    activation: str | None = None
+    has_bias: bool = False
+    squeeze: bool = False  # x_step was (N, C): y is (N, C*M)
+
+    @property
+    def CO(self) -> int:
+        return self.C * self.M
+
+    @property
+    def x_shape(self) -> tuple:
+        return (self.N, self.C) if self.squeeze else (self.N, self.C, self.T)
+
+    @property
+    def y_shape(self) -> tuple:
+        return (self.N, self.CO) if self.squeeze else (self.N, self.CO, self.T)
+
+    @property
+    def state_shape(self) -> tuple:
+        return (self.N, self.C, self.K - 1)
+
+
+def check_layout_1d(fn: str, layout) -> str:
+    if layout not in LAYOUTS_1D:
+        raise ValueError(f"{fn}: layout must be 'NCL' or 'NLC', got {layout!r}")
+    return layout
+
+
+def _positive_int(fn: str, arg: str, value) -> int:
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if not _is_int(value):
+        raise ValueError(f"{fn}: {arg} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{fn}: {arg} must be >= 1, got {value!r}")
+    return int(value)
+
+
+def _padding_1d(fn, padding, length, k, stride, dilation) -> tuple[int, int, bool]:
+    """Normalize a 1-d padding to (left, right, causal)."""
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return 0, 0, False
+        if mode == "same":
+            return (*_same_pad(length, k, stride, dilation), False)
+        if mode == "causal":
+            return dilation * (k - 1), 0, True
+        raise ValueError(f"{fn}: padding string must be 'same', 'valid' or 'causal', "
+                         f"got {padding!r}")
+    if _is_int(padding):
+        pads = (int(padding), int(padding))
+    elif (isinstance(padding, (tuple, list)) and len(padding) == 2
+          and all(_is_int(v) for v in padding)):
+        pads = (int(padding[0]), int(padding[1]))
+    else:
+        raise ValueError(f"{fn}: padding must be an int, (left, right), 'same', 'valid' or "
+                         f"'causal', got {padding!r}")
+    if min(pads) < 0:
+        raise ValueError(f"{fn}: padding must be >= 0, got {padding!r}")
+    return pads[0], pads[1], False
+
+
+def _rank(fn: str, arg: str, shape: tuple, rank: int) -> None:
+    if len(shape) != rank:
+        raise ValueError(f"{fn}: argument '{arg}' must be {rank}-d, got shape {shape}")
+
+
+def _describe_index(fn: str, arg: str, obj, ref: ArrayInfo) -> ArrayInfo:
+    """An integer index array (``seq_idx``) on the host or on the reference's device."""
+    info = describe(obj, fn, arg)
+    if info.dtype not in INT_DTYPES:
+        raise TypeError(f"{fn}: argument '{arg}' must have dtype int32 or int64, got {info.dtype}")
+    if info.device != ref.device and info.device[0] != "cpu":
+        raise ValueError(f"{fn}: argument '{arg}' is on device {info.device[0]}:{info.device[1]} "
+                         f"but the input is on {ref.device[0]}:{ref.device[1]}; arrays must be on "
+                         f"one device")
+    return info
+
+
+def _conv1d_weight(fn: str, arg: str, shape: tuple, c: int) -> tuple[int, int]:
+    """(C*M, K) of a depthwise 1-d weight (C*M, 1, K)."""
+    if len(shape) != 3 or shape[1] != 1:
+        raise ValueError(f"{fn}: argument '{arg}' must have shape (C*M, 1, K), got {tuple(shape)}")
+    co, _, k = shape
+    if co == 0 or k == 0:
+        raise ValueError(f"{fn}: argument '{arg}' is empty (shape {tuple(shape)})")
+    if co % c:
+        raise ValueError(f"{fn}: argument '{arg}' has {co} output channels, not a multiple of the "
+                         f"{c} input channels (shape {tuple(shape)})")
+    if k > MAX_KERNEL:
+        raise ValueError(f"{fn}: kernel width {k} of '{arg}' exceeds the supported {MAX_KERNEL}")
+    return co, k
+
+
+def _conv1d_geometry(fn, n, c, length, w_shape, w_arg, stride, padding, dilation, layout, dtype,
+                     activation=None, has_bias=False, has_state=False, final_state=False,
+                     has_seq=False) -> Conv1dProblem:
+    co, k = _conv1d_weight(fn, w_arg, w_shape, c)
+    s = _positive_int(fn, "stride", stride)
+    d = _positive_int(fn, "dilation", dilation)
+    pl, pr, causal = _padding_1d(fn, padding, length, k, s, d)
+    if (has_state or final_state) and not causal:
+        arg = "initial_state" if has_state else "return_final_state"
+        raise ValueError(f"{fn}: {arg} needs padding='causal' (the state stands in for the causal "
+                         f"left padding), got padding={padding!r}")
+    if (has_state or final_state) and d * (k - 1) == 0:
+        arg = "initial_state" if has_state else "return_final_state"
+        raise ValueError(f"{fn}: {arg} needs a kernel that reaches back (dilation*(K-1) >= 1), "
+                         f"got kernel width {k}")
+    if has_seq and not (causal and s == 1):
+        raise ValueError(f"{fn}: seq_idx needs padding='causal' and stride=1, got "
+                         f"padding={padding!r}, stride={stride!r}")
+    ol = (length + pl + pr - d * (k - 1) - 1) // s + 1
+    if ol < 1:
+        raise ValueError(f"{fn}: empty output: input length {length} with kernel {k}, dilation {d} "
+                         f"and padding ({pl}, {pr}) gives {max(ol, 0)}")
+    return Conv1dProblem(n, c, length, co // c, k, ol, s, d, pl, pr, layout, dtype, activation,
+                         has_bias, causal, has_state, final_state, has_seq)
+
+
+def _logical_1d(layout: str, shape: tuple) -> tuple:
+    n, a, b = shape
+    return (n, a, b) if layout == "NCL" else (n, b, a)
+
+
+def _conv1d_extras(fn, p: Conv1dProblem, infos: dict, seq_idx, ref: str) -> None:
+    """Check the shapes of initial_state and seq_idx (seq_idx described into ``infos``)."""
+    if "initial_state" in infos:
+        _check_shape(fn, "initial_state", infos["initial_state"].shape, p.state_shape,
+                     "(N, C, dilation*(K-1))")
+    if seq_idx is not None:
+        infos["seq_idx"] = _describe_index(fn, "seq_idx", seq_idx, infos[ref])
+        _check_shape(fn, "seq_idx", infos["seq_idx"].shape, (p.N, p.L), "(N, L)")
+
+
+def depthwise_1d(fn, x, weight, bias, stride, padding, dilation, layout, activation,
+                 initial_state, return_final_state, seq_idx):
+    check_layout_1d(fn, layout)
+    check_activation(fn, activation)
+    if not isinstance(return_final_state, bool):
+        raise ValueError(f"{fn}: return_final_state must be True or False, "
+                         f"got {return_final_state!r}")
+    infos = _describe_all(fn, {"x": x, "weight": weight, "bias": bias,
+                               "initial_state": initial_state})
+    _rank(fn, "x", infos["x"].shape, 3)
+    _nonempty(fn, "x", infos["x"].shape)
+    n, c, length = _logical_1d(layout, infos["x"].shape)
+    p = _conv1d_geometry(fn, n, c, length, infos["weight"].shape, "weight", stride, padding,
+                         dilation, layout, infos["x"].dtype, activation, bias is not None,
+                         initial_state is not None, return_final_state, seq_idx is not None)
+    _vector(fn, "bias", infos.get("bias"), p.CO)
+    _conv1d_extras(fn, p, infos, seq_idx, "x")
+    return p, infos
+
+
+def depthwise_1d_backward(fn, x, grad_output, weight, stride, padding, dilation, layout,
+                          initial_state, seq_idx, need):
+    check_layout_1d(fn, layout)
+    for name, flag in need.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"{fn}: {name} must be True or False, got {flag!r}")
+    infos = _describe_all(fn, {"x": x, "grad_output": grad_output, "weight": weight,
+                               "initial_state": initial_state})
+    _rank(fn, "x", infos["x"].shape, 3)
+    _nonempty(fn, "x", infos["x"].shape)
+    n, c, length = _logical_1d(layout, infos["x"].shape)
+    p = _conv1d_geometry(fn, n, c, length, infos["weight"].shape, "weight", stride, padding,
+                         dilation, layout, infos["x"].dtype, None, False,
+                         initial_state is not None, False, seq_idx is not None)
+    if need.get("need_initial_state") and initial_state is None:
+        raise ValueError(f"{fn}: need_initial_state=True needs the initial_state the forward used")
+    _rank(fn, "grad_output", infos["grad_output"].shape, 3)
+    _check_shape(fn, "grad_output", infos["grad_output"].shape, p.y_shape,
+                 f"the {layout} output of x")
+    _conv1d_extras(fn, p, infos, seq_idx, "x")
+    return p, infos
+
+
+def depthwise_1d_update(fn, x_step, state, weight, bias, activation):
+    check_activation(fn, activation)
+    infos = _describe_all(fn, {"x_step": x_step, "state": state, "weight": weight, "bias": bias})
+    shape = infos["x_step"].shape
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{fn}: argument 'x_step' must be (N, C) or (N, C, T), got shape {shape}")
+    _nonempty(fn, "x_step", shape)
+    n, c = shape[:2]
+    t = shape[2] if len(shape) == 3 else 1
+    co, k = _conv1d_weight(fn, "weight", infos["weight"].shape, c)
+    if k < 2:
+        raise ValueError(f"{fn}: a decode step needs a kernel width >= 2 (a state of K-1 inputs), "
+                         f"got weight shape {infos['weight'].shape}")
+    p = Conv1dUpdateProblem(n, c, co // c, k, t, infos["x_step"].dtype, activation,
+                            bias is not None, len(shape) == 2)
+    _check_shape(fn, "state", infos["state"].shape, p.state_shape, "(N, C, K-1)")
+    if infos["state"].device != infos["x_step"].device:
+        raise ValueError(f"{fn}: argument 'state' must be on the device of 'x_step' (it is "
+                         f"updated there), got {infos['state'].device} and "
+                         f"{infos['x_step'].device}")
+    _vector(fn, "bias", infos.get("bias"), p.CO)
+    return p, infos

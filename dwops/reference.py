@@ -13,6 +13,17 @@ The math, with ``M`` the channel multiplier and ``xp`` the zero-padded input::
     pointwise     y[n, o, h, w]  = sum_c W[o, c] * x[n, c, h, w]
     its grads     gx = W^T gy over channels;  gW[o, c] = sum_{n, h, w} gy[n, o, h, w] * x[n, c, h, w]
     fused op      y = activation(conv + bias) + residual
+
+Depthwise 1-d, ``xp`` the input with ``pl`` values on the left (zeros, or the causal
+``initial_state``) and ``pr`` zeros on the right, ``m[n, l, k]`` the sequence mask (1 without
+``seq_idx``)::
+
+    y[n, o, l]    = sum_k w[o, 0, k] * xp[n, o // M, l*s + k*d] * m[n, l, k]
+    gxp[n, c, q]  = sum over (o, l, k) with o // M == c and l*s + k*d == q of w[o, 0, k] * gy[n, o, l] * m
+                    (grad_input = gxp[..., pl:pl+L], grad_initial_state = gxp[..., :pl])
+    gw[o, 0, k]   = sum_{n, l} gy[n, o, l] * xp[n, o // M, l*s + k*d] * m[n, l, k]
+    final_state   = the last d*(K-1) columns of concat(initial_state or zeros, x)
+    update        window = concat(state, x_step); y[n, o, t] = sum_k w[o, 0, k] * window[n, o // M, t + k]
 """
 
 from __future__ import annotations
@@ -26,7 +37,8 @@ from ._registry import HostBackend
 __all__ = [
     "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_weight",
     "pointwise_conv2d", "pointwise_conv2d_grad_input", "pointwise_conv2d_grad_weight",
-    "separable_conv2d", "activate",
+    "separable_conv2d", "depthwise_conv1d", "depthwise_conv1d_backward",
+    "depthwise_conv1d_update", "activate",
 ]
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -107,6 +119,74 @@ def _pointwise64(p, x64, w64, b64, r64):
     return y if r64 is None else y + r64
 
 
+def _ncl(a: np.ndarray, layout: str) -> np.ndarray:
+    """float64 copy of a physical 1-d array in (N, C, L) order."""
+    a = np.asarray(a).astype(np.float64)
+    return a if layout == "NCL" else a.transpose(0, 2, 1)
+
+
+def _physical_1d(a: np.ndarray, layout: str) -> np.ndarray:
+    return a if layout == "NCL" else a.transpose(0, 2, 1)
+
+
+def _conv1d_left(p, x64, s64):
+    """(N, C, pl + L) input with its left padding: zeros, or the causal initial state."""
+    left = s64 if s64 is not None else np.zeros((p.N, p.C, p.pl))
+    return np.concatenate([left, x64], axis=2)
+
+
+def _conv1d_taps(p, seq):
+    """For each tap k: the slice of the padded input that meets the outputs, and its mask."""
+    for k in range(p.K):
+        cols = slice(k * p.d, k * p.d + p.s * (p.OL - 1) + 1, p.s)
+        mask = None
+        if seq is not None:  # causal, stride 1: output l reads input l - (K-1-k)*d
+            src = np.arange(p.OL) - (p.K - 1 - k) * p.d
+            seq_src = seq[:, np.maximum(src, 0)]
+            seq_src[:, src < 0] = seq[:, :1]
+            mask = (seq_src == seq[:, :p.OL])[:, None, :].astype(np.float64)
+        yield k, cols, mask
+
+
+def _conv1d64(p, x64, w64, b64, s64, seq):
+    xl = _conv1d_left(p, x64, s64)
+    xp = np.repeat(np.pad(xl, ((0, 0), (0, 0), (0, p.pr))), p.M, axis=1)
+    y = np.zeros((p.N, p.CO, p.OL))
+    for k, cols, mask in _conv1d_taps(p, seq):
+        term = w64[None, :, 0, k, None] * xp[:, :, cols]
+        y += term if mask is None else term * mask
+    if b64 is not None:
+        y += b64[None, :, None]
+    final = xl[:, :, xl.shape[2] - p.W:] if p.final_state else None
+    return activate(y, p.activation), final
+
+
+def _conv1d_backward64(p, x64, gy64, w64, s64, seq):
+    """(grad_input, grad_weight, grad_bias, grad_initial_state), all in float64."""
+    xl = _conv1d_left(p, x64, s64)
+    xp = np.repeat(np.pad(xl, ((0, 0), (0, 0), (0, p.pr))), p.M, axis=1)
+    gxp = np.zeros((p.N, p.CO, xp.shape[2]))
+    gw = np.zeros(p.w_shape)
+    for k, cols, mask in _conv1d_taps(p, seq):
+        g = gy64 if mask is None else gy64 * mask
+        gxp[:, :, cols] += w64[None, :, 0, k, None] * g
+        gw[:, 0, k] = (g * xp[:, :, cols]).sum(axis=(0, 2))
+    gxp = gxp.reshape(p.N, p.C, p.M, -1).sum(axis=2)
+    return gxp[:, :, p.pl:p.pl + p.L], gw, gy64.sum(axis=(0, 2)), gxp[:, :, :p.pl]
+
+
+def _conv1d_update64(p, x64, s64, w64, b64):
+    """(y, new_state) of a decode step; x64 (N, C, T), s64 (N, C, K-1)."""
+    window = np.repeat(np.concatenate([s64, x64], axis=2), p.M, axis=1)
+    y = np.zeros((p.N, p.CO, p.T))
+    for k in range(p.K):
+        y += w64[None, :, 0, k, None] * window[:, :, k:k + p.T]
+    if b64 is not None:
+        y += b64[None, :, None]
+    new_state = np.concatenate([s64, x64], axis=2)[:, :, p.T:]
+    return activate(y, p.activation), new_state
+
+
 # ----------------------------------------------------------------------------- the numpy backend
 
 
@@ -146,6 +226,28 @@ class _NumpyBackend(HostBackend):
         mid = _depthwise64(p.dw, _nchw(x, p.dw.layout), _f64(dw_w), _f64(dw_b))
         r64 = None if residual is None else _nchw(residual, p.pw.layout)
         self._store(out, _pointwise64(p.pw, mid, _f64(pw_w), _f64(b), r64), p.pw.layout)
+
+
+    def depthwise_conv1d_forward(self, p, x, w, b, state, seq, out, final_out, stream=None):
+        seq64 = None if seq is None else np.asarray(seq).astype(np.int64)
+        y, final = _conv1d64(p, _ncl(x, p.layout), _f64(w), _f64(b), _f64(state), seq64)
+        self._store(out, _physical_1d(y, p.layout))
+        if final_out is not None:
+            self._store(final_out, final)
+
+    def depthwise_conv1d_backward(self, p, x, gy, w, state, seq, gx, gw, gb, gstate, stream=None):
+        seq64 = None if seq is None else np.asarray(seq).astype(np.int64)
+        grads = _conv1d_backward64(p, _ncl(x, p.layout), _ncl(gy, p.layout), _f64(w),
+                                   _f64(state), seq64)
+        for out, g, physical in zip((gx, gw, gb, gstate), grads, (True, False, False, False)):
+            if out is not None:
+                self._store(out, _physical_1d(g, p.layout) if physical else g)
+
+    def depthwise_conv1d_update(self, p, x, state, w, b, out, state_out, stream=None):
+        x64 = _f64(x).reshape(p.N, p.C, p.T)
+        y, new_state = _conv1d_update64(p, x64, _f64(state), _f64(w), _f64(b))
+        self._store(out, y.reshape(p.y_shape))
+        self._store(state_out, new_state)
 
 
 BACKEND = _NumpyBackend()
@@ -218,3 +320,36 @@ def separable_conv2d(x, dw_weight, pw_weight, bias=None, *, dw_bias=None, stride
                                  dw_activation=dw_activation, activation=activation,
                                  residual=residual, backend="numpy")
 
+
+
+def depthwise_conv1d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCL",
+                     activation=None, initial_state=None, return_final_state=False, seq_idx=None):
+    """Reference depthwise 1-d convolution; see :func:`dwops.depthwise_conv1d`."""
+    from . import _api
+
+    return _api.depthwise_conv1d(x, weight, bias, stride=stride, padding=padding,
+                                 dilation=dilation, layout=layout, activation=activation,
+                                 initial_state=initial_state,
+                                 return_final_state=return_final_state, seq_idx=seq_idx,
+                                 backend="numpy")
+
+
+def depthwise_conv1d_backward(x, grad_output, weight, *, stride=1, padding=0, dilation=1,
+                              layout="NCL", initial_state=None, seq_idx=None, need_input=True,
+                              need_weight=True, need_bias=False, need_initial_state=False):
+    """Reference depthwise 1-d backward; see :func:`dwops.depthwise_conv1d_backward`."""
+    from . import _api
+
+    return _api.depthwise_conv1d_backward(
+        x, grad_output, weight, stride=stride, padding=padding, dilation=dilation, layout=layout,
+        initial_state=initial_state, seq_idx=seq_idx, need_input=need_input,
+        need_weight=need_weight, need_bias=need_bias, need_initial_state=need_initial_state,
+        backend="numpy")
+
+
+def depthwise_conv1d_update(x_step, state, weight, bias=None, *, activation=None):
+    """Reference decode step; see :func:`dwops.depthwise_conv1d_update`."""
+    from . import _api
+
+    return _api.depthwise_conv1d_update(x_step, state, weight, bias, activation=activation,
+                                        backend="numpy")
