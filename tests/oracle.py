@@ -112,3 +112,35 @@ def pointwise(x, w, b=None, activation=None, residual=None):
                         s += float(residual[n, o, i, j])
                     y[n, o, i, j] = s
     return y
+
+
+def depthwise_1d(x, w, b, stride, dilation, pads, activation=None, state=None, seq=None):
+    """x (N, C, L), w (C*M, 1, K), pads (left, right); ``state`` (N, C, left) replaces the left
+    zeros; ``seq`` (N, L): a tap counts only if its input is in the output's sequence (inputs left
+    of position 0 belong to seq[n, 0])."""
+    n_, c_, l_ = x.shape
+    co, _, k_ = w.shape
+    m = co // c_
+    pl, pr = pads
+    ol = out_size(l_, k_, stride, dilation, pl, pr)
+    y = np.zeros((n_, co, ol))
+    for n in range(n_):
+        for o in range(co):
+            c = o // m
+            for i in range(ol):
+                s = 0.0
+                for k in range(k_):
+                    pos = i * stride + k * dilation - pl
+                    if pos >= l_:
+                        continue
+                    if pos < 0:
+                        v = state[n, c, pos + pl] if state is not None else 0.0
+                    else:
+                        v = x[n, c, pos]
+                    if seq is not None and seq[n, max(pos, 0)] != seq[n, i]:
+                        continue
+                    s += float(w[o, 0, k]) * float(v)
+                if b is not None:
+                    s += float(b[o])
+                y[n, o, i] = act(s, activation)
+    return y
