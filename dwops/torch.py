@@ -54,8 +54,8 @@ from torch import Tensor, nn
 from . import _api, _spec
 
 __all__ = [
-    "DepthwiseConv2d", "PointwiseConv2d", "SeparableConv2d",
-    "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d",
+    "DepthwiseConv1d", "DepthwiseConv2d", "PointwiseConv2d", "SeparableConv2d",
+    "depthwise_conv1d", "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d",
 ]
 
 _MASKED = ("relu", "relu6")  # activations whose derivative is read from their output
@@ -447,6 +447,98 @@ def _separable_backward(ctx, g):
 _separable_op.register_autograd(_separable_backward, setup_context=_separable_setup)
 
 
+# ----------------------------------------------------------------------------- custom ops: depthwise 1-d
+# Padding travels as [left, right] plus a mode: "" (explicit), "same" or "causal" ("same" depends on
+# the length, so it is resolved at run time). The final state is a slice of the input (taken in
+# PyTorch, outside the op), so autograd and torch.compile see it directly.
+
+
+def _padding_1d_arg(pads: List[int], mode: str):
+    return mode if mode else (pads[0], pads[1])
+
+
+def _conv1d_out_len(length, k, stride: int, pads: List[int], mode: str, dilation: int):
+    if mode == "same":
+        return (length + stride - 1) // stride
+    if mode == "causal":
+        return (length - 1) // stride + 1
+    return (length + pads[0] + pads[1] - dilation * (k - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("dwops::depthwise_conv1d", mutates_args=())
+def _conv1d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
+               seq_idx: Optional[Tensor], stride: int, pads: List[int], mode: str, dilation: int,
+               layout: str, activation: Optional[str], backend: str) -> Tensor:
+    return _api.depthwise_conv1d(x, weight, bias, stride=stride, padding=_padding_1d_arg(pads, mode),
+                                 dilation=dilation, layout=layout, activation=activation,
+                                 initial_state=initial_state, seq_idx=seq_idx, backend=backend)
+
+
+@_conv1d_op.register_fake
+def _(x, weight, bias, initial_state, seq_idx, stride, pads, mode, dilation, layout, activation,
+      backend):
+    n, length = x.shape[0], x.shape[2] if layout == "NCL" else x.shape[1]
+    ol = _conv1d_out_len(length, weight.shape[2], stride, pads, mode, dilation)
+    co = weight.shape[0]
+    return x.new_empty([n, co, ol] if layout == "NCL" else [n, ol, co])
+
+
+@torch.library.custom_op("dwops::depthwise_conv1d_backward", mutates_args=())
+def _conv1d_backward_op(x: Tensor, grad_output: Tensor, weight: Tensor,
+                        initial_state: Optional[Tensor], seq_idx: Optional[Tensor], stride: int,
+                        pads: List[int], mode: str, dilation: int, layout: str,
+                        need: List[bool], backend: str) -> List[Tensor]:
+    grads = _api.depthwise_conv1d_backward(
+        x, grad_output, weight, stride=stride, padding=_padding_1d_arg(pads, mode),
+        dilation=dilation, layout=layout, initial_state=initial_state, seq_idx=seq_idx,
+        need_input=need[0], need_weight=need[1], need_bias=need[2], need_initial_state=need[3],
+        backend=backend)
+    return [g if g is not None else x.new_empty(0) for g in grads]  # empty: not asked for
+
+
+@_conv1d_backward_op.register_fake
+def _(x, grad_output, weight, initial_state, seq_idx, stride, pads, mode, dilation, layout, need,
+      backend):
+    shapes = (x.shape, weight.shape, weight.shape[:1],
+              initial_state.shape if initial_state is not None else (0,))
+    return [x.new_empty(shape if asked else (0,)) for asked, shape in zip(need, shapes)]
+
+
+def _conv1d_setup(ctx, inputs, output):
+    (x, weight, bias, initial_state, seq_idx, stride, pads, mode, dilation, layout, activation,
+     backend) = inputs
+    ctx.geometry = (stride, pads, mode, dilation, layout, backend)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias, initial_state, seq_idx,
+                          output if activation in _MASKED else None)
+
+
+def _conv1d_backward(ctx, g):
+    x, weight, bias, initial_state, seq_idx, y = ctx.saved_tensors
+    stride, pads, mode, dilation, layout, backend = ctx.geometry
+    act = ctx.activation
+    if act in _MASKED:
+        gz = _act_grad(g, act, out=y)
+    elif act is not None:
+        z = _conv1d_op(x, weight, bias, initial_state, seq_idx, stride, pads, mode, dilation,
+                       layout, None, backend)
+        gz = _act_grad(g, act, pre=z)
+    else:
+        gz = g
+    needs = ctx.needs_input_grad
+    need = [needs[0], needs[1], ctx.has_bias and needs[2], initial_state is not None and needs[3]]
+    grads = [None] * 4
+    if any(need):
+        out = _conv1d_backward_op(x, gz.contiguous(), weight, initial_state, seq_idx, stride, pads,
+                                  mode, dilation, layout, need, backend)
+        grads = [o if asked else None for o, asked in zip(out, need)]
+    return (*grads,) + (None,) * 8
+
+
+_conv1d_op.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
+
+
 # ----------------------------------------------------------------------------- public functions
 
 
@@ -497,6 +589,59 @@ def separable_conv2d(x, dw_weight, pw_weight, bias=None, *, dw_bias=None, stride
     stride, pads, same, dilation = _geometry(fn, stride, padding, dilation)
     return _separable_op(x, dw_weight, pw_weight, bias, dw_bias, residual, stride, pads, same,
                          dilation, layout, dw_activation, activation, backend)
+
+
+def _final_state(x: Tensor, initial_state: Optional[Tensor], width: int, layout: str) -> Tensor:
+    """The last ``width`` inputs of ``concat(initial_state or zeros, x)``, as ``(N, C, width)``."""
+    xc = x if layout == "NCL" else x.transpose(1, 2)
+    if initial_state is None:
+        initial_state = xc.new_zeros(xc.shape[0], xc.shape[1], width)
+    return torch.cat([initial_state, xc], dim=2)[:, :, -width:].contiguous()
+
+
+def depthwise_conv1d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCL",
+                     activation=None, initial_state=None, return_final_state=False, seq_idx=None,
+                     backend="auto"):
+    """Differentiable :func:`dwops.depthwise_conv1d` on torch tensors (any device).
+
+    Shapes: ``x`` ``(N, C, L)`` / ``(N, L, C)``, ``weight`` ``(C*M, 1, K)``, ``bias`` ``(C*M,)``,
+    ``initial_state`` ``(N, C, dilation*(K-1))``, ``seq_idx`` ``(N, L)`` integer; returns ``y``
+    ``(N, C*M, OL)`` / ``(N, OL, C*M)``, or ``(y, final_state)`` with ``return_final_state``.
+    Gradients flow to ``x``, ``weight``, ``bias`` and ``initial_state`` (and through the final
+    state, which is a slice of the inputs, back to them).
+    """
+    fn = "depthwise_conv1d"
+    _spec.check_layout_1d(fn, layout)
+    _spec.check_activation(fn, activation)
+    stride = _spec._positive_int(fn, "stride", stride)
+    dilation = _spec._positive_int(fn, "dilation", dilation)
+    mode = padding.lower() if isinstance(padding, str) else ""
+    if mode == "valid":
+        mode, pads = "", [0, 0]
+    elif mode:
+        pads = [0, 0]
+        _spec._padding_1d(fn, padding, 1, 1, 1, 1)  # an unknown string raises here
+    else:
+        pads = list(_spec._padding_1d(fn, padding, 1, 1, 1, 1)[:2])
+    y = _conv1d_op(x, weight, bias, initial_state, seq_idx, stride, pads, mode, dilation, layout,
+                   activation, backend)
+    if not return_final_state:
+        return y
+    if mode != "causal":
+        raise ValueError(f"{fn}: return_final_state needs padding='causal' (the state stands in "
+                         f"for the causal left padding), got padding={padding!r}")
+    return y, _final_state(x, initial_state, dilation * (weight.shape[2] - 1), layout)
+
+
+def depthwise_conv1d_update(x_step, state, weight, bias=None, *, activation=None, backend="auto"):
+    """:func:`dwops.depthwise_conv1d_update` (decode step; updates ``state`` in place, no autograd).
+
+    Shapes: ``x_step`` ``(N, C)`` or ``(N, C, T)``, ``state`` ``(N, C, K-1)``, ``weight``
+    ``(C*M, 1, K)``; returns ``(y, state)``.
+    """
+    with torch.no_grad():
+        return _api.depthwise_conv1d_update(x_step, state, weight, bias, activation=activation,
+                                            backend=backend)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -657,3 +802,75 @@ class SeparableConv2d(nn.Module):
                 f"bias={self.bias is not None}, dw_bias={self.dw_bias is not None}, "
                 f"dw_activation={self.dw_activation!r}, activation={self.activation!r}, "
                 f"layout={self.layout!r}")
+
+
+class DepthwiseConv1d(nn.Module):
+    """Depthwise 1-d convolution, ``nn.Conv1d(channels, channels * multiplier, kernel_size,
+    groups=channels)`` with a fused activation, causal streaming and decode steps.
+
+    Parameters: ``weight`` ``(channels * multiplier, 1, K)``, ``bias`` ``(channels * multiplier,)``
+    (absent when ``bias=False``), so an ``nn.Conv1d(groups=channels)`` state dict loads unchanged.
+    ``causal=True`` means ``padding="causal"``: ``W = dilation * (K - 1)`` zeros (or the
+    ``initial_state``) on the left, none on the right. Input ``(N, C, L)`` (``layout "NCL"``) or
+    ``(N, L, C)`` (``"NLC"``); :meth:`forward` takes ``initial_state``, ``return_final_state`` and
+    ``seq_idx`` as :func:`dwops.depthwise_conv1d` does; :meth:`step` runs decode steps on a state
+    ``(N, C, K-1)`` in place (dilation 1).
+    """
+
+    def __init__(self, channels, kernel_size, stride=1, padding=0, dilation=1, multiplier=1,
+                 bias=True, activation=None, layout="NCL", causal=False, *, backend="auto",
+                 device=None, dtype=None):
+        super().__init__()
+        cls = type(self).__name__
+        channels = _positive(cls, "channels", channels)
+        multiplier = _positive(cls, "multiplier", multiplier)
+        k = _spec._positive_int(cls, "kernel_size", kernel_size)
+        if causal:
+            if padding not in (0, "causal"):
+                raise ValueError(f"{cls}: causal=True sets the padding; got padding={padding!r}")
+            padding = "causal"
+        _spec._positive_int(cls, "stride", stride)
+        _spec._positive_int(cls, "dilation", dilation)
+        _spec._padding_1d(cls, padding, 1, 1, 1, 1)  # validate the form now
+        self.channels, self.multiplier, self.kernel_size = channels, multiplier, k
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.activation = _spec.check_activation(cls, activation)
+        self.layout = _spec.check_layout_1d(cls, layout)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(channels * multiplier, 1, k, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(channels * multiplier, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_conv(self.weight, self.bias)
+
+    def forward(self, x: Tensor, initial_state: Optional[Tensor] = None,
+                return_final_state: bool = False, seq_idx: Optional[Tensor] = None):
+        return depthwise_conv1d(x, self.weight, self.bias, stride=self.stride,
+                                padding=self.padding, dilation=self.dilation, layout=self.layout,
+                                activation=self.activation, initial_state=initial_state,
+                                return_final_state=return_final_state, seq_idx=seq_idx,
+                                backend=self.backend)
+
+    def step(self, x_step: Tensor, state: Tensor):
+        """Decode ``x_step`` ``(N, C)`` or ``(N, C, T)`` against ``state`` ``(N, C, K-1)`` (updated
+        in place); returns ``(y, state)``."""
+        return depthwise_conv1d_update(x_step, state, self.weight, self.bias,
+                                       activation=self.activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = f"{self.channels}, {self.channels * self.multiplier}, kernel_size={self.kernel_size}"
+        if self.stride != 1:
+            s += f", stride={self.stride}"
+        s += f", padding={self.padding!r}"
+        if self.dilation != 1:
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.activation:
+            s += f", activation={self.activation!r}"
+        return s + f", layout={self.layout!r}"
