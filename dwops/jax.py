@@ -50,7 +50,7 @@ import numpy as np
 from . import _api, _registry, _spec
 from ._interop import describe
 
-__all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
+__all__ = ["depthwise_conv1d", "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 
 _MASKED = ("relu", "relu6")  # activations whose derivative is read from their output
 
@@ -112,7 +112,26 @@ _OPS = {
                                          k["activation"], a.get("residual")),
         "separable_forward", ("x", "dw_weight", "pw_weight", "bias", "dw_bias", "residual"),
         lambda p: p.y_shape, lambda p: {"pw_weight": (p.pw.CO, p.pw.CI)}),
+    "depthwise_conv1d": _Op(
+        lambda fn, a, k: _spec.depthwise_1d(fn, a["x"], a["weight"], a.get("bias"), k["stride"],
+                                            k["padding"], k["dilation"], k["layout"],
+                                            k["activation"], a.get("initial_state"), False,
+                                            a.get("seq_idx")),
+        "depthwise_conv1d_forward", ("x", "weight", "bias", "initial_state", "seq_idx"),
+        lambda p: [p.y_shape, None], _no_reshape),
+    "depthwise_conv1d_backward": _Op(
+        lambda fn, a, k: _spec.depthwise_1d_backward(
+            fn, a["x"], a["grad_output"], a["weight"], k["stride"], k["padding"], k["dilation"],
+            k["layout"], a.get("initial_state"), a.get("seq_idx"),
+            {n: k[n] for n in _NEED}),
+        "depthwise_conv1d_backward",
+        ("x", "grad_output", "weight", "initial_state", "seq_idx"),
+        lambda p: [p.x_shape, p.w_shape, (p.CO,), p.state_shape if p.has_state else None],
+        _no_reshape),
 }
+_NEED = ("need_input", "need_weight", "need_bias", "need_initial_state")
+# dwops.jax's backward asks for every gradient (custom_vjp returns one per input; the bias
+# gradient comes from the same pass): need_initial_state follows whether a state was given.
 
 
 def _meta(a):
@@ -137,19 +156,27 @@ def _check_backend(fn: str, backend) -> None:
 
 
 def _invoke(name: str, arrays: dict, kw: dict, backend: str, p=None):
-    """``dwops.<name>(**arrays, **kw)`` as a JAX operation (traceable, lowered per platform)."""
+    """``dwops.<name>(**arrays, **kw)`` as a JAX operation (traceable, lowered per platform).
+
+    An op whose ``out_shape`` is a list has several outputs (None entries: not computed); it
+    returns a tuple of the computed ones."""
     op = _OPS[name]
     p = p if p is not None else _problem(name, arrays, kw)
     present = tuple(k for k in op.args if arrays.get(k) is not None)
     values = [arrays[k] for k in present]
-    result = jax.ShapeDtypeStruct(tuple(op.out_shape(p)), values[0].dtype)
+    shapes = op.out_shape(p)
+    multi = isinstance(shapes, list)
+    shapes = [tuple(s) for s in (shapes if multi else [shapes]) if s is not None]
+    dtype = jnp.dtype(_registry.numpy_dtype(_api.problem_dtype(p)))
+    result = tuple(jax.ShapeDtypeStruct(s, dtype) for s in shapes)
 
     def host(*vals):
         out = getattr(_api, name)(**dict(zip(present, vals)), **kw, backend=backend)
-        return np.asarray(out)
+        outs = [o for o in out if o is not None] if isinstance(out, tuple) else [out]
+        return tuple(np.asarray(o) for o in outs)
 
     def device(ctx, out, *bufs):
-        _run_into(name, op, p, dict(zip(present, bufs)), out, ctx, backend)
+        _run_into(name, op, p, dict(zip(present, bufs)), list(out), ctx, backend)
 
     def pure(*vals):
         return jax.pure_callback(host, result, *vals, vmap_method="sequential")
@@ -157,17 +184,19 @@ def _invoke(name: str, arrays: dict, kw: dict, backend: str, p=None):
     def buffered(*vals):
         from jax.experimental.buffer_callback import buffer_callback
 
-        if result.dtype != jnp.bfloat16:
+        if dtype != jnp.bfloat16:
             return buffer_callback(device, result, vmap_method="sequential")(*vals)
         # bfloat16 crosses as its uint16 bits (free bitcasts in XLA): CuPy has no bfloat16 dtype,
         # and the CuPy backend's native bfloat16 arrays are exactly these bits.
-        bits = jax.ShapeDtypeStruct(result.shape, jnp.uint16)
-        vals = [jax.lax.bitcast_convert_type(v, jnp.uint16) for v in vals]
-        out = buffer_callback(device, bits, vmap_method="sequential")(*vals)
-        return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+        bits = tuple(jax.ShapeDtypeStruct(r.shape, jnp.uint16) for r in result)
+        vals = [jax.lax.bitcast_convert_type(v, jnp.uint16) if v.dtype == jnp.bfloat16 else v
+                for v in vals]
+        outs = buffer_callback(device, bits, vmap_method="sequential")(*vals)
+        return tuple(jax.lax.bitcast_convert_type(o, jnp.bfloat16) for o in outs)
 
     cpu = buffered if _CPU_ROUTE == "buffer" else pure
-    return jax.lax.platform_dependent(*values, cpu=cpu, cuda=buffered, default=pure)
+    outs = jax.lax.platform_dependent(*values, cpu=cpu, cuda=buffered, default=pure)
+    return tuple(outs) if multi else outs[0]
 
 
 def _data_ptr(a) -> int:
@@ -176,9 +205,9 @@ def _data_ptr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _run_into(name, op: _Op, p, buffers: dict, out, ctx, backend: str) -> None:
-    """Run the backend on XLA's buffers, writing straight into XLA's output buffer ``out``."""
-    kind, ordinal = out.__dlpack_device__()
+def _run_into(name, op: _Op, p, buffers: dict, outs: list, ctx, backend: str) -> None:
+    """Run the backend on XLA's buffers, writing straight into XLA's output buffers ``outs``."""
+    kind, ordinal = outs[0].__dlpack_device__()
     if int(kind) in (2, 13):  # CUDA: zero-copy CuPy views, XLA's stream
         import cupy
 
@@ -186,23 +215,22 @@ def _run_into(name, op: _Op, p, buffers: dict, out, ctx, backend: str) -> None:
 
         with cupy.cuda.Device(int(ordinal)), cupy_stream(ctx.stream):
             views = {k: cupy.asarray(b) for k, b in buffers.items()}
-            out_view = cupy.asarray(out)
-            _launch_into(name, op, p, views, out_view, True, backend)
+            _launch_into(name, op, p, views, [cupy.asarray(o) for o in outs], True, backend)
             return
     views = {k: np.from_dlpack(b) for k, b in buffers.items()}
-    out_view = np.from_dlpack(out)
+    out_views = [np.from_dlpack(o) for o in outs]
     if _api.problem_dtype(p) == "bfloat16":  # uint16 bits (see _invoke) viewed as bfloat16
         bf16 = _registry.numpy_dtype("bfloat16")
-        views = {k: v.view(bf16) for k, v in views.items()}
-        out_view = out_view.view(bf16)
-    _launch_into(name, op, p, views, out_view, False, backend)
+        views = {k: v.view(bf16) if v.dtype == np.uint16 else v for k, v in views.items()}
+        out_views = [o.view(bf16) for o in out_views]
+    _launch_into(name, op, p, views, out_views, False, backend)
 
 
-def _launch_into(name, op: _Op, p, views: dict, out_view, on_gpu: bool, backend) -> None:
+def _launch_into(name, op: _Op, p, views: dict, out_views: list, on_gpu: bool, backend) -> None:
     """Run ``op`` on the views (NumPy on the host; CuPy on the GPU, inside XLA's stream as CuPy's
     current stream, which the backend's ``stream_for`` therefore returns in its own form)."""
     be = _registry.resolve(name, backend, on_gpu, op.method, p)
-    stream = be.stream_for(out_view, describe(out_view, name, "out"))
+    stream = be.stream_for(out_views[0], describe(out_views[0], name, "out"))
     reshape = op.reshape(p)
     bits = on_gpu and _api.problem_dtype(p) == "bfloat16"  # CuPy views of uint16 bits
     if bits and be.name != "cupy":
@@ -221,15 +249,22 @@ def _launch_into(name, op: _Op, p, views: dict, out_view, on_gpu: bool, backend)
             continue
         a = native_view(v, k)
         native.append(a.reshape(reshape[k]) if k in reshape else a)
-    out_native = native_view(out_view, "out")
-    getattr(be, op.method)(p, *native, out_native, stream=stream)
-    if _data_ptr(out_native) != _data_ptr(out_view):  # the backend worked on a copy of the buffer
+    shapes = op.out_shape(p)
+    pending = iter(out_views)
+    targets = [next(pending) if s is not None else None
+               for s in (shapes if isinstance(shapes, list) else [shapes])]
+    out_natives = [None if t is None else native_view(t, "out") for t in targets]
+    getattr(be, op.method)(p, *native, *out_natives, stream=stream)
+    for target, out_native in zip(targets, out_natives):
+        if target is None or _data_ptr(out_native) == _data_ptr(target):
+            continue
+        # the backend worked on a copy of the buffer
         if on_gpu:
             import cupy
 
-            out_view[...] = cupy.asarray(out_native)
+            target[...] = cupy.asarray(out_native)
         else:
-            out_view[...] = np.asarray(out_native)
+            target[...] = np.asarray(out_native)
 
 
 # ----------------------------------------------------------------------------- autograd helpers
@@ -327,6 +362,86 @@ def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, l
     p, _ = _spec.depthwise(fn, _meta(x), _meta(weight), _meta(bias), stride, padding, dilation,
                            layout, activation)
     return _depthwise_fn(*_static_geometry(p), layout, activation, backend)(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+
+def _conv1d_vjp(geo, activation, backend, x, w, b, state, seq, y, g):
+    """Cotangents of ``(x, w, b, state)`` of the 1-d op (``y`` read for relu and relu6 only)."""
+    arrays = {"x": x, "weight": w, "bias": b, "initial_state": state, "seq_idx": seq}
+    if activation in _MASKED:
+        gz = _act_grad(g, activation, out=y)
+    elif activation is not None:
+        z, = _invoke("depthwise_conv1d", arrays, dict(geo, activation=None), backend)
+        gz = _act_grad(g, activation, pre=z)
+    else:
+        gz = g
+    need = dict(need_input=True, need_weight=True, need_bias=True,
+                need_initial_state=state is not None)
+    grads = _invoke("depthwise_conv1d_backward",
+                    {"x": x, "grad_output": gz, "weight": w, "initial_state": state,
+                     "seq_idx": seq}, dict(geo, **need), backend)
+    gx, gw, gb = grads[:3]
+    gs = grads[3] if state is not None else None
+    return gx, gw, None if b is None else gb, gs
+
+
+@functools.lru_cache(maxsize=None)
+def _conv1d_fn(stride, padding, dilation, layout, activation, backend):
+    """The differentiable 1-d op for one static configuration (memoized); ``seq`` is not
+    differentiable (its cotangent is None)."""
+    geo = {"stride": stride, "padding": padding, "dilation": dilation, "layout": layout}
+
+    def forward(x, w, b, state, seq):
+        y, = _invoke("depthwise_conv1d", {"x": x, "weight": w, "bias": b, "initial_state": state,
+                                          "seq_idx": seq}, dict(geo, activation=activation),
+                     backend)
+        return y
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=())
+    def f(x, w, b, state, seq):
+        return forward(x, w, b, state, seq)
+
+    def f_fwd(x, w, b, state, seq):
+        y = forward(x, w, b, state, seq)
+        return y, (x, w, b, state, seq, y if activation in _MASKED else None)
+
+    def f_bwd(res, g):
+        x, w, b, state, seq, y = res
+        gx, gw, gb, gs = _conv1d_vjp(geo, activation, backend, x, w, b, state, seq, y, g)
+        gseq = None if seq is None else np.zeros(seq.shape, jax.dtypes.float0)
+        return gx, gw, gb, gs, gseq
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+def depthwise_conv1d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCL",
+                     activation=None, initial_state=None, return_final_state=False, seq_idx=None,
+                     backend="auto"):
+    """Differentiable :func:`dwops.depthwise_conv1d` for JAX (works under ``jax.jit``).
+
+    Shapes: ``x`` ``(N, C, L)`` / ``(N, L, C)``, ``weight`` ``(C*M, 1, K)``, ``bias`` ``(C*M,)``,
+    ``initial_state`` ``(N, C, dilation*(K-1))``, ``seq_idx`` ``(N, L)`` integer (non-decreasing;
+    under ``jax.jit`` its values are checked when the kernel runs); returns ``y`` ``(N, C*M, OL)``
+    / ``(N, OL, C*M)``, or ``(y, final_state)`` with ``return_final_state``. Gradients flow to
+    ``x``, ``weight``, ``bias`` and ``initial_state`` (also through the final state, a slice of the
+    inputs).
+    """
+    fn = "depthwise_conv1d"
+    _check_backend(fn, backend)
+    x, weight, bias = _as_array(x), _as_array(weight), _as_array(bias)
+    state, seq = _as_array(initial_state), _as_array(seq_idx)
+    p, _ = _spec.depthwise_1d(fn, _meta(x), _meta(weight), _meta(bias), stride, padding, dilation,
+                              layout, activation, _meta(state), return_final_state, _meta(seq))
+    geometry = (p.s, (p.pl, p.pr) if not p.causal else "causal", p.d)
+    y = _conv1d_fn(*geometry, layout, activation, backend)(x, weight, bias, state, seq)
+    if not return_final_state:
+        return y
+    xc = x if layout == "NCL" else jnp.swapaxes(x, 1, 2)
+    left = state if state is not None else jnp.zeros((p.N, p.C, p.W), x.dtype)
+    return y, jnp.concatenate([left, xc], axis=2)[:, :, -p.W:]
 
 
 # ----------------------------------------------------------------------------- pointwise
