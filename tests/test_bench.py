@@ -50,7 +50,9 @@ def test_suites_cover_the_issue():
         (64, 384, r, k) for r in (16, 32) for k in (7, 13, 31)}
     assert {(c.op, c.H) for c in by("block")} == {
         (op, h) for op in ("block", "block_unfused") for h in (112, 56)}
-    assert all(c.N == 64 for c in f32)
+    assert all(c.N == 64 for c in f32 if c.op != "conv1d")
+    assert {(c.C, c.L, c.K) for c in by("conv1d")} == {
+        (2048, 2048, 4), (4096, 4096, 4), (8192, 8192, 4), (12288, 16384, 4)}
     assert all(c.directions == cases.DIRECTIONS for c in f32 if c.op == "depthwise")
     assert {c.dtype for c in gpu} == set(cases.DTYPES)
     # every shape is a valid problem for the validation layer, with the expected output size
@@ -95,6 +97,8 @@ HOST_BACKENDS = ["numpy"] + (["cpu"] if dwops.backend_available("cpu") else [])
     Case("t", "pointwise", 3, 6, 5, 4, 1, 1, 7, "float32"),
     Case("t", "block", 2, 8, 7, 5, 3, 1, 8, "float32"),
     Case("t", "block_unfused", 2, 8, 7, 5, 3, 1, 8, "float32"),
+    Case("t", "conv1d", 3, 6, 1, 37, 4, 1, None, "float32", ("forward", "backward")),
+    Case("t", "conv1d", 2, 5, 1, 20, 3, 1, None, "bfloat16", ("forward", "backward")),
 ])
 def test_instance_check_passes_on_host_backends(case, backend):
     inst = workloads.Instance(case, devices.HostDevice(), seed=3)
@@ -102,6 +106,34 @@ def test_instance_check_passes_on_host_backends(case, backend):
         for layout in cases.LAYOUTS:
             err = inst.check(d, layout, backend)
             assert err <= workloads.TOLERANCE[case.dtype], (d, layout, err)
+
+
+def test_conv1d_case_bytes_shape_and_suite():
+    c = Case("t", "conv1d", 2, 6, 1, 100, 4, 1, None, "bfloat16", ("forward", "backward"))
+    assert (c.L, c.OH, c.OW, c.layout_name("NHWC")) == (100, 1, 100, "NLC")
+    params = 6 * 4 + 6
+    assert c.nbytes("forward") == 2 * (2 * 2 * 6 * 100 + params)  # x, w, b read; y written
+    assert c.nbytes("backward") == 2 * (3 * 2 * 6 * 100 + 2 * params)  # x, gy -> gx, gw, gb
+    assert c.shape() == {"N": 2, "C": 6, "L": 100, "K": 4, "stride": 1, "padding": "causal",
+                         "C_out": 6}
+    host = cases.suite("conv1d", on_gpu=False)
+    assert {c.dtype for c in host} == {"float32", "bfloat16"}
+    assert all(c.directions == ("forward", "backward") for c in host)
+    assert c.scaled(max_size=8).L == 64
+
+
+def test_conv1d_check_catches_a_wrong_gradient(monkeypatch):
+    case = Case("t", "conv1d", 3, 4, 1, 16, 4, 1, None, "float32", ("forward", "backward"))
+    inst = workloads.Instance(case, devices.HostDevice(), seed=1)
+    real = inst.dwops_fn
+
+    def wrong_weight_gradient(direction, layout, backend, images=None):
+        fn = real(direction, layout, backend, images)
+        return lambda: tuple(g + 0.25 if k == 1 else g for k, g in enumerate(fn()))
+
+    monkeypatch.setattr(inst, "dwops_fn", wrong_weight_gradient)
+    assert inst.check("backward", "NCHW", "numpy") > workloads.TOLERANCE["float32"]
+    assert inst.check("forward", "NCHW", "numpy") <= workloads.TOLERANCE["float32"]
 
 
 def test_instance_check_catches_a_wrong_result(monkeypatch):

@@ -13,14 +13,17 @@ JAX run exactly the same problem):
 * ConvNeXt-T: the 7x7 depthwise layers of its first three stages (56, 28, 14);
 * RepLKNet-style: ``(64, 384, R, R)`` with ``R`` in {16, 32} and ``K`` in {7, 13, 31};
 * the motivating block ``x + pw(relu(dw3x3(x))) + b`` with ``C = 64`` at 112x112 and 56x56;
-* pointwise (1x1) layers of those networks.
+* pointwise (1x1) layers of those networks;
+* ``conv1d``: the short causal depthwise 1-d convolution of Mamba-style sequence models
+  (``K = 4``, bias and SiLU fused, ``(N, C, L)`` with ``C`` 2048-12288 and ``L`` 2k-16k on a GPU),
+  forward and the one-pass backward (``grad_input``, ``grad_weight`` and ``grad_bias``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-OPS = ("depthwise", "pointwise", "block", "block_unfused")
+OPS = ("depthwise", "pointwise", "block", "block_unfused", "conv1d")
 DIRECTIONS = ("forward", "grad_input", "grad_weight")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,8 +33,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 class Case:
     """One problem. ``op`` is ``depthwise`` (``C -> C``, ``K x K``, ``stride``), ``pointwise``
     (``C -> C_out``), ``block`` (fused ``separable_conv2d``: dw ``K x K`` + ReLU, 1x1 ``C -> C``,
-    bias, residual ``x``) or ``block_unfused`` (the same block as a depthwise call then a pointwise
-    call, each with its epilogue fused)."""
+    bias, residual ``x``), ``block_unfused`` (the same block as a depthwise call then a pointwise
+    call, each with its epilogue fused) or ``conv1d`` (causal depthwise 1-d, ``x`` ``(N, C, L)``
+    stored as ``H = 1``, ``W = L``, width ``K``, bias and SiLU; directions ``forward`` and
+    ``backward``)."""
 
     suite: str
     op: str
@@ -55,19 +60,38 @@ class Case:
         return self.K // 2
 
     @property
+    def L(self) -> int:
+        return self.W
+
+    @property
     def OH(self) -> int:
+        if self.op == "conv1d":
+            return 1
         return (self.H + 2 * self.padding - self.K) // self.stride + 1
 
     @property
     def OW(self) -> int:
+        if self.op == "conv1d":  # causal, stride 1
+            return self.W
         return (self.W + 2 * self.padding - self.K) // self.stride + 1
+
+    def layout_name(self, layout: str) -> str:
+        """The row's layout: ``NCL``/``NLC`` for 1-d cases (measured as ``NCHW``/``NHWC``)."""
+        if self.op == "conv1d":
+            return {"NCHW": "NCL", "NHWC": "NLC"}[layout]
+        return layout
 
     def shape(self) -> dict:
         """The ``shape`` entry of a JSON row."""
+        if self.op == "conv1d":
+            return {"N": self.N, "C": self.C, "L": self.L, "K": self.K, "stride": 1,
+                    "padding": "causal", "C_out": self.CO}
         return {"N": self.N, "C": self.C, "H": self.H, "W": self.W, "KH": self.K, "KW": self.K,
                 "stride": self.stride, "padding": self.padding, "C_out": self.CO}
 
     def shape_str(self) -> str:
+        if self.op == "conv1d":
+            return f"{self.N}x{self.C}x{self.L} k{self.K} causal"
         s = f"{self.N}x{self.C}x{self.H}x{self.W}"
         if self.op == "pointwise":
             return s + f"->{self.CO}"
@@ -81,6 +105,10 @@ class Case:
         item = 2 if self.dtype in ("float16", "bfloat16") else (8 if self.dtype == "float64" else 4)
         x = self.N * self.C * self.H * self.W
         y = self.N * self.CO * self.OH * self.OW
+        if self.op == "conv1d":  # forward: x, w, b -> y; backward: x, gy, w -> gx, gw, gb
+            params = self.C * self.K + self.C
+            return item * (x + y + params) if direction == "forward" else \
+                item * (3 * x + 2 * params)
         if self.op == "depthwise":
             w = self.C * self.K * self.K
             return item * (x + w + y)  # forward: x, w -> y; grad_input: gy, w -> gx; grad_weight: x, gy -> gw
@@ -92,6 +120,8 @@ class Case:
     def flops(self, direction: str) -> int:
         """Multiply-adds times two (for the record; these ops are memory-bound)."""
         y = self.N * self.CO * self.OH * self.OW
+        if self.op == "conv1d":
+            return 2 * y * self.K * (1 if direction == "forward" else 2)
         if self.op == "depthwise":
             return 2 * y * self.K * self.K
         if self.op == "pointwise":
@@ -99,12 +129,16 @@ class Case:
         return 2 * self.N * self.C * self.OH * self.OW * self.K * self.K + 2 * y * self.C
 
     def scaled(self, batch: int | None = None, max_size: int | None = None) -> "Case":
-        """The same case with the batch replaced and H, W capped (for quick runs and tests)."""
+        """The same case with the batch replaced and H, W capped (for quick runs and tests; the
+        length of a 1-d case is capped at ``max_size**2``)."""
         c = self
         if batch is not None:
             c = replace(c, N=batch)
         if max_size is not None:
-            c = replace(c, H=min(c.H, max_size), W=min(c.W, max_size))
+            if c.op == "conv1d":  # L capped at max_size**2: as many positions as an image
+                c = replace(c, W=min(c.W, max_size * max_size))
+            else:
+                c = replace(c, H=min(c.H, max_size), W=min(c.W, max_size))
         return c
 
 
@@ -134,6 +168,13 @@ POINTWISE = [
 ]
 
 GPU_BATCH = 64
+# (label, N, C, L): Mamba-style sequence layers (d_inner, or the xBC width of Mamba-2).
+CONV1D_GPU = [
+    ("C2048 L2k", 8, 2048, 2048), ("C4096 L4k", 4, 4096, 4096), ("C8192 L8k", 2, 8192, 8192),
+    ("C12288 L16k", 1, 12288, 16384),
+]
+CONV1D_CPU = [("C1024 L2k", 2, 1024, 2048), ("C2048 L4k", 1, 2048, 4096)]
+CONV1D_K = 4
 
 
 def _depthwise_suite(suite, table, dtype, batch=GPU_BATCH):
@@ -155,7 +196,15 @@ def _pointwise_suite(dtype, batch=GPU_BATCH):
             for label, ci, co, h in POINTWISE]
 
 
-GPU_SUITES = ("block", "mobilenetv2", "efficientnet_b0", "convnext", "replknet", "pointwise")
+def conv1d_suite(dtype: str, on_gpu: bool) -> list[Case]:
+    """``--suite conv1d``: Mamba-style causal width-4 convolutions, forward and backward."""
+    table = CONV1D_GPU if on_gpu else CONV1D_CPU
+    return [Case("conv1d", "conv1d", n, c, 1, length, CONV1D_K, 1, None, dtype,
+                 ("forward", "backward"), label) for label, n, c, length in table]
+
+
+GPU_SUITES = ("block", "mobilenetv2", "efficientnet_b0", "convnext", "replknet", "pointwise",
+              "conv1d")
 
 
 def gpu_suite(name: str, dtype: str) -> list[Case]:
@@ -172,6 +221,8 @@ def gpu_suite(name: str, dtype: str) -> list[Case]:
         return _depthwise_suite(name, REPLKNET, dtype)
     if name == "pointwise":
         return _pointwise_suite(dtype)
+    if name == "conv1d":
+        return conv1d_suite(dtype, on_gpu=True)
     raise KeyError(name)
 
 
@@ -219,6 +270,8 @@ def suite(name: str, on_gpu: bool, dtypes=None) -> list[Case]:
         cases = cpu_suite()
     elif name == "gpu":
         cases = [c for dt in DTYPES for s in GPU_SUITES for c in gpu_suite(s, dt)]
+    elif name == "conv1d":
+        cases = [c for dt in ("float32", "bfloat16") for c in conv1d_suite(dt, on_gpu)]
     elif name in GPU_SUITES:
         cases = [c for dt in DTYPES for c in gpu_suite(name, dt)]
     else:

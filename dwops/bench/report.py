@@ -23,6 +23,7 @@ ROW_KEYS = ("op", "direction", "suite", "shape", "dtype", "layout", "backend", "
             "roofline_fraction", "baselines", "speedup_vs_torch", "max_rel_err")
 TOP_KEYS = ("device", "driver", "date", "versions", "copy_bandwidth_gbs", "rows")
 SHAPE_KEYS = ("N", "C", "H", "W", "KH", "KW", "stride", "padding", "C_out")
+SHAPE_KEYS_1D = ("N", "C", "L", "K", "stride", "padding", "C_out")  # op "conv1d"
 
 
 class Progress:
@@ -63,6 +64,8 @@ class Progress:
 
 
 def shape_label(shape: dict, op: str) -> str:
+    if op == "conv1d":
+        return f"{shape['N']}x{shape['C']}x{shape['L']} k{shape['K']} {shape['padding']}"
     s = f"{shape['N']}x{shape['C']}x{shape['H']}x{shape['W']}"
     if op == "pointwise":
         return s + f"->{shape['C_out']}"
@@ -149,7 +152,7 @@ def validate(result: dict) -> list[str]:
         if tuple(r) != ROW_KEYS:
             problems.append(f"row {i}: keys {tuple(r)} != {ROW_KEYS}")
             continue
-        if tuple(r["shape"]) != SHAPE_KEYS:
+        if tuple(r["shape"]) != (SHAPE_KEYS_1D if r["op"] == "conv1d" else SHAPE_KEYS):
             problems.append(f"row {i}: shape keys {tuple(r['shape'])}")
         if not (isinstance(r["ms"], float) and r["ms"] > 0):
             problems.append(f"row {i}: ms {r['ms']!r}")

@@ -55,6 +55,13 @@ class Instance:
         self.case, self.dev = case, device
         c = case
         rnd = lambda shape, k: device.random(shape, c.dtype, seed * 101 + k)  # noqa: E731
+        if c.op == "conv1d":
+            self.arrays = {"x": rnd((c.N, c.C, c.L), 1), "w": rnd((c.C, 1, c.K), 2),
+                           "b": rnd((c.C,), 3)}
+            if "backward" in c.directions:
+                self.arrays["gy"] = rnd((c.N, c.C, c.L), 4)
+            self._phys, self._ref, self._host = {}, {}, {}
+            return
         self.arrays = {"x": rnd((c.N, c.C, c.H, c.W), 1)}
         if c.op == "depthwise":
             self.arrays["w"] = rnd((c.C, 1, c.K, c.K), 2)
@@ -78,7 +85,11 @@ class Instance:
             return a
         key = (name, layout)
         if key not in self._phys:
-            self._phys[key] = self.dev.nhwc(a)
+            if a.ndim == 3:  # (N, C, L) -> (N, L, C) through the 4-d transpose
+                n, ch, length = a.shape
+                self._phys[key] = self.dev.nhwc(a[:, :, None, :]).reshape(n, length, ch)
+            else:
+                self._phys[key] = self.dev.nhwc(a)
         return self._phys[key]
 
     def host(self, name: str, images=None):
@@ -98,6 +109,13 @@ class Instance:
         sl = (lambda a: a) if images is None else (lambda a: a[images])  # noqa: E731
         x = sl(self.phys("x", layout))
         kw = dict(layout=layout, backend=backend)
+        if c.op == "conv1d":
+            w, b = self.arrays["w"], self.arrays["b"]
+            kw = dict(layout=c.layout_name(layout), backend=backend, padding="causal")
+            if direction == "forward":
+                return lambda: dwops.depthwise_conv1d(x, w, b, activation="silu", **kw)
+            gy = sl(self.phys("gy", layout))
+            return lambda: dwops.depthwise_conv1d_backward(x, gy, w, need_bias=True, **kw)
         if c.op == "depthwise":
             conv = dict(stride=c.stride, padding=c.padding, **kw)
             w = self.arrays["w"]
@@ -131,6 +149,15 @@ class Instance:
             return self._ref[key]
         c = self.case
         x = self.host("x", images)
+        if c.op == "conv1d":
+            w, b = self.host("w"), self.host("b")
+            if direction == "forward":
+                r = ref.depthwise_conv1d(x, w, b, padding="causal", activation="silu")
+            else:
+                r = ref.depthwise_conv1d_backward(x, self.host("gy", images), w,
+                                                  padding="causal", need_bias=True)[:3]
+            self._ref[key] = r
+            return r
         if c.op == "depthwise":
             w = self.host("w")
             conv = dict(stride=c.stride, padding=c.padding)
@@ -151,6 +178,8 @@ class Instance:
     def check(self, direction: str, layout: str, backend: str) -> float:
         """max_rel_err of dwops against the reference (see the module docstring)."""
         c = self.case
+        if c.op == "conv1d":
+            return self._check_conv1d(direction, layout, backend)
         to_logical = (lambda a: a) if layout == "NCHW" else (lambda a: a.transpose(0, 3, 1, 2))
         if direction == "grad_weight":
             images = slice(0, min(c.N, 2))
@@ -164,12 +193,37 @@ class Instance:
             worst = max(worst, rel_err(got, self.reference(direction, images)))
         return worst
 
+    def _check_conv1d(self, direction, layout, backend) -> float:
+        """Forward and grad_input on the first and last sequence of the timed call; grad_weight
+        and grad_bias (reductions over the batch) recomputed on the first two sequences."""
+        c = self.case
+        dt = c.dtype
+        logical = (lambda a: a) if layout == "NCHW" else (lambda a: a.transpose(0, 2, 1))
+        out = self.dwops_fn(direction, layout, backend)()
+        y = out if direction == "forward" else out[0]
+        worst = 0.0
+        for i in sorted({0, c.N - 1}):
+            images = slice(i, i + 1)
+            want = self.reference(direction, images)
+            want = want if direction == "forward" else want[0]
+            got = logical(self.dev.to_host(y[images], dt))
+            worst = max(worst, rel_err(got, want))
+        if direction == "backward":
+            images = slice(0, min(c.N, 2))
+            got = self.dwops_fn(direction, layout, backend, images)()
+            want = self.reference(direction, images)
+            for k in (1, 2):
+                worst = max(worst, rel_err(self.dev.to_host(got[k], dt), want[k]))
+        return worst
+
     # -- baselines
     def baseline_fn(self, name: str, direction: str, layout: str):
         """A no-argument callable for baseline ``name``, or None if it does not apply here."""
         c = self.case
         block = c.op in ("block", "block_unfused")
         if name == "torch":
+            if c.op == "conv1d":
+                return self._torch_conv1d_fn(direction, layout)
             return self._torch_fn(direction, layout, compiled=False)
         if name == "torch_compile":
             return self._torch_fn(direction, layout, compiled=True) if block else None
@@ -195,6 +249,28 @@ class Instance:
                     v = v.contiguous(memory_format=torch.channels_last)
             t[name] = v
         return t
+
+    def _torch_conv1d_fn(self, direction, layout):
+        """What a PyTorch sequence model calls: ``silu(conv1d(x, w, b, padding=K-1)[..., :L])``
+        (NLC memory as a transposed view); backward through ``aten.convolution_backward`` with
+        ``grad_output`` zero-extended to the padded output (made once, outside the timing)."""
+        import torch
+        import torch.nn.functional as F
+
+        c = self.case
+        view = self.dev.torch_view
+        x, w, b = view(self.phys("x", layout)), view(self.arrays["w"]), view(self.arrays["b"])
+        if layout == "NHWC":
+            x = x.transpose(1, 2)
+        p = c.K - 1
+        if direction == "forward":
+            return lambda: F.silu(F.conv1d(x, w, b, padding=p, groups=c.C)[..., :c.L])
+        gy = view(self.phys("gy", layout))
+        if layout == "NHWC":
+            gy = gy.transpose(1, 2)
+        gy = F.pad(gy, (0, p))
+        return lambda: torch.ops.aten.convolution_backward(
+            gy, x, w, [c.C], [1], [p], [1], False, [0], c.C, [True, True, True])
 
     def _torch_fn(self, direction, layout, compiled):
         import torch
