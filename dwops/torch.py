@@ -633,17 +633,6 @@ def depthwise_conv1d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, l
     return y, _final_state(x, initial_state, dilation * (weight.shape[2] - 1), layout)
 
 
-def depthwise_conv1d_update(x_step, state, weight, bias=None, *, activation=None, backend="auto"):
-    """:func:`dwops.depthwise_conv1d_update` (decode step; updates ``state`` in place, no autograd).
-
-    Shapes: ``x_step`` ``(N, C)`` or ``(N, C, T)``, ``state`` ``(N, C, K-1)``, ``weight``
-    ``(C*M, 1, K)``; returns ``(y, state)``.
-    """
-    with torch.no_grad():
-        return _api.depthwise_conv1d_update(x_step, state, weight, bias, activation=activation,
-                                            backend=backend)
-
-
 # ----------------------------------------------------------------------------- modules
 
 
@@ -859,8 +848,9 @@ class DepthwiseConv1d(nn.Module):
     def step(self, x_step: Tensor, state: Tensor):
         """Decode ``x_step`` ``(N, C)`` or ``(N, C, T)`` against ``state`` ``(N, C, K-1)`` (updated
         in place); returns ``(y, state)``."""
-        return depthwise_conv1d_update(x_step, state, self.weight, self.bias,
-                                       activation=self.activation, backend=self.backend)
+        with torch.no_grad():
+            return _api.depthwise_conv1d_update(x_step, state, self.weight, self.bias,
+                                                activation=self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = f"{self.channels}, {self.channels * self.multiplier}, kernel_size={self.kernel_size}"
