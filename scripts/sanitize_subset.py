@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_subset.py
 
 Each op runs once per backend on small, odd shapes (sizes that do not divide the tiles, a channel
-multiplier, strides 1 and 2, the specialized kernel sizes 3 and 5 and the generic path at 9), in
+multiplier, strides 1 and 2, the specialized kernel sizes 3 and 5 and the generic path at 9; the
+1-d op with causal states, packed sequences and decode steps), in
 float32 and float16, NCHW and NHWC, with NumPy arrays in and out, and is compared with
 :mod:`dwops.reference`. Exit status 1 on any error or wrong result; the sanitizer adds its own.
 Use ``--backend`` to restrict to one backend, ``--quick`` for float32 and NCHW only.
@@ -27,6 +28,8 @@ TOL = {"float32": 1e-4, "float16": 4e-3}
 DEPTHWISE = [(2, 5, 11, 13, 1, 3, 1), (1, 3, 9, 7, 2, 5, 2), (2, 4, 17, 6, 1, 9, 1)]
 # (N, C_in, C_out, H, W): pointwise geometries
 POINTWISE = [(2, 5, 7, 9, 11), (1, 64, 64, 5, 3)]
+# (N, C, L, M, K, stride, padding): depthwise 1-d geometries (causal ones also with states)
+CONV1D = [(2, 5, 37, 1, 4, 1, "causal"), (1, 3, 29, 2, 3, 2, "same"), (2, 4, 23, 1, 9, 1, "causal")]
 
 
 def rel_err(a, e) -> float:
@@ -85,6 +88,36 @@ def cases(rng, dtype, layout):
                     lambda be, x=x, gy=gy: dwops.pointwise_conv2d_grad_weight(
                         x, gy, layout=layout, backend=be),
                     ref.pointwise_conv2d_grad_weight(x, gy, layout=layout)))
+    lay1 = "NCL" if layout == "NCHW" else "NLC"
+    for n, c, length, m, k, s, pad in CONV1D:
+        x = rand(rng, (n, c, length), dtype)
+        x = x if lay1 == "NCL" else np.ascontiguousarray(x.transpose(0, 2, 1))
+        wt, b = rand(rng, (c * m, 1, k), dtype), rand(rng, (c * m,), dtype)
+        causal = pad == "causal"
+        st = rand(rng, (n, c, k - 1), dtype) if causal else None
+        seq = np.repeat(np.arange(2), [length // 3, length - length // 3])[None].repeat(n, 0) \
+            if causal else None
+        conv = dict(stride=s, padding=pad, layout=lay1, initial_state=st, seq_idx=seq)
+        tag = f"{n}x{c}x{length} M{m} k{k} s{s} {pad}"
+        y = ref.depthwise_conv1d(x, wt, b, activation="silu", **conv)
+        gy = rand(rng, y.shape, dtype)
+        out.append((f"conv1d forward {tag}",
+                    lambda be, x=x, wt=wt, b=b, conv=conv: dwops.depthwise_conv1d(
+                        x, wt, b, activation="silu", backend=be, **conv), y))
+        need = dict(need_bias=True, need_initial_state=causal)
+        grads = ref.depthwise_conv1d_backward(x, gy, wt, **conv, **need)
+        for i, what in enumerate(("grad_input", "grad_weight", "grad_bias", "grad_state")):
+            if grads[i] is not None:
+                out.append((f"conv1d backward {what} {tag}",
+                            lambda be, x=x, gy=gy, wt=wt, conv=conv, need=need, i=i:
+                            dwops.depthwise_conv1d_backward(x, gy, wt, backend=be, **conv,
+                                                            **need)[i], grads[i]))
+        if causal:
+            xs = np.ascontiguousarray(x[:, :, :3] if lay1 == "NCL" else x[:, :3].transpose(0, 2, 1))
+            out.append((f"conv1d update {tag}",
+                        lambda be, xs=xs, st=st, wt=wt, b=b: dwops.depthwise_conv1d_update(
+                            xs, st.copy(), wt, b, activation="silu", backend=be)[0],
+                        ref.depthwise_conv1d_update(xs, st.copy(), wt, b, activation="silu")[0]))
     for n, c, h, w in [(2, 64, 9, 13), (1, 6, 7, 5)]:  # the motivating block, and odd channels
         x = phys(rand(rng, (n, c, h, w), dtype), layout)
         dw_w, pw_w, b = rand(rng, (c, 1, 3, 3), dtype), rand(rng, (c, c), dtype), rand(rng, (c,), dtype)

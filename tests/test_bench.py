@@ -368,5 +368,5 @@ def test_sanitizer_subset_cases_are_right_on_the_host():
         for name, call, want in mod.cases(np.random.default_rng(0), dtype, layout):
             assert mod.rel_err(call(backend), want) <= mod.TOL[dtype], (name, dtype, layout)
             ran += 1
-        assert ran == 3 * 3 + 2 * 3 + 2
+        assert ran == 3 * 3 + 2 * 3 + 2 + (6 + 4 + 6)  # ..., conv1d: causal 6, "same" 4
     assert mod.main(["--backend", "cupy", "--quick"]) == (0 if dwops.backend_available("cupy") else 1)

@@ -203,8 +203,8 @@ def conv1d_suite(dtype: str, on_gpu: bool) -> list[Case]:
                  ("forward", "backward"), label) for label, n, c, length in table]
 
 
-GPU_SUITES = ("block", "mobilenetv2", "efficientnet_b0", "convnext", "replknet", "pointwise",
-              "conv1d")
+GPU_SUITES = ("block", "conv1d", "mobilenetv2", "efficientnet_b0", "convnext", "replknet",
+              "pointwise")
 
 
 def gpu_suite(name: str, dtype: str) -> list[Case]:
