@@ -92,6 +92,25 @@ def test_reference_matches_pytorch_forward_and_gradients(rng, geometry):
     assert_close(gb, bt.grad.numpy(), "float64", what="grad_bias")
 
 
+@pytest.mark.parametrize("k", [*range(1, 9), 13, 31])
+@pytest.mark.parametrize("padding", ["causal", "same", (3, 1)])
+def test_every_width_matches_pytorch(rng, k, padding):
+    torch = pytest.importorskip("torch", reason="PyTorch is the independent second oracle")
+    F = torch.nn.functional
+    n, c, length, d = 2, 3, 45, 1 + (k % 2)
+    x, w = rand(rng, (n, c, length), "float64"), rand(rng, (2 * c, 1, k), "float64")
+    pl, pr = _pads(padding, length, k, 1, d)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    yt = F.conv1d(F.pad(xt, (pl, pr)), wt, dilation=d, groups=c)
+    g = rand(rng, tuple(yt.shape), "float64")
+    yt.backward(torch.tensor(g))
+    y = reference.depthwise_conv1d(x, w, dilation=d, padding=padding)
+    gx, gw, _, _ = reference.depthwise_conv1d_backward(x, g, w, dilation=d, padding=padding)
+    assert_close(y, yt.detach().numpy(), "float64")
+    assert_close(gx, xt.grad.numpy(), "float64", what="grad_input")
+    assert_close(gw, wt.grad.numpy(), "float64", what="grad_weight")
+
+
 def test_reference_initial_state_gradient_matches_pytorch(rng):
     torch = pytest.importorskip("torch", reason="PyTorch is the independent second oracle")
     n, c, length, k, d = 2, 3, 9, 3, 2
