@@ -21,7 +21,17 @@ from ._api import (
 from ._errors import BackendUnavailableError
 from ._registry import BACKEND_NAMES, available as backend_available
 
-__version__ = "0.1.0"
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dwops")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "BACKEND_NAMES",

@@ -28,9 +28,11 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .bench.cases import SUITE_NAMES
 
     parser = argparse.ArgumentParser(prog="dwops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"dwops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="run the embedded default benchmark or named suites",

@@ -38,6 +38,16 @@ def test_info(capsys):
     assert "cpu: " in out
 
 
+def test_version_has_one_source(capsys):
+    from importlib.metadata import version
+
+    assert dwops.__version__ == version("dwops")
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dwops {version('dwops')}"
+
+
 def test_console_entry_runs_info():
     out = subprocess.run([sys.executable, "-m", "dwops", "info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
