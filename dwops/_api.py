@@ -29,7 +29,8 @@ def _launch(backend, op, problem, infos, arrays, out_shape, ref, reshape=None):
         native.append(a)
     out, finish = backend.allocate(out_shape, problem_dtype(problem), arrays[ref], infos[ref])
     stream = backend.stream_for(arrays[ref], infos[ref])
-    getattr(backend, op)(problem, *native, out, stream=stream)
+    with backend.lock:
+        getattr(backend, op)(problem, *native, out, stream=stream)
     return finish()
 
 
@@ -62,7 +63,8 @@ def _launch_many(backend, op, problem, infos, arrays, out_shapes, ref, native=No
         outs.append(out)
         finishes.append(finish)
     stream = backend.stream_for(arrays[ref], infos[ref])
-    getattr(backend, op)(problem, *native.values(), *outs, stream=stream)
+    with backend.lock:
+        getattr(backend, op)(problem, *native.values(), *outs, stream=stream)
     return tuple(None if f is None else f() for f in finishes)
 
 

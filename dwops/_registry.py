@@ -8,6 +8,7 @@ backend itself reports a measured preference through ``prefers(op, problem)``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 from ._errors import BackendUnavailableError
@@ -41,6 +42,9 @@ class Backend:
 
     name = "?"
     device = "cpu"  # "cpu" or "cuda"
+    # Held around every op call: a backend whose kernels must not run from two threads at once
+    # (Numba's workqueue threading layer aborts the process) replaces it with a real lock.
+    lock = contextlib.nullcontext()
 
     # -- plumbing
     def asarray(self, obj, info):

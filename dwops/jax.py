@@ -254,7 +254,8 @@ def _launch_into(name, op: _Op, p, views: dict, out_views: list, on_gpu: bool, b
     targets = [next(pending) if s is not None else None
                for s in (shapes if isinstance(shapes, list) else [shapes])]
     out_natives = [None if t is None else native_view(t, "out") for t in targets]
-    getattr(be, op.method)(p, *native, *out_natives, stream=stream)
+    with be.lock:
+        getattr(be, op.method)(p, *native, *out_natives, stream=stream)
     for target, out_native in zip(targets, out_natives):
         if target is None or _data_ptr(out_native) == _data_ptr(target):
             continue
