@@ -16,14 +16,15 @@ Because ``seq_idx`` is non-decreasing (and only allowed with causal padding, str
 an output keeps are a suffix ``k >= kmin`` of its taps; ``kmin`` is computed per chunk of
 outputs (:func:`_kmin`), once for all channels of a task.
 
-Tasks and tiles. Both layouts run the same kernels: an array is addressed flat with a channel
-stride and a position stride (NCL: ``L`` and 1; NLC: 1 and ``C``). A task is
-``(n, block of CB channels, chunk of TL outputs)``; per channel it copies the padded input span
-of its chunk (zeros, ``initial_state`` and ``x`` in one pass, :func:`_fill`) into a scratch row
-of the compute dtype, so the tap loops (:func:`_taps`) have no bounds tests at all: taps run in
-groups of up to four, one vectorized pass over the chunk per group. The result row gets bias and
-activation in place and is stored once (:func:`_store`). NCL uses long chunks of one channel;
-NLC short chunks of a block of channels, so the strided accesses of a block share cache lines.
+Tasks and tiles. NCL (:func:`_forward`, :func:`_backward`): a task is ``(n, block of CB
+channels, chunk of TL outputs)``; per channel it copies the padded input span of its chunk
+(zeros, ``initial_state`` and ``x`` in one pass, :func:`_fill`) into a scratch row of the compute
+dtype, so the tap loops (:func:`_taps`) have no bounds tests at all: taps run in groups of up to
+four, one vectorized pass along L over the chunk per group. The result row gets bias and
+activation in place and is stored once (:func:`_store`). NLC (:func:`_forward_nlc`,
+:func:`_backward_nlc`): a task is a tile of TL output rows x CB input channels; the padded input
+rows of the tile are copied once (:func:`_fill_rows`, one column per output channel) and every
+output row is a few vectorized multiply-adds along the channels (:func:`_rowgroup`).
 
 Dtypes. float32 and float64 compute in their own precision; float16 and bfloat16 arrive as their
 ``uint16`` bit patterns and are widened to float32 when a span is copied into its scratch row and
@@ -54,8 +55,8 @@ except ImportError:  # pragma: no cover - cpu.py reports the backend unavailable
 
 # Outputs per chunk and channels per task, by layout.
 NCL_TL = 2048
-NLC_TL = 256
-NLC_CB = 16
+NLC_TL = 64
+NLC_CB = 256
 # NCL with seq_idx: channels per task sharing one kmin computation.
 NCL_SEQ_CB = 8
 
@@ -165,8 +166,12 @@ def _fill(x, st, row, base, xstride, sbase, q0, span, pl, L, has_state, kind):
     for i in range(a):
         row[i] = _widen(st[_u(sbase + q0 + i)], kind) if has_state else zero
     off = base + (q0 - pl) * xstride
-    for i in range(a, e):
-        row[i] = _widen(x[_u(off + i * xstride)], kind)
+    if xstride == 1:  # contiguous: a vectorized copy (and conversion)
+        for i in range(a, e):
+            row[i] = _widen(x[_u(off + i)], kind)
+    else:
+        for i in range(a, e):
+            row[i] = _widen(x[_u(off + i * xstride)], kind)
     for i in range(e, span):
         row[i] = zero
 
@@ -174,8 +179,12 @@ def _fill(x, st, row, base, xstride, sbase, q0, span, pl, L, has_state, kind):
 @njit(cache=True, inline="always")
 def _store(acc, n, out, base, ostride, kind):
     """out[base + i*ostride] = acc[i] for i < n, rounded to out's dtype."""
-    for i in range(n):
-        out[_u(base + i * ostride)] = _narrow(acc[i], out, kind)
+    if ostride == 1:
+        for i in range(n):
+            out[_u(base + i)] = _narrow(acc[i], out, kind)
+    else:
+        for i in range(n):
+            out[_u(base + i * ostride)] = _narrow(acc[i], out, kind)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -273,7 +282,7 @@ def _tasks(N, C, OL, layout, has_seq):
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _forward(x, st, w, b, seq, out, C, L, M, OL, s, d, pl, xc, xl, yc, yl, has_state,
              has_bias, has_seq, act, kind, CB, TL, nCB, nLC):
-    """Depthwise 1-d forward (see the module docstring).
+    """Depthwise 1-d forward (see the module docstring); NCL (the strides also allow NLC).
 
     x:        flat input (N, C, L) NCL or (N, L, C) NLC; element (n, c, l) at n*C*L + c*xc + l*xl
     st:       flat (N, C, pl) initial state (read if has_state)
@@ -456,6 +465,209 @@ def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, xc, x
                            kind)
 
 
+# ----------------------------------------------------------------------------- NLC tiles
+
+
+@njit(cache=True, fastmath=_FM)
+def _fill_rows(x, st, xs, n, q0, c0, C, L, M, pl, has_state, kind):
+    """xs[r, j] = xp[n, c0 + j // M, q0 + r]: the padded input rows of a tile, one column per
+    output channel (channel o0 + j, o0 = c0*M).
+
+    x:   flat (N, L, C) input;  st: flat (N, C, pl) initial state (read if has_state)
+    """
+    span, nO = xs.shape
+    zero = xs.dtype.type(0.0)
+    for r in range(span):
+        q = q0 + r
+        if q < pl and has_state:
+            for j in range(nO):
+                xs[r, j] = _widen(st[_u((n * C + c0 + j // M) * pl + q)], kind)
+        elif pl <= q < pl + L:
+            base = (n * L + q - pl) * C + c0
+            if M == 1:
+                for j in range(nO):
+                    xs[r, j] = _widen(x[_u(base + j)], kind)
+            else:
+                for j in range(nO):
+                    xs[r, j] = _widen(x[_u(base + j // M)], kind)
+        else:
+            for j in range(nO):
+                xs[r, j] = zero
+
+
+@njit(cache=True, fastmath=_FM)
+def _rowgroup(acc, src, wt, o0, k, g, ra, rb, rc, rd):
+    """acc[j] += sum over the g <= 4 taps k, k+1, ... of wt[tap, o0 + j] * src[row, j], the
+    taps' rows being ra, rb, rc, rd (one vectorized pass along the channels)."""
+    nO = acc.shape[0]
+    if g == 4:
+        for j in range(nO):
+            o = _u(o0 + j)
+            acc[j] += (wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
+                       + wt[k + 2, o] * src[rc, _u(j)] + wt[k + 3, o] * src[rd, _u(j)])
+    elif g == 3:
+        for j in range(nO):
+            o = _u(o0 + j)
+            acc[j] += (wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
+                       + wt[k + 2, o] * src[rc, _u(j)])
+    elif g == 2:
+        for j in range(nO):
+            o = _u(o0 + j)
+            acc[j] += wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
+    else:
+        for j in range(nO):
+            acc[j] += wt[k, _u(o0 + j)] * src[ra, _u(j)]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _forward_nlc(x, st, wt, b, seq, out, C, L, M, OL, s, d, pl, has_state, has_bias, has_seq,
+                 act, kind, CB, TL, nCB, nLC):
+    """Depthwise 1-d forward, NLC: tiles of TL outputs x CB input channels (CB*M columns), the
+    taps vectorized along the channels.
+
+    x:        flat (N, L, C) input;  st: flat (N, C, pl) initial state (read if has_state)
+    wt:       (K, C*M) filters, channel last, compute dtype;  b: (C*M,) (read if has_bias)
+    seq:      (N, L) int32 seq_idx (read if has_seq)
+    out:      flat (N, OL, C*M) result
+    kind, act, tasks (N * nLC * nCB): as in _forward
+    """
+    K = wt.shape[0]
+    W = d * (K - 1)
+    CO = C * M
+    N = out.shape[0] // (CO * OL)
+    for t in prange(N * nLC * nCB):
+        n = t // (nLC * nCB)
+        r = t - n * nLC * nCB
+        j = r // nCB
+        cb = r - j * nCB
+        l0 = j * TL
+        nl = min(TL, OL - l0)
+        c0 = cb * CB
+        o0 = c0 * M
+        nO = (min(C, c0 + CB) - c0) * M
+        xs = np.empty(((nl - 1) * s + W + 1, nO), wt.dtype)
+        _fill_rows(x, st, xs, n, l0 * s, c0, C, L, M, pl, has_state, kind)
+        kmin = np.zeros(nl, np.int32)
+        if has_seq:
+            _kmin(seq, n, l0, nl, K, d, kmin)
+        acc = np.empty(nO, wt.dtype)
+        for i in range(nl):
+            for jj in range(nO):
+                acc[jj] = b[o0 + jj] if has_bias else wt.dtype.type(0.0)
+            k = kmin[i]
+            while k < K:
+                g = min(4, K - k)
+                ra = i * s + k * d
+                _rowgroup(acc, xs, wt, o0, k, g, ra, ra + d, ra + 2 * d, ra + 3 * d)
+                k += g
+            if act != 0:
+                _activate(acc, act)
+            _store(acc, nO, out, (n * OL + l0 + i) * CO + o0, 1, kind)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_state, has_seq,
+                  need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC):
+    """Depthwise 1-d backward, NLC, in one pass: tiles as in _forward_nlc.
+
+    gy:       flat (N, OL, C*M) grad_output;  gx: flat (N, L, C) (written if need_gx)
+    gst, part, chunks: as in _backward
+    Per tile: the padded grad_output rows gs (zeros outside [0, OL)); grad_input rows are
+    vectorized multiply-adds of gs rows (stride 1: gx row i reads gs rows i + W - k*d; otherwise
+    each gs row is scattered to the rows l*s + k*d of the task's own scratch); grad_weight and
+    grad_bias accumulate per channel column in the compute dtype, then into the float64 partial.
+    """
+    K = wt.shape[0]
+    W = d * (K - 1)
+    CO = C * M
+    N = gy.shape[0] // (CO * OL)
+    QE = pl + L
+    zero = wt.dtype.type(0.0)
+    for t in prange(N * nLC * nCB):
+        n = t // (nLC * nCB)
+        r = t - n * nLC * nCB
+        j = r // nCB
+        cb = r - j * nCB
+        l0 = j * TL
+        nl = max(0, min(TL, OL - l0))
+        q0 = min(j * TL * s, QE)
+        q1 = QE if j == nLC - 1 else min((j + 1) * TL * s, QE)
+        nq = q1 - q0
+        c0 = cb * CB
+        nc = min(C, c0 + CB) - c0
+        o0 = c0 * M
+        nO = nc * M
+        do_gx = nq > 0 and ((need_gx and q1 > pl) or (need_gst and q0 < pl))
+        g0 = l0 - W // s
+        g1 = max(l0 + nl, (q1 - 1) // s + 1) if nq > 0 else l0 + nl
+        ng = max(0, g1 - g0)
+        gs = np.empty((ng, nO), wt.dtype)
+        for rr in range(ng):
+            lg = g0 + rr
+            if 0 <= lg < OL:
+                base = (n * OL + lg) * CO + o0
+                for jj in range(nO):
+                    gs[rr, jj] = _widen(gy[_u(base + jj)], kind)
+            else:
+                for jj in range(nO):
+                    gs[rr, jj] = zero
+        kmin = np.zeros(ng, np.int32)
+        if has_seq:
+            _kmin(seq, n, g0, ng, K, d, kmin)
+        if do_gx:
+            gacc = np.zeros((nq, nO), wt.dtype)
+            if s == 1:
+                for i in range(nq):
+                    row = gacc[i]
+                    k = 0
+                    while k < K:
+                        ra = i + W - k * d
+                        if has_seq:
+                            if kmin[ra] <= k:
+                                _rowgroup(row, gs, wt, o0, k, 1, ra, 0, 0, 0)
+                            k += 1
+                        else:
+                            g = min(4, K - k)
+                            _rowgroup(row, gs, wt, o0, k, g, ra, ra - d, ra - 2 * d, ra - 3 * d)
+                            k += g
+            else:
+                for rr in range(ng):
+                    for k in range(K):
+                        q = (g0 + rr) * s + k * d
+                        if q0 <= q < q1:
+                            _rowgroup(gacc[q - q0], gs, wt, o0, k, 1, rr, 0, 0, 0)
+            for i in range(nq):
+                q = q0 + i
+                if q < pl and not need_gst or q >= pl and not need_gx:
+                    continue
+                for cc in range(nc):
+                    v = gacc[i, cc * M]
+                    for m in range(1, M):
+                        v += gacc[i, cc * M + m]
+                    if q < pl:
+                        gst[_u((n * C + c0 + cc) * pl + q)] = _narrow(v, gst, kind)
+                    else:
+                        gx[_u((n * L + q - pl) * C + c0 + cc)] = _narrow(v, gx, kind)
+        if need_gw:
+            p = n * nLC + j
+            gw = np.zeros((K + 1, nO), wt.dtype)
+            if nl > 0:
+                xs = np.empty(((nl - 1) * s + W + 1, nO), wt.dtype)
+                _fill_rows(x, st, xs, n, l0 * s, c0, C, L, M, pl, has_state, kind)
+                for i in range(nl):
+                    rr = l0 - g0 + i
+                    for k in range(K):
+                        if kmin[rr] <= k:
+                            xr = i * s + k * d
+                            for jj in range(nO):
+                                gw[k, jj] += gs[rr, jj] * xs[xr, jj]
+                    for jj in range(nO):
+                        gw[K, jj] += gs[rr, jj]
+            for jj in range(nO):
+                for k in range(K + 1):
+                    part[p, o0 + jj, k] = gw[k, jj]
+
+
 # ----------------------------------------------------------------------------- update
 
 
@@ -544,9 +756,16 @@ def forward(p, x, w, b, state, seq, out, final_out):
     seq: (N, L) int or None, out: p.y_shape, final_out: (N, C, W) or None."""
     dt, kind, w2, st, sq = _common(p, w, state, seq)
     cb, tl, ncb, nlc = _tasks(p.N, p.C, p.OL, p.layout, p.has_seq)
-    _forward(_bits(x).reshape(-1), st, w2, _opt(b, dt, (p.CO,)), sq, _bits(out).reshape(-1),
-             p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *_strides(p), state is not None,
-             b is not None, seq is not None, ACT_CODES[p.activation], kind, cb, tl, ncb, nlc)
+    if p.layout == "NLC":
+        _forward_nlc(_bits(x).reshape(-1), st, np.ascontiguousarray(w2.T), _opt(b, dt, (p.CO,)),
+                     sq, _bits(out).reshape(-1), p.C, p.L, p.M, p.OL, p.s, p.d, p.pl,
+                     state is not None, b is not None, seq is not None, ACT_CODES[p.activation],
+                     kind, cb, tl, ncb, nlc)
+    else:
+            _forward(_bits(x).reshape(-1), st, w2, _opt(b, dt, (p.CO,)), sq, _bits(out).reshape(-1),
+                 p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *_strides(p), state is not None,
+                 b is not None, seq is not None, ACT_CODES[p.activation], kind, cb, tl, ncb,
+                 nlc)
     if final_out is not None:
         _final_state(p, x, state, final_out)
 
@@ -575,12 +794,17 @@ def backward(p, x, gy, w, state, seq, gx, gw, gb, gstate):
     need_gw = gw is not None or gb is not None
     part = np.empty((p.N * nlc, p.CO, p.K + 1) if need_gw else (1, 1, 1), np.float64)
     stub = np.zeros(1, _bits_dtype(p))
-    _backward(_bits(x).reshape(-1), st, _bits(gy).reshape(-1), w2, wf, sq,
-              stub if gx is None else _bits(gx).reshape(-1),
-              stub if gstate is None else _bits(gstate).reshape(-1), part,
-              p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *_strides(p), state is not None,
-              seq is not None, gx is not None, gstate is not None, need_gw, kind, cb, tl, ncb,
-              nlc)
+    gx_ = stub if gx is None else _bits(gx).reshape(-1)
+    gst_ = stub if gstate is None else _bits(gstate).reshape(-1)
+    flags = (state is not None, seq is not None, gx is not None, gstate is not None, need_gw,
+             kind, cb, tl, ncb, nlc)
+    if p.layout == "NLC":
+        _backward_nlc(_bits(x).reshape(-1), st, _bits(gy).reshape(-1),
+                      np.ascontiguousarray(w2.T), sq, gx_, gst_, part, p.C, p.L, p.M, p.OL, p.s,
+                      p.d, p.pl, *flags)
+    else:
+        _backward(_bits(x).reshape(-1), st, _bits(gy).reshape(-1), w2, wf, sq, gx_, gst_, part,
+                  p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *_strides(p), *flags)
     if need_gw:
         total = part.sum(axis=0)  # fixed order: float64 partials, rounded once
         if gw is not None:
