@@ -154,10 +154,10 @@ def _narrow_impl(v, arr, kind):
 
 
 @njit(cache=True, inline="always")
-def _fill(x, st, row, base, xstride, sbase, q0, span, pl, L, has_state, kind):
+def _fill(x, st, row, base, sbase, q0, span, pl, L, has_state, kind):
     """row[i] = xp[q0 + i] for i < span: the padded input of one (n, c) row.
 
-    x:      flat input; the row's element l is x[base + l*xstride]
+    x:      flat input; the row's element l is x[base + l]
     st:     flat initial state; its element q < pl is st[sbase + q] (read if has_state)
     """
     zero = row.dtype.type(0.0)
@@ -165,13 +165,9 @@ def _fill(x, st, row, base, xstride, sbase, q0, span, pl, L, has_state, kind):
     e = min(span, max(0, pl + L - q0))      # [a, e): x;  [e, span): right padding
     for i in range(a):
         row[i] = _widen(st[_u(sbase + q0 + i)], kind) if has_state else zero
-    off = base + (q0 - pl) * xstride
-    if xstride == 1:  # contiguous: a vectorized copy (and conversion)
-        for i in range(a, e):
-            row[i] = _widen(x[_u(off + i)], kind)
-    else:
-        for i in range(a, e):
-            row[i] = _widen(x[_u(off + i * xstride)], kind)
+    off = base + q0 - pl
+    for i in range(a, e):
+        row[i] = _widen(x[_u(off + i)], kind)
     for i in range(e, span):
         row[i] = zero
 
@@ -279,51 +275,88 @@ def _tasks(N, C, OL, layout, has_seq):
 # ----------------------------------------------------------------------------- forward
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _forward(x, st, w, b, seq, out, C, L, M, OL, s, d, pl, xc, xl, yc, yl, has_state,
-             has_bias, has_seq, act, kind, CB, TL, nCB, nLC):
-    """Depthwise 1-d forward (see the module docstring); NCL (the strides also allow NLC).
+@njit(cache=True, fastmath=_FM)
+def _scratch_outputs(x, st, w, b, kmin, out, n, c, C, L, M, OL, s, d, pl, la, cnt, has_state,
+                     has_bias, has_seq, act, kind, row, acc):
+    """Outputs [la, la + cnt) of every output channel of input channel c, NCL, through the
+    padded scratch row (kmin: the chunk's first taps, read if has_seq)."""
+    K = w.shape[1]
+    span = (cnt - 1) * s + d * (K - 1) + 1
+    _fill(x, st, row, (n * C + c) * L, (n * C + c) * pl, la * s, span, pl, L, has_state, kind)
+    a = acc[:cnt]
+    for m in range(M):
+        o = c * M + m
+        bias = b[o] if has_bias else w.dtype.type(0.0)
+        for i in range(cnt):
+            a[i] = bias
+        if has_seq:
+            _taps_masked(row, d, w, o, cnt, kmin, a)
+        else:
+            _taps(row, s, d, w, o, cnt, a)
+        if act != 0:
+            _activate(a, act)
+        _store(a, cnt, out, (n * C * M + o) * OL + la, 1, kind)
 
-    x:        flat input (N, C, L) NCL or (N, L, C) NLC; element (n, c, l) at n*C*L + c*xc + l*xl
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _forward(x, st, w, b, seq, out, C, L, M, OL, s, d, pl, has_state, has_bias, has_seq, act,
+             kind, CB, TL, nCB, nLC):
+    """Depthwise 1-d forward, NCL (see the module docstring).
+
+    x:        flat (N, C, L) input
     st:       flat (N, C, pl) initial state (read if has_state)
     w:        (C*M, K) filters, compute dtype;  b: (C*M,) bias (read if has_bias)
     seq:      (N, L) int32 seq_idx (read if has_seq)
-    out:      flat output; element (n, o, l) at n*C*M*OL + o*yc + l*yl
+    out:      flat (N, C*M, OL) result
     kind:     0 float arrays, 1 float16 bits, 2 bfloat16 bits
     CB, TL:   channels and outputs per task; nCB, nLC: their counts (tasks: N * nCB * nLC)
+    Float arrays without seq_idx: the interior outputs, whose taps all read x, are computed in
+    place in ``out`` straight from x; the border outputs (and everything for 16-bit arrays or
+    seq_idx) through the padded scratch row (_scratch_outputs).
     """
     K = w.shape[1]
     W = d * (K - 1)
     CO = C * M
     N = out.shape[0] // (CO * OL)
+    direct = kind == 0 and not has_seq
+    ia = -((-pl) // s)                 # first output whose first tap reads x[0] or later
+    ib = (L - 1 + pl - W) // s + 1     # first output whose last tap reads past x[L-1]
     for t in prange(N * nCB * nLC):
         n = t // (nCB * nLC)
         r = t - n * nCB * nLC
         cb = r // nLC
         j = r - cb * nLC
         l0 = j * TL
-        nl = min(TL, OL - l0)
-        span = (nl - 1) * s + W + 1
-        row = np.empty(span, w.dtype)
+        le = min(OL, l0 + TL)
+        nl = le - l0
+        la, lb = le, le                # [l0, la) and [lb, le) via scratch, [la, lb) direct
+        if direct:
+            la = min(max(ia, l0), le)
+            lb = min(max(ib, la), le)
+        row = np.empty((nl - 1) * s + W + 1, w.dtype)
         acc = np.empty(nl, w.dtype)
         kmin = np.empty(nl, np.int32)
         if has_seq:
             _kmin(seq, n, l0, nl, K, d, kmin)
         for c in range(cb * CB, min(C, (cb + 1) * CB)):
-            _fill(x, st, row, n * C * L + c * xc, xl, (n * C + c) * pl, l0 * s, span, pl, L,
-                  has_state, kind)
-            for m in range(M):
-                o = c * M + m
-                bias = b[o] if has_bias else w.dtype.type(0.0)
-                for i in range(nl):
-                    acc[i] = bias
-                if has_seq:
-                    _taps_masked(row, d, w, o, nl, kmin, acc)
-                else:
-                    _taps(row, s, d, w, o, nl, acc)
-                if act != 0:
-                    _activate(acc, act)
-                _store(acc, nl, out, n * CO * OL + o * yc + l0 * yl, yl, kind)
+            if la > l0:
+                _scratch_outputs(x, st, w, b, kmin, out, n, c, C, L, M, OL, s, d, pl, l0,
+                                 la - l0, has_state, has_bias, has_seq, act, kind, row, acc)
+            if le > lb:
+                _scratch_outputs(x, st, w, b, kmin, out, n, c, C, L, M, OL, s, d, pl, lb,
+                                 le - lb, has_state, has_bias, has_seq, act, kind, row, acc)
+            if lb > la:
+                xv = x[(n * C + c) * L + la * s - pl:]
+                for m in range(M):
+                    o = c * M + m
+                    ob = (n * CO + o) * OL
+                    y = out[ob + la:ob + lb]
+                    bias = b[o] if has_bias else w.dtype.type(0.0)
+                    for i in range(lb - la):
+                        y[i] = bias
+                    _taps(xv, s, d, w, o, lb - la, y)
+                    if act != 0:
+                        _activate(y, act)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -381,14 +414,14 @@ def _gx_masked(gs, d, w, o, nq, W, kmin, gacc):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, xc, xl, yc, yl,
-              has_state, has_seq, need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC):
-    """Depthwise 1-d backward in one pass (see the module docstring).
+def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_state, has_seq,
+              need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC):
+    """Depthwise 1-d backward in one pass, NCL (see the module docstring).
 
     x, st, seq, w, kind, CB, TL, nCB, nLC: as in _forward (tasks: N * nCB * nLC)
-    gy:       flat grad_output, addressed like _forward's out (yc, yl)
+    gy:       flat (N, C*M, OL) grad_output
     wf:       (C*M, K) filters flipped along K (the stride-1 grad_input is a forward pass)
-    gx:       flat grad_input, addressed like x (written if need_gx)
+    gx:       flat (N, C, L) grad_input (written if need_gx)
     gst:      flat (N, C, pl) grad_initial_state (written if need_gst)
     part:     (N * nLC, C*M, K + 1) float64: per (n, chunk) the partial grad_weight (k < K) and
               grad_bias (K) of its outputs (written if need_gw)
@@ -427,7 +460,7 @@ def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, xc, x
         p = n * nLC + j
         for c in range(cb * CB, min(C, (cb + 1) * CB)):
             if need_gw and nl > 0:
-                _fill(x, st, row, n * C * L + c * xc, xl, (n * C + c) * pl, l0 * s, span, pl,
+                _fill(x, st, row, (n * C + c) * L, (n * C + c) * pl, l0 * s, span, pl,
                       L, has_state, kind)
             for i in range(nq):
                 gacc[i] = zero
@@ -438,9 +471,9 @@ def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, xc, x
                 e = min(ng, max(0, OL - g0))
                 for i in range(a):
                     gs[i] = zero
-                off = n * CO * OL + o * yc + g0 * yl
+                off = (n * CO + o) * OL + g0
                 for i in range(a, e):
-                    gs[i] = _widen(gy[_u(off + i * yl)], kind)
+                    gs[i] = _widen(gy[_u(off + i)], kind)
                 for i in range(e, ng):
                     gs[i] = zero
                 if do_gx and nq > 0:
@@ -461,8 +494,7 @@ def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, xc, x
                     _store(gacc, e - q0, gst, (n * C + c) * pl + q0, 1, kind)
                 if need_gx and q1 > pl:
                     a = max(q0, pl)
-                    _store(gacc[a - q0:], q1 - a, gx, n * C * L + c * xc + (a - pl) * xl, xl,
-                           kind)
+                    _store(gacc[a - q0:], q1 - a, gx, (n * C + c) * L + a - pl, 1, kind)
 
 
 # ----------------------------------------------------------------------------- NLC tiles
@@ -731,13 +763,6 @@ def _seq32(seq):
     return runs
 
 
-def _strides(p):
-    """(xc, xl, yc, yl): channel and position strides of x and y in the problem's layout."""
-    if p.layout == "NCL":
-        return p.L, 1, p.OL, 1
-    return 1, p.C, 1, p.CO
-
-
 def _common(p, w, state, seq):
     dt = _compute_dtype(p.dtype)
     kind = _KIND.get(p.dtype, 0)
@@ -763,7 +788,7 @@ def forward(p, x, w, b, state, seq, out, final_out):
                      kind, cb, tl, ncb, nlc)
     else:
             _forward(_bits(x).reshape(-1), st, w2, _opt(b, dt, (p.CO,)), sq, _bits(out).reshape(-1),
-                 p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *_strides(p), state is not None,
+                 p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, state is not None,
                  b is not None, seq is not None, ACT_CODES[p.activation], kind, cb, tl, ncb,
                  nlc)
     if final_out is not None:
@@ -804,7 +829,7 @@ def backward(p, x, gy, w, state, seq, gx, gw, gb, gstate):
                       p.d, p.pl, *flags)
     else:
         _backward(_bits(x).reshape(-1), st, _bits(gy).reshape(-1), w2, wf, sq, gx_, gst_, part,
-                  p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *_strides(p), *flags)
+                  p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *flags)
     if need_gw:
         total = part.sum(axis=0)  # fixed order: float64 partials, rounded once
         if gw is not None:
