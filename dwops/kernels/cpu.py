@@ -1530,5 +1530,30 @@ class _CpuBackend(HostBackend):
                             np.ascontiguousarray(pw.T), *rest)
         _finish(out, target)
 
+    # -- depthwise 1-d (kernels in _cpu_conv1d.py)
+
+    def depthwise_conv1d_forward(self, p, x, w, b, state, seq, out, final_out, stream=None):
+        """x: p.x_shape, w: (C*M, 1, K), b: (C*M,) or None, state: (N, C, W) or None,
+        seq: (N, L) int32/int64 or None, out: p.y_shape, final_out: (N, C, W) or None."""
+        from . import _cpu_conv1d
+
+        _cpu_conv1d.forward(p, x, w, b, state, seq, out, final_out)
+
+    def depthwise_conv1d_backward(self, p, x, gy, w, state, seq, gx, gw, gb, gstate,
+                                  stream=None):
+        """x: p.x_shape, gy: p.y_shape, w: (C*M, 1, K), state: (N, C, W) or None, seq: (N, L)
+        or None; outputs, None when not asked for: gx p.x_shape, gw (C*M, 1, K), gb (C*M,),
+        gstate (N, C, W)."""
+        from . import _cpu_conv1d
+
+        _cpu_conv1d.backward(p, x, gy, w, state, seq, gx, gw, gb, gstate)
+
+    def depthwise_conv1d_update(self, p, x, state, w, b, out, state_out, stream=None):
+        """x: (N, C) or (N, C, T), state: (N, C, K-1), w: (C*M, 1, K), b: (C*M,) or None,
+        out: p.y_shape, state_out: (N, C, K-1), may be ``state`` itself (in place)."""
+        from . import _cpu_conv1d
+
+        _cpu_conv1d.update(p, x, state, w, b, out, state_out)
+
 
 BACKEND = _CpuBackend()
