@@ -506,6 +506,7 @@ def _conv1d_specs(quick: bool):
         for k in (4, 0):
             yield (op, "update", f"{dt} {k_name(k)} bias silu",
                    D1.update_kernel(k, dt, "silu", True))
+        yield (op, "update", f"{dt} k=generic", D1.update_kernel(0, dt, None, False))
     for act in ("relu", "relu6", "gelu"):
         yield (op, "forward", f"NCL float32 k=4 staged bias {act}",
                D1.forward_kernel("NCL", 4, "float32", act, True, False, None, True))
