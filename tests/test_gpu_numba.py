@@ -208,6 +208,9 @@ C1D_CASES = [
     (2, 65, 2049, 1, 31, 1, "causal", 2, None),  # generic width, dilated state
     (1, 33, 3001, 3, 1, 1, 4, 1, "relu"),  # width 1 (generic), multiplier 3, int padding
     (1, 17, 13501, 1, 2, 1, "valid", 13000, None),  # NCL span past the budget: direct variant
+    (2, 131, 1501, 1, 5, 1, "causal", 1, "silu"),  # width 5 window
+    (1, 67, 2999, 2, 6, 2, (0, 5), 1, "gelu"),  # width 6, stride 2, right padding only
+    (2, 45, 1203, 1, 8, 1, "causal", 3, None),  # width 8, dilated causal state
 ]
 
 

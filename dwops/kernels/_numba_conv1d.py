@@ -146,6 +146,17 @@ def _padded_loader(layout, acc, has_state):
     return cuda.jit(device=True, inline=True)(xp)
 
 
+def _seq_match(has_seq):
+    """Device function ``match(seq, base, src, v)``: whether source position ``src`` (``< 0``:
+    the state, counted as position 0) belongs to sequence ``v``; always true without seq_idx."""
+    HAS_SEQ = has_seq
+
+    def match(seq, base, src, v):
+        return not HAS_SEQ or seq[base + max(src, 0)] == v
+
+    return cuda.jit(device=True, inline=True)(match)
+
+
 def _seq_arr(seq_dt):
     return arr(seq_dt or "int32")
 
@@ -168,6 +179,7 @@ def forward_kernel(layout, K, dt, act, has_bias, has_state, seq_dt, staged):
     ZERO = ACC(0)
     ACT = activation(act, acc_dtype(dt))
     XP = _padded_loader(layout, ACC, has_state)
+    MATCH = _seq_match(seq_dt is not None)
     HAS_BIAS, HAS_SEQ, STAGED = has_bias, seq_dt is not None, staged
     KR = K if K else 1
 
@@ -203,7 +215,7 @@ def forward_kernel(layout, K, dt, act, has_bias, has_state, seq_dt, staged):
                     sl = seq[sbase + l] if HAS_SEQ else 0
                     acc = ZERO
                     for k in range(K_):
-                        if not HAS_SEQ or seq[sbase + max(l - (K_ - 1 - k) * d, 0)] == sl:
+                        if MATCH(seq, sbase, l - (K_ - 1 - k) * d, sl):
                             wv = wr[k] if K != 0 else ACC(w[co * K_ + k])
                             if STAGED:
                                 xv = sm[(l - l0) * s + k * d]
@@ -265,7 +277,7 @@ def forward_kernel(layout, K, dt, act, has_bias, has_state, seq_dt, staged):
                         sl = seq[sbase + l] if HAS_SEQ else 0
                         acc = ZERO
                         for k in range(K_):
-                            if not HAS_SEQ or seq[sbase + max(l - (K_ - 1 - k) * d, 0)] == sl:
+                            if MATCH(seq, sbase, l - (K_ - 1 - k) * d, sl):
                                 wv = wr[k] if K != 0 else ACC(w[co * K_ + k])
                                 acc += wv * XP(x, state, n, c, l * s + k * d, C, L, W, pl)
                         y[(n * OL + l) * CO + co] = ACT(acc + bias)
@@ -323,6 +335,7 @@ def backward_kernel(layout, K, dt, has_state, seq_dt, need_x, need_w, need_b, ne
     ACC = nb_type(ACCD)
     ZERO = ACC(0)
     XP = _padded_loader(layout, ACC, has_state)
+    MATCH = _seq_match(seq_dt is not None)
     HAS_SEQ, STAGED = seq_dt is not None, staged
     NEED_X, NEED_W, NEED_B, NEED_S = need_x, need_w, need_b, need_s
     NEED_GX = need_x or need_s
@@ -374,7 +387,7 @@ def backward_kernel(layout, K, dt, has_state, seq_dt, need_x, need_w, need_b, ne
                                 u = q - k * d
                                 l = u if s == 1 else u // s
                                 if l * s == u and l >= 0 and l < OL:
-                                    if not HAS_SEQ or seq[sbase + l] == ss:
+                                    if MATCH(seq, sbase, l, ss):
                                         if STAGED:
                                             wv = sm[m * K_ + k]
                                             gv = sm[GO + m * GS + l - lg0]
@@ -404,7 +417,7 @@ def backward_kernel(layout, K, dt, has_state, seq_dt, need_x, need_w, need_b, ne
                             for r in range(R):
                                 j = k0 + r
                                 if NEED_W and j < K_:
-                                    if not HAS_SEQ or seq[sbase + max(l - (K_ - 1 - j) * d, 0)] == sl:
+                                    if MATCH(seq, sbase, l - (K_ - 1 - j) * d, sl):
                                         if STAGED:
                                             xv = sm[XO + (l - l0) * s + j * d]
                                         else:
@@ -465,7 +478,7 @@ def backward_kernel(layout, K, dt, has_state, seq_dt, need_x, need_w, need_b, ne
                                 u = q - k * d
                                 l = u if s == 1 else u // s
                                 if l * s == u and l >= 0 and l < OL:
-                                    if not HAS_SEQ or seq[sbase + l] == ss:
+                                    if MATCH(seq, sbase, l, ss):
                                         acc += ACC(w[co * K_ + k]) * ACC(gy[(n * OL + l) * CO + co])
                         if src >= 0:
                             gx[(n * L + src) * C + c] = acc
@@ -488,7 +501,7 @@ def backward_kernel(layout, K, dt, has_state, seq_dt, need_x, need_w, need_b, ne
                                 for r in range(R):
                                     j = k0 + r
                                     if NEED_W and j < K_:
-                                        if not HAS_SEQ or seq[sbase + max(l - (K_ - 1 - j) * d, 0)] == sl:
+                                        if MATCH(seq, sbase, l - (K_ - 1 - j) * d, sl):
                                             xv = XP(x, state, n, c, l * s + j * d, C, L, W, pl)
                                             vals[r] += gv * xv
                                     elif NEED_B and j == nslot - 1:

@@ -300,7 +300,11 @@ class NumbaBackend(Backend):
         from . import _numba_conv1d as D1
         from ._numba_common import cdiv
 
-        flag = _cuda().to_device(np.zeros(1, np.int32))
+        cuda = _cuda()
+        # the interface carries no stream: wait for every stream (seq may have been written on
+        # the caller's), the answer needs a round trip to the host anyway
+        cuda.synchronize()
+        flag = cuda.to_device(np.zeros(1, np.int32))
         n, length = seq.shape
         _launch(D1.decreasing_kernel(str(seq.dtype)), min(cdiv(seq.size, THREADS), 4096), 0, 0,
                 _flat(seq), flag, n, length)
