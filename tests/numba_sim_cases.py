@@ -34,7 +34,8 @@ from dwops.kernels import _numba_depthwise as D  # noqa: E402
 from dwops.kernels import _numba_gemm as G  # noqa: E402
 from dwops.kernels import numba_cuda as NB  # noqa: E402
 from dwops.kernels._numba_common import fits, kernel_key  # noqa: E402
-from tests.conftest import assert_close, rand  # noqa: E402
+from tests.conftest import (assert_close, assert_conv1d_backward, conv1d_inputs,  # noqa: E402
+                            rand)
 
 BE = NB.BACKEND
 
@@ -299,34 +300,16 @@ CONV1D = [
 ]
 
 
-def _conv1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, bias, state, seq):
-    xs = (N, C, L) if layout == "NCL" else (N, L, C)
-    x = rand(rng, xs, dtype)
-    w = rand(rng, (C * M, 1, K), dtype)
-    b = rand(rng, (C * M,), dtype) if bias else None
-    st = rand(rng, (N, C, dilation * (K - 1)), dtype) if state else None
-    sq = None
-    if seq:  # packed sequences: boundaries anywhere, including inside the first window
-        sq = np.sort(rng.integers(0, 4, (N, L)), axis=1).astype(seq)
-    return x, w, b, st, sq
-
-
-def _conv1d_check_backward(p, x, gy, w, st, sq, geo, dtype, needs):
-    """Run the backward with the outputs in ``needs`` (subset of "xwbs") against the reference."""
-    C, M = p.C, p.M
-    outs = {"x": poisoned(p.x_shape, dtype), "w": poisoned((C * M, 1, p.K), dtype),
-            "b": poisoned((C * M,), dtype), "s": poisoned(p.state_shape, dtype)}
-    outs = {k: (v if k in needs else None) for k, v in outs.items()}
+def _conv1d_backward(p, x, gy, w, st, sq, geo, dtype, needs):
+    """Run the backward with the outputs in ``needs`` (letters of "xwbs"), poisoned, against the
+    reference."""
+    shapes = {"input": ("x", p.x_shape), "weight": ("w", p.w_shape), "bias": ("b", (p.CO,)),
+              "initial_state": ("s", p.state_shape)}
+    outs = {k: poisoned(shape, dtype) if letter in needs else None
+            for k, (letter, shape) in shapes.items()}
     BE.depthwise_conv1d_backward(p, dev(x), dev(gy), dev(w), dev(st), dev(sq), *outs.values())
-    flags = dict(need_input="x" in needs, need_weight="w" in needs, need_bias="b" in needs,
-                 need_initial_state="s" in needs)
-    expected = R.depthwise_conv1d_backward(x, gy, w, initial_state=st, seq_idx=sq, **flags, **geo)
-    scale = R.depthwise_conv1d_backward(absf(x), absf(gy), absf(w), initial_state=absf(st),
-                                        seq_idx=sq, **flags, **geo)
-    for (name, out), e, sc in zip(outs.items(), expected, scale):
-        assert (out is None) == (e is None), name
-        if out is not None:
-            assert_close(out.copy_to_host(), e, dtype, sc, f"grad {name}")
+    got = {k: None if v is None else v.copy_to_host() for k, v in outs.items()}
+    assert_conv1d_backward(got, x, gy, w, st, sq, geo, dtype)
 
 
 @pytest.mark.parametrize("case", CONV1D, ids=[c[0] for c in CONV1D])
@@ -334,7 +317,7 @@ def test_conv1d(case, rng):
     """Forward (with the final state when causal) and the one-pass backward with every output."""
     (_, layout, dtype, N, C, L, M, K, stride, padding, dilation, act, bias, state, seq,
      variant) = case
-    x, w, b, st, sq = _conv1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, bias, state,
+    x, w, b, st, sq = conv1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, bias, state,
                                      seq)
     causal = padding == "causal"
     p, _ = _spec.depthwise_1d("t", x, w, b, stride, padding, dilation, layout, act, st, causal,
@@ -363,7 +346,7 @@ def test_conv1d(case, rng):
     if layout == "NCL":
         staged = D1.ncl_plan(pb, lambda tl: D1.backward_smem(pb, tl, True))[1]
         assert staged == (variant == "staged")
-    _conv1d_check_backward(pb, x, gy, w, st, sq, geo, dtype, "xwbs" if state else "xwb")
+    _conv1d_backward(pb, x, gy, w, st, sq, geo, dtype, "xwbs" if state else "xwb")
 
 
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
@@ -374,7 +357,7 @@ def test_conv1d_backward_each_output_and_tiles(layout, rng, monkeypatch):
     last tile."""
     monkeypatch.setattr(D1, "MAX_TILE", 64)
     N, C, L, M, K = 1, 1, 70, 2, 3
-    x, w, _, st, sq = _conv1d_inputs(rng, layout, "float32", N, C, L, M, K, 2, False, True,
+    x, w, _, st, sq = conv1d_inputs(rng, layout, "float32", N, C, L, M, K, 2, False, True,
                                      "int64")
     pf, _ = _spec.depthwise_1d("t", x, w, None, 1, "causal", 2, layout, None, st, False, sq)
     gy = rand(rng, pf.y_shape)
@@ -386,13 +369,13 @@ def test_conv1d_backward_each_output_and_tiles(layout, rng, monkeypatch):
         assert ch == D1.MIN_CHUNK and tiles_l > 1
     geo = dict(stride=1, padding="causal", dilation=2, layout=layout)
     for needs in ("x", "w", "b", "s"):
-        _conv1d_check_backward(p, x, gy, w, st, sq, geo, "float32", needs)
+        _conv1d_backward(p, x, gy, w, st, sq, geo, "float32", needs)
     # "valid", dilation 3: 64 outputs end a tile exactly, inputs 64..69 follow the last output
     pf, _ = _spec.depthwise_1d("t", x, w, None, 1, "valid", 3, layout, None, None, False, None)
     assert pf.OL == 64
     gy = rand(rng, pf.y_shape)
     p, _ = _spec.depthwise_1d_backward("t", x, gy, w, 1, "valid", 3, layout, None, None, {})
-    _conv1d_check_backward(p, x, gy, w, None, None, dict(padding="valid", dilation=3,
+    _conv1d_backward(p, x, gy, w, None, None, dict(padding="valid", dilation=3,
                                                          layout=layout), "float32", "xwb")
 
 

@@ -17,7 +17,7 @@ import dwops
 import dwops.reference as R
 from dwops import _spec
 
-from .conftest import assert_close, gpu, rand
+from .conftest import assert_close, assert_conv1d_backward, conv1d_inputs, gpu, rand
 
 pytestmark = [pytest.mark.gpu, gpu]
 
@@ -214,29 +214,16 @@ C1D_CASES = [
 ]
 
 
-def _c1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, causal, seq_dt="int32"):
-    x = rand(rng, (N, C, L) if layout == "NCL" else (N, L, C), dtype)
-    w = rand(rng, (C * M, 1, K), dtype)
-    b = rand(rng, (C * M,), dtype)
-    st = rand(rng, (N, C, dilation * (K - 1)), dtype) if causal else None
-    sq = np.sort(rng.integers(0, 9, (N, L)), axis=1).astype(seq_dt) if causal else None
-    return x, w, b, st, sq
-
-
 def _c1d_backward(be, p, x, gy, w, st, sq, geo, dtype, needs):
-    outs = {"x": poisoned(p.x_shape, dtype), "w": poisoned(p.w_shape, dtype),
-            "b": poisoned((p.CO,), dtype), "s": poisoned(p.state_shape, dtype)}
-    outs = {k: (v if k in needs else None) for k, v in outs.items()}
+    """The backward with the outputs in ``needs`` (letters of "xwbs"), poisoned, against the
+    reference."""
+    shapes = {"input": ("x", p.x_shape), "weight": ("w", p.w_shape), "bias": ("b", (p.CO,)),
+              "initial_state": ("s", p.state_shape)}
+    outs = {k: poisoned(shape, dtype) if letter in needs else None
+            for k, (letter, shape) in shapes.items()}
     be.depthwise_conv1d_backward(p, dev(x), dev(gy), dev(w), dev(st), dev(sq), *outs.values())
-    flags = dict(need_input="x" in needs, need_weight="w" in needs, need_bias="b" in needs,
-                 need_initial_state="s" in needs)
-    expected = R.depthwise_conv1d_backward(x, gy, w, initial_state=st, seq_idx=sq, **flags, **geo)
-    scale = R.depthwise_conv1d_backward(absf(x), absf(gy), absf(w), initial_state=absf(st),
-                                        seq_idx=sq, **flags, **geo)
-    for (name, out), e, sc in zip(outs.items(), expected, scale):
-        assert (out is None) == (e is None), name
-        if out is not None:
-            assert_close(out.copy_to_host(), e, dtype, sc, f"grad {name}")
+    got = {k: None if v is None else v.copy_to_host() for k, v in outs.items()}
+    assert_conv1d_backward(got, x, gy, w, st, sq, geo, dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_1D)
@@ -246,8 +233,9 @@ def test_conv1d_forward_and_backward(case, dtype, layout, rng):
     N, C, L, M, K, stride, padding, dilation, act = case
     be = _be()
     causal = padding == "causal"
-    x, w, b, st, sq = _c1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, causal,
-                                  "int64" if dtype == "float64" else "int32")
+    seq_dt = ("int64" if dtype == "float64" else "int32") if causal else None
+    x, w, b, st, sq = conv1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, True, causal,
+                                    seq_dt)
     p, _ = _spec.depthwise_1d("t", x, w, b, stride, padding, dilation, layout, act, st, causal, sq)
     out = poisoned(p.y_shape, dtype)
     final = poisoned(p.state_shape, dtype) if causal else None
@@ -272,7 +260,8 @@ def test_conv1d_forward_and_backward(case, dtype, layout, rng):
 def test_conv1d_backward_need_subsets(needs, layout, rng):
     be = _be()
     N, C, L, M, K = 3, 515, 1777, 2, 4
-    x, w, _, st, sq = _c1d_inputs(rng, layout, "float32", N, C, L, M, K, 1, True)
+    x, w, _, st, sq = conv1d_inputs(rng, layout, "float32", N, C, L, M, K, 1, False, True,
+                                    "int32")
     gy = rand(rng, (N, C * M, L) if layout == "NCL" else (N, L, C * M))
     p, _ = _spec.depthwise_1d_backward("t", x, gy, w, 1, "causal", 1, layout, st, sq, {})
     _c1d_backward(be, p, x, gy, w, st, sq, dict(padding="causal", layout=layout), "float32",
