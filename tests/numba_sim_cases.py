@@ -349,6 +349,22 @@ def test_conv1d(case, rng):
     _conv1d_backward(pb, x, gy, w, st, sq, geo, dtype, "xwbs" if state else "xwb")
 
 
+@pytest.mark.parametrize("K,L", [(4, 23), (3, 37)])
+def test_conv1d_nlc_window_groups(K, L, rng, monkeypatch):
+    """The NLC register window over chunks of 16 outputs: several groups of 4 per chunk, then a
+    short chunk ending in a partial group; with state and seq_idx."""
+    monkeypatch.setattr(D1, "MIN_CHUNK", 16)
+    x, w, b, st, sq = conv1d_inputs(rng, "NLC", "float32", 1, 3, L, 1, K, 1, True, True, "int32")
+    p, _ = _spec.depthwise_1d("t", x, w, b, 1, "causal", 1, "NLC", "silu", st, False, sq)
+    assert D1.nlc_plan(p, p.CO)[0] == 16
+    out = poisoned(p.y_shape, "float32")
+    BE.depthwise_conv1d_forward(p, dev(x), dev(w), dev(b), dev(st), dev(sq), out, None)
+    geo = dict(padding="causal", layout="NLC", seq_idx=sq)
+    expected = R.depthwise_conv1d(x, w, b, activation="silu", initial_state=st, **geo)
+    scale = R.depthwise_conv1d(absf(x), absf(w), absf(b), initial_state=absf(st), **geo)
+    assert_close(out.copy_to_host(), expected, "float32", scale, "forward")
+
+
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
 def test_conv1d_backward_each_output_and_tiles(layout, rng, monkeypatch):
     """Each need_* output alone over several L tiles (64-output NCL tiles, 4-output NLC warp

@@ -27,8 +27,9 @@ Layouts and tiles (256 threads per block):
   dilation) the ``staged=False`` variant reads the same values from global memory.
 * NLC: lanes run along the ``C*M`` output channels (coalesced), each of the 8 warps walks a chunk
   of ``ch`` consecutive outputs; for a specialized width with stride 1 and dilation 1 the
-  ``K``-tap window (and its seq_idx values) is carried in registers, one new load per output;
-  otherwise every tap is a load (L1-cached: the warp's neighbours read the same lines).
+  ``K``-tap window (and its seq_idx values) is carried in registers, one new load per output,
+  ``U`` = 4 outputs per group with the group's loads issued before its stores; otherwise every
+  tap is a load (L1-cached: the warp's neighbours read the same lines).
 
 Backward (one pass over ``x`` and ``gy``): block ``(n, c, output tile)`` in NCL (the staged
 variant stages the weights of ``c``'s ``M`` channels, the input span and the ``M`` grad_output
@@ -52,7 +53,7 @@ from __future__ import annotations
 
 import functools
 
-from numba import cuda, types
+from numba import cuda
 
 from ._numba_common import I64, THREADS, acc_dtype, activation, arr, cdiv, fits, itemsize, \
     make_kernel, nb_type
@@ -64,6 +65,7 @@ MAX_CHUNK = 64  # NLC outputs per warp
 MIN_CHUNK = 4
 TARGET_BLOCKS = 2048  # enough blocks to fill every SM several times
 R = 9  # gradient slots reduced per round (taps, then the bias)
+U = 4  # NLC register window: outputs per group (their loads issued together)
 SPECIALIZED = range(2, 9)
 
 
@@ -182,6 +184,7 @@ def forward_kernel(layout, K, dt, act, has_bias, has_state, seq_dt, staged):
     MATCH = _seq_match(seq_dt is not None)
     HAS_BIAS, HAS_SEQ, STAGED = has_bias, seq_dt is not None, staged
     KR = K if K else 1
+    KU = KR - 1 + U  # register window of a group
 
     if layout == "NCL":
         def kernel(x, w, b, state, seq, y, N, C, L, M, OL, s, d, pl, kr, tl):
@@ -224,7 +227,7 @@ def forward_kernel(layout, K, dt, act, has_bias, has_state, seq_dt, staged):
                             acc += wv * xv
                     y[(n * CO + co) * OL + l] = ACT(acc + bias)
     else:
-        SEQ_T = types.int64
+        SEQ_T = nb_type(seq_dt or "int32")
 
         def kernel(x, w, b, state, seq, y, N, C, L, M, OL, s, d, pl, kr, ch):
             K_ = kr if K == 0 else K
@@ -252,26 +255,32 @@ def forward_kernel(layout, K, dt, act, has_bias, has_state, seq_dt, staged):
                     for k in range(K):
                         wr[k] = ACC(w[co * K + k])
                 if K != 0 and s == 1 and d == 1:
-                    # window: win[k] = xp[l + k], sq[k] = seq of its source position
-                    win = cuda.local.array(KR, ACC)
-                    sq = cuda.local.array(KR, SEQ_T)
+                    # window: win[j] = xp[l + j], sq[j] = seq of its source position; the U new
+                    # loads of a group are issued before its stores (U loads in flight)
+                    win = cuda.local.array(KU, ACC)
+                    sq = cuda.local.array(KU, SEQ_T)
                     for k in range(K - 1):
-                        win[k + 1] = XP(x, state, n, c, l0 + k, C, L, W, pl)
+                        win[k] = XP(x, state, n, c, l0 + k, C, L, W, pl)
                         if HAS_SEQ:
-                            sq[k + 1] = seq[sbase + max(l0 + k - pl, 0)]
-                    for l in range(l0, l1):
-                        for k in range(K - 1):
-                            win[k] = win[k + 1]
+                            sq[k] = seq[sbase + max(l0 + k - pl, 0)]
+                    for l in range(l0, l1, U):
+                        nu = min(U, l1 - l)
+                        for u in range(U):
+                            if u < nu:
+                                win[K - 1 + u] = XP(x, state, n, c, l + K - 1 + u, C, L, W, pl)
+                                if HAS_SEQ:  # causal: the source of the last tap is l + u
+                                    sq[K - 1 + u] = seq[sbase + l + u]
+                        for u in range(U):
+                            if u < nu:
+                                acc = ZERO
+                                for k in range(K):
+                                    if not HAS_SEQ or sq[u + k] == sq[u + K - 1]:
+                                        acc += wr[k] * win[u + k]
+                                y[(n * OL + l + u) * CO + co] = ACT(acc + bias)
+                        for k in range(K - 1):  # a short last group ends the chunk
+                            win[k] = win[k + U]
                             if HAS_SEQ:
-                                sq[k] = sq[k + 1]
-                        win[K - 1] = XP(x, state, n, c, l + K - 1, C, L, W, pl)
-                        if HAS_SEQ:
-                            sq[K - 1] = seq[sbase + l]  # causal: src of the last tap is l
-                        acc = ZERO
-                        for k in range(K):
-                            if not HAS_SEQ or sq[k] == sq[K - 1]:
-                                acc += wr[k] * win[k]
-                        y[(n * OL + l) * CO + co] = ACT(acc + bias)
+                                sq[k] = sq[k + U]
                 else:
                     for l in range(l0, l1):
                         sl = seq[sbase + l] if HAS_SEQ else 0
