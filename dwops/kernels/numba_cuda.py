@@ -2,14 +2,17 @@
 shared-memory loads.
 
 The kernels and their math live in ``_numba_depthwise.py`` (depthwise forward, grad_input,
-grad_weight stage 1) and ``_numba_gemm.py`` (pointwise GEMM with fused epilogue, split reduction,
-fused separable kernel); this module is the launcher (pick the specialization, allocate scratch,
-launch on the caller's stream), the array plumbing and the kernel report.
+grad_weight stage 1), ``_numba_gemm.py`` (pointwise GEMM with fused epilogue, split reduction,
+fused separable kernel) and ``_numba_conv1d.py`` (depthwise 1-d forward, one-pass backward, final
+state, decode update, seq_idx order check); this module is the launcher (pick the
+specialization, allocate scratch, launch on the caller's stream), the array plumbing and the
+kernel report.
 
-Specializations: kernel sizes 1, 3, 5 and 7 (square) are compile-time constants, every other size
-up to 31x31 runs the generic path; dtypes float16 (float32 accumulation), float32, float64.
-bfloat16 is refused with a TypeError: Numba cannot type a bfloat16 array argument (NumPy has no
-bfloat16 dtype of its own and PyTorch exports none through ``__cuda_array_interface__``).
+Specializations: kernel sizes 1, 3, 5 and 7 (square) and 1-d widths 2 to 8 are compile-time
+constants, every other size (2-d: up to 31x31) runs the generic path; dtypes float16 (float32
+accumulation), float32, float64. bfloat16 is refused with a TypeError: Numba cannot type a
+bfloat16 array argument (NumPy has no bfloat16 dtype of its own and PyTorch exports none through
+``__cuda_array_interface__``).
 """
 
 from __future__ import annotations
