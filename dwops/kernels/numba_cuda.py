@@ -400,8 +400,9 @@ def _report_specs(quick: bool = False):
     representative set: both layouts; float32 with every kernel-size specialization (1, 3, 5, 7,
     generic), float16 and float64 with 3x3 and generic; the staged and the direct (footprint past
     the shared-memory budget) variants of 3x3 and generic; every activation and bias flag; the
-    fused separable kernel and every GEMM role. ``quick`` keeps one kernel per factory branch
-    (layout, staged/direct, specialized/generic) and the heaviest dtype, for the unit test."""
+    fused separable kernel and every GEMM role; the depthwise 1-d kernels (:func:`_conv1d_specs`).
+    ``quick`` keeps one 2-d kernel per factory branch (layout, staged/direct, specialized/generic)
+    and the heaviest dtype, for the unit test (the 1-d quick set has its own test)."""
     if quick:
         yield from _quick_specs()
         return
