@@ -369,8 +369,7 @@ def test_conv1d_nlc_window_groups(K, L, rng, monkeypatch):
 def test_conv1d_backward_each_output_and_tiles(layout, rng, monkeypatch):
     """Each need_* output alone over several L tiles (64-output NCL tiles, 4-output NLC warp
     chunks, 32 outputs per block): the weight and bias partials of every tile meet in the
-    reduction; with stride 2 and right padding the positions past the last output belong to the
-    last tile."""
+    reduction; with "valid" padding the inputs past the last output belong to the last tile."""
     monkeypatch.setattr(D1, "MAX_TILE", 64)
     N, C, L, M, K = 1, 1, 70, 2, 3
     x, w, _, st, sq = conv1d_inputs(rng, layout, "float32", N, C, L, M, K, 2, False, True,
@@ -391,8 +390,8 @@ def test_conv1d_backward_each_output_and_tiles(layout, rng, monkeypatch):
     assert pf.OL == 64
     gy = rand(rng, pf.y_shape)
     p, _ = _spec.depthwise_1d_backward("t", x, gy, w, 1, "valid", 3, layout, None, None, {})
-    _conv1d_backward(p, x, gy, w, None, None, dict(padding="valid", dilation=3,
-                                                         layout=layout), "float32", "xwb")
+    geo = dict(padding="valid", dilation=3, layout=layout)
+    _conv1d_backward(p, x, gy, w, None, None, geo, "float32", "xwb")
 
 
 @pytest.mark.parametrize("dtype,K,M", [("float32", 4, 1), ("float16", 3, 2), ("float64", 10, 1)])
