@@ -54,6 +54,40 @@ def assert_close(actual, expected, dtype: str, scale=None, what: str = "") -> No
         f" ({dtype}); got {a[worst]!r}, expected {e[worst]!r}")
 
 
+def conv1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation=1, bias=True, state=False,
+                  seq=None):
+    """Fresh random depthwise 1-d inputs: x in ``layout``, w (C*M, 1, K), bias (C*M,) or None,
+    initial_state (N, C, dilation*(K-1)) or None, seq_idx (N, L) of dtype ``seq`` (sorted random
+    sequence ids, boundaries anywhere) or None."""
+    x = rand(rng, (N, C, L) if layout == "NCL" else (N, L, C), dtype)
+    w = rand(rng, (C * M, 1, K), dtype)
+    b = rand(rng, (C * M,), dtype) if bias else None
+    st = rand(rng, (N, C, dilation * (K - 1)), dtype) if state else None
+    sq = np.sort(rng.integers(0, 4, (N, L)), axis=1).astype(seq) if seq else None
+    return x, w, b, st, sq
+
+
+def assert_conv1d_backward(got: dict, x, gy, w, state, seq, geo: dict, dtype: str) -> None:
+    """Compare a backend's depthwise 1-d backward with the reference. ``got`` maps "input",
+    "weight", "bias", "initial_state" to the host result, or None where it was not asked for;
+    ``geo`` holds stride / padding / dilation / layout. Errors are relative to the same backward
+    of |x|, |gy| and |w|."""
+    import dwops.reference as R
+
+    def mag(a):
+        return None if a is None else np.nan_to_num(np.abs(np.asarray(a).astype(np.float64)))
+
+    flags = {f"need_{k}": v is not None for k, v in got.items()}
+    expected = R.depthwise_conv1d_backward(x, gy, w, initial_state=state, seq_idx=seq, **flags,
+                                           **geo)
+    scale = R.depthwise_conv1d_backward(mag(x), mag(gy), mag(w), initial_state=mag(state),
+                                        seq_idx=seq, **flags, **geo)
+    for (name, a), e, sc in zip(got.items(), expected, scale):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert_close(a, e, dtype, sc, f"grad {name}")
+
+
 def has_gpu() -> bool:
     try:
         from numba import cuda

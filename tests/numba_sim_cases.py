@@ -29,11 +29,13 @@ from numba import cuda  # noqa: E402
 import dwops  # noqa: E402
 import dwops.reference as R  # noqa: E402
 from dwops import _spec  # noqa: E402
+from dwops.kernels import _numba_conv1d as D1  # noqa: E402
 from dwops.kernels import _numba_depthwise as D  # noqa: E402
 from dwops.kernels import _numba_gemm as G  # noqa: E402
 from dwops.kernels import numba_cuda as NB  # noqa: E402
 from dwops.kernels._numba_common import fits, kernel_key  # noqa: E402
-from tests.conftest import assert_close, rand  # noqa: E402
+from tests.conftest import (assert_close, assert_conv1d_backward, conv1d_inputs,  # noqa: E402
+                            rand)
 
 BE = NB.BACKEND
 
@@ -260,6 +262,196 @@ def test_separable(case, rng):
     mid = R.depthwise_conv2d(absf(x), absf(dw_w), absf(dw_b), **geo)
     scale = R.pointwise_conv2d(mid, absf(pw_w), absf(b), layout=layout, residual=absf(r))
     assert_close(out.copy_to_host(), expected, dtype, scale, "separable")
+
+
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+# (id, layout, dtype, N, C, L, M, K, stride, padding, dilation, activation, bias, state, seq,
+#  variant): variant is "staged" / "direct" (NCL shared-memory tile or not), "window" (NLC
+#  register window: specialized width, stride 1, dilation 1) or "taps" (NLC, one load per tap).
+CONV1D = [
+    # Mamba-like: width 4, causal, initial_state, packed sequences (int64), silu, multiplier 2
+    ("ncl-k4-causal-state-seq", "NCL", "float32", 2, 1, 37, 2, 4, 1, "causal", 1, "silu", True,
+     True, "int64", "staged"),
+    # NLC: 33 channels (one past the 32 lanes), float16, the register window with state and seq
+    ("nlc-k4-window-state-seq", "NLC", "float16", 1, 33, 21, 1, 4, 1, "causal", 1, "silu", True,
+     True, "int32", "window"),
+    # generic width 11, stride 3, "same", float64, gelu
+    ("ncl-k11-same-s3", "NCL", "float64", 1, 2, 29, 1, 11, 3, "same", 1, "gelu", True, False,
+     None, "staged"),
+    # specialized width 5 off the window path: stride 2, dilation 2, (left, right) padding, M=3
+    ("nlc-k5-s2-d2-m3", "NLC", "float32", 1, 5, 23, 3, 5, 2, (2, 3), 2, "relu6", False, False,
+     None, "taps"),
+    # width 1 (generic path), "valid", float16, multiplier 2, int padding 2
+    ("ncl-k1-m2-pad2", "NCL", "float16", 1, 2, 9, 2, 1, 1, 2, 1, "relu", True, False, None,
+     "staged"),
+    # width 8, dilation 3, causal state longer than the sequence (final state reads the state)
+    ("nlc-k8-d3-short", "NLC", "float64", 1, 3, 10, 1, 8, 1, "causal", 3, None, False, True, None,
+     "taps"),
+    # width 31 (generic, 4 reduction rounds of the weight gradient), causal, state and seq
+    ("ncl-k31-state-seq", "NCL", "float32", 1, 1, 40, 1, 31, 1, "causal", 1, None, True, True,
+     "int32", "staged"),
+    # width 2 with dilation 6200 in float64: the span exceeds the shared-memory budget
+    ("ncl-direct", "NCL", "float64", 1, 1, 6207, 1, 2, 1, "valid", 6200, "silu", True, False,
+     None, "direct"),
+    # NLC width 7, causal state without seq, float64 window path
+    ("nlc-k7-window-state", "NLC", "float64", 2, 2, 13, 2, 7, 1, "causal", 1, "gelu", True, True,
+     None, "window"),
+]
+
+
+def _conv1d_backward(p, x, gy, w, st, sq, geo, dtype, needs):
+    """Run the backward with the outputs in ``needs`` (letters of "xwbs"), poisoned, against the
+    reference."""
+    shapes = {"input": ("x", p.x_shape), "weight": ("w", p.w_shape), "bias": ("b", (p.CO,)),
+              "initial_state": ("s", p.state_shape)}
+    outs = {k: poisoned(shape, dtype) if letter in needs else None
+            for k, (letter, shape) in shapes.items()}
+    BE.depthwise_conv1d_backward(p, dev(x), dev(gy), dev(w), dev(st), dev(sq), *outs.values())
+    got = {k: None if v is None else v.copy_to_host() for k, v in outs.items()}
+    assert_conv1d_backward(got, x, gy, w, st, sq, geo, dtype)
+
+
+@pytest.mark.parametrize("case", CONV1D, ids=[c[0] for c in CONV1D])
+def test_conv1d(case, rng):
+    """Forward (with the final state when causal) and the one-pass backward with every output."""
+    (_, layout, dtype, N, C, L, M, K, stride, padding, dilation, act, bias, state, seq,
+     variant) = case
+    x, w, b, st, sq = conv1d_inputs(rng, layout, dtype, N, C, L, M, K, dilation, bias, state,
+                                     seq)
+    causal = padding == "causal"
+    p, _ = _spec.depthwise_1d("t", x, w, b, stride, padding, dilation, layout, act, st, causal,
+                              sq)
+    if layout == "NCL":
+        assert D1.ncl_plan(p, lambda tl: D1.forward_smem(p, tl))[1] == (variant == "staged")
+    else:
+        assert (D1.kernel_key(K) != 0 and stride == 1 and dilation == 1) == (variant == "window")
+    assert D1.kernel_key(K) == (K if 2 <= K <= 8 else 0)
+    out = poisoned(p.y_shape, dtype)
+    final = poisoned(p.state_shape, dtype) if causal else None
+    BE.depthwise_conv1d_forward(p, dev(x), dev(w), dev(b), dev(st), dev(sq), out, final)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
+    expected = R.depthwise_conv1d(x, w, b, activation=act, initial_state=st, seq_idx=sq,
+                                  return_final_state=causal, **geo)
+    scale = R.depthwise_conv1d(absf(x), absf(w), absf(b), initial_state=absf(st), seq_idx=sq,
+                               **geo)
+    if causal:
+        expected, expected_final = expected
+        assert_close(final.copy_to_host(), expected_final, dtype, None, "final_state")
+    assert_close(out.copy_to_host(), expected, dtype, scale, "forward")
+
+    gy = rand(rng, p.y_shape, dtype)
+    pb, _ = _spec.depthwise_1d_backward("t", x, gy, w, stride, padding, dilation, layout, st, sq,
+                                        {})
+    if layout == "NCL":
+        staged = D1.ncl_plan(pb, lambda tl: D1.backward_smem(pb, tl, True))[1]
+        assert staged == (variant == "staged")
+    _conv1d_backward(pb, x, gy, w, st, sq, geo, dtype, "xwbs" if state else "xwb")
+
+
+@pytest.mark.parametrize("K,L", [(4, 23), (3, 37)])
+def test_conv1d_nlc_window_groups(K, L, rng, monkeypatch):
+    """The NLC register window over chunks of 16 outputs: several groups of 4 per chunk, then a
+    short chunk ending in a partial group; with state and seq_idx."""
+    monkeypatch.setattr(D1, "MIN_CHUNK", 16)
+    x, w, b, st, sq = conv1d_inputs(rng, "NLC", "float32", 1, 3, L, 1, K, 1, True, True, "int32")
+    p, _ = _spec.depthwise_1d("t", x, w, b, 1, "causal", 1, "NLC", "silu", st, False, sq)
+    assert D1.nlc_plan(p, p.CO)[0] == 16
+    out = poisoned(p.y_shape, "float32")
+    BE.depthwise_conv1d_forward(p, dev(x), dev(w), dev(b), dev(st), dev(sq), out, None)
+    geo = dict(padding="causal", layout="NLC", seq_idx=sq)
+    expected = R.depthwise_conv1d(x, w, b, activation="silu", initial_state=st, **geo)
+    scale = R.depthwise_conv1d(absf(x), absf(w), absf(b), initial_state=absf(st), **geo)
+    assert_close(out.copy_to_host(), expected, "float32", scale, "forward")
+
+
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+def test_conv1d_backward_each_output_and_tiles(layout, rng, monkeypatch):
+    """Each need_* output alone over several L tiles (64-output NCL tiles, 4-output NLC warp
+    chunks, 32 outputs per block): the weight and bias partials of every tile meet in the
+    reduction; with "valid" padding the inputs past the last output belong to the last tile."""
+    monkeypatch.setattr(D1, "MAX_TILE", 64)
+    N, C, L, M, K = 1, 1, 70, 2, 3
+    x, w, _, st, sq = conv1d_inputs(rng, layout, "float32", N, C, L, M, K, 2, False, True,
+                                     "int64")
+    pf, _ = _spec.depthwise_1d("t", x, w, None, 1, "causal", 2, layout, None, st, False, sq)
+    gy = rand(rng, pf.y_shape)
+    p, _ = _spec.depthwise_1d_backward("t", x, gy, w, 1, "causal", 2, layout, st, sq, {})
+    if layout == "NCL":
+        assert D1.ncl_plan(p, lambda tl: D1.backward_smem(p, tl, True))[0] == 64
+    else:
+        ch, _, tiles_l = D1.nlc_plan(p, p.C)
+        assert ch == D1.MIN_CHUNK and tiles_l > 1
+    geo = dict(stride=1, padding="causal", dilation=2, layout=layout)
+    for needs in ("x", "w", "b", "s"):
+        _conv1d_backward(p, x, gy, w, st, sq, geo, "float32", needs)
+    # "valid", dilation 3: 64 outputs end a tile exactly, inputs 64..69 follow the last output
+    pf, _ = _spec.depthwise_1d("t", x, w, None, 1, "valid", 3, layout, None, None, False, None)
+    assert pf.OL == 64
+    gy = rand(rng, pf.y_shape)
+    p, _ = _spec.depthwise_1d_backward("t", x, gy, w, 1, "valid", 3, layout, None, None, {})
+    geo = dict(padding="valid", dilation=3, layout=layout)
+    _conv1d_backward(p, x, gy, w, None, None, geo, "float32", "xwb")
+
+
+@pytest.mark.parametrize("dtype,K,M", [("float32", 4, 1), ("float16", 3, 2), ("float64", 10, 1)])
+def test_conv1d_update_decode_equals_full_causal_conv(dtype, K, M, rng):
+    """Chunked forward (final state -> initial state) and decode steps (T = 1, then T = 3) from a
+    state equal the full causal convolution; the state is updated in place."""
+    N, C, L0, T = 2, 3, 9, 3
+    total = L0 + 1 + T
+    x = rand(rng, (N, C, total), dtype)
+    w = rand(rng, (C * M, 1, K), dtype)
+    b = rand(rng, (C * M,), dtype)
+    full = R.depthwise_conv1d(x, w, b, padding="causal", activation="silu")
+    scale = R.depthwise_conv1d(absf(x), absf(w), absf(b), padding="causal")
+    # chunk 1: zeros on the left; its final state is the decode state
+    x0 = x[:, :, :L0]
+    p, _ = _spec.depthwise_1d("t", x0, w, b, 1, "causal", 1, "NCL", "silu", None, True, None)
+    y0, state = poisoned(p.y_shape, dtype), poisoned(p.state_shape, dtype)
+    BE.depthwise_conv1d_forward(p, dev(x0), dev(w), dev(b), None, None, y0, state)
+    assert_close(y0.copy_to_host(), full[:, :, :L0], dtype, scale[:, :, :L0], "chunk")
+    d_w, d_b = dev(w), dev(b)
+    for start, steps in ((L0, 1), (L0 + 1, T)):
+        xs = x[:, :, start:start + steps]
+        xs = xs[:, :, 0] if steps == 1 else xs  # (N, C) for a single token
+        pu, _ = _spec.depthwise_1d_update("t", xs, state.copy_to_host(), w, b, "silu")
+        y = poisoned(pu.y_shape, dtype)
+        BE.depthwise_conv1d_update(pu, dev(xs), state, d_w, d_b, y, state)  # in place
+        got = y.copy_to_host().reshape(N, C * M, steps)
+        sl = slice(start, start + steps)
+        assert_close(got, full[:, :, sl], dtype, scale[:, :, sl], f"decode at {start}")
+    expected_state = x[:, :, total - (K - 1):]
+    assert_close(state.copy_to_host(), expected_state, dtype, None, "state after decode")
+
+
+def test_conv1d_public_api_and_seq_idx_order(rng):
+    """backend='numba' through the public functions with host arrays; the seq_idx order check runs
+    on the device; bfloat16 is refused with a hint."""
+    x = rand(rng, (2, 7, 3))  # NLC
+    w = rand(rng, (3, 1, 4))
+    st = rand(rng, (2, 3, 3))
+    seq = np.array([[0, 0, 1, 1, 1, 2, 2], [5, 5, 5, 5, 6, 6, 6]], np.int64)
+    y, final = dwops.depthwise_conv1d(x, w, padding="causal", layout="NLC", initial_state=st,
+                                      return_final_state=True, seq_idx=seq, backend="numba")
+    ey, ef = R.depthwise_conv1d(x, w, padding="causal", layout="NLC", initial_state=st,
+                                return_final_state=True, seq_idx=seq)
+    assert isinstance(y, np.ndarray)
+    scale = R.depthwise_conv1d(absf(x), absf(w), padding="causal", layout="NLC",
+                               initial_state=absf(st), seq_idx=seq)
+    assert_close(y, ey, "float32", scale)
+    assert_close(final, ef, "float32")
+    assert BE.nondecreasing(dev(seq)) and BE.nondecreasing(dev(seq.astype(np.int32)))
+    bad = seq.copy()
+    bad[1, 6] = 4
+    assert not BE.nondecreasing(dev(bad))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        dwops.depthwise_conv1d(x, w, padding="causal", layout="NLC", seq_idx=bad, backend="numba")
+    import ml_dtypes
+
+    xb = np.ones((1, 2, 5), ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"bfloat16.*backend='cupy'"):
+        dwops.depthwise_conv1d(xb, np.ones((2, 1, 3), ml_dtypes.bfloat16), backend="numba")
 
 
 # ----------------------------------------------------------------------------- public API, plumbing

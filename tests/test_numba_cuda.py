@@ -4,7 +4,8 @@
   live in ``tests/numba_sim_cases.py`` and run in a separate process with
   ``NUMBA_ENABLE_CUDASIM=1`` (the simulator must be chosen before ``numba.cuda`` is imported).
 * The kernel report: kernels compiled for sm_90 with ``numba.cuda.compile_ptx`` and assembled by
-  nvJitLink, no compile error and zero spill bytes.
+  nvJitLink, no compile error and zero spill bytes (the depthwise 1-d kernels: no local memory
+  either).
 * Plumbing that needs no device: memoized factories, availability without a GPU.
 """
 
@@ -48,6 +49,28 @@ def test_kernel_report_compiles_without_spills():
         assert r["error"] is None, r
         assert r["spill_bytes"] == 0, r
         assert 0 < r["registers"] <= 255, r
+
+
+def test_conv1d_kernels_compile_for_sm90_without_spills_or_local_memory():
+    """One depthwise 1-d kernel per code path (layouts, specialized/generic width, staged/direct,
+    window/taps, backward, final state, update, seq_idx check), every epilogue flag on: compiled
+    for sm_90, assembled by nvJitLink, no spill bytes and no stack frame (local memory)."""
+    pytest.importorskip("cuda.bindings.nvjitlink")
+    from numba import cuda
+
+    from dwops.kernels._ptxas import assemble
+    from dwops.kernels.numba_cuda import _conv1d_specs, _report_specs
+
+    quick = list(_conv1d_specs(True))
+    assert {d for _, d, _, _ in quick} == {"forward", "backward", "final_state", "update",
+                                           "seq_idx check"}
+    full = {k.name for op, *_, k in _report_specs() if op == "depthwise_conv1d"}
+    assert {k.name for *_, k in quick} <= full  # the report lists every kernel tested here
+    for _, direction, spec, k in quick:
+        ptx, _ = cuda.compile_ptx(k.py_func, k.sig, cc=(9, 0))
+        (props,) = assemble(ptx, "sm_90").values()
+        assert props["spill_bytes"] == 0 and props["stack_bytes"] == 0, (direction, spec, props)
+        assert 0 < props["registers"] <= 128, (direction, spec, props)
 
 
 def test_report_set_covers_every_specialization_family():

@@ -21,11 +21,13 @@ from numba import cuda, types
 SMEM_BUDGET = 48 * 1024
 THREADS = 256  # threads per block of every kernel (8 warps)
 
-_NB = {"float16": types.float16, "float32": types.float32, "float64": types.float64}
+_NB = {"float16": types.float16, "float32": types.float32, "float64": types.float64,
+       "int32": types.int32, "int64": types.int64}
 
 
 def nb_type(dtype: str):
-    """The Numba scalar type of a dtype name (float16, float32, float64)."""
+    """The Numba scalar type of a dtype name (float16, float32, float64; int32, int64 for index
+    arrays such as seq_idx)."""
     return _NB[dtype]
 
 

@@ -2,14 +2,17 @@
 shared-memory loads.
 
 The kernels and their math live in ``_numba_depthwise.py`` (depthwise forward, grad_input,
-grad_weight stage 1) and ``_numba_gemm.py`` (pointwise GEMM with fused epilogue, split reduction,
-fused separable kernel); this module is the launcher (pick the specialization, allocate scratch,
-launch on the caller's stream), the array plumbing and the kernel report.
+grad_weight stage 1), ``_numba_gemm.py`` (pointwise GEMM with fused epilogue, split reduction,
+fused separable kernel) and ``_numba_conv1d.py`` (depthwise 1-d forward, one-pass backward, final
+state, decode update, seq_idx order check); this module is the launcher (pick the
+specialization, allocate scratch, launch on the caller's stream), the array plumbing and the
+kernel report.
 
-Specializations: kernel sizes 1, 3, 5 and 7 (square) are compile-time constants, every other size
-up to 31x31 runs the generic path; dtypes float16 (float32 accumulation), float32, float64.
-bfloat16 is refused with a TypeError: Numba cannot type a bfloat16 array argument (NumPy has no
-bfloat16 dtype of its own and PyTorch exports none through ``__cuda_array_interface__``).
+Specializations: kernel sizes 1, 3, 5 and 7 (square) and 1-d widths 2 to 8 are compile-time
+constants, every other size (2-d: up to 31x31) runs the generic path; dtypes float16 (float32
+accumulation), float32, float64. bfloat16 is refused with a TypeError: Numba cannot type a
+bfloat16 array argument (NumPy has no bfloat16 dtype of its own and PyTorch exports none through
+``__cuda_array_interface__``).
 """
 
 from __future__ import annotations
@@ -295,6 +298,96 @@ class NumbaBackend(Backend):
                       (0, 0, 1, q.CI), (0, q.CO, 1), 1, (acc, d.dtype, d.dtype), q.activation,
                       False, stream=stream)
 
+    # -- depthwise 1-d
+    def nondecreasing(self, seq) -> bool:
+        from . import _numba_conv1d as D1
+        from ._numba_common import cdiv
+
+        cuda = _cuda()
+        # the interface carries no stream: wait for every stream (seq may have been written on
+        # the caller's), the answer needs a round trip to the host anyway
+        cuda.synchronize()
+        flag = cuda.to_device(np.zeros(1, np.int32))
+        n, length = seq.shape
+        _launch(D1.decreasing_kernel(str(seq.dtype)), min(cdiv(seq.size, THREADS), 4096), 0, 0,
+                _flat(seq), flag, n, length)
+        return int(flag.copy_to_host()[0]) == 0
+
+    def aliases(self, native, obj, info) -> bool:
+        """True when ``native`` is ``obj`` or a view of the same device memory (same pointer,
+        size and dtype); host arrays are copied by :meth:`asarray`, so never."""
+        if not info.on_gpu:
+            return False
+        if native is obj:
+            return True
+        try:
+            theirs = obj.__cuda_array_interface__
+            ours = native.__cuda_array_interface__
+        except AttributeError:
+            return False
+        return (theirs["data"][0] == ours["data"][0] and tuple(theirs["shape"]) == native.shape
+                and theirs.get("strides") in (None, ours.get("strides"))
+                and np.dtype(theirs["typestr"]) == native.dtype)
+
+    def depthwise_conv1d_forward(self, p, x, w, b, state, seq, out, final_out, stream=None):
+        from . import _numba_conv1d as D1
+        from ._numba_common import cdiv
+
+        seq_dt = None if seq is None else str(seq.dtype)
+        if p.layout == "NCL":
+            tile, staged, blocks = D1.ncl_plan(p, lambda tl: D1.forward_smem(p, tl))
+            smem = D1.forward_smem(p, tile) if staged else 0
+        else:
+            tile, blocks, _ = D1.nlc_plan(p, p.CO)
+            staged, smem = False, 0
+        k = D1.forward_kernel(p.layout, D1.kernel_key(p.K), p.dtype, p.activation, p.has_bias,
+                              p.has_state, seq_dt, staged)
+        _launch(k, blocks, smem, stream, _flat(x), _flat(w), _or_dummy(b, p.dtype),
+                _or_dummy(state, p.dtype), _or_dummy(seq, "int32"), _flat(out), p.N, p.C, p.L,
+                p.M, p.OL, p.s, p.d, p.pl, p.K, tile)
+        if final_out is not None:
+            n = p.N * p.C * p.W
+            _launch(D1.final_state_kernel(p.layout, p.dtype, p.has_state),
+                    min(cdiv(n, THREADS), 4096), 0, stream, _flat(x), _or_dummy(state, p.dtype),
+                    _flat(final_out), p.N, p.C, p.L, p.W)
+
+    def depthwise_conv1d_backward(self, p, x, gy, w, state, seq, gx, gw, gb, gstate,
+                                  stream=None):
+        from . import _numba_conv1d as D1
+        from ._numba_common import acc_dtype
+
+        acc = acc_dtype(p.dtype)
+        seq_dt = None if seq is None else str(seq.dtype)
+        need_w = gw is not None
+        if p.layout == "NCL":
+            tile, staged, blocks = D1.ncl_plan(p, lambda tl: D1.backward_smem(p, tl, need_w))
+            smem = D1.backward_smem(p, tile, need_w) if staged else D1.reduce_smem(p)
+            splits = blocks // (p.N * p.C) * p.N
+        else:
+            tile, blocks, tiles_l = D1.nlc_plan(p, p.C)
+            staged, smem, splits = False, D1.reduce_smem(p), p.N * tiles_l
+        part_w = _scratch(splits * p.CO * p.K, acc) if need_w else _dummy(acc)
+        part_b = _scratch(splits * p.CO, acc) if gb is not None else _dummy(acc)
+        k = D1.backward_kernel(p.layout, D1.kernel_key(p.K), p.dtype, p.has_state, seq_dt,
+                               gx is not None, need_w, gb is not None, gstate is not None, staged)
+        _launch(k, blocks, smem, stream, _flat(x), _flat(gy), _flat(w),
+                _or_dummy(state, p.dtype), _or_dummy(seq, "int32"), _or_dummy(gx, p.dtype),
+                part_w, part_b, _or_dummy(gstate, p.dtype), p.N, p.C, p.L, p.M, p.OL, p.s, p.d,
+                p.pl, p.K, tile)
+        if need_w:
+            _run_reduce(part_w, gw, p.CO * p.K, splits, acc, p.dtype, stream)
+        if gb is not None:
+            _run_reduce(part_b, gb, p.CO, splits, acc, p.dtype, stream)
+
+    def depthwise_conv1d_update(self, p, x, state, w, b, out, state_out, stream=None):
+        from . import _numba_conv1d as D1
+        from ._numba_common import cdiv
+
+        k = D1.update_kernel(D1.kernel_key(p.K), p.dtype, p.activation, p.has_bias)
+        _launch(k, min(cdiv(p.N * p.C, THREADS), 4096), 0, stream, _flat(x), _flat(state),
+                _flat(w), _or_dummy(b, p.dtype), _flat(out), _flat(state_out), p.N, p.C, p.M,
+                p.T, p.K)
+
 
 BACKEND = NumbaBackend()
 
@@ -307,8 +400,9 @@ def _report_specs(quick: bool = False):
     representative set: both layouts; float32 with every kernel-size specialization (1, 3, 5, 7,
     generic), float16 and float64 with 3x3 and generic; the staged and the direct (footprint past
     the shared-memory budget) variants of 3x3 and generic; every activation and bias flag; the
-    fused separable kernel and every GEMM role. ``quick`` keeps one kernel per factory branch
-    (layout, staged/direct, specialized/generic) and the heaviest dtype, for the unit test."""
+    fused separable kernel and every GEMM role; the depthwise 1-d kernels (:func:`_conv1d_specs`).
+    ``quick`` keeps one 2-d kernel per factory branch (layout, staged/direct, specialized/generic)
+    and the heaviest dtype, for the unit test (the 1-d quick set has its own test)."""
     if quick:
         yield from _quick_specs()
         return
@@ -363,6 +457,69 @@ def _report_specs(quick: bool = False):
             yield ("separable", "forward", f"{dt} unfused pointwise NHWC",
                    G.gemm_kernel(acc, dt, dt, "relu", True, False, True))
         yield ("reduce", "grad_weight", f"{acc} -> {dt}", G.reduce_kernel(acc, dt))
+    yield from _conv1d_specs(False)
+
+
+def _conv1d_specs(quick: bool):
+    """The depthwise 1-d kernels: both layouts, every dtype, widths 4 (and 2, 8 in float32) and
+    generic, staged and direct NCL variants, bare and full-featured epilogues (bias, silu,
+    initial_state, seq_idx), the backward with every output and with single outputs, the final
+    state, the decode update and the seq_idx order check. ``quick``: one per code path."""
+    from . import _numba_conv1d as D1
+
+    op = "depthwise_conv1d"
+
+    def k_name(k):
+        return f"k={k}" if k else "k=generic"
+
+    if quick:
+        for layout, k, dt, staged in (("NCL", 4, "float16", True), ("NCL", 0, "float64", False),
+                                      ("NLC", 4, "float32", False), ("NLC", 0, "float64", False)):
+            tag = f"{layout} {dt} {k_name(k)} {'staged' if staged else 'direct'}"
+            yield (op, "forward", tag + " bias silu state seq",
+                   D1.forward_kernel(layout, k, dt, "silu", True, True, "int64", staged))
+            yield (op, "backward", tag + " all outputs state seq",
+                   D1.backward_kernel(layout, k, dt, True, "int32", True, True, True, True,
+                                      staged))
+        yield (op, "final_state", "NLC float64 state", D1.final_state_kernel("NLC", "float64",
+                                                                            True))
+        yield (op, "update", "float16 k=4 bias silu", D1.update_kernel(4, "float16", "silu", True))
+        yield (op, "update", "float64 k=generic", D1.update_kernel(0, "float64", None, False))
+        yield (op, "seq_idx check", "int64", D1.decreasing_kernel("int64"))
+        return
+    for layout in ("NCL", "NLC"):
+        for dt in ("float16", "float32", "float64"):
+            for k in ((2, 4, 8, 0) if dt == "float32" else (4, 0)):
+                every = dt == "float32" and k in (4, 0)  # also the bare and single-output kernels
+                for staged in ((True, False) if layout == "NCL" else (False,)):
+                    tag = f"{layout} {dt} {k_name(k)} {'staged' if staged else 'direct'}"
+                    yield (op, "forward", tag + " bias silu state seq",
+                           D1.forward_kernel(layout, k, dt, "silu", True, True, "int64", staged))
+                    yield (op, "backward", tag + " all outputs state seq",
+                           D1.backward_kernel(layout, k, dt, True, "int32", True, True, True,
+                                              True, staged))
+                    if not every:
+                        continue
+                    yield (op, "forward", tag,
+                           D1.forward_kernel(layout, k, dt, None, False, False, None, staged))
+                    yield (op, "backward", tag + " grad_input",
+                           D1.backward_kernel(layout, k, dt, False, None, True, False, False,
+                                              False, staged))
+                    yield (op, "backward", tag + " grad_weight grad_bias",
+                           D1.backward_kernel(layout, k, dt, False, None, False, True, True,
+                                              False, staged))
+            yield (op, "final_state", f"{layout} {dt} state",
+                   D1.final_state_kernel(layout, dt, True))
+    for dt in ("float16", "float32", "float64"):
+        for k in (4, 0):
+            yield (op, "update", f"{dt} {k_name(k)} bias silu",
+                   D1.update_kernel(k, dt, "silu", True))
+        yield (op, "update", f"{dt} k=generic", D1.update_kernel(0, dt, None, False))
+    for act in ("relu", "relu6", "gelu"):
+        yield (op, "forward", f"NCL float32 k=4 staged bias {act}",
+               D1.forward_kernel("NCL", 4, "float32", act, True, False, None, True))
+    for seq_dt in ("int32", "int64"):
+        yield (op, "seq_idx check", seq_dt, D1.decreasing_kernel(seq_dt))
 
 
 def _quick_specs():
