@@ -560,6 +560,7 @@ C1_THREADS = 128                    # threads per block of the conv1d kernels (c
 C1_SPECIALIZED_K = tuple(range(2, 9))   # widths with compile-time unrolled taps; others generic
 C1_TARGET_THREADS = 132 * 2048      # NLC: threads to aim for (~ every thread slot of an H100/H200)
 C1_NLC_BWD_REGS = 32                # NLC backward: K * VEC window values per thread at most
+C1_MIN_CHUNKS = 3                   # NCL: chunks per block at least (when the row has them)
 
 
 def c1_spec(K: int) -> int:
@@ -575,9 +576,11 @@ def c1_vec_limit(K: int, direction: str, layout: str):
 
 
 def _c1_rows_split(rows: int, chunks: int) -> tuple[int, int]:
-    """NCL: (chunks per block, blocks per row) so that rows * blocks ~ TARGET_BLOCKS or more."""
+    """NCL: (chunks per block, blocks per row) so that rows * blocks ~ 2 * TARGET_BLOCKS or more,
+    each block taking C1_MIN_CHUNKS chunks at least (while one chunk is computed the next one's
+    copies are in flight; the first chunk's copies are the only ones nothing overlaps)."""
     want = max(1, min(chunks, _cdiv(TARGET_BLOCKS * 2, max(1, rows)), MAX_GRID_YZ))
-    per = _cdiv(chunks, want)
+    per = max(min(chunks, C1_MIN_CHUNKS), _cdiv(chunks, want))
     return per, _cdiv(chunks, per)
 
 

@@ -23,13 +23,15 @@
 //   pointer not aligned for its type (a 16-byte Pack from an address that is not a multiple of 16,
 //   which faults on a GPU but not on x86) is an error.
 // * cp.async (common.cuh's cp_async / cp_async_commit / cp_async_wait helpers, provided here under
-//   DWOPS_HOST_CP_ASYNC): a copy reads its source when issued but writes shared memory only when
-//   the issuing thread waits for its group (cp_async_wait<N>: every committed group but the N
-//   newest lands, oldest first); the zero-fill form writes zeros. A kernel that reads staged data
-//   without the wait reads the poisoned bytes; a thread reading another thread's copies without a
-//   barrier after that thread's wait is a race (the order of the fibers decides). Copies still
-//   pending when a thread exits are dropped. Destinations must lie in the dynamic shared memory,
-//   sizes be 4, 8 or 16 bytes, both addresses aligned to the size.
+//   DWOPS_HOST_CP_ASYNC): a copy reads its source when issued; it writes shared memory at the
+//   latest moment the hardware allows in the forward run (when the issuing thread waits for its
+//   group: cp_async_wait<N> lands every committed group but the N newest, oldest first) and at
+//   the earliest (at issue) in the reverse run. The zero-fill form writes zeros. A kernel that
+//   reads staged data without the wait reads the poisoned bytes in the forward run, and one that
+//   overwrites a buffer other threads may still read (a missing barrier before restaging) reads
+//   the new data in the reverse run: either way the two runs differ, which is reported as a race.
+//   Copies still pending when a thread exits are dropped. Destinations must lie in the dynamic
+//   shared memory, sizes be 4, 8 or 16 bytes, both addresses aligned to the size.
 #pragma once
 #include <signal.h>
 #include <setjmp.h>
@@ -106,6 +108,7 @@ static uint3 g_block;
 static dim3 g_bdim, g_gdim;
 static unsigned char* g_smem = nullptr;
 static size_t g_smem_bytes = 0;
+static int g_order = 0;        // 0: forward run, 1: reverse run
 static std::vector<Fiber> g_fibers;
 static std::vector<unsigned long long> g_lane_value;  // one 8-byte slot per thread (shuffles)
 static void (*g_body)(void*) = nullptr;
@@ -286,6 +289,7 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
     const size_t shared16 = (shared + 15) / 16 * 16;
     g_smem = reinterpret_cast<unsigned char*>(map + body_bytes - shared16);
     g_smem_bytes = shared16;
+    g_order = order;
     g_bdim = block;
     g_gdim = grid;
     g_body = body;
@@ -466,7 +470,8 @@ inline void cp_async(void* dst, const void* src, bool valid) {
     c.size = BYTES;
     if (valid) std::memcpy(c.bytes, src, BYTES);  // read at issue (a fault names this copy)
     else std::memset(c.bytes, 0, BYTES);          // src-size 0: zero fill, nothing read
-    dwemu::cur->open.push_back(c);
+    if (dwemu::g_order) std::memcpy(d, c.bytes, BYTES);  // reverse run: lands at once
+    else dwemu::cur->open.push_back(c);                  // forward run: lands at the wait
 }
 
 inline void cp_async_commit() {
