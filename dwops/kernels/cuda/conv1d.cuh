@@ -645,7 +645,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_update(
     int N, int C, int M, int KW, int Tn, int act)
 {
     typedef typename Acc<T>::type A;
-    constexpr int KS = K > 0 ? K : 32;  // register (K > 0) or local (runtime width) storage
+    constexpr int KS = K > 0 ? K : 32;  // registers (K > 0: constant indices) or local storage
     const int kw = K > 0 ? K : KW;
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (i64)N * C) return;
@@ -656,8 +656,9 @@ __global__ void __launch_bounds__(C1_THREADS) c1_update(
 #pragma unroll
     for (int i = 0; i < KS - 1; ++i)
         if (i < kw - 1) st[i] = to_acc(state[idx * (kw - 1) + i]);
-    // window position i of concat(state, x): st[i] for i < kw-1, else x[i - (kw-1)]
-    auto at = [&](int i) -> A { return i < kw - 1 ? st[i] : to_acc(xr[i - (kw - 1)]); };
+    // win[k] = concat(state, x)[t + k] while token t is computed; after the last token the
+    // first kw-1 entries are the new state
+    A win[KS];
     for (int m = 0; m < M; ++m) {
         const i64 o = (i64)c * M + m;
         A wk[KS];
@@ -665,21 +666,24 @@ __global__ void __launch_bounds__(C1_THREADS) c1_update(
         for (int k = 0; k < KS; ++k)
             if (k < kw) wk[k] = to_acc(w[o * kw + k]);
         const A bv = bias != nullptr ? to_acc(bias[o]) : A(0);
+#pragma unroll
+        for (int i = 0; i < KS - 1; ++i)
+            if (i < kw - 1) win[i] = st[i];
         for (int t = 0; t < Tn; ++t) {
+            win[kw - 1] = to_acc(xr[t]);
             A acc = 0;
 #pragma unroll
             for (int k = 0; k < KS; ++k)
-                if (k < kw) acc += wk[k] * at(t + k);
+                if (k < kw) acc += wk[k] * win[k];
             y[(n * C * M + o) * Tn + t] = from_acc<T>(activate(acc + bv, act));
+#pragma unroll
+            for (int i = 0; i < KS - 1; ++i)
+                if (i < kw - 1) win[i] = win[i + 1];
         }
     }
-    A ns[KS];
 #pragma unroll
     for (int i = 0; i < KS - 1; ++i)
-        if (i < kw - 1) ns[i] = at(Tn + i);
-#pragma unroll
-    for (int i = 0; i < KS - 1; ++i)
-        if (i < kw - 1) state_out[idx * (kw - 1) + i] = from_acc<T>(ns[i]);
+        if (i < kw - 1) state_out[idx * (kw - 1) + i] = from_acc<T>(win[i]);
 }
 
 // ------------------------------------------------------------------------------ final state
