@@ -310,7 +310,7 @@ GROUPS = {
     "forward_pointwise_separable_specializations": "depthwise_forward or pointwise_all or "
                                                    "test_separable or numpy_inputs or "
                                                    "every_specialization",
-    "conv1d": "conv1d and not random and not mamba",
+    "conv1d": "conv1d and not random",  # the real-GPU-only 1-d tests are named depthwise_1d
 }
 
 

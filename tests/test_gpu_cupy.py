@@ -678,7 +678,7 @@ def test_conv1d_plans_respect_launch_limits():
 
 @real_gpu
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
-def test_conv1d_mamba_sizes(layout, rng):
+def test_depthwise_1d_mamba_sizes(layout, rng):
     """A Mamba-like row (bf16, C=1536, L=2048, K=4, causal, SiLU) forward and backward."""
     be = _backend()
     x, w, b, st, _ = _c1_args(rng, 2, 1536, 2048, 1, 4, layout, "bfloat16", bias=True,
@@ -688,3 +688,59 @@ def test_conv1d_mamba_sizes(layout, rng):
     need = dict(zip(NEEDS, (True,) * 4))
     _check_c1_backward(be, x, w, st, None, rand(rng, p.y_shape, "bfloat16"), "bfloat16", need,
                        layout=layout)
+
+
+@real_gpu
+def test_depthwise_1d_update_writes_a_cupy_state_in_place(rng):
+    """A CuPy state is the caller's memory (aliases): updated in place and returned as is; a
+    non-contiguous one is written back instead."""
+    be = _backend()
+    st = cupy.asarray(rand(rng, (2, 8, 3), "float32"))
+    w = cupy.asarray(rand(rng, (8, 1, 4), "float32"))
+    x = cupy.asarray(rand(rng, (2, 8), "float32"))
+    before = cupy.asnumpy(st)
+    info = dwops._interop.describe(st, "t", "state")
+    assert be.aliases(be.asarray(st, info), st, info)
+    y, new = dwops.depthwise_conv1d_update(x, st, w, backend="cupy")
+    assert new is st
+    y_ref, s_ref = dwops.reference.depthwise_conv1d_update(cupy.asnumpy(x), before,
+                                                           cupy.asnumpy(w))
+    assert_close(cupy.asnumpy(y), y_ref, "float32")
+    assert_close(cupy.asnumpy(st), s_ref, "float32")
+    wide = cupy.asarray(rand(rng, (2, 8, 6), "float32"))
+    view = wide[:, :, ::2]                                   # non-contiguous
+    info = dwops._interop.describe(view, "t", "state")
+    assert not be.aliases(be.asarray(view, info), view, info)
+    expect = dwops.reference.depthwise_conv1d_update(cupy.asnumpy(x), cupy.asnumpy(view),
+                                                     cupy.asnumpy(w))[1]
+    _, new = dwops.depthwise_conv1d_update(x, view, w, backend="cupy")
+    assert new is view
+    assert_close(cupy.asnumpy(view), expect, "float32")
+
+
+@real_gpu
+def test_depthwise_1d_torch_bfloat16_on_a_side_stream(rng):
+    """PyTorch bf16 CUDA tensors on a side stream: forward with state against F.conv1d, and a
+    decode step updating the torch state in place."""
+    torch = pytest.importorskip("torch")
+    _backend()
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    x = torch.randn(2, 64, 300, device="cuda").to(torch.bfloat16)
+    w = torch.randn(64, 1, 4, device="cuda").to(torch.bfloat16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x2 = x * 1
+        y, fs = dwops.depthwise_conv1d(x2, w, padding="causal", activation="silu",
+                                       return_final_state=True, backend="cupy")
+        state = fs.clone()
+        step = torch.randn(2, 64, device="cuda").to(torch.bfloat16)
+        y1, new = dwops.depthwise_conv1d_update(step, state, w, activation="silu",
+                                                backend="cupy")
+    side.synchronize()
+    assert new is state and y.dtype == torch.bfloat16
+    ref = torch.nn.functional.silu(torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x.float(), (3, 0)), w.float(), groups=64))
+    assert torch.allclose(y.float(), ref, atol=5e-2, rtol=2e-2)
+    assert torch.equal(fs, x[:, :, -3:])
+    assert torch.equal(state[:, :, :2], x[:, :, -2:]) and torch.equal(state[:, :, 2], step)
