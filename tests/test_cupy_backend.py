@@ -874,3 +874,176 @@ def test_warm_cache_builds_the_modules_the_backend_launches(monkeypatch):
     cb.CupyBackend()._function(launch)
     assert built[0] == built[1] == (cb.source("depthwise"), cb.compile_options(), (launch.name,))
     assert (launch.file, launch.name) in {(row[0], row[-1]) for row in cb.instantiations()}
+
+
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+C1_STAGED = ["c1_forward<float, 4, 4, false>", "c1_forward<__nv_bfloat16, 0, 8, false>",
+             "c1_backward<__nv_bfloat16, 4, 8, false>", "c1_backward<double, 8, 2, false>"]
+
+
+def test_conv1d_instantiations_compile_for_sm90_without_spills(report):
+    """Every conv1d instantiation (each op, dtype, layout, width 2-8 and generic, vector width)
+    assembles for sm_90 with no spills and fits a 128-thread block."""
+    rows = [r for r in report if r["op"] == "depthwise_conv1d"]
+    want = {n for f, op, _, _, n in cb.instantiations() if op == "depthwise_conv1d"}
+    assert {r["specialization"].split(" [")[0] for r in rows} == want
+    # per dtype: (forward + backward) x 2 layouts x 8 widths x 2 vector widths, 2 final-state
+    # copies, 8 updates, sum_splits
+    assert len(want) == 4 * (2 * 2 * 8 * 2 + 2 + 8 + 1), len(want)
+    for r in rows:
+        assert r["error"] is None, r["error"][:2000]
+        assert r["spill_bytes"] == 0, r
+        assert 0 < r["registers"] <= 255, r
+    directions = {(r["direction"], r["specialization"].split("<")[0]) for r in rows}
+    assert directions >= {("forward", "c1_forward"), ("backward", "c1_backward"),
+                          ("update", "c1_update"), ("forward", "c1_final_state"),
+                          ("backward", "sum_splits")}
+
+
+def _nvdisasm():
+    """The nvdisasm executable: on PATH, or in the nvidia-cuda-nvdisasm wheel; None if absent."""
+    import shutil
+
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("nvidia")
+    except Exception:
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13", "cu12", "cuda_nvdisasm"):
+            path = os.path.join(root, sub, "bin", "nvdisasm")
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _cubin(ptx: bytes, arch: str = "sm_90") -> bytes:
+    from cuda.bindings import nvjitlink
+
+    h = nvjitlink.create(1, [f"-arch={arch}"])
+    try:
+        nvjitlink.add_data(h, nvjitlink.InputType.PTX, ptx, len(ptx), "dwops.ptx")
+        nvjitlink.complete(h)
+        buf = bytearray(nvjitlink.get_linked_cubin_size(h))
+        nvjitlink.get_linked_cubin(h, buf)
+    finally:
+        nvjitlink.destroy(h)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("name", C1_STAGED)
+def test_conv1d_staged_loader_is_cp_async(name, tmp_path):
+    """The NCL kernels stage their spans with 16-byte cp.async (commit / wait_group pipeline) in
+    the PTX, and (when nvdisasm is available) LDGSTS in the sm_90 SASS."""
+    pytest.importorskip("cuda.bindings")
+    import re
+    import subprocess
+
+    assert name in NAMES
+    ptx, lowered = cb.compile_ptx("conv1d", [name])
+    body = ptx.decode().split(".entry " + lowered[name], 1)[1]
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 16", body), name
+    assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body
+    tool = _nvdisasm()
+    if tool is None:
+        return
+    path = tmp_path / "k.cubin"
+    path.write_bytes(_cubin(ptx))
+    sass = subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, check=True)
+    assert "LDGSTS" in sass.stdout and "LDGDEPBAR" in sass.stdout and "DEPBAR" in sass.stdout
+
+
+def test_conv1d_unvectorized_staging_uses_the_smaller_cp_async_forms():
+    """Rows that are not 16-byte aligned stage element by element: cp.async of 4 or 8 bytes for
+    float and double (the .ca form), plain loads for 16-bit types."""
+    pytest.importorskip("cuda.bindings")
+    for name, form in (("c1_forward<float, 3, 1, false>", "4"),
+                       ("c1_forward<double, 3, 1, false>", "8"),
+                       ("c1_forward<__half, 3, 1, false>", None)):
+        ptx, lowered = cb.compile_ptx("conv1d", [name])
+        body = ptx.decode().split(".entry " + lowered[name], 1)[1]
+        if form is None:
+            assert "cp.async.ca." not in body and "cp.async.cg." not in body
+        else:
+            assert "cp.async.ca.shared.global" in body and f"], {form}, " in body
+
+
+def _c1(n=2, c=3, length=50, m=1, k=4, s=1, d=1, padding="causal", layout="NCL",
+        dtype="float32", state=False, seq=False):
+    x = _meta((n, c, length) if layout == "NCL" else (n, length, c), dtype)
+    w = _meta((c * m, 1, k), dtype)
+    st = _meta((n, c, d * (k - 1)), dtype) if state else None
+    sq = np.broadcast_to(np.zeros((), np.int32), (n, length)) if seq else None
+    p, _ = _spec.depthwise_1d("t", x, w, None, s, padding, d, layout, None, st, False, sq)
+    return p
+
+
+def test_conv1d_specialization_and_vector_choice():
+    assert [cb.c1_spec(k) for k in range(1, 12)] == [0, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]
+    p = _c1(length=64, c=16, dtype="bfloat16")
+    assert cb.plan_conv1d_forward(p).info["vec"] == 8
+    assert cb.plan_conv1d_forward(p, x_addr=2).info["vec"] == 1          # misaligned x
+    assert cb.plan_conv1d_forward(_c1(length=63, dtype="bfloat16")).info["vec"] == 1
+    q = _c1(length=63, c=16, layout="NLC", dtype="bfloat16")
+    assert cb.plan_conv1d_forward(q).info["vec"] == 8                    # NLC: along C
+    assert cb.plan_conv1d_backward(q).info["vec"] == 8
+    q8 = _c1(length=63, c=16, k=8, layout="NLC", dtype="bfloat16")
+    assert cb.plan_conv1d_backward(q8).info["vec"] == 4                  # window registers
+    assert cb.plan_conv1d_forward(_c1(c=16, m=2, layout="NLC")).info["vec"] == 1
+
+
+def test_conv1d_prefers_unless_the_span_does_not_fit():
+    p = _c1(length=40000, k=31, d=1000, padding="valid")
+    assert not cb.BACKEND.prefers("depthwise_conv1d_forward", p)
+    assert not cb.BACKEND.prefers("depthwise_conv1d_backward", p)
+    q = _c1()
+    assert cb.BACKEND.prefers("depthwise_conv1d_forward", q)
+    assert cb.BACKEND.prefers("depthwise_conv1d_backward", q)
+
+
+@st.composite
+def _random_conv1d(draw):
+    k = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 9, 31]))
+    s, d = draw(st.integers(1, 3)), draw(st.integers(1, 40))
+    length = draw(st.integers(d * (k - 1) + 1, d * (k - 1) + 20000))
+    padding = draw(st.sampled_from(["causal", "same", "valid", (3, 0), 2]))
+    return dict(n=draw(st.integers(1, 70000)), c=draw(st.integers(1, 13000)), length=length,
+                m=draw(st.integers(1, 4)), k=k, s=s, d=d, padding=padding,
+                layout=draw(st.sampled_from(["NCL", "NLC"])),
+                dtype=draw(st.sampled_from(list(cb.CTYPE))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_random_conv1d(), st.sampled_from([0, 2, 16]))
+def test_every_conv1d_plan_is_launchable(q, addr):
+    """Random 1-d problems up to Mamba sizes and beyond (N up to 70000, C up to 13000, L up to
+    20000, widths to 31, dilation to 40): every plan names an instantiated kernel and stays within
+    the grid, block and shared-memory limits; NCL chunk ranges cover the row."""
+    try:
+        p = _c1(**q)
+    except ValueError:
+        return
+    try:
+        fwd = cb.plan_conv1d_forward(p, addr, 0)
+        bwd = cb.plan_conv1d_backward(p, addr, 0, 0)
+    except NotImplementedError:
+        assert not cb.BACKEND.prefers("depthwise_conv1d_forward", p) or \
+            not cb.BACKEND.prefers("depthwise_conv1d_backward", p)
+        return
+    for launch in (fwd, bwd):
+        _check_launch(launch)
+        assert launch.block[0] * launch.block[1] <= cb.C1_THREADS
+    if p.layout == "NCL":
+        tl, per = fwd.info["tile"], fwd.info["per"]
+        assert fwd.grid[1] * per >= math.ceil(p.OL / tl) > (fwd.grid[1] - 1) * per
+        assert fwd.shared == 2 * fwd.ints[11] * cb.ITEMSIZE[p.dtype]
+    if p.causal and p.W:
+        _check_launch(cb.plan_conv1d_final_state(p))
+    if p.K >= 2:
+        u = _spec.Conv1dUpdateProblem(min(p.N, 64), p.C, p.M, p.K, 1, p.dtype)
+        _check_launch(cb.plan_conv1d_update(u))

@@ -99,11 +99,66 @@ __global__ void __launch_bounds__(128) bounded(float* out) { out[threadIdx.x] = 
 template <typename T> __global__ void to_half(const float* x, T* y, long long n) {
     for (long long i = threadIdx.x; i < n; i += blockDim.x) y[i] = __float2half_rn(x[i]);
 }
+// cp.async (the helpers of common.cuh): each thread stages BYTES from x (the zero-fill form past
+// n floats), optionally waits, and after a barrier reads its neighbour's staged bytes
+template <int BYTES>
+__global__ void staged(const float* __restrict__ x, float* __restrict__ out, int n, int wait) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* s = reinterpret_cast<float*>(smem_raw);
+    constexpr int F = BYTES / 4;
+    const int t = threadIdx.x, u = (threadIdx.x + 1) % blockDim.x;
+    cp_async<BYTES>(s + F * t, x + F * t, F * t < n);
+    cp_async_commit();
+    if (wait) cp_async_wait<0>();
+    __syncthreads();
+    for (int e = 0; e < F; ++e) out[F * t + e] = s[F * u + e];
+}
+// two committed groups, wait_group 1: only the older group (first half of s) has landed
+__global__ void two_groups(const float* __restrict__ x, float* __restrict__ out, int second) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* s = reinterpret_cast<float*>(smem_raw);
+    const int t = threadIdx.x, n = blockDim.x;
+    cp_async<4>(s + t, x + t, true);
+    cp_async_commit();
+    cp_async<4>(s + n + t, x + n + t, true);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    out[t] = s[(second ? n : 0) + (t + 1) % n];
+    cp_async_wait<0>();
+}
+// restages s[t] while the neighbour may not have read it yet (no barrier between the read of
+// the old contents and the new copy)
+__global__ void restage_early(const float* __restrict__ x, float* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* s = reinterpret_cast<float*>(smem_raw);
+    const int t = threadIdx.x, n = blockDim.x;
+    cp_async<4>(s + t, x + t, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    const float a = s[(t + 1) % n];
+    cp_async<4>(s + t, x + n + t, true);
+    cp_async_commit();
+    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();
+    out[t] = a + s[(t + 1) % n];
+}
+__global__ void misaligned_async(const float* __restrict__ x, float* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* s = reinterpret_cast<float*>(smem_raw);
+    cp_async<16>(s + 4 * threadIdx.x, x + 4 * threadIdx.x + 1, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[threadIdx.x] = s[4 * threadIdx.x];
+}
 """
 
 NAMES = ["block_sum", "racy", "off_by_one", "uninitialised", "partial_warp", "shuffle_deadlock",
          "bounded", "to_half<__half>", "misaligned_vector",
-         "overrun", "last_block_wins"]
+         "overrun", "last_block_wins", "staged<4>", "staged<8>", "staged<16>", "two_groups",
+         "restage_early", "misaligned_async"]
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +250,67 @@ def test_launches_cuda_would_refuse(lib):
         lib.function("bounded")((1, 70000), (32,), (cudaemu.empty((32,), np.float32),))
 
 
+@pytest.mark.parametrize("nbytes", [4, 8, 16])
+def test_cp_async_lands_at_the_wait_and_zero_fills(lib, nbytes):
+    """Staged copies of 4, 8 and 16 bytes arrive after cp_async_wait; the zero-fill form (a
+    source past n) writes zeros."""
+    f = nbytes // 4
+    x = cudaemu.asarray(np.arange(1, 32 * f + 1, dtype=np.float32))
+    out = cudaemu.full((32 * f,), np.nan, np.float32)
+    n = 20 * f   # threads 20..31 take the zero-fill form
+    lib.function(f"staged<{nbytes}>")((1,), (32,), (x, out, np.int32(n), np.int32(1)),
+                                        shared_mem=32 * nbytes)
+    want = np.where(np.arange(32 * f) < n, np.arange(1, 32 * f + 1), 0).reshape(32, f)
+    np.testing.assert_array_equal(np.asarray(out).reshape(32, f), np.roll(want, -1, axis=0))
+
+
+def test_cp_async_without_its_wait_is_caught(lib):
+    """A kernel reading staged data without cp_async_wait reads poisoned shared memory (the
+    copies land at the wait in the forward run, at once in the reverse run): a race."""
+    x = cudaemu.asarray(np.arange(1, 129, dtype=np.float32))
+    out = cudaemu.full((128,), 0.0, np.float32)
+    with pytest.raises(cudaemu.EmuError, match="race"):
+        lib.function("staged<16>")((1,), (32,), (x, out, np.int32(128), np.int32(0)),
+                                   shared_mem=32 * 16)
+
+
+def test_cp_async_wait_group_counts_groups(lib):
+    """wait_group 1 completes every committed group but the newest: the first group's data is
+    there, reading the second group's is caught."""
+    x = cudaemu.asarray(np.arange(1, 65, dtype=np.float32))
+    out = cudaemu.full((32,), np.nan, np.float32)
+    fn = lib.function("two_groups")
+    fn((1,), (32,), (x, out, np.int32(0)), shared_mem=64 * 4)
+    np.testing.assert_array_equal(np.asarray(out), np.roll(np.arange(1, 33), -1))
+    with pytest.raises(cudaemu.EmuError, match="race"):
+        fn((1,), (32,), (x, out, np.int32(1)), shared_mem=64 * 4)
+
+
+def test_cp_async_restaging_before_a_barrier_is_caught(lib):
+    """A copy into a buffer another thread may still read (no barrier between that read and the
+    copy) is caught, although a wait and a barrier follow before the new data is used."""
+    x = cudaemu.asarray(np.arange(1, 65, dtype=np.float32))
+    out = cudaemu.empty((32,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match="race"):
+        lib.function("restage_early")((1,), (32,), (x, out), shared_mem=32 * 4)
+
+
+def test_misaligned_cp_async_is_caught(lib):
+    x = cudaemu.asarray(np.ones(256, np.float32))
+    out = cudaemu.empty((32,), np.float32)
+    with pytest.raises(cudaemu.EmuError, match="misaligned cp.async"):
+        lib.function("misaligned_async")((1,), (32,), (x, out), shared_mem=32 * 16)
+
+
 # ----------------------------------------------------------------------------- the held-out tests
 
-# Two groups of tests/test_gpu_cupy.py, of similar cost, run concurrently (CI has 2 cores).
+# Groups of tests/test_gpu_cupy.py, of similar cost, run concurrently.
 GROUPS = {
     "grads_random": "depthwise_grads or random",
     "forward_pointwise_separable_specializations": "depthwise_forward or pointwise_all or "
                                                    "test_separable or numpy_inputs or "
                                                    "every_specialization",
+    "conv1d": "conv1d and not random",  # the real-GPU-only 1-d tests are named depthwise_1d
 }
 
 

@@ -8,6 +8,8 @@ PyTorch CUDA tensors (bfloat16 included) on a non-default stream.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -389,3 +391,356 @@ def test_torch_tensors_on_a_side_stream(dtype, rng):
         torch.nn.functional.conv2d(x.float(), w.float(), padding=1, groups=64).relu(),
         pw.float()[:, :, None, None])
     assert torch.allclose(z.float(), ref_z, atol=tol * 50, rtol=tol * 5)
+
+
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+
+def _seq_idx(rng, n, length, dtype="int32", big=False):
+    """Random packed-sequence ids (N, L): non-decreasing, each row starting anywhere; with
+    ``big`` the ids jump by more than 2**32 (int64 only)."""
+    steps = (rng.random((n, length)) < 0.3).astype(np.int64)
+    steps[:, 0] = rng.integers(0, 3, n)
+    ids = np.cumsum(steps, axis=1)
+    if big:
+        ids = ids * (2**33 + 7)
+    return ids.astype(dtype)
+
+
+def _c1_args(rng, n, c, length, m, k, layout, dtype, *, bias=False, state=False, seq=None,
+             dilation=1):
+    """x, weight, bias, initial_state (host arrays of ``dtype``) and seq_idx of a 1-d problem."""
+    x = rand(rng, (n, c, length) if layout == "NCL" else (n, length, c), dtype)
+    w = rand(rng, (c * m, 1, k), dtype)
+    b = rand(rng, (c * m,), dtype) if bias else None
+    st = rand(rng, (n, c, dilation * (k - 1)), dtype) if state else None
+    sq = None if seq is None else _seq_idx(rng, n, length, seq)
+    return x, w, b, st, sq
+
+
+def _dev_opt(a, dtype):
+    return None if a is None else _dev(a, dtype)
+
+
+def _check_c1_forward(be, x, w, b, st, sq, dtype, *, stride=1, padding="causal", dilation=1,
+                      layout="NCL", act=None, final=False):
+    """c1_forward (and c1_final_state) with poisoned outputs against dwops.reference."""
+    p, _ = _spec.depthwise_1d("t", x, w, b, stride, padding, dilation, layout, act, st, final, sq)
+    out = _poisoned(p.y_shape, dtype)
+    fin = _poisoned(p.state_shape, dtype) if final else None
+    be.depthwise_conv1d_forward(p, _dev(x, dtype), _dev(w, dtype), _dev_opt(b, dtype),
+                                _dev_opt(st, dtype), None if sq is None else cupy.asarray(sq),
+                                out, fin, stream=0)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, layout=layout, seq_idx=sq)
+    ref = dwops.reference.depthwise_conv1d(x, w, b, activation=act, initial_state=st,
+                                           return_final_state=final, **kw)
+    scale = dwops.reference.depthwise_conv1d(_abs(x), _abs(w), _abs(b), initial_state=_abs(st),
+                                             **kw)
+    y_ref = ref[0] if final else ref
+    assert_close(_host(out, dtype), y_ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"conv1d forward {p}")
+    if final:
+        assert_close(_host(fin, dtype), ref[1], dtype, what=f"conv1d final state {p}")
+    return p
+
+
+NEEDS = ("need_input", "need_weight", "need_bias", "need_initial_state")
+
+
+def _check_c1_backward(be, x, w, st, sq, gy, dtype, need, *, stride=1, padding="causal",
+                       dilation=1, layout="NCL"):
+    """c1_backward (+ sum_splits) for the outputs ``need`` asks for (poisoned) against the
+    reference; outputs not asked for are passed as None."""
+    p, _ = _spec.depthwise_1d_backward("t", x, gy, w, stride, padding, dilation, layout, st, sq,
+                                       need)
+    shapes = (p.x_shape, p.w_shape, (p.CO,), p.state_shape)
+    outs = [_poisoned(s, dtype) if need[k] else None for k, s in zip(NEEDS, shapes)]
+    be.depthwise_conv1d_backward(p, _dev(x, dtype), _dev(gy, dtype), _dev(w, dtype),
+                                 _dev_opt(st, dtype), None if sq is None else cupy.asarray(sq),
+                                 *outs, stream=0)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, layout=layout, seq_idx=sq,
+              need_input=True, need_weight=True, need_bias=True,
+              need_initial_state=st is not None)
+    ref = dwops.reference.depthwise_conv1d_backward(x, gy, w, initial_state=st, **kw)
+    scale = dwops.reference.depthwise_conv1d_backward(_abs(x), _abs(gy), _abs(w),
+                                                      initial_state=_abs(st), **kw)
+    for name, got, r, sc in zip(NEEDS, outs, ref, scale):
+        if got is not None:
+            assert_close(_host(got, dtype), r, dtype, scale=np.maximum(sc, 1e-3),
+                         what=f"conv1d backward {name} {p}")
+    return p
+
+
+def _check_c1_update(be, rng, n, c, m, k, t, dtype, act, squeeze=False, in_place=True):
+    """c1_update against the reference: y poisoned, the state updated in place (or into a
+    poisoned new array)."""
+    x = rand(rng, (n, c) if squeeze else (n, c, t), dtype)
+    st = rand(rng, (n, c, k - 1), dtype)
+    w = rand(rng, (c * m, 1, k), dtype)
+    b = rand(rng, (c * m,), dtype)
+    p, _ = _spec.depthwise_1d_update("t", x, st, w, b, act)
+    out = _poisoned(p.y_shape, dtype)
+    state = _dev(st, dtype)
+    state_out = state if in_place else _poisoned(p.state_shape, dtype)
+    be.depthwise_conv1d_update(p, _dev(x, dtype), state, _dev(w, dtype), _dev(b, dtype), out,
+                               state_out, stream=0)
+    y_ref, s_ref = dwops.reference.depthwise_conv1d_update(x, st.copy(), w, b, activation=act)
+    scale, _ = dwops.reference.depthwise_conv1d_update(_abs(x), _abs(st), _abs(w), _abs(b))
+    assert_close(_host(out, dtype), y_ref, dtype, scale=np.maximum(scale, 1e-3),
+                 what=f"conv1d update {p}")
+    assert_close(_host(state_out, dtype), s_ref, dtype, what=f"conv1d update state {p}")
+    if not in_place:
+        assert_close(_host(state, dtype), st, dtype, what="conv1d update: the old state is kept")
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", range(1, 9))
+def test_conv1d_every_width(k, dtype, layout, aligned, rng):
+    """Each compile-time width (2-8; 1 takes the runtime path) with and without 16-byte vectors
+    (channels and length a multiple of 8 or not): causal forward with initial/final state,
+    seq_idx, bias and activation; a strided, dilated explicit-padding forward; the backward with
+    every output; and (K >= 2) decode updates in place."""
+    be = _backend()
+    c, length = (16, 40) if aligned else (5, 13)
+    act = (None, "relu", "relu6", "silu", "gelu")[k % 5]
+    x, w, b, st, sq = _c1_args(rng, 2, c, length, 1, k, layout, dtype, bias=True, state=k > 1,
+                               seq="int32")
+    _check_c1_forward(be, x, w, b, st, sq, dtype, layout=layout, act=act, final=k > 1)
+    x2, w2, b2, _, _ = _c1_args(rng, 1, c, length, 1, k, layout, dtype, bias=True)
+    _check_c1_forward(be, x2, w2, b2, None, None, dtype, stride=2, padding=(k // 2, 1),
+                      dilation=2, layout=layout, act="silu")
+    p, _ = _spec.depthwise_1d("t", x, w, None, 1, "causal", 1, layout, None, None, False, sq)
+    gy = rand(rng, p.y_shape, dtype)
+    need = dict(zip(NEEDS, (True, True, True, k > 1)))
+    _check_c1_backward(be, x, w, st, sq, gy, dtype, need, layout=layout)
+    if k > 1:
+        _check_c1_update(be, rng, 2, c, 1, k, 3, dtype, act)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_conv1d_long_rows(dtype, layout, aligned, rng):
+    """Rows of four NCL chunks (blocks of three chunks, whose two-stage cp.async pipeline
+    restages a buffer, and of one) and many NLC segments (halos carried across segment ends), at
+    stride 1 (causal, state, seq_idx) and stride 2."""
+    be = _backend()
+    vec = 16 // np.dtype(dwops._registry.numpy_dtype(dtype)).itemsize if aligned else 1
+    length = 128 * vec * 4 - (0 if aligned else 83)
+    x, w, b, st, sq = _c1_args(rng, 1, 2, length, 1, 4, layout, dtype, bias=True, state=True,
+                               seq="int32")
+    p = _check_c1_forward(be, x, w, b, st, sq, dtype, layout=layout, act="silu", final=True)
+    need = dict(zip(NEEDS, (True,) * 4))
+    _check_c1_backward(be, x, w, st, sq, rand(rng, p.y_shape, dtype), dtype, need, layout=layout)
+    p = _check_c1_forward(be, x, w, b, None, None, dtype, stride=2, padding=(2, 1),
+                          layout=layout)
+    need["need_initial_state"] = False
+    _check_c1_backward(be, x, w, None, None, rand(rng, p.y_shape, dtype), dtype, need, stride=2,
+                       padding=(2, 1), layout=layout)
+
+
+@pytest.mark.parametrize("k", [9, 17, 31])
+def test_conv1d_generic_widths(k, rng):
+    """Runtime widths up to 31 in both layouts: forward, backward, decode update."""
+    be = _backend()
+    for layout, dtype in (("NCL", "float32"), ("NLC", "bfloat16")):
+        x, w, b, st, sq = _c1_args(rng, 2, 6, 45, 1, k, layout, dtype, bias=True, state=True,
+                                   seq="int64")
+        _check_c1_forward(be, x, w, b, st, sq, dtype, layout=layout, act="silu", final=True)
+        p, _ = _spec.depthwise_1d("t", x, w, None, 1, "causal", 1, layout, None, None, False, sq)
+        need = dict(zip(NEEDS, (True,) * 4))
+        _check_c1_backward(be, x, w, st, sq, rand(rng, p.y_shape, dtype), dtype, need,
+                           layout=layout)
+        _check_c1_update(be, rng, 2, 5, 1, k, 2, dtype, "gelu", in_place=layout == "NCL")
+    for dtype in DTYPES:
+        _check_c1_update(be, rng, 3, 4, 2, k, 1, dtype, None, squeeze=True)
+
+
+def _random_conv1d(rng):
+    """A random valid 1-d problem: widths 1-12 (and sometimes up to 31), stride and dilation
+    1-3, multiplier 1-3, every padding form, both layouts, every dtype; causal problems get an
+    initial state and seq_idx at random."""
+    while True:
+        n, c, m = (int(v) for v in rng.integers(1, (4, 10, 4)))
+        length = int(rng.integers(1, 60))
+        k = int(rng.integers(1, 13)) if rng.random() < 0.85 else int(rng.integers(13, 32))
+        s = int(rng.integers(1, 4)) if rng.random() < 0.5 else 1
+        d = int(rng.integers(1, 4)) if rng.random() < 0.3 else 1
+        pad = ["same", "valid", "causal", (int(rng.integers(0, 5)), int(rng.integers(0, 5))),
+               int(rng.integers(0, 4))][int(rng.integers(0, 5))]
+        layout = ("NCL", "NLC")[int(rng.integers(0, 2))]
+        dtype = DTYPES[int(rng.integers(0, 4))]
+        causal = pad == "causal"
+        state = causal and d * (k - 1) > 0 and rng.random() < 0.5
+        seq = ("int32", "int64")[int(rng.integers(0, 2))] if causal and s == 1 and \
+            rng.random() < 0.5 else None
+        args = _c1_args(rng, n, c, length, m, k, layout, dtype, bias=True, state=state, seq=seq,
+                        dilation=d)
+        try:
+            _spec.depthwise_1d("t", *args[:3], s, pad, d, layout, None, args[3], False, args[4])
+        except ValueError:      # empty output: draw again
+            continue
+        return args, dict(stride=s, padding=pad, dilation=d, layout=layout), dtype
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_random_conv1d_problems(seed):
+    """Forward (random activation, final state when causal with a state) and the backward with
+    a random subset of outputs, on random problems."""
+    be = _backend()
+    rng = np.random.default_rng(4000 + seed)
+    (x, w, b, st, sq), kw, dtype = _random_conv1d(rng)
+    act = (None, "relu", "relu6", "silu", "gelu")[seed % 5]
+    p = _check_c1_forward(be, x, w, b if seed % 2 else None, st, sq, dtype, act=act,
+                          final=st is not None, **kw)
+    flags = rng.random(4) < 0.6
+    flags[int(rng.integers(0, 3))] = True
+    need = dict(zip(NEEDS, (bool(f) for f in flags)))
+    need["need_initial_state"] = bool(need["need_initial_state"] and st is not None)
+    _check_c1_backward(be, x, w, st, sq, rand(rng, p.y_shape, dtype), dtype, need, **kw)
+
+
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_conv1d_chunked_calls_equal_one_call(layout, dtype, rng):
+    """Causal chunks carried by initial_state / return_final_state give the one-call result, and
+    decode updates from the final state continue it (public API, backend="cupy")."""
+    _backend()
+    n, c, length, k = 2, 16, 48, 4
+    x = rand(rng, (n, c, length) if layout == "NCL" else (n, length, c), dtype)
+    w = rand(rng, (c, 1, k), dtype)
+    b = rand(rng, (c,), dtype)
+    kw = dict(padding="causal", layout=layout, activation="silu")
+    whole = dwops.depthwise_conv1d(x, w, b, backend="cupy", **kw)
+    axis = 2 if layout == "NCL" else 1
+    parts, state = [], None
+    for lo, hi in ((0, 16), (16, 19), (19, 48)):
+        piece = np.take(x, np.arange(lo, hi), axis=axis)
+        y, state = dwops.depthwise_conv1d(piece, w, b, initial_state=state,
+                                          return_final_state=True, backend="cupy", **kw)
+        parts.append(y)
+    assert_close(np.concatenate(parts, axis=axis), whole, dtype,
+                 scale=np.maximum(np.abs(_f64(whole)), 1.0), what="chunked")
+    ref = dwops.reference.depthwise_conv1d(x, w, b, **kw)
+    scale = dwops.reference.depthwise_conv1d(_abs(x), _abs(w), _abs(b), padding="causal",
+                                             layout=layout)
+    assert_close(whole, ref, dtype, scale=np.maximum(scale, 1e-3), what="one call")
+    # decode: three more tokens, one at a time, from the final state (updated in place)
+    x_more = rand(rng, (n, c, 3), dtype)
+    state = np.ascontiguousarray(state)
+    outs = []
+    for t in range(3):
+        y_t, state2 = dwops.depthwise_conv1d_update(x_more[:, :, t], state, w, b,
+                                                    activation="silu", backend="cupy")
+        assert state2 is state
+        outs.append(y_t)
+    full = np.concatenate([x if layout == "NCL" else x.transpose(0, 2, 1), x_more], axis=2)
+    ref = dwops.reference.depthwise_conv1d(full, w, b, padding="causal", activation="silu")
+    scale = dwops.reference.depthwise_conv1d(_abs(full), _abs(w), _abs(b), padding="causal")
+    assert_close(np.stack(outs, axis=2), ref[:, :, length:], dtype,
+                 scale=np.maximum(scale[:, :, length:], 1e-3), what="decode steps")
+
+
+def test_conv1d_int64_seq_idx_with_large_ids(rng):
+    """int64 seq_idx ids beyond 32 bits (their equalities survive the int32 conversion), and the
+    non-decreasing check on the device."""
+    be = _backend()
+    x, w, b, st, _ = _c1_args(rng, 2, 3, 30, 2, 4, "NCL", "float32", bias=True, state=True)
+    sq = _seq_idx(rng, 2, 30, "int64", big=True)
+    _check_c1_forward(be, x, w, b, st, sq, "float32", final=True)
+    assert be.nondecreasing(cupy.asarray(sq))
+    bad = sq.copy()
+    bad[1, 7] = bad[1, 6] - 1
+    assert not be.nondecreasing(cupy.asarray(bad))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        dwops.depthwise_conv1d(x, w, padding="causal", seq_idx=bad, backend="cupy")
+
+
+def test_conv1d_plans_respect_launch_limits():
+    """Mamba-sized rows: grid y/z within 65535, NCL shared memory within the default 48 KiB,
+    partial buffers sized by the grid."""
+    from dwops.kernels import cupy_backend as cb
+
+    for layout in ("NCL", "NLC"):
+        for n, c, length in ((1, 2048, 2048), (8, 12288, 16384), (70000, 2, 5)):
+            for dtype in ("bfloat16", "float32"):
+                p = _spec.Conv1dProblem(n, c, length, 1, 4, length, 1, 1, 3, 0, layout, dtype,
+                                        causal=True)
+                for launch in (cb.plan_conv1d_forward(p), cb.plan_conv1d_backward(p)):
+                    assert launch.grid[1] <= 65535 and launch.grid[2] <= 65535
+                    assert launch.shared <= cb.SMEM_DEFAULT
+                    assert math.prod(launch.block) <= cb.C1_THREADS
+                    if "splits" in launch.info:
+                        assert launch.info["splits"] == n * launch.grid[1]
+
+
+@real_gpu
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+def test_depthwise_1d_mamba_sizes(layout, rng):
+    """A Mamba-like row (bf16, C=1536, L=2048, K=4, causal, SiLU) forward and backward."""
+    be = _backend()
+    x, w, b, st, _ = _c1_args(rng, 2, 1536, 2048, 1, 4, layout, "bfloat16", bias=True,
+                              state=True)
+    p = _check_c1_forward(be, x, w, b, st, None, "bfloat16", layout=layout, act="silu",
+                          final=True)
+    need = dict(zip(NEEDS, (True,) * 4))
+    _check_c1_backward(be, x, w, st, None, rand(rng, p.y_shape, "bfloat16"), "bfloat16", need,
+                       layout=layout)
+
+
+@real_gpu
+def test_depthwise_1d_update_writes_a_cupy_state_in_place(rng):
+    """A CuPy state is the caller's memory (aliases): updated in place and returned as is; a
+    non-contiguous one is written back instead."""
+    be = _backend()
+    st = cupy.asarray(rand(rng, (2, 8, 3), "float32"))
+    w = cupy.asarray(rand(rng, (8, 1, 4), "float32"))
+    x = cupy.asarray(rand(rng, (2, 8), "float32"))
+    before = cupy.asnumpy(st)
+    info = dwops._interop.describe(st, "t", "state")
+    assert be.aliases(be.asarray(st, info), st, info)
+    y, new = dwops.depthwise_conv1d_update(x, st, w, backend="cupy")
+    assert new is st
+    y_ref, s_ref = dwops.reference.depthwise_conv1d_update(cupy.asnumpy(x), before,
+                                                           cupy.asnumpy(w))
+    assert_close(cupy.asnumpy(y), y_ref, "float32")
+    assert_close(cupy.asnumpy(st), s_ref, "float32")
+    wide = cupy.asarray(rand(rng, (2, 8, 6), "float32"))
+    view = wide[:, :, ::2]                                   # non-contiguous
+    info = dwops._interop.describe(view, "t", "state")
+    assert not be.aliases(be.asarray(view, info), view, info)
+    expect = dwops.reference.depthwise_conv1d_update(cupy.asnumpy(x), cupy.asnumpy(view),
+                                                     cupy.asnumpy(w))[1]
+    _, new = dwops.depthwise_conv1d_update(x, view, w, backend="cupy")
+    assert new is view
+    assert_close(cupy.asnumpy(view), expect, "float32")
+
+
+@real_gpu
+def test_depthwise_1d_torch_bfloat16_on_a_side_stream(rng):
+    """PyTorch bf16 CUDA tensors on a side stream: forward with state against F.conv1d, and a
+    decode step updating the torch state in place."""
+    torch = pytest.importorskip("torch")
+    _backend()
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    x = torch.randn(2, 64, 300, device="cuda").to(torch.bfloat16)
+    w = torch.randn(64, 1, 4, device="cuda").to(torch.bfloat16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x2 = x * 1
+        y, fs = dwops.depthwise_conv1d(x2, w, padding="causal", activation="silu",
+                                       return_final_state=True, backend="cupy")
+        state = fs.clone()
+        step = torch.randn(2, 64, device="cuda").to(torch.bfloat16)
+        y1, new = dwops.depthwise_conv1d_update(step, state, w, activation="silu",
+                                                backend="cupy")
+    side.synchronize()
+    assert new is state and y.dtype == torch.bfloat16
+    ref = torch.nn.functional.silu(torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x.float(), (3, 0)), w.float(), groups=64))
+    assert torch.allclose(y.float(), ref, atol=5e-2, rtol=2e-2)
+    assert torch.equal(fs, x[:, :, -3:])
+    assert torch.equal(state[:, :, :2], x[:, :, -2:]) and torch.equal(state[:, :, 2], step)

@@ -554,6 +554,133 @@ def plan_separable(p, layout: str):
                   {"K": K, "tile": (th, tw)})
 
 
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+C1_THREADS = 128                    # threads per block of the conv1d kernels (conv1d.cuh)
+C1_SPECIALIZED_K = tuple(range(2, 9))   # widths with compile-time unrolled taps; others generic
+C1_TARGET_THREADS = 132 * 2048      # NLC: threads to aim for (~ every thread slot of an H100/H200)
+C1_NLC_BWD_REGS = 32                # NLC backward: K * VEC window values per thread at most
+C1_MIN_CHUNKS = 3                   # NCL: chunks per block at least (when the row has them)
+
+
+def c1_spec(K: int) -> int:
+    """The compile-time width of a conv1d kernel: K for 2..8, 0 (runtime width) otherwise."""
+    return K if K in C1_SPECIALIZED_K else 0
+
+
+def c1_vec_limit(K: int, direction: str, layout: str):
+    """The largest vector width a conv1d instantiation may use (None: a full 16-byte vector)."""
+    if direction == "backward" and layout == "NLC" and c1_spec(K):
+        return max(1, C1_NLC_BWD_REGS // K)
+    return None
+
+
+def _c1_rows_split(rows: int, chunks: int) -> tuple[int, int]:
+    """NCL: (chunks per block, blocks per row) so that rows * blocks ~ 2 * TARGET_BLOCKS or more,
+    each block taking C1_MIN_CHUNKS chunks at least (while one chunk is computed the next one's
+    copies are in flight; the first chunk's copies are the only ones nothing overlaps)."""
+    want = max(1, min(chunks, _cdiv(TARGET_BLOCKS * 2, max(1, rows)), MAX_GRID_YZ))
+    per = max(min(chunks, C1_MIN_CHUNKS), _cdiv(chunks, want))
+    return per, _cdiv(chunks, per)
+
+
+def _c1_nlc_grid(cv: int, positions: int, n: int) -> tuple:
+    """NLC: (grid, block, LS) for cv channel vectors and ``positions`` walk positions per image."""
+    bx = min(32, _np2(cv))
+    by = C1_THREADS // bx
+    ls = max(8, _cdiv(cv * positions * n, C1_TARGET_THREADS))
+    nseg = _cdiv(positions, ls)
+    while _cdiv(nseg, by) > MAX_GRID_YZ:
+        ls *= 2
+        nseg = _cdiv(positions, ls)
+    return (_cdiv(cv, bx), _cdiv(nseg, by), min(n, MAX_GRID_YZ)), (bx, by, 1), ls
+
+
+def _c1_ncl_vec(p, addresses: tuple, rows: tuple) -> int:
+    return pick_vec(p.dtype, rows, addresses)
+
+
+def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
+    """c1_forward launch for Conv1dProblem ``p`` (see conv1d.cuh)."""
+    K = c1_spec(p.K)
+    item = ITEMSIZE[p.dtype]
+    if p.layout == "NCL":
+        vec = pick_vec(p.dtype, (p.L,), (x_addr,))
+        tl = C1_THREADS * vec
+        ip = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
+        shared = 2 * ip * item
+        if shared > SMEM_OPTIN:
+            raise NotImplementedError(
+                "dwops cupy backend: the input span of this 1-d convolution (stride and dilation) "
+                "does not fit in shared memory; use backend='numba'")
+        per, splits = _c1_rows_split(p.N * p.C, _cdiv(p.OL, tl))
+        grid, block, ls = (p.N * p.C, splits, 1), (C1_THREADS, 1, 1), 0
+        info = {"tile": tl, "per": per}
+    else:
+        vec = pick_vec(p.dtype, (p.C,), (x_addr, y_addr)) if p.M == 1 else 1
+        tl = ip = per = shared = 0
+        grid, block, ls = _c1_nlc_grid(p.CO // vec, p.OL, p.N)
+        info = {"segment": ls}
+    name = f"c1_forward<{CTYPE[p.dtype]}, {K}, {vec}, {_b(p.layout == 'NLC')}>"
+    ints = (p.N, p.C, p.L, p.M, p.K, p.OL, p.s, p.d, p.pl, ACTIVATION_CODE[p.activation],
+            tl, ip, per, ls)
+    return Launch("conv1d", name, grid, block, shared, ints, dict(K=K, vec=vec, **info))
+
+
+def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0) -> Launch:
+    """c1_backward launch (one pass: grad_input, grad_initial_state, and the per-split partial
+    sums of grad_weight and grad_bias); ``info['splits']`` is the number of partial rows."""
+    K = c1_spec(p.K)
+    dtype = p.dtype
+    item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
+    if p.layout == "NCL":
+        vec = pick_vec(dtype, (p.L, p.OL), (x_addr, gy_addr, gx_addr))
+        tl = C1_THREADS * vec
+        ipx = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
+        ipg = _cdiv(tl + (p.W + vec - 1) // p.s + vec - 1, vec) * vec
+        stage = _cdiv(2 * (ipx + p.M * ipg) * item, 16) * 16
+        kb = p.K + 1
+        shared = stage + (p.M * p.K + (C1_THREADS // 32) * kb + p.M * kb) * acc
+        if shared > SMEM_OPTIN:
+            raise NotImplementedError(
+                "dwops cupy backend: the spans of this 1-d convolution's backward (stride, "
+                "dilation, multiplier) do not fit in shared memory; use backend='numba'")
+        qa = (-p.pl // vec) * vec
+        chunks = max(_cdiv(p.OL, tl), _cdiv(p.L - qa, tl * p.s))
+        per, splits = _c1_rows_split(p.N * p.C, chunks)
+        grid, block, ls = (p.N * p.C, splits, 1), (C1_THREADS, 1, 1), 0
+        info = {"tile": tl, "per": per, "splits": p.N * splits}
+    else:
+        vec = 1
+        if p.M == 1:
+            vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr, gx_addr),
+                           c1_vec_limit(p.K, "backward", "NLC"))
+        tl = ipx = ipg = per = 0
+        positions = max(p.OL, _cdiv(p.pl + p.L, p.s))
+        grid, block, ls = _c1_nlc_grid(p.C // vec, positions, p.N)
+        shared = block[0] * block[1] * vec * acc
+        info = {"segment": ls, "splits": p.N * grid[1]}
+    name = f"c1_backward<{CTYPE[dtype]}, {K}, {vec}, {_b(p.layout == 'NLC')}>"
+    ints = (p.N, p.C, p.L, p.M, p.K, p.OL, p.s, p.d, p.pl, tl, ipx, ipg, per, ls)
+    return Launch("conv1d", name, grid, block, shared, ints, dict(K=K, vec=vec, **info))
+
+
+def plan_conv1d_update(p) -> Launch:
+    """c1_update launch for Conv1dUpdateProblem ``p``: one thread per (n, c)."""
+    K = c1_spec(p.K)
+    name = f"c1_update<{CTYPE[p.dtype]}, {K}>"
+    ints = (p.N, p.C, p.M, p.K, p.T, ACTIVATION_CODE[p.activation])
+    return Launch("conv1d", name, (_cdiv(p.N * p.C, C1_THREADS), 1, 1), (C1_THREADS, 1, 1), 0,
+                  ints, {"K": K})
+
+
+def plan_conv1d_final_state(p) -> Launch:
+    """c1_final_state launch: the last W inputs of concat(initial_state or zeros, x)."""
+    name = f"c1_final_state<{CTYPE[p.dtype]}, {_b(p.layout == 'NLC')}>"
+    return Launch("conv1d", name, (_cdiv(p.N * p.C * p.W, C1_THREADS), 1, 1), (C1_THREADS, 1, 1),
+                  0, (p.N, p.C, p.L, p.W))
+
+
 # ----------------------------------------------------------------------------- instantiations
 
 
@@ -587,6 +714,22 @@ def instantiations() -> list[tuple]:
             out.append(("pointwise", "pointwise", direction, f"{layout} gemm 64x64",
                         f"pw_gemm<{ct}, {_b(akc)}, {_b(bnc)}, {_b(part)}>"))
         out.append(("pointwise", "pointwise", "grad_weight", "sum_splits", f"sum_splits<{ct}>"))
+        for layout in ("NCL", "NLC"):
+            nlc = _b(layout == "NLC")
+            for K in (0,) + C1_SPECIALIZED_K:
+                spec = f"{layout} K={K or 'generic'}"
+                for v in vec_choices(dt):
+                    out.append(("conv1d", "depthwise_conv1d", "forward", f"{spec} VEC={v}",
+                                f"c1_forward<{ct}, {K}, {v}, {nlc}>"))
+                for v in vec_choices(dt, c1_vec_limit(K, "backward", layout)):
+                    out.append(("conv1d", "depthwise_conv1d", "backward", f"{spec} VEC={v}",
+                                f"c1_backward<{ct}, {K}, {v}, {nlc}>"))
+            out.append(("conv1d", "depthwise_conv1d", "forward", f"{layout} final state",
+                        f"c1_final_state<{ct}, {nlc}>"))
+        for K in (0,) + C1_SPECIALIZED_K:
+            out.append(("conv1d", "depthwise_conv1d", "update", f"K={K or 'generic'}",
+                        f"c1_update<{ct}, {K}>"))
+        out.append(("conv1d", "depthwise_conv1d", "backward", "sum_splits", f"sum_splits<{ct}>"))
     return out
 
 
@@ -827,6 +970,10 @@ class CupyBackend(Backend):
                 plan_dw_grad_weight(problem, problem.layout)
             elif op == "separable_forward" and plan_separable(problem, problem.dw.layout) is None:
                 plan_dw_forward(conv_of_forward(problem.dw), problem.dw.dtype, problem.dw.layout)
+            elif op == "depthwise_conv1d_forward":
+                plan_conv1d_forward(problem)
+            elif op == "depthwise_conv1d_backward":
+                plan_conv1d_backward(problem)
         except NotImplementedError:
             return False
         return True
@@ -1047,6 +1194,80 @@ class CupyBackend(Backend):
         if out32 is not out:
             with x.device, _gpu.cupy_stream(stream):
                 _from_float32(out32, dt, out)
+
+    # -- depthwise 1-d
+    def nondecreasing(self, seq) -> bool:
+        with seq.device:
+            return bool((seq[:, 1:] >= seq[:, :-1]).all())
+
+    def aliases(self, native, obj, info) -> bool:
+        """True when ``native`` is the caller's own GPU memory (same device pointer, same number
+        of elements, the caller's array C-contiguous), so an update may write into it."""
+        if not info.on_gpu:
+            return False
+        try:
+            ptr = _device_pointer(obj, info)
+        except Exception:
+            return False
+        return ptr is not None and ptr == native.data.ptr and native.size == math.prod(info.shape)
+
+    def _seq32(self, seq, stream):
+        """seq_idx as int32 (N, L): int64 becomes segment numbers (0, 1, ... counting the changes
+        along L), which keeps every equality of the non-decreasing original."""
+        if seq is None or seq.dtype == np.int32:
+            return seq
+        import cupy
+
+        from . import _gpu
+
+        with seq.device, _gpu.cupy_stream(stream):
+            out = cupy.empty(seq.shape, dtype=np.int32)
+            out[:, :1] = 0
+            out[:, 1:] = (seq[:, 1:] != seq[:, :-1]).astype(np.int32).cumsum(axis=1)
+        return out
+
+    def depthwise_conv1d_forward(self, p, x, w, b, state, seq, out, final_out, stream=None):
+        launch = plan_conv1d_forward(p, x.data.ptr, out.data.ptr)
+        self._run(launch, (x, w, _ptr(b), _ptr(state), _ptr(self._seq32(seq, stream)), out),
+                  stream)
+        if final_out is not None:
+            self._run(plan_conv1d_final_state(p), (x, _ptr(state), final_out), stream)
+
+    def depthwise_conv1d_backward(self, p, x, gy, w, state, seq, gx, gw, gb, gstate,
+                                  stream=None):
+        import cupy
+
+        from . import _gpu
+
+        launch = plan_conv1d_backward(p, x.data.ptr, gy.data.ptr,
+                                      0 if gx is None else gx.data.ptr)
+        splits = launch.info["splits"]
+        acc = "float64" if p.dtype == "float64" else "float32"
+        with x.device, _gpu.cupy_stream(stream):
+            part_w = None if gw is None else cupy.empty(splits * p.CO * p.K, dtype=acc)
+            part_b = None if gb is None else cupy.empty(splits * p.CO, dtype=acc)
+        self._run(launch, (x, gy, w, _ptr(state), _ptr(self._seq32(seq, stream)), _ptr(gx),
+                           _ptr(gstate), _ptr(part_w), _ptr(part_b)), stream)
+        for part, out, count in ((part_w, gw, p.CO * p.K), (part_b, gb, p.CO)):
+            if part is not None:
+                red = Launch("conv1d", f"sum_splits<{CTYPE[p.dtype]}>",
+                             (_cdiv(count, THREADS), 1, 1), (THREADS, 1, 1), 0, (splits, count))
+                self._run(red, (part, out), stream)
+
+    def depthwise_conv1d_update(self, p, x, state, w, b, out, state_out, stream=None):
+        self._run(plan_conv1d_update(p), (x, state, w, _ptr(b), out, state_out), stream)
+
+
+def _device_pointer(obj, info):
+    """The device address of the caller's C-contiguous GPU array ``obj``, else None."""
+    if info.lib == "torch":
+        return obj.data_ptr() if obj.is_contiguous() else None
+    if info.lib == "cupy":
+        return obj.data.ptr if obj.flags.c_contiguous else None
+    iface = getattr(obj, "__cuda_array_interface__", None)
+    if iface is None or iface.get("strides") is not None:
+        return None
+    return iface["data"][0]
 
 
 def _to_float32(a, dtype: str):

@@ -22,6 +22,16 @@
 // * The source is compiled with -fsanitize=alignment and the handler below: an access through a
 //   pointer not aligned for its type (a 16-byte Pack from an address that is not a multiple of 16,
 //   which faults on a GPU but not on x86) is an error.
+// * cp.async (common.cuh's cp_async / cp_async_commit / cp_async_wait helpers, provided here under
+//   DWOPS_HOST_CP_ASYNC): a copy reads its source when issued; it writes shared memory at the
+//   latest moment the hardware allows in the forward run (when the issuing thread waits for its
+//   group: cp_async_wait<N> lands every committed group but the N newest, oldest first) and at
+//   the earliest (at issue) in the reverse run. The zero-fill form writes zeros. A kernel that
+//   reads staged data without the wait reads the poisoned bytes in the forward run, and one that
+//   overwrites a buffer other threads may still read (a missing barrier before restaging) reads
+//   the new data in the reverse run: either way the two runs differ, which is reported as a race.
+//   Copies still pending when a thread exits are dropped. Destinations must lie in the dynamic
+//   shared memory, sizes be 4, 8 or 16 bytes, both addresses aligned to the size.
 #pragma once
 #include <signal.h>
 #include <setjmp.h>
@@ -76,12 +86,20 @@ namespace dwemu {
 
 enum State { RUNNABLE, AT_BARRIER, AT_WARP, EXITED };
 
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+    int size;
+};
+
 struct Fiber {
     ucontext_t ctx;
     State state;
     uint3 tid;
     int linear;
     long barriers;  // __syncthreads calls so far in this block
+    std::vector<AsyncCopy> open;                  // cp.async issued, not yet committed
+    std::vector<std::vector<AsyncCopy>> groups;   // committed groups, oldest first
 };
 
 static Fiber* cur = nullptr;
@@ -89,6 +107,8 @@ static ucontext_t scheduler;
 static uint3 g_block;
 static dim3 g_bdim, g_gdim;
 static unsigned char* g_smem = nullptr;
+static size_t g_smem_bytes = 0;
+static int g_order = 0;        // 0: forward run, 1: reverse run
 static std::vector<Fiber> g_fibers;
 static std::vector<unsigned long long> g_lane_value;  // one 8-byte slot per thread (shuffles)
 static void (*g_body)(void*) = nullptr;
@@ -193,6 +213,8 @@ inline bool run_block(int n, int order) {
         f.tid.z = i / (g_bdim.x * g_bdim.y);
         f.state = RUNNABLE;
         f.barriers = 0;
+        f.open.clear();
+        f.groups.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = stack_for(i);
         f.ctx.uc_stack.ss_size = STACK_BYTES;
@@ -266,6 +288,8 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
     mprotect(map + body_bytes, pg, PROT_NONE);
     const size_t shared16 = (shared + 15) / 16 * 16;
     g_smem = reinterpret_cast<unsigned char*>(map + body_bytes - shared16);
+    g_smem_bytes = shared16;
+    g_order = order;
     g_bdim = block;
     g_gdim = grid;
     g_body = body;
@@ -303,6 +327,7 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
     munmap(map, body_bytes + pg);
     release_stacks();  // every loaded kernel library would otherwise hold its own stacks
     g_smem = nullptr;
+    g_smem_bytes = 0;
     if (rc) std::snprintf(err, errlen, "%s", g_error.c_str());
     return rc;
 }
@@ -413,4 +438,52 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
     std::memcpy(&r, &dwemu::g_lane_value[partner], sizeof(V));
     dwemu::suspend(dwemu::AT_WARP);  // every lane has read before any slot is overwritten
     return r;
+}
+
+// ----------------------------------------------------------------------- cp.async
+
+#define DWOPS_HOST_CP_ASYNC 1
+
+namespace dwemu {
+inline void async_fail(const char* what, const void* a) {
+    if (g_error.empty()) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "%s (address 0x%llx), %s", what,
+                      (unsigned long long)reinterpret_cast<uintptr_t>(a),
+                      cur ? where(*cur).c_str() : "");
+        g_error = buf;
+    }
+    if (g_in_launch) siglongjmp(g_abort, 1);
+}
+}  // namespace dwemu
+
+template <int BYTES>
+inline void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    if (d < dwemu::g_smem || d + BYTES > dwemu::g_smem + dwemu::g_smem_bytes)
+        dwemu::async_fail("cp.async destination outside the dynamic shared memory", dst);
+    if (reinterpret_cast<uintptr_t>(dst) % BYTES || reinterpret_cast<uintptr_t>(src) % BYTES)
+        dwemu::async_fail("misaligned cp.async", reinterpret_cast<uintptr_t>(dst) % BYTES ? dst : src);
+    dwemu::AsyncCopy c;
+    c.dst = d;
+    c.size = BYTES;
+    if (valid) std::memcpy(c.bytes, src, BYTES);  // read at issue (a fault names this copy)
+    else std::memset(c.bytes, 0, BYTES);          // src-size 0: zero fill, nothing read
+    if (dwemu::g_order) std::memcpy(d, c.bytes, BYTES);  // reverse run: lands at once
+    else dwemu::cur->open.push_back(c);                  // forward run: lands at the wait
+}
+
+inline void cp_async_commit() {
+    dwemu::cur->groups.push_back(std::move(dwemu::cur->open));
+    dwemu::cur->open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+    auto& g = dwemu::cur->groups;
+    while (g.size() > static_cast<size_t>(N)) {
+        for (const dwemu::AsyncCopy& c : g.front()) std::memcpy(c.dst, c.bytes, c.size);
+        g.erase(g.begin());
+    }
 }

@@ -10,11 +10,37 @@
 // * activate(v, act): the epilogue activations, NaN/Inf behaviour identical to dwops.reference
 //   (relu(x) = x > 0 ? x : 0 * x, so NaN and -Inf give NaN, as np.where(y > 0, y, 0 * y) does).
 // * i64: every global offset is computed in 64 bits (tensors may exceed 2**31 elements).
+// * cp_async<BYTES>(dst, src, valid), cp_async_commit(), cp_async_wait<N>(): asynchronous
+//   global -> shared copies (sm_80+ cp.async, LDGSTS). A copy of BYTES (4, 8 or 16) bytes lands in
+//   shared memory only once the issuing thread has waited for its group (wait_group N: all but the
+//   N most recently committed groups are complete); valid == false is the zero-fill form (src-size
+//   0: nothing is read, BYTES zeros are written). Other threads see the data after a barrier that
+//   follows the wait. A host emulation of these kernels defines DWOPS_HOST_CP_ASYNC and provides
+//   the three helpers with the same semantics.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
 typedef long long i64;
+
+#ifndef DWOPS_HOST_CP_ASYNC
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    const int n = valid ? BYTES : 0;
+    if constexpr (BYTES == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
+                     "n"(BYTES), "r"(n));
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
 
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
