@@ -228,7 +228,8 @@ def test_packed_sequences_never_read_across_a_boundary(rng, backend, layout):
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         alone = dwops.depthwise_conv1d(x[:, :, lo:hi], w, b, padding="causal",
                                        initial_state=state if i == 0 else None, backend=backend)
-        np.testing.assert_array_equal(y[:, :, lo:hi], alone)
+        # a tap read across a boundary would be off by ~|w x| ~ 0.1, far above the tolerance
+        assert_close(y[:, :, lo:hi], alone, "float32", what=f"sequence {i}")
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

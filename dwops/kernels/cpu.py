@@ -69,6 +69,7 @@ Activations match :func:`dwops.reference.activate`, including its NaN rules (rel
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -1399,6 +1400,9 @@ class _CpuBackend(HostBackend):
     """Numba CPU kernels; arrays arrive C-contiguous in the problem's layout (see Backend)."""
 
     name = "cpu"
+    # One kernel launch at a time: the kernels use every core already, and Numba's workqueue
+    # threading layer aborts the process when two threads launch parallel kernels at once.
+    lock = threading.RLock()
 
     def unavailable_reason(self):
         return None if _IMPORT_ERROR is None else f"numba cannot be imported ({_IMPORT_ERROR})"
