@@ -528,7 +528,7 @@ def test_conv1d_long_rows(dtype, layout, aligned, rng):
     stride 1 (causal, state, seq_idx) and stride 2."""
     be = _backend()
     vec = 16 // np.dtype(dwops._registry.numpy_dtype(dtype)).itemsize if aligned else 1
-    length = 128 * vec * 4 - (0 if aligned else 83)
+    length = 128 * 2 * vec * 4 - (0 if aligned else 83)   # TL = 128 threads x 2 x VEC
     x, w, b, st, sq = _c1_args(rng, 1, 2, length, 1, 4, layout, dtype, bias=True, state=True,
                                seq="int32")
     p = _check_c1_forward(be, x, w, b, st, sq, dtype, layout=layout, act="silu", final=True)

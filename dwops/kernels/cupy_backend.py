@@ -557,6 +557,7 @@ def plan_separable(p, layout: str):
 # ----------------------------------------------------------------------------- depthwise 1-d
 
 C1_THREADS = 128                    # threads per block of the conv1d kernels (conv1d.cuh)
+C1_OPT = 2                          # NCL: outputs per thread and chunk, in vectors (conv1d.cuh)
 C1_SPECIALIZED_K = tuple(range(2, 9))   # widths with compile-time unrolled taps; others generic
 C1_TARGET_THREADS = 132 * 2048      # NLC: threads to aim for (~ every thread slot of an H100/H200)
 C1_NLC_BWD_REGS = 32                # NLC backward: K * VEC window values per thread at most
@@ -606,7 +607,7 @@ def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
     item = ITEMSIZE[p.dtype]
     if p.layout == "NCL":
         vec = pick_vec(p.dtype, (p.L,), (x_addr,))
-        tl = C1_THREADS * vec
+        tl = C1_THREADS * vec * C1_OPT
         ip = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
         shared = 2 * ip * item
         if shared > SMEM_OPTIN:
@@ -635,7 +636,7 @@ def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0)
     item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
     if p.layout == "NCL":
         vec = pick_vec(dtype, (p.L, p.OL), (x_addr, gy_addr, gx_addr))
-        tl = C1_THREADS * vec
+        tl = C1_THREADS * vec * C1_OPT
         ipx = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
         ipg = _cdiv(tl + (p.W + vec - 1) // p.s + vec - 1, vec) * vec
         stage = _cdiv(2 * (ipx + p.M * ipg) * item, 16) * 16
