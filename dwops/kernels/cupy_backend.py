@@ -7,9 +7,11 @@ written at the top of its ``.cuh`` file; this module holds the host side, in thr
 
 * **launch plans** (pure Python, unit-tested on the CPU): :func:`plan_dw_forward`,
   :func:`plan_dw_grad_input`, :func:`plan_dw_grad_weight`, :func:`plan_pointwise`,
-  :func:`plan_separable` turn a problem into a :class:`Launch` (kernel name expression, grid,
-  block, dynamic shared memory, integer arguments): the specialization (kernel size 1/3/5/7 or
-  generic, unit stride), the vector width allowed by the pointers' and rows' alignment, the tile;
+  :func:`plan_separable`, and for the depthwise 1-d op :func:`plan_conv1d_forward`,
+  :func:`plan_conv1d_backward`, :func:`plan_conv1d_update`, :func:`plan_conv1d_final_state`, turn
+  a problem into a :class:`Launch` (kernel name expression, grid, block, dynamic shared memory,
+  integer arguments): the specialization (kernel size 1/3/5/7 or generic, unit stride; 1-d widths
+  2-8 or generic), the vector width allowed by the pointers' and rows' alignment, the tile;
 * **the backend** (:class:`CupyBackend`, instance ``BACKEND``): arrays through DLPack, the caller's
   stream, one launcher;
 * **the kernel report** (:func:`compile_report`): every instantiation any plan can produce,
@@ -17,7 +19,8 @@ written at the top of its ``.cuh`` file; this module holds the host side, in thr
   registers, shared memory and spills. Works without a GPU.
 
 Shapes: x ``(N, C, H, W)`` / ``(N, H, W, C)``; depthwise weight ``(C*M, 1, KH, KW)``; pointwise
-weight ``(CO, CI)``; see ``dwops/_spec.py`` for the problem objects.
+weight ``(CO, CI)``; 1-d: x ``(N, C, L)`` / ``(N, L, C)``, weight ``(C*M, 1, K)``, states
+``(N, C, W)``, seq_idx ``(N, L)``; see ``dwops/_spec.py`` for the problem objects.
 """
 
 from __future__ import annotations
@@ -595,10 +598,6 @@ def _c1_nlc_grid(cv: int, positions: int, n: int) -> tuple:
         ls *= 2
         nseg = _cdiv(positions, ls)
     return (_cdiv(cv, bx), _cdiv(nseg, by), min(n, MAX_GRID_YZ)), (bx, by, 1), ls
-
-
-def _c1_ncl_vec(p, addresses: tuple, rows: tuple) -> int:
-    return pick_vec(p.dtype, rows, addresses)
 
 
 def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
