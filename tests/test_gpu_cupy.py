@@ -558,6 +558,19 @@ def test_conv1d_generic_widths(k, rng):
         _check_c1_update(be, rng, 3, 4, 2, k, 1, dtype, None, squeeze=True)
 
 
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+@pytest.mark.parametrize("subset", range(1, 16))
+def test_conv1d_backward_every_need_subset(subset, layout, rng):
+    """Each non-empty subset of (grad_input, grad_weight, grad_bias, grad_initial_state): the
+    outputs asked for are right, the others are not written (passed as None)."""
+    be = _backend()
+    need = {k: bool(subset >> i & 1) for i, k in enumerate(NEEDS)}
+    x, w, _, st, sq = _c1_args(rng, 2, 8, 37, 2, 3, layout, "float32", state=True, seq="int32")
+    p, _ = _spec.depthwise_1d("t", x, w, None, 1, "causal", 1, layout, None, st, False, sq)
+    _check_c1_backward(be, x, w, st, sq, rand(rng, p.y_shape, "float32"), "float32", need,
+                       layout=layout)
+
+
 def _random_conv1d(rng):
     """A random valid 1-d problem: widths 1-12 (and sometimes up to 31), stride and dilation
     1-3, multiplier 1-3, every padding form, both layouts, every dtype; causal problems get an
