@@ -528,7 +528,7 @@ def test_conv1d_long_rows(dtype, layout, aligned, rng):
     stride 1 (causal, state, seq_idx) and stride 2."""
     be = _backend()
     vec = 16 // np.dtype(dwops._registry.numpy_dtype(dtype)).itemsize if aligned else 1
-    length = 128 * vec * 4 - (0 if aligned else 83)
+    length = 128 * 2 * vec * 4 - (0 if aligned else 83)   # TL = 128 threads x 2 x VEC
     x, w, b, st, sq = _c1_args(rng, 1, 2, length, 1, 4, layout, dtype, bias=True, state=True,
                                seq="int32")
     p = _check_c1_forward(be, x, w, b, st, sq, dtype, layout=layout, act="silu", final=True)
@@ -556,6 +556,19 @@ def test_conv1d_generic_widths(k, rng):
         _check_c1_update(be, rng, 2, 5, 1, k, 2, dtype, "gelu", in_place=layout == "NCL")
     for dtype in DTYPES:
         _check_c1_update(be, rng, 3, 4, 2, k, 1, dtype, None, squeeze=True)
+
+
+@pytest.mark.parametrize("layout", ["NCL", "NLC"])
+@pytest.mark.parametrize("subset", range(1, 16))
+def test_conv1d_backward_every_need_subset(subset, layout, rng):
+    """Each non-empty subset of (grad_input, grad_weight, grad_bias, grad_initial_state): the
+    outputs asked for are right, the others are not written (passed as None)."""
+    be = _backend()
+    need = {k: bool(subset >> i & 1) for i, k in enumerate(NEEDS)}
+    x, w, _, st, sq = _c1_args(rng, 2, 8, 37, 2, 3, layout, "float32", state=True, seq="int32")
+    p, _ = _spec.depthwise_1d("t", x, w, None, 1, "causal", 1, layout, None, st, False, sq)
+    _check_c1_backward(be, x, w, st, sq, rand(rng, p.y_shape, "float32"), "float32", need,
+                       layout=layout)
 
 
 def _random_conv1d(rng):

@@ -7,9 +7,11 @@ written at the top of its ``.cuh`` file; this module holds the host side, in thr
 
 * **launch plans** (pure Python, unit-tested on the CPU): :func:`plan_dw_forward`,
   :func:`plan_dw_grad_input`, :func:`plan_dw_grad_weight`, :func:`plan_pointwise`,
-  :func:`plan_separable` turn a problem into a :class:`Launch` (kernel name expression, grid,
-  block, dynamic shared memory, integer arguments): the specialization (kernel size 1/3/5/7 or
-  generic, unit stride), the vector width allowed by the pointers' and rows' alignment, the tile;
+  :func:`plan_separable`, and for the depthwise 1-d op :func:`plan_conv1d_forward`,
+  :func:`plan_conv1d_backward`, :func:`plan_conv1d_update`, :func:`plan_conv1d_final_state`, turn
+  a problem into a :class:`Launch` (kernel name expression, grid, block, dynamic shared memory,
+  integer arguments): the specialization (kernel size 1/3/5/7 or generic, unit stride; 1-d widths
+  2-8 or generic), the vector width allowed by the pointers' and rows' alignment, the tile;
 * **the backend** (:class:`CupyBackend`, instance ``BACKEND``): arrays through DLPack, the caller's
   stream, one launcher;
 * **the kernel report** (:func:`compile_report`): every instantiation any plan can produce,
@@ -17,7 +19,8 @@ written at the top of its ``.cuh`` file; this module holds the host side, in thr
   registers, shared memory and spills. Works without a GPU.
 
 Shapes: x ``(N, C, H, W)`` / ``(N, H, W, C)``; depthwise weight ``(C*M, 1, KH, KW)``; pointwise
-weight ``(CO, CI)``; see ``dwops/_spec.py`` for the problem objects.
+weight ``(CO, CI)``; 1-d: x ``(N, C, L)`` / ``(N, L, C)``, weight ``(C*M, 1, K)``, states
+``(N, C, W)``, seq_idx ``(N, L)``; see ``dwops/_spec.py`` for the problem objects.
 """
 
 from __future__ import annotations
@@ -557,6 +560,7 @@ def plan_separable(p, layout: str):
 # ----------------------------------------------------------------------------- depthwise 1-d
 
 C1_THREADS = 128                    # threads per block of the conv1d kernels (conv1d.cuh)
+C1_OPT = 2                          # NCL: outputs per thread and chunk, in vectors (conv1d.cuh)
 C1_SPECIALIZED_K = tuple(range(2, 9))   # widths with compile-time unrolled taps; others generic
 C1_TARGET_THREADS = 132 * 2048      # NLC: threads to aim for (~ every thread slot of an H100/H200)
 C1_NLC_BWD_REGS = 32                # NLC backward: K * VEC window values per thread at most
@@ -596,17 +600,13 @@ def _c1_nlc_grid(cv: int, positions: int, n: int) -> tuple:
     return (_cdiv(cv, bx), _cdiv(nseg, by), min(n, MAX_GRID_YZ)), (bx, by, 1), ls
 
 
-def _c1_ncl_vec(p, addresses: tuple, rows: tuple) -> int:
-    return pick_vec(p.dtype, rows, addresses)
-
-
 def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
     """c1_forward launch for Conv1dProblem ``p`` (see conv1d.cuh)."""
     K = c1_spec(p.K)
     item = ITEMSIZE[p.dtype]
     if p.layout == "NCL":
         vec = pick_vec(p.dtype, (p.L,), (x_addr,))
-        tl = C1_THREADS * vec
+        tl = C1_THREADS * vec * C1_OPT
         ip = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
         shared = 2 * ip * item
         if shared > SMEM_OPTIN:
@@ -635,7 +635,7 @@ def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0)
     item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
     if p.layout == "NCL":
         vec = pick_vec(dtype, (p.L, p.OL), (x_addr, gy_addr, gx_addr))
-        tl = C1_THREADS * vec
+        tl = C1_THREADS * vec * C1_OPT
         ipx = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
         ipg = _cdiv(tl + (p.W + vec - 1) // p.s + vec - 1, vec) * vec
         stage = _cdiv(2 * (ipx + p.M * ipg) * item, 16) * 16

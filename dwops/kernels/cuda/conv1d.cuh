@@ -25,12 +25,12 @@
 //        not aligned to 16 bytes): NCL along L, NLC along channels
 //   NLC  layout of x, y, gy, gx
 //
-// NCL (one block per (n, c) row and a range of chunks of TL = 128 * VEC outputs): the input span
-// of a chunk (and, backward, the grad_output span of each of the M output rows) is staged in
-// shared memory by cp.async, 16-byte copies (the zero-fill form past the row ends, the causal
-// state read for positions before 0), in a two-stage pipeline: chunk j + 1 is in flight while
-// chunk j is computed. Thread t computes outputs l0 + t + i*128 (i < VEC), so a warp reads
-// consecutive shared words (no bank conflicts at stride 1) and stores consecutive elements.
+// NCL (one block per (n, c) row and a range of chunks of TL = 128 * PER outputs, PER = VEC *
+// C1_OPT): the input span of a chunk (and, backward, the grad_output span of each of the M output
+// rows) is staged in shared memory by cp.async, 16-byte copies (the zero-fill form past the row
+// ends, the causal state read for positions before 0), in a two-stage pipeline: chunk j + 1 is in
+// flight while chunk j is computed. Thread t computes outputs l0 + t + i*128 (i < PER), so a warp
+// reads consecutive shared words (no bank conflicts at stride 1) and stores consecutive elements.
 // NLC (thread = one vector of VEC channels, a segment of LS positions): with a compile-time width,
 // stride 1 and dilation 1 the thread walks its segment with a register window of the last K
 // inputs (and grad_outputs), so each input is loaded once per segment plus a K-1 halo; other
@@ -38,6 +38,7 @@
 // grad_weight and grad_bias are two-stage deterministic reductions: each block writes one partial
 // sum per (split, o, k) in a fixed order, sum_splits (common.cuh) adds the splits.
 #define C1_THREADS 128
+#define C1_OPT 2  // NCL: outputs per thread and chunk, in units of VEC
 
 // ------------------------------------------------------------------------------ shared helpers
 
@@ -114,7 +115,7 @@ __device__ __forceinline__ int c1_seq(const int* __restrict__ seq, i64 n, int L,
 // ------------------------------------------------------------------------------ forward
 
 // Launch (cupy_backend.plan_conv1d_forward):
-//   NCL  grid (N*C, ceil(chunks / per)), block (128), TL = 128 * VEC outputs per chunk, chunks
+//   NCL  grid (N*C, ceil(chunks / per)), block (128), TL = 128 * PER outputs per chunk, chunks
 //        [blockIdx.y * per, ...) of row blockIdx.x; dynamic shared memory 2 * IP elements of T
 //   NLC  grid (ceil(CV / BX), ceil(segments / BY), min(N, 65535)), block (BX, BY), CV = CO / VEC
 //        channel vectors, LS outputs per segment; no shared memory
@@ -130,6 +131,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
     int TL, int IP, int per, int LS)
 {
     typedef typename Acc<T>::type A;
+    constexpr int PER = VEC * C1_OPT;  // NCL: outputs per thread and chunk
     const int kw = K > 0 ? K : KW;
     const int W = d * (kw - 1);
     const int CO = C * M;
@@ -158,9 +160,9 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
             __syncthreads();
             const int l0 = j * TL;
             const int off = l0 * s - pl - floor_div(l0 * s - pl, VEC) * VEC;
-            unsigned valid[VEC];  // tap bits of each output (seq_idx)
+            unsigned valid[PER];  // tap bits of each output (seq_idx)
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
+            for (int i = 0; i < PER; ++i) {
                 valid[i] = ~0u;
                 const int l = l0 + tid + i * nthr;
                 if (seq != nullptr && l < OL) {
@@ -172,15 +174,15 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
             for (int m = 0; m < M; ++m) {
                 const int o = c * M + m;
                 const T* wr = w + (i64)o * kw;
-                A acc[VEC];
+                A acc[PER];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) acc[i] = 0;
+                for (int i = 0; i < PER; ++i) acc[i] = 0;
                 if constexpr (K > 0) {
                     A wk[K];
 #pragma unroll
                     for (int k = 0; k < K; ++k) wk[k] = to_acc(wr[k]);
 #pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
+                    for (int i = 0; i < PER; ++i) {
                         const T* t = cur + off + (tid + i * nthr) * s;
 #pragma unroll
                         for (int k = 0; k < K; ++k)
@@ -190,7 +192,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
                     for (int k = 0; k < kw; ++k) {
                         const A wv = to_acc(wr[k]);
 #pragma unroll
-                        for (int i = 0; i < VEC; ++i)
+                        for (int i = 0; i < PER; ++i)
                             if (valid[i] >> k & 1u)
                                 acc[i] += wv * to_acc(cur[off + (tid + i * nthr) * s + k * d]);
                     }
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
                 const A bv = bias != nullptr ? to_acc(bias[o]) : A(0);
                 T* yrow = y + (n * CO + o) * OL;
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) {
+                for (int i = 0; i < PER; ++i) {
                     const int l = l0 + tid + i * nthr;
                     if (l < OL) yrow[l] = from_acc<T>(activate(acc[i] + bv, act));
                 }
@@ -232,6 +234,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
                     c1_load_nlc<T, VEC>(win[k], x, state, n, lb + k - pl, c0, L, C, W);
                     sq[k] = seq != nullptr ? c1_seq(seq, n, L, lb - (KK - 1) + k) : 0;
                 }
+#pragma unroll 4  // the loads of four positions in flight (they do not depend on the math)
                 for (int l = lb; l < le; ++l) {
                     c1_load_nlc<T, VEC>(win[KK - 1], x, state, n, l + KK - 1 - pl, c0, L, C, W);
                     sq[KK - 1] = seq != nullptr ? c1_seq(seq, n, L, l) : 0;
@@ -298,7 +301,8 @@ __device__ __forceinline__ void c1_colsum(A* red, A (&v)[VEC]) {
 }
 
 // Launch (cupy_backend.plan_conv1d_backward):
-//   NCL  grid (N*C, ceil(chunks / per)), block (128); chunk j: outputs [j*TL, (j+1)*TL) for gw/gb
+//   NCL  grid (N*C, ceil(chunks / per)), block (128), TL = 128 * PER; chunk j: outputs
+//        [j*TL, (j+1)*TL) for gw/gb
 //        and input positions [qa + j*TQ, qa + (j+1)*TQ) for gx (TQ = TL*s, qa = the first
 //        VEC-aligned position <= -pl); dynamic shared memory 2 * (IPX + M*IPG) elements of T
 //        (16-byte aligned) + (M*KW + (4 + M) * (KW+1)) accumulators
@@ -320,6 +324,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_backward(
     int TL, int IPX, int IPG, int per, int LS)
 {
     typedef typename Acc<T>::type A;
+    constexpr int PER = VEC * C1_OPT;  // NCL: outputs per thread and chunk
     const int kw = K > 0 ? K : KW;
     const int W = d * (kw - 1);
     const int CO = C * M;
@@ -399,9 +404,9 @@ __global__ void __launch_bounds__(C1_THREADS) c1_backward(
             if (want_gw) {
                 const int l0 = j * TL;
                 const int off = l0 * s - pl - floor_div(l0 * s - pl, VEC) * VEC;
-                unsigned valid[VEC];
+                unsigned valid[PER];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) {
+                for (int i = 0; i < PER; ++i) {
                     const int l = l0 + tid + i * nthr;
                     valid[i] = l < OL ? ~0u : 0u;
                     if (seq != nullptr && l < OL) {
@@ -412,10 +417,10 @@ __global__ void __launch_bounds__(C1_THREADS) c1_backward(
                 }
                 for (int m = 0; m < M; ++m) {
                     const T* gt = cur + IPX + m * IPG - ga;
-                    A g[VEC];
+                    A g[PER];
                     A sb = 0;
 #pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
+                    for (int i = 0; i < PER; ++i) {
                         const int l = l0 + tid + i * nthr;
                         g[i] = l < OL ? to_acc(gt[l]) : A(0);
                         sb += g[i];
@@ -425,7 +430,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_backward(
                     for (int k = 0; k < (K > 0 ? K : kw); ++k) {
                         A sk = 0;
 #pragma unroll
-                        for (int i = 0; i < VEC; ++i)
+                        for (int i = 0; i < PER; ++i)
                             if (valid[i] >> k & 1u)
                                 sk += g[i] * to_acc(xt[off + (tid + i * nthr) * s + k * d]);
                         sk = warp_sum(sk);
@@ -488,6 +493,7 @@ __global__ void __launch_bounds__(C1_THREADS) c1_backward(
                         c1_load_gy<T, VEC>(gw_[k], gy, n, lb - (KK - 1) + k, c0, OL, CO);
                         sq[k] = seq != nullptr ? c1_seq(seq, n, L, lb - (KK - 1) + k) : 0;
                     }
+#pragma unroll 4  // the loads of four positions in flight
                     for (int l = lb; l < le; ++l) {
                         c1_load_nlc<T, VEC>(xw[KK - 1], x, state, n, l + KK - 1 - pl, c0, L, C, W);
                         c1_load_gy<T, VEC>(gw_[KK - 1], gy, n, l, c0, OL, CO);
