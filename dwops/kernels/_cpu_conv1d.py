@@ -5,7 +5,8 @@ zeros on the right; ``W = d*(K-1)``; ``kmin[n, l]`` the first tap of output ``l`
 own packed sequence, 0 without ``seq_idx``)::
 
     forward      y[n, o, l]  = act(b[o] + sum_{k >= kmin[n, l]} w[o, k] * xp[n, o//M, l*s + k*d])
-    grad_input   gxp[n, c, q] = sum_{m, k, l : l*s + k*d == q, k >= kmin[n, l]} w[cM+m, k] gy[n, cM+m, l]
+    grad_input   gxp[n, c, q] = sum_{m, k, l : l*s + k*d == q, k >= kmin[n, l]}
+                                  w[cM+m, k] * gy[n, cM+m, l]
                  (grad_input = gxp[..., pl:], grad_initial_state = gxp[..., :pl])
     grad_weight  gw[o, k]    = sum_{n, l : k >= kmin[n, l]} gy[n, o, l] * xp[n, o//M, l*s + k*d]
     grad_bias    gb[o]       = sum_{n, l} gy[n, o, l]
@@ -165,9 +166,11 @@ def _fill(x, st, row, base, sbase, q0, span, pl, L, has_state, kind):
     e = min(span, max(0, pl + L - q0))      # [a, e): x;  [e, span): right padding
     for i in range(a):
         row[i] = _widen(st[_u(sbase + q0 + i)], kind) if has_state else zero
-    off = base + q0 - pl
-    for i in range(a, e):
-        row[i] = _widen(x[_u(off + i)], kind)
+    if e > a:  # 0-based loop over views: LLVM vectorizes it (not one from a with an offset)
+        xv = x[base + q0 - pl + a:base + q0 - pl + e]
+        rv = row[a:e]
+        for i in range(e - a):
+            rv[i] = _widen(xv[i], kind)
     for i in range(e, span):
         row[i] = zero
 
@@ -176,8 +179,9 @@ def _fill(x, st, row, base, sbase, q0, span, pl, L, has_state, kind):
 def _store(acc, n, out, base, ostride, kind):
     """out[base + i*ostride] = acc[i] for i < n, rounded to out's dtype."""
     if ostride == 1:
+        ov = out[base:base + n]
         for i in range(n):
-            out[_u(base + i)] = _narrow(acc[i], out, kind)
+            ov[i] = _narrow(acc[i], out, kind)
     else:
         for i in range(n):
             out[_u(base + i * ostride)] = _narrow(acc[i], out, kind)
@@ -365,26 +369,41 @@ def _forward(x, st, w, b, seq, out, C, L, M, OL, s, d, pl, has_state, has_bias, 
 @njit(cache=True, fastmath=_FM_SUM)
 def _dots(gs, g_off, row, s, d, K, nl, kmin, k_off, has_seq, part):
     """part[k] += sum_i gs[g_off + i] * row[i*s + k*d] (i < nl, masked by kmin[k_off + i] <= k);
-    part[K] += sum_i gs[g_off + i]. float32 (or float64) sums per chunk, float64 across."""
+    part[K] += sum_i gs[g_off + i]. Sums in the compute dtype per chunk, float64 across; at
+    stride 1 without seq_idx four taps share one pass."""
     zero = gs.dtype.type(0.0)
-    for k in range(K):
-        a = k * d
-        acc = zero
-        if has_seq:
-            for i in range(nl):
-                if kmin[_u(k_off + i)] <= k:
-                    acc += gs[_u(g_off + i)] * row[_u(a + i * s)]
-        elif s == 1:
-            for i in range(nl):
-                acc += gs[_u(g_off + i)] * row[_u(a + i)]
-        else:
-            for i in range(nl):
-                acc += gs[_u(g_off + i)] * row[_u(a + i * s)]
-        part[k] += acc
     acc = zero
     for i in range(nl):
         acc += gs[_u(g_off + i)]
     part[K] += acc
+    k = 0
+    while k < K:
+        a = k * d
+        if s == 1 and not has_seq and k + 4 <= K:
+            a1, a2, a3 = a + d, a + 2 * d, a + 3 * d
+            s0 = s1 = s2 = s3 = zero
+            for i in range(nl):
+                g = gs[_u(g_off + i)]
+                s0 += g * row[_u(a + i)]
+                s1 += g * row[_u(a1 + i)]
+                s2 += g * row[_u(a2 + i)]
+                s3 += g * row[_u(a3 + i)]
+            part[k] += s0
+            part[k + 1] += s1
+            part[k + 2] += s2
+            part[k + 3] += s3
+            k += 4
+            continue
+        acc = zero
+        if has_seq:
+            for i in range(nl):
+                if kmin[_u(k_off + i)] <= k:
+                    acc += gs[_u(g_off + i)] * row[_u(a + i)]
+        else:
+            for i in range(nl):
+                acc += gs[_u(g_off + i)] * row[_u(a + i * s)]
+        part[k] += acc
+        k += 1
 
 
 @njit(cache=True, fastmath=_FM)
@@ -471,9 +490,11 @@ def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_s
                 e = min(ng, max(0, OL - g0))
                 for i in range(a):
                     gs[i] = zero
-                off = (n * CO + o) * OL + g0
-                for i in range(a, e):
-                    gs[i] = _widen(gy[_u(off + i)], kind)
+                if e > a:
+                    gv = gy[(n * CO + o) * OL + g0 + a:(n * CO + o) * OL + g0 + e]
+                    sv = gs[a:e]
+                    for i in range(e - a):
+                        sv[i] = _widen(gv[i], kind)
                 for i in range(e, ng):
                     gs[i] = zero
                 if do_gx and nq > 0:
@@ -752,7 +773,7 @@ def _bits(a):
 
 
 def _seq32(seq):
-    """seq_idx as int32 with the same equalities and order (run numbers when values exceed int32)."""
+    """seq_idx as int32 with the same equalities and order (run numbers beyond int32)."""
     if seq.dtype == np.int32:
         return seq
     info = np.iinfo(np.int32)
