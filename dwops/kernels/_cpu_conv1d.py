@@ -199,9 +199,9 @@ def _taps(src, s, d, w, o, n, acc):
             w0, w1, w2, w3 = w[o, k], w[o, k + 1], w[o, k + 2], w[o, k + 3]
             a1, a2, a3 = a0 + d, a0 + 2 * d, a0 + 3 * d
             if s == 1:
+                r0, r1, r2, r3 = src[a0:a0 + n], src[a1:a1 + n], src[a2:a2 + n], src[a3:a3 + n]
                 for i in range(n):
-                    acc[i] += (w0 * src[_u(a0 + i)] + w1 * src[_u(a1 + i)]
-                               + w2 * src[_u(a2 + i)] + w3 * src[_u(a3 + i)])
+                    acc[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
             else:
                 for i in range(n):
                     j = i * s
@@ -211,8 +211,9 @@ def _taps(src, s, d, w, o, n, acc):
             w0, w1, w2 = w[o, k], w[o, k + 1], w[o, k + 2]
             a1, a2 = a0 + d, a0 + 2 * d
             if s == 1:
+                r0, r1, r2 = src[a0:a0 + n], src[a1:a1 + n], src[a2:a2 + n]
                 for i in range(n):
-                    acc[i] += w0 * src[_u(a0 + i)] + w1 * src[_u(a1 + i)] + w2 * src[_u(a2 + i)]
+                    acc[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i]
             else:
                 for i in range(n):
                     j = i * s
@@ -221,8 +222,9 @@ def _taps(src, s, d, w, o, n, acc):
             w0, w1 = w[o, k], w[o, k + 1]
             a1 = a0 + d
             if s == 1:
+                r0, r1 = src[a0:a0 + n], src[a1:a1 + n]
                 for i in range(n):
-                    acc[i] += w0 * src[_u(a0 + i)] + w1 * src[_u(a1 + i)]
+                    acc[i] += w0 * r0[i] + w1 * r1[i]
             else:
                 for i in range(n):
                     j = i * s
@@ -380,14 +382,16 @@ def _dots(gs, g_off, row, s, d, K, nl, kmin, k_off, has_seq, part):
     while k < K:
         a = k * d
         if s == 1 and not has_seq and k + 4 <= K:
-            a1, a2, a3 = a + d, a + 2 * d, a + 3 * d
+            gv = gs[g_off:g_off + nl]
+            r0, r1 = row[a:a + nl], row[a + d:a + d + nl]
+            r2, r3 = row[a + 2 * d:a + 2 * d + nl], row[a + 3 * d:a + 3 * d + nl]
             s0 = s1 = s2 = s3 = zero
             for i in range(nl):
-                g = gs[_u(g_off + i)]
-                s0 += g * row[_u(a + i)]
-                s1 += g * row[_u(a1 + i)]
-                s2 += g * row[_u(a2 + i)]
-                s3 += g * row[_u(a3 + i)]
+                g = gv[i]
+                s0 += g * r0[i]
+                s1 += g * r1[i]
+                s2 += g * r2[i]
+                s3 += g * r3[i]
             part[k] += s0
             part[k + 1] += s1
             part[k + 2] += s2
@@ -552,24 +556,29 @@ def _fill_rows(x, st, xs, n, q0, c0, C, L, M, pl, has_state, kind):
 def _rowgroup(acc, src, wt, o0, k, g, ra, rb, rc, rd):
     """acc[j] += sum over the g <= 4 taps k, k+1, ... of wt[tap, o0 + j] * src[row, j], the
     taps' rows being ra, rb, rc, rd (one vectorized pass along the channels)."""
-    nO = acc.shape[0]
-    if g == 4:
-        for j in range(nO):
-            o = _u(o0 + j)
-            acc[j] += (wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
-                       + wt[k + 2, o] * src[rc, _u(j)] + wt[k + 3, o] * src[rd, _u(j)])
-    elif g == 3:
-        for j in range(nO):
-            o = _u(o0 + j)
-            acc[j] += (wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
-                       + wt[k + 2, o] * src[rc, _u(j)])
-    elif g == 2:
-        for j in range(nO):
-            o = _u(o0 + j)
-            acc[j] += wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
-    else:
-        for j in range(nO):
-            acc[j] += wt[k, _u(o0 + j)] * src[ra, _u(j)]
+    n = acc.shape[0]
+    x0 = src[ra, :n]
+    v0 = wt[k, o0:o0 + n]
+    if g == 1:
+        for j in range(n):
+            acc[j] += v0[j] * x0[j]
+        return
+    x1 = src[rb, :n]
+    v1 = wt[k + 1, o0:o0 + n]
+    if g == 2:
+        for j in range(n):
+            acc[j] += v0[j] * x0[j] + v1[j] * x1[j]
+        return
+    x2 = src[rc, :n]
+    v2 = wt[k + 2, o0:o0 + n]
+    if g == 3:
+        for j in range(n):
+            acc[j] += v0[j] * x0[j] + v1[j] * x1[j] + v2[j] * x2[j]
+        return
+    x3 = src[rd, :n]
+    v3 = wt[k + 3, o0:o0 + n]
+    for j in range(n):
+        acc[j] += v0[j] * x0[j] + v1[j] * x1[j] + v2[j] * x2[j] + v3[j] * x3[j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
