@@ -60,6 +60,11 @@ NLC_TL = 64
 NLC_CB = 256
 # NCL with seq_idx: channels per task sharing one kmin computation.
 NCL_SEQ_CB = 8
+# NLC backward: a task runs up to NLC_GROUP chunks (one float64 partial of the weight gradient
+# per group, so the partials stay small next to the arrays), as long as there are at least
+# NLC_MIN_TASKS tasks. Both depend on the problem only, so the sums do not depend on threads.
+NLC_GROUP = 32
+NLC_MIN_TASKS = 64
 
 # dtype kind passed to the kernels: 0 native float, 1 float16 bits, 2 bfloat16 bits
 _KIND = {"float16": 1, "bfloat16": 2}
@@ -629,11 +634,13 @@ def _forward_nlc(x, st, wt, b, seq, out, C, L, M, OL, s, d, pl, has_state, has_b
 
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_state, has_seq,
-                  need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC):
+                  need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC, GC):
     """Depthwise 1-d backward, NLC, in one pass: tiles as in _forward_nlc.
 
     gy:       flat (N, OL, C*M) grad_output;  gx: flat (N, L, C) (written if need_gx)
-    gst, part, chunks: as in _backward
+    gst, chunks: as in _backward
+    part:     (N * ceil(nLC / GC), C*M, K + 1) float64: per (n, group of GC chunks) the partial
+              grad_weight and grad_bias; a task runs the GC chunks of a group one after another
     Per tile: the padded grad_output rows gs (zeros outside [0, OL)); grad_input rows are
     vectorized multiply-adds of gs rows (stride 1: gx row i reads gs rows i + W - k*d; otherwise
     each gs row is scattered to the rows l*s + k*d of the task's own scratch); grad_weight and
@@ -645,75 +652,80 @@ def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_
     N = gy.shape[0] // (CO * OL)
     QE = pl + L
     zero = wt.dtype.type(0.0)
-    for t in prange(N * nLC * nCB):
-        n = t // (nLC * nCB)
-        r = t - n * nLC * nCB
-        j = r // nCB
-        cb = r - j * nCB
-        l0 = j * TL
-        nl = max(0, min(TL, OL - l0))
-        q0 = min(j * TL * s, QE)
-        q1 = QE if j == nLC - 1 else min((j + 1) * TL * s, QE)
-        nq = q1 - q0
+    nG = -(-nLC // GC)
+    for t in prange(N * nG * nCB):
+        n = t // (nG * nCB)
+        r = t - n * nG * nCB
+        grp = r // nCB
+        cb = r - grp * nCB
         c0 = cb * CB
         nc = min(C, c0 + CB) - c0
         o0 = c0 * M
         nO = nc * M
-        do_gx = nq > 0 and ((need_gx and q1 > pl) or (need_gst and q0 < pl))
-        g0 = l0 - W // s
-        g1 = max(l0 + nl, (q1 - 1) // s + 1) if nq > 0 else l0 + nl
-        ng = max(0, g1 - g0)
-        gs = np.empty((ng, nO), wt.dtype)
-        for rr in range(ng):
-            lg = g0 + rr
-            if 0 <= lg < OL:
-                base = (n * OL + lg) * CO + o0
-                for jj in range(nO):
-                    gs[rr, jj] = _widen(gy[_u(base + jj)], kind)
-            else:
-                for jj in range(nO):
-                    gs[rr, jj] = zero
-        kmin = np.zeros(ng, np.int32)
-        if has_seq:
-            _kmin(seq, n, g0, ng, K, d, kmin)
-        if do_gx:
-            gacc = np.zeros((nq, nO), wt.dtype)
-            if s == 1:
+        gw = np.empty((K + 1, nO), wt.dtype)
+        gw64 = np.zeros((K + 1, nO), np.float64)
+        for j in range(grp * GC, min(nLC, (grp + 1) * GC)):
+            l0 = j * TL
+            nl = max(0, min(TL, OL - l0))
+            q0 = min(j * TL * s, QE)
+            q1 = QE if j == nLC - 1 else min((j + 1) * TL * s, QE)
+            nq = q1 - q0
+            do_gx = nq > 0 and ((need_gx and q1 > pl) or (need_gst and q0 < pl))
+            g0 = l0 - W // s
+            g1 = max(l0 + nl, (q1 - 1) // s + 1) if nq > 0 else l0 + nl
+            ng = max(0, g1 - g0)
+            gs = np.empty((ng, nO), wt.dtype)
+            for rr in range(ng):
+                lg = g0 + rr
+                if 0 <= lg < OL:
+                    base = (n * OL + lg) * CO + o0
+                    for jj in range(nO):
+                        gs[rr, jj] = _widen(gy[_u(base + jj)], kind)
+                else:
+                    for jj in range(nO):
+                        gs[rr, jj] = zero
+            kmin = np.zeros(ng, np.int32)
+            if has_seq:
+                _kmin(seq, n, g0, ng, K, d, kmin)
+            if do_gx:
+                gacc = np.zeros((nq, nO), wt.dtype)
+                if s == 1:
+                    for i in range(nq):
+                        row = gacc[i]
+                        k = 0
+                        while k < K:
+                            ra = i + W - k * d
+                            if has_seq:
+                                if kmin[ra] <= k:
+                                    _rowgroup(row, gs, wt, o0, k, 1, ra, 0, 0, 0)
+                                k += 1
+                            else:
+                                g = min(4, K - k)
+                                _rowgroup(row, gs, wt, o0, k, g, ra, ra - d, ra - 2 * d,
+                                          ra - 3 * d)
+                                k += g
+                else:
+                    for rr in range(ng):
+                        for k in range(K):
+                            q = (g0 + rr) * s + k * d
+                            if q0 <= q < q1:
+                                _rowgroup(gacc[q - q0], gs, wt, o0, k, 1, rr, 0, 0, 0)
                 for i in range(nq):
-                    row = gacc[i]
-                    k = 0
-                    while k < K:
-                        ra = i + W - k * d
-                        if has_seq:
-                            if kmin[ra] <= k:
-                                _rowgroup(row, gs, wt, o0, k, 1, ra, 0, 0, 0)
-                            k += 1
+                    q = q0 + i
+                    if q < pl and not need_gst or q >= pl and not need_gx:
+                        continue
+                    for cc in range(nc):
+                        v = gacc[i, cc * M]
+                        for m in range(1, M):
+                            v += gacc[i, cc * M + m]
+                        if q < pl:
+                            gst[_u((n * C + c0 + cc) * pl + q)] = _narrow(v, gst, kind)
                         else:
-                            g = min(4, K - k)
-                            _rowgroup(row, gs, wt, o0, k, g, ra, ra - d, ra - 2 * d, ra - 3 * d)
-                            k += g
-            else:
-                for rr in range(ng):
-                    for k in range(K):
-                        q = (g0 + rr) * s + k * d
-                        if q0 <= q < q1:
-                            _rowgroup(gacc[q - q0], gs, wt, o0, k, 1, rr, 0, 0, 0)
-            for i in range(nq):
-                q = q0 + i
-                if q < pl and not need_gst or q >= pl and not need_gx:
-                    continue
-                for cc in range(nc):
-                    v = gacc[i, cc * M]
-                    for m in range(1, M):
-                        v += gacc[i, cc * M + m]
-                    if q < pl:
-                        gst[_u((n * C + c0 + cc) * pl + q)] = _narrow(v, gst, kind)
-                    else:
-                        gx[_u((n * L + q - pl) * C + c0 + cc)] = _narrow(v, gx, kind)
-        if need_gw:
-            p = n * nLC + j
-            gw = np.zeros((K + 1, nO), wt.dtype)
-            if nl > 0:
+                            gx[_u((n * L + q - pl) * C + c0 + cc)] = _narrow(v, gx, kind)
+            if need_gw and nl > 0:
+                for k in range(K + 1):
+                    for jj in range(nO):
+                        gw[k, jj] = zero
                 xs = np.empty(((nl - 1) * s + W + 1, nO), wt.dtype)
                 _fill_rows(x, st, xs, n, l0 * s, c0, C, L, M, pl, has_state, kind)
                 for i in range(nl):
@@ -725,9 +737,14 @@ def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_
                                 gw[k, jj] += gs[rr, jj] * xs[xr, jj]
                     for jj in range(nO):
                         gw[K, jj] += gs[rr, jj]
+                for k in range(K + 1):
+                    for jj in range(nO):
+                        gw64[k, jj] += gw[k, jj]
+        if need_gw:
+            p = n * nG + grp
             for jj in range(nO):
                 for k in range(K + 1):
-                    part[p, o0 + jj, k] = gw[k, jj]
+                    part[p, o0 + jj, k] = gw64[k, jj]
 
 
 # ----------------------------------------------------------------------------- update
@@ -847,7 +864,12 @@ def backward(p, x, gy, w, state, seq, gx, gw, gb, gstate):
     cb, tl, ncb, _ = _tasks(p.N, p.C, p.OL, p.layout, p.has_seq)
     nlc = max(-(-p.OL // tl), -(-(p.pl + p.L) // (tl * p.s)))
     need_gw = gw is not None or gb is not None
-    part = np.empty((p.N * nlc, p.CO, p.K + 1) if need_gw else (1, 1, 1), np.float64)
+    rows = p.N * nlc  # partial sums: one per (n, chunk); NLC: per (n, group of gc chunks)
+    gc = 1
+    if p.layout == "NLC":
+        gc = max(1, min(NLC_GROUP, p.N * nlc * ncb // NLC_MIN_TASKS))
+        rows = p.N * -(-nlc // gc)
+    part = np.empty((rows, p.CO, p.K + 1) if need_gw else (1, 1, 1), np.float64)
     stub = np.zeros(1, _bits_dtype(p))
     gx_ = stub if gx is None else _bits(gx).reshape(-1)
     gst_ = stub if gstate is None else _bits(gstate).reshape(-1)
@@ -856,7 +878,7 @@ def backward(p, x, gy, w, state, seq, gx, gw, gb, gstate):
     if p.layout == "NLC":
         _backward_nlc(_bits(x).reshape(-1), st, _bits(gy).reshape(-1),
                       np.ascontiguousarray(w2.T), sq, gx_, gst_, part, p.C, p.L, p.M, p.OL, p.s,
-                      p.d, p.pl, *flags)
+                      p.d, p.pl, *flags, gc)
     else:
         _backward(_bits(x).reshape(-1), st, _bits(gy).reshape(-1), w2, wf, sq, gx_, gst_, part,
                   p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *flags)
