@@ -63,7 +63,8 @@ def _absf(a):
 
 _FLOATS = [numpy_dtype(d) for d in DTYPES]
 _DEFAULTS = {name: getattr(_cpu_conv1d, name)
-             for name in ("NCL_TL", "NLC_TL", "NLC_CB", "NCL_SEQ_CB")}
+             for name in ("NCL_TL", "NLC_TL", "NLC_CB", "NCL_SEQ_CB", "NLC_GROUP",
+                          "NLC_MIN_TASKS")}
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +74,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(_cpu_conv1d, "NLC_TL", 5)
     monkeypatch.setattr(_cpu_conv1d, "NLC_CB", 3)
     monkeypatch.setattr(_cpu_conv1d, "NCL_SEQ_CB", 2)
+    monkeypatch.setattr(_cpu_conv1d, "NLC_GROUP", 2)
+    monkeypatch.setattr(_cpu_conv1d, "NLC_MIN_TASKS", 1)
 
 
 @pytest.fixture(autouse=True)

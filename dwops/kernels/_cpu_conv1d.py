@@ -5,7 +5,8 @@ zeros on the right; ``W = d*(K-1)``; ``kmin[n, l]`` the first tap of output ``l`
 own packed sequence, 0 without ``seq_idx``)::
 
     forward      y[n, o, l]  = act(b[o] + sum_{k >= kmin[n, l]} w[o, k] * xp[n, o//M, l*s + k*d])
-    grad_input   gxp[n, c, q] = sum_{m, k, l : l*s + k*d == q, k >= kmin[n, l]} w[cM+m, k] gy[n, cM+m, l]
+    grad_input   gxp[n, c, q] = sum_{m, k, l : l*s + k*d == q, k >= kmin[n, l]}
+                                  w[cM+m, k] * gy[n, cM+m, l]
                  (grad_input = gxp[..., pl:], grad_initial_state = gxp[..., :pl])
     grad_weight  gw[o, k]    = sum_{n, l : k >= kmin[n, l]} gy[n, o, l] * xp[n, o//M, l*s + k*d]
     grad_bias    gb[o]       = sum_{n, l} gy[n, o, l]
@@ -59,6 +60,11 @@ NLC_TL = 64
 NLC_CB = 256
 # NCL with seq_idx: channels per task sharing one kmin computation.
 NCL_SEQ_CB = 8
+# NLC backward: a task runs up to NLC_GROUP chunks (one float64 partial of the weight gradient
+# per group, so the partials stay small next to the arrays), as long as there are at least
+# NLC_MIN_TASKS tasks. Both depend on the problem only, so the sums do not depend on threads.
+NLC_GROUP = 32
+NLC_MIN_TASKS = 64
 
 # dtype kind passed to the kernels: 0 native float, 1 float16 bits, 2 bfloat16 bits
 _KIND = {"float16": 1, "bfloat16": 2}
@@ -165,9 +171,11 @@ def _fill(x, st, row, base, sbase, q0, span, pl, L, has_state, kind):
     e = min(span, max(0, pl + L - q0))      # [a, e): x;  [e, span): right padding
     for i in range(a):
         row[i] = _widen(st[_u(sbase + q0 + i)], kind) if has_state else zero
-    off = base + q0 - pl
-    for i in range(a, e):
-        row[i] = _widen(x[_u(off + i)], kind)
+    if e > a:  # 0-based loop over views: LLVM vectorizes it (not one from a with an offset)
+        xv = x[base + q0 - pl + a:base + q0 - pl + e]
+        rv = row[a:e]
+        for i in range(e - a):
+            rv[i] = _widen(xv[i], kind)
     for i in range(e, span):
         row[i] = zero
 
@@ -176,8 +184,9 @@ def _fill(x, st, row, base, sbase, q0, span, pl, L, has_state, kind):
 def _store(acc, n, out, base, ostride, kind):
     """out[base + i*ostride] = acc[i] for i < n, rounded to out's dtype."""
     if ostride == 1:
+        ov = out[base:base + n]
         for i in range(n):
-            out[_u(base + i)] = _narrow(acc[i], out, kind)
+            ov[i] = _narrow(acc[i], out, kind)
     else:
         for i in range(n):
             out[_u(base + i * ostride)] = _narrow(acc[i], out, kind)
@@ -195,9 +204,9 @@ def _taps(src, s, d, w, o, n, acc):
             w0, w1, w2, w3 = w[o, k], w[o, k + 1], w[o, k + 2], w[o, k + 3]
             a1, a2, a3 = a0 + d, a0 + 2 * d, a0 + 3 * d
             if s == 1:
+                r0, r1, r2, r3 = src[a0:a0 + n], src[a1:a1 + n], src[a2:a2 + n], src[a3:a3 + n]
                 for i in range(n):
-                    acc[i] += (w0 * src[_u(a0 + i)] + w1 * src[_u(a1 + i)]
-                               + w2 * src[_u(a2 + i)] + w3 * src[_u(a3 + i)])
+                    acc[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
             else:
                 for i in range(n):
                     j = i * s
@@ -207,8 +216,9 @@ def _taps(src, s, d, w, o, n, acc):
             w0, w1, w2 = w[o, k], w[o, k + 1], w[o, k + 2]
             a1, a2 = a0 + d, a0 + 2 * d
             if s == 1:
+                r0, r1, r2 = src[a0:a0 + n], src[a1:a1 + n], src[a2:a2 + n]
                 for i in range(n):
-                    acc[i] += w0 * src[_u(a0 + i)] + w1 * src[_u(a1 + i)] + w2 * src[_u(a2 + i)]
+                    acc[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i]
             else:
                 for i in range(n):
                     j = i * s
@@ -217,8 +227,9 @@ def _taps(src, s, d, w, o, n, acc):
             w0, w1 = w[o, k], w[o, k + 1]
             a1 = a0 + d
             if s == 1:
+                r0, r1 = src[a0:a0 + n], src[a1:a1 + n]
                 for i in range(n):
-                    acc[i] += w0 * src[_u(a0 + i)] + w1 * src[_u(a1 + i)]
+                    acc[i] += w0 * r0[i] + w1 * r1[i]
             else:
                 for i in range(n):
                     j = i * s
@@ -365,26 +376,43 @@ def _forward(x, st, w, b, seq, out, C, L, M, OL, s, d, pl, has_state, has_bias, 
 @njit(cache=True, fastmath=_FM_SUM)
 def _dots(gs, g_off, row, s, d, K, nl, kmin, k_off, has_seq, part):
     """part[k] += sum_i gs[g_off + i] * row[i*s + k*d] (i < nl, masked by kmin[k_off + i] <= k);
-    part[K] += sum_i gs[g_off + i]. float32 (or float64) sums per chunk, float64 across."""
+    part[K] += sum_i gs[g_off + i]. Sums in the compute dtype per chunk, float64 across; at
+    stride 1 without seq_idx four taps share one pass."""
     zero = gs.dtype.type(0.0)
-    for k in range(K):
-        a = k * d
-        acc = zero
-        if has_seq:
-            for i in range(nl):
-                if kmin[_u(k_off + i)] <= k:
-                    acc += gs[_u(g_off + i)] * row[_u(a + i * s)]
-        elif s == 1:
-            for i in range(nl):
-                acc += gs[_u(g_off + i)] * row[_u(a + i)]
-        else:
-            for i in range(nl):
-                acc += gs[_u(g_off + i)] * row[_u(a + i * s)]
-        part[k] += acc
     acc = zero
     for i in range(nl):
         acc += gs[_u(g_off + i)]
     part[K] += acc
+    k = 0
+    while k < K:
+        a = k * d
+        if s == 1 and not has_seq and k + 4 <= K:
+            gv = gs[g_off:g_off + nl]
+            r0, r1 = row[a:a + nl], row[a + d:a + d + nl]
+            r2, r3 = row[a + 2 * d:a + 2 * d + nl], row[a + 3 * d:a + 3 * d + nl]
+            s0 = s1 = s2 = s3 = zero
+            for i in range(nl):
+                g = gv[i]
+                s0 += g * r0[i]
+                s1 += g * r1[i]
+                s2 += g * r2[i]
+                s3 += g * r3[i]
+            part[k] += s0
+            part[k + 1] += s1
+            part[k + 2] += s2
+            part[k + 3] += s3
+            k += 4
+            continue
+        acc = zero
+        if has_seq:
+            for i in range(nl):
+                if kmin[_u(k_off + i)] <= k:
+                    acc += gs[_u(g_off + i)] * row[_u(a + i)]
+        else:
+            for i in range(nl):
+                acc += gs[_u(g_off + i)] * row[_u(a + i * s)]
+        part[k] += acc
+        k += 1
 
 
 @njit(cache=True, fastmath=_FM)
@@ -471,9 +499,11 @@ def _backward(x, st, gy, w, wf, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_s
                 e = min(ng, max(0, OL - g0))
                 for i in range(a):
                     gs[i] = zero
-                off = (n * CO + o) * OL + g0
-                for i in range(a, e):
-                    gs[i] = _widen(gy[_u(off + i)], kind)
+                if e > a:
+                    gv = gy[(n * CO + o) * OL + g0 + a:(n * CO + o) * OL + g0 + e]
+                    sv = gs[a:e]
+                    for i in range(e - a):
+                        sv[i] = _widen(gv[i], kind)
                 for i in range(e, ng):
                     gs[i] = zero
                 if do_gx and nq > 0:
@@ -531,24 +561,29 @@ def _fill_rows(x, st, xs, n, q0, c0, C, L, M, pl, has_state, kind):
 def _rowgroup(acc, src, wt, o0, k, g, ra, rb, rc, rd):
     """acc[j] += sum over the g <= 4 taps k, k+1, ... of wt[tap, o0 + j] * src[row, j], the
     taps' rows being ra, rb, rc, rd (one vectorized pass along the channels)."""
-    nO = acc.shape[0]
-    if g == 4:
-        for j in range(nO):
-            o = _u(o0 + j)
-            acc[j] += (wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
-                       + wt[k + 2, o] * src[rc, _u(j)] + wt[k + 3, o] * src[rd, _u(j)])
-    elif g == 3:
-        for j in range(nO):
-            o = _u(o0 + j)
-            acc[j] += (wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
-                       + wt[k + 2, o] * src[rc, _u(j)])
-    elif g == 2:
-        for j in range(nO):
-            o = _u(o0 + j)
-            acc[j] += wt[k, o] * src[ra, _u(j)] + wt[k + 1, o] * src[rb, _u(j)]
-    else:
-        for j in range(nO):
-            acc[j] += wt[k, _u(o0 + j)] * src[ra, _u(j)]
+    n = acc.shape[0]
+    x0 = src[ra, :n]
+    v0 = wt[k, o0:o0 + n]
+    if g == 1:
+        for j in range(n):
+            acc[j] += v0[j] * x0[j]
+        return
+    x1 = src[rb, :n]
+    v1 = wt[k + 1, o0:o0 + n]
+    if g == 2:
+        for j in range(n):
+            acc[j] += v0[j] * x0[j] + v1[j] * x1[j]
+        return
+    x2 = src[rc, :n]
+    v2 = wt[k + 2, o0:o0 + n]
+    if g == 3:
+        for j in range(n):
+            acc[j] += v0[j] * x0[j] + v1[j] * x1[j] + v2[j] * x2[j]
+        return
+    x3 = src[rd, :n]
+    v3 = wt[k + 3, o0:o0 + n]
+    for j in range(n):
+        acc[j] += v0[j] * x0[j] + v1[j] * x1[j] + v2[j] * x2[j] + v3[j] * x3[j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -599,11 +634,13 @@ def _forward_nlc(x, st, wt, b, seq, out, C, L, M, OL, s, d, pl, has_state, has_b
 
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_state, has_seq,
-                  need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC):
+                  need_gx, need_gst, need_gw, kind, CB, TL, nCB, nLC, GC):
     """Depthwise 1-d backward, NLC, in one pass: tiles as in _forward_nlc.
 
     gy:       flat (N, OL, C*M) grad_output;  gx: flat (N, L, C) (written if need_gx)
-    gst, part, chunks: as in _backward
+    gst, chunks: as in _backward
+    part:     (N * ceil(nLC / GC), C*M, K + 1) float64: per (n, group of GC chunks) the partial
+              grad_weight and grad_bias; a task runs the GC chunks of a group one after another
     Per tile: the padded grad_output rows gs (zeros outside [0, OL)); grad_input rows are
     vectorized multiply-adds of gs rows (stride 1: gx row i reads gs rows i + W - k*d; otherwise
     each gs row is scattered to the rows l*s + k*d of the task's own scratch); grad_weight and
@@ -615,75 +652,80 @@ def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_
     N = gy.shape[0] // (CO * OL)
     QE = pl + L
     zero = wt.dtype.type(0.0)
-    for t in prange(N * nLC * nCB):
-        n = t // (nLC * nCB)
-        r = t - n * nLC * nCB
-        j = r // nCB
-        cb = r - j * nCB
-        l0 = j * TL
-        nl = max(0, min(TL, OL - l0))
-        q0 = min(j * TL * s, QE)
-        q1 = QE if j == nLC - 1 else min((j + 1) * TL * s, QE)
-        nq = q1 - q0
+    nG = -(-nLC // GC)
+    for t in prange(N * nG * nCB):
+        n = t // (nG * nCB)
+        r = t - n * nG * nCB
+        grp = r // nCB
+        cb = r - grp * nCB
         c0 = cb * CB
         nc = min(C, c0 + CB) - c0
         o0 = c0 * M
         nO = nc * M
-        do_gx = nq > 0 and ((need_gx and q1 > pl) or (need_gst and q0 < pl))
-        g0 = l0 - W // s
-        g1 = max(l0 + nl, (q1 - 1) // s + 1) if nq > 0 else l0 + nl
-        ng = max(0, g1 - g0)
-        gs = np.empty((ng, nO), wt.dtype)
-        for rr in range(ng):
-            lg = g0 + rr
-            if 0 <= lg < OL:
-                base = (n * OL + lg) * CO + o0
-                for jj in range(nO):
-                    gs[rr, jj] = _widen(gy[_u(base + jj)], kind)
-            else:
-                for jj in range(nO):
-                    gs[rr, jj] = zero
-        kmin = np.zeros(ng, np.int32)
-        if has_seq:
-            _kmin(seq, n, g0, ng, K, d, kmin)
-        if do_gx:
-            gacc = np.zeros((nq, nO), wt.dtype)
-            if s == 1:
+        gw = np.empty((K + 1, nO), wt.dtype)
+        gw64 = np.zeros((K + 1, nO), np.float64)
+        for j in range(grp * GC, min(nLC, (grp + 1) * GC)):
+            l0 = j * TL
+            nl = max(0, min(TL, OL - l0))
+            q0 = min(j * TL * s, QE)
+            q1 = QE if j == nLC - 1 else min((j + 1) * TL * s, QE)
+            nq = q1 - q0
+            do_gx = nq > 0 and ((need_gx and q1 > pl) or (need_gst and q0 < pl))
+            g0 = l0 - W // s
+            g1 = max(l0 + nl, (q1 - 1) // s + 1) if nq > 0 else l0 + nl
+            ng = max(0, g1 - g0)
+            gs = np.empty((ng, nO), wt.dtype)
+            for rr in range(ng):
+                lg = g0 + rr
+                if 0 <= lg < OL:
+                    base = (n * OL + lg) * CO + o0
+                    for jj in range(nO):
+                        gs[rr, jj] = _widen(gy[_u(base + jj)], kind)
+                else:
+                    for jj in range(nO):
+                        gs[rr, jj] = zero
+            kmin = np.zeros(ng, np.int32)
+            if has_seq:
+                _kmin(seq, n, g0, ng, K, d, kmin)
+            if do_gx:
+                gacc = np.zeros((nq, nO), wt.dtype)
+                if s == 1:
+                    for i in range(nq):
+                        row = gacc[i]
+                        k = 0
+                        while k < K:
+                            ra = i + W - k * d
+                            if has_seq:
+                                if kmin[ra] <= k:
+                                    _rowgroup(row, gs, wt, o0, k, 1, ra, 0, 0, 0)
+                                k += 1
+                            else:
+                                g = min(4, K - k)
+                                _rowgroup(row, gs, wt, o0, k, g, ra, ra - d, ra - 2 * d,
+                                          ra - 3 * d)
+                                k += g
+                else:
+                    for rr in range(ng):
+                        for k in range(K):
+                            q = (g0 + rr) * s + k * d
+                            if q0 <= q < q1:
+                                _rowgroup(gacc[q - q0], gs, wt, o0, k, 1, rr, 0, 0, 0)
                 for i in range(nq):
-                    row = gacc[i]
-                    k = 0
-                    while k < K:
-                        ra = i + W - k * d
-                        if has_seq:
-                            if kmin[ra] <= k:
-                                _rowgroup(row, gs, wt, o0, k, 1, ra, 0, 0, 0)
-                            k += 1
+                    q = q0 + i
+                    if q < pl and not need_gst or q >= pl and not need_gx:
+                        continue
+                    for cc in range(nc):
+                        v = gacc[i, cc * M]
+                        for m in range(1, M):
+                            v += gacc[i, cc * M + m]
+                        if q < pl:
+                            gst[_u((n * C + c0 + cc) * pl + q)] = _narrow(v, gst, kind)
                         else:
-                            g = min(4, K - k)
-                            _rowgroup(row, gs, wt, o0, k, g, ra, ra - d, ra - 2 * d, ra - 3 * d)
-                            k += g
-            else:
-                for rr in range(ng):
-                    for k in range(K):
-                        q = (g0 + rr) * s + k * d
-                        if q0 <= q < q1:
-                            _rowgroup(gacc[q - q0], gs, wt, o0, k, 1, rr, 0, 0, 0)
-            for i in range(nq):
-                q = q0 + i
-                if q < pl and not need_gst or q >= pl and not need_gx:
-                    continue
-                for cc in range(nc):
-                    v = gacc[i, cc * M]
-                    for m in range(1, M):
-                        v += gacc[i, cc * M + m]
-                    if q < pl:
-                        gst[_u((n * C + c0 + cc) * pl + q)] = _narrow(v, gst, kind)
-                    else:
-                        gx[_u((n * L + q - pl) * C + c0 + cc)] = _narrow(v, gx, kind)
-        if need_gw:
-            p = n * nLC + j
-            gw = np.zeros((K + 1, nO), wt.dtype)
-            if nl > 0:
+                            gx[_u((n * L + q - pl) * C + c0 + cc)] = _narrow(v, gx, kind)
+            if need_gw and nl > 0:
+                for k in range(K + 1):
+                    for jj in range(nO):
+                        gw[k, jj] = zero
                 xs = np.empty(((nl - 1) * s + W + 1, nO), wt.dtype)
                 _fill_rows(x, st, xs, n, l0 * s, c0, C, L, M, pl, has_state, kind)
                 for i in range(nl):
@@ -695,9 +737,14 @@ def _backward_nlc(x, st, gy, wt, seq, gx, gst, part, C, L, M, OL, s, d, pl, has_
                                 gw[k, jj] += gs[rr, jj] * xs[xr, jj]
                     for jj in range(nO):
                         gw[K, jj] += gs[rr, jj]
+                for k in range(K + 1):
+                    for jj in range(nO):
+                        gw64[k, jj] += gw[k, jj]
+        if need_gw:
+            p = n * nG + grp
             for jj in range(nO):
                 for k in range(K + 1):
-                    part[p, o0 + jj, k] = gw[k, jj]
+                    part[p, o0 + jj, k] = gw64[k, jj]
 
 
 # ----------------------------------------------------------------------------- update
@@ -752,7 +799,7 @@ def _bits(a):
 
 
 def _seq32(seq):
-    """seq_idx as int32 with the same equalities and order (run numbers when values exceed int32)."""
+    """seq_idx as int32 with the same equalities and order (run numbers beyond int32)."""
     if seq.dtype == np.int32:
         return seq
     info = np.iinfo(np.int32)
@@ -817,7 +864,12 @@ def backward(p, x, gy, w, state, seq, gx, gw, gb, gstate):
     cb, tl, ncb, _ = _tasks(p.N, p.C, p.OL, p.layout, p.has_seq)
     nlc = max(-(-p.OL // tl), -(-(p.pl + p.L) // (tl * p.s)))
     need_gw = gw is not None or gb is not None
-    part = np.empty((p.N * nlc, p.CO, p.K + 1) if need_gw else (1, 1, 1), np.float64)
+    rows = p.N * nlc  # partial sums: one per (n, chunk); NLC: per (n, group of gc chunks)
+    gc = 1
+    if p.layout == "NLC":
+        gc = max(1, min(NLC_GROUP, p.N * nlc * ncb // NLC_MIN_TASKS))
+        rows = p.N * -(-nlc // gc)
+    part = np.empty((rows, p.CO, p.K + 1) if need_gw else (1, 1, 1), np.float64)
     stub = np.zeros(1, _bits_dtype(p))
     gx_ = stub if gx is None else _bits(gx).reshape(-1)
     gst_ = stub if gstate is None else _bits(gstate).reshape(-1)
@@ -826,7 +878,7 @@ def backward(p, x, gy, w, state, seq, gx, gw, gb, gstate):
     if p.layout == "NLC":
         _backward_nlc(_bits(x).reshape(-1), st, _bits(gy).reshape(-1),
                       np.ascontiguousarray(w2.T), sq, gx_, gst_, part, p.C, p.L, p.M, p.OL, p.s,
-                      p.d, p.pl, *flags)
+                      p.d, p.pl, *flags, gc)
     else:
         _backward(_bits(x).reshape(-1), st, _bits(gy).reshape(-1), w2, wf, sq, gx_, gst_, part,
                   p.C, p.L, p.M, p.OL, p.s, p.d, p.pl, *flags)

@@ -2,7 +2,9 @@
 
 ``backend="auto"`` runs this for host arrays. Every op and gradient of the Backend interface is
 here, for any kernel size up to 31x31, stride, dilation, channel multiplier, asymmetric padding,
-bias, the four activations, residual, both layouts and the four dtypes.
+bias, the four activations, residual, both layouts and the four dtypes. The depthwise 1-d
+kernels (forward, one-pass backward, decode update) are in ``_cpu_conv1d.py``; the backend class
+below calls them.
 
 Dtypes. float32 and float64 compute in their own precision (float32 reductions over many terms
 are summed per row in float32 and across rows in float64). float16 and bfloat16 are converted to
