@@ -651,6 +651,17 @@ def _init_conv(weight: Tensor, bias: Optional[Tensor]) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _depthwise_parameters(module: nn.Module, shape, bias: bool, device, dtype) -> None:
+    """``weight`` of ``shape`` (``(C*M, 1, ...)``) and ``bias`` ``(C*M,)`` (or None), initialized."""
+    factory = {"device": device, "dtype": dtype}
+    module.weight = nn.Parameter(torch.empty(*shape, **factory))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(shape[0], **factory))
+    else:
+        module.register_parameter("bias", None)
+    module.reset_parameters()
+
+
 class DepthwiseConv2d(nn.Module):
     """Depthwise convolution, ``nn.Conv2d(channels, channels * multiplier, kernel_size,
     groups=channels)`` with a fused activation.
@@ -675,13 +686,7 @@ class DepthwiseConv2d(nn.Module):
         self.activation = _spec.check_activation(cls, activation)
         self.layout = _spec.check_layout(cls, layout)
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(channels * multiplier, 1, kh, kw, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(channels * multiplier, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _depthwise_parameters(self, (channels * multiplier, 1, kh, kw), bias, device, dtype)
 
     def reset_parameters(self) -> None:
         _init_conv(self.weight, self.bias)
@@ -826,13 +831,7 @@ class DepthwiseConv1d(nn.Module):
         self.activation = _spec.check_activation(cls, activation)
         self.layout = _spec.check_layout_1d(cls, layout)
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(channels * multiplier, 1, k, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(channels * multiplier, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _depthwise_parameters(self, (channels * multiplier, 1, k), bias, device, dtype)
 
     def reset_parameters(self) -> None:
         _init_conv(self.weight, self.bias)

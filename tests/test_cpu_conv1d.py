@@ -417,3 +417,80 @@ def test_default_tiles_long_rows(rng, monkeypatch):
         _check(dwops.depthwise_conv1d_backward, (x, rand(rng, y.shape), w),
                dict(kw3, need_bias=True), "float32", True, "backward stride 3")
 
+
+
+def test_float16_conversions_match_numpy_bit_for_bit():
+    """The integer-arithmetic float16 conversions: every pattern widens as NumPy does, and
+    float32 values (ties, subnormals, overflow, specials) narrow as NumPy rounds them."""
+    from numba import njit
+
+    from dwops.kernels._cpu_conv1d import _f2h, _h2f
+
+    @njit
+    def widen(h, out):
+        for i in range(h.size):
+            out[i] = _h2f(h[i])
+
+    @njit
+    def narrow(f, out):
+        for i in range(f.size):
+            out[i] = _f2h(f[i])
+
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = np.empty(h.size, np.float32)
+    widen(h, got)
+    want = h.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got.view(np.uint32)[finite | np.isinf(want)],
+                                  want.view(np.uint32)[finite | np.isinf(want)])
+    assert np.isnan(got[np.isnan(want)]).all()
+
+    rng = np.random.default_rng(0)
+    f = np.concatenate([
+        rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        want[finite],                                   # exact halves
+        (want[finite][:-1] + want[finite][1:]) / 2,     # ties and near-ties between neighbours
+        np.float32([65504, 65519.996, 65520, 65536, 1e-8, 2.0 ** -25, 2.0 ** -24 * 1.5, np.inf,
+                    -np.inf, 0.0, -0.0]),
+    ]).astype(np.float32)
+    out = np.empty(f.size, np.uint16)
+    narrow(f, out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want16 = f.astype(np.float16)
+    ok = ~np.isnan(f)
+    np.testing.assert_array_equal(out[ok], want16.view(np.uint16)[ok])
+    assert np.isnan(out[~ok].view(np.float16)).all()
+
+
+def test_16bit_kernels_run_on_a_cpu_without_f16c_or_avx(tmp_path):
+    """NUMBA_CPU_NAME=generic (baseline x86-64): the 16-bit paths compile and give the same
+    results as the reference (no half-precision instructions or runtime calls needed)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, dwops
+from tests.conftest import assert_close
+rng = np.random.default_rng(1)
+for dt in ("float16", "bfloat16"):
+    dtype = dwops._registry.numpy_dtype(dt)
+    x = rng.uniform(-1, 1, (2, 3, 40)).astype(np.float32).astype(dtype)
+    w = rng.uniform(-1, 1, (3, 1, 4)).astype(np.float32).astype(dtype)
+    for layout, xx in (("NCL", x), ("NLC", np.ascontiguousarray(x.transpose(0, 2, 1)))):
+        y = dwops.depthwise_conv1d(xx, w, padding="causal", layout=layout, backend="cpu")
+        r = dwops.depthwise_conv1d(xx, w, padding="causal", layout=layout, backend="numpy")
+        assert_close(y, r, dt)
+        g = dwops.depthwise_conv1d_backward(xx, y, w, padding="causal", layout=layout,
+                                            backend="cpu")
+        gr = dwops.depthwise_conv1d_backward(xx, y, w, padding="causal", layout=layout,
+                                             backend="numpy")
+        assert_close(g[0], gr[0], dt, scale=4)
+print("generic ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0 and "generic ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]

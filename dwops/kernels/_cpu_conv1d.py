@@ -73,22 +73,65 @@ _KIND = {"float16": 1, "bfloat16": 2}
 # ----------------------------------------------------------------------------- 16-bit conversion
 
 
+# float16 conversions in integer arithmetic (and one exact float add), not LLVM's ``half`` type:
+# without the F16C instructions LLVM lowers ``half`` conversions to compiler-rt calls that Numba's
+# JIT cannot link, so this form is what runs on any x86-64 CPU (and vectorizes like the rest).
+
+
 @intrinsic
 def _h2f(typingctx, v):
-    """float16 bits (uint16) -> float32 (exact)."""
+    """float16 bits (uint16) -> float32 (exact, NaN payload and sign kept)."""
     def codegen(context, builder, signature, args):
-        h = builder.bitcast(args[0], ir.HalfType())
-        return builder.fpext(h, ir.FloatType())
+        i32, f32 = ir.IntType(32), ir.FloatType()
+
+        def c(v):
+            return ir.Constant(i32, v)
+
+        h = builder.zext(args[0], i32)
+        sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
+        o = builder.shl(builder.and_(h, c(0x7FFF)), c(13))  # exponent and mantissa in place
+        exp = builder.and_(o, c(0x0F800000))
+        o = builder.add(o, c(112 << 23))  # rebias 15 -> 127
+        special = builder.icmp_unsigned("==", exp, c(0x0F800000))  # inf / NaN: exponent 255
+        o_special = builder.add(o, c(112 << 23))
+        # zero / subnormal: set the implicit bit, then subtract 2**-14 (exact)
+        o_sub = builder.fsub(builder.bitcast(builder.add(o, c(1 << 23)), f32),
+                             ir.Constant(f32, 2.0 ** -14))
+        sub = builder.icmp_unsigned("==", exp, c(0))
+        bits = builder.select(special, o_special, o)
+        bits = builder.select(sub, builder.bitcast(o_sub, i32), bits)
+        return builder.bitcast(builder.or_(bits, sign), f32)
 
     return types.float32(types.uint16), codegen
 
 
 @intrinsic
 def _f2h(typingctx, v):
-    """float32 -> float16 bits (uint16), rounded to nearest even (IEEE, as NumPy's astype)."""
+    """float32 -> float16 bits (uint16), rounded to nearest even (IEEE, as NumPy's astype);
+    overflow gives infinity, NaN a quiet NaN."""
     def codegen(context, builder, signature, args):
-        h = builder.fptrunc(args[0], ir.HalfType())
-        return builder.bitcast(h, ir.IntType(16))
+        i32, f32 = ir.IntType(32), ir.FloatType()
+
+        def c(v):
+            return ir.Constant(i32, v)
+
+        u = builder.bitcast(args[0], i32)
+        sign = builder.lshr(builder.and_(u, c(0x80000000)), c(16))
+        a = builder.and_(u, c(0x7FFFFFFF))
+        # |f| >= 65536 (after rounding, inf), inf, NaN
+        big = builder.icmp_unsigned(">=", a, c(0x47800000))
+        o_big = builder.select(builder.icmp_unsigned(">", a, c(0x7F800000)), c(0x7E00), c(0x7C00))
+        # |f| < 2**-14: subnormal half; adding 0.5 rounds the mantissa in place (to nearest even)
+        small = builder.icmp_unsigned("<", a, c(113 << 23))
+        o_small = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(a, f32),
+                                                           ir.Constant(f32, 0.5)), i32),
+                              c(126 << 23))
+        # normal: rebias 127 -> 15 and round the 13 dropped bits to nearest even
+        odd = builder.and_(builder.lshr(a, c(13)), c(1))
+        o_norm = builder.lshr(builder.add(builder.add(a, c(((15 - 127) << 23) + 0xFFF)), odd),
+                              c(13))
+        o = builder.select(big, o_big, builder.select(small, o_small, o_norm))
+        return builder.trunc(builder.or_(o, sign), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
 
