@@ -6,7 +6,7 @@ Two parts:
   an uninitialised shared-memory read, a misaligned vector access, a shuffle in a partial warp, a
   shuffle/barrier deadlock, wrong argument types and launches CUDA would refuse are all caught
   (so a pass means something);
-* ``tests/test_gpu_cupy.py`` (the held-out GPU tests: every op, dtype and layout on odd and
+* ``tests/test_gpu_cupy.py`` (the GPU tests: every op, dtype and layout on odd and
   realistic sizes, every specialization with and without vectors, seeded random problems) run
   under ``DWOPS_CUDAEMU=1`` in two subprocesses side by side; together they execute every
   instantiation the NVRTC kernel report compiles, and nothing else.
@@ -302,7 +302,7 @@ def test_misaligned_cp_async_is_caught(lib):
         lib.function("misaligned_async")((1,), (32,), (x, out), shared_mem=32 * 16)
 
 
-# ----------------------------------------------------------------------------- the held-out tests
+# ------------------------------------------------------------------------- the GPU tests, emulated
 
 # Groups of tests/test_gpu_cupy.py, of similar cost, run concurrently.
 GROUPS = {
@@ -336,7 +336,7 @@ def emulated_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
-def test_held_out_gpu_tests_pass_in_the_emulator(emulated_runs, group):
+def test_gpu_tests_pass_in_the_emulator(emulated_runs, group):
     rc, text, _ = emulated_runs[group]
     print(text[-4000:])
     assert rc == 0, f"test_gpu_cupy.py -k '{GROUPS[group]}' under the emulator:\n{text[-8000:]}"
@@ -344,7 +344,7 @@ def test_held_out_gpu_tests_pass_in_the_emulator(emulated_runs, group):
 
 
 def test_every_kernel_of_the_report_runs_and_nothing_else(emulated_runs):
-    """The held-out tests execute every instantiation the NVRTC kernel report compiles, and
+    """The emulated GPU tests execute every instantiation the NVRTC kernel report compiles, and
     launch nothing it does not compile."""
     from dwops.kernels.cupy_backend import instantiations
 
