@@ -2,7 +2,7 @@
 
 NumPy-compatible and framework-agnostic: pass NumPy, CuPy, PyTorch, JAX or any DLPack array and get
 the same library's array back. ``import dwops`` imports NumPy and nothing heavier; backends load on
-first use. See DESIGN.md for the contract.
+first use. The docs (guide, API reference) describe the contract.
 """
 
 from . import reference

@@ -1,4 +1,4 @@
-"""Exception types of dwops (DESIGN.md section 1)."""
+"""Exception types of dwops (the errors table of the guide, docs/guide.md)."""
 
 
 class BackendUnavailableError(RuntimeError):

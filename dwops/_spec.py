@@ -1,8 +1,8 @@
 """The one validation layer: user arguments in, a normalized problem description out.
 
 Every backend receives one of the frozen problem objects below, built here from array *metadata*
-only, so every error of DESIGN.md section 1 is raised before anything is allocated, copied or
-written, with the same type and message whatever the backend.
+only, so every documented error (docs/guide.md, "Errors you may see") is raised before anything
+is allocated, copied or written, with the same type and message whatever the backend.
 
 Geometry (cross-correlation, PyTorch/TensorFlow/JAX convention), per spatial axis::
 
@@ -20,7 +20,7 @@ from ._interop import FLOAT_DTYPES, ArrayInfo, describe
 
 ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu")
 LAYOUTS = ("NCHW", "NHWC")
-MAX_KERNEL = 31  # largest depthwise kernel side every backend supports (DESIGN.md section 3)
+MAX_KERNEL = 31  # largest depthwise kernel side every backend supports
 
 
 @dataclass(frozen=True)

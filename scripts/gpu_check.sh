@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (DESIGN.md section 5, tier 2) for a machine with an NVIDIA GPU and no network.
+# GPU check (the GPU tier of the verification) for a machine with an NVIDIA GPU and no network.
 #
 #   scripts/gpu_check.sh            # from the repository root, with the packages already installed
 #

@@ -1,4 +1,4 @@
-"""`import dwops` pulls in NumPy and nothing heavy (DESIGN.md section 2)."""
+"""`import dwops` pulls in NumPy and nothing heavy (backends load lazily)."""
 
 import subprocess
 import sys

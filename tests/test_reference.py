@@ -13,7 +13,7 @@ from tests.conftest import assert_close, rand
 
 
 def _pads(padding, hw, k, s, d):
-    """Expected (top, bottom, left, right) for every padding form, written from DESIGN.md."""
+    """Expected (top, bottom, left, right) for every padding form, written from the documented padding rules."""
     if padding == "valid":
         return (0, 0, 0, 0)
     if padding == "same":
@@ -120,7 +120,7 @@ def test_separable_is_depthwise_then_pointwise(layout, rng):
 
 
 def test_motivating_block(rng):
-    """x + pw(relu(dw(x))) + b, as the DESIGN.md example spells it."""
+    """x + pw(relu(dw(x))) + b, as the README example spells it."""
     x = rand(rng, (1, 4, 6, 6), "float64")
     dw = rand(rng, (4, 1, 3, 3), "float64")
     pw = rand(rng, (4, 4), "float64")

@@ -1,4 +1,4 @@
-"""Every error of the contract (DESIGN.md section 1): type, message naming function/argument/value,
+"""Every error of the contract: type, message naming function/argument/value,
 raised before any work, identical whichever backend was asked for."""
 
 from __future__ import annotations

@@ -285,9 +285,9 @@ __global__ void __launch_bounds__(C1_THREADS) c1_forward(
 template <typename A, int VEC>
 __device__ __forceinline__ void c1_colsum(A* red, A (&v)[VEC]) {
     const int BX = blockDim.x;
-    A* mine = red + ((i64)threadIdx.y * BX + threadIdx.x) * VEC;
+    A* slot = red + ((i64)threadIdx.y * BX + threadIdx.x) * VEC;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) mine[e] = v[e];
+    for (int e = 0; e < VEC; ++e) slot[e] = v[e];
     __syncthreads();
     if (threadIdx.y == 0) {
 #pragma unroll
