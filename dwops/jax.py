@@ -400,7 +400,7 @@ def _conv1d_fn(stride, padding, dilation, layout, activation, backend):
                      backend)
         return y
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=())
+    @jax.custom_vjp
     def f(x, w, b, state, seq):
         return forward(x, w, b, state, seq)
 

@@ -78,14 +78,17 @@ _KIND = {"float16": 1, "bfloat16": 2}
 # JIT cannot link, so this form is what runs on any x86-64 CPU (and vectorizes like the rest).
 
 
+def _i32(v):
+    """An i32 IR constant."""
+    return ir.Constant(ir.IntType(32), v)
+
+
 @intrinsic
 def _h2f(typingctx, v):
     """float16 bits (uint16) -> float32 (exact, NaN payload and sign kept)."""
     def codegen(context, builder, signature, args):
         i32, f32 = ir.IntType(32), ir.FloatType()
-
-        def c(v):
-            return ir.Constant(i32, v)
+        c = _i32
 
         h = builder.zext(args[0], i32)
         sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
@@ -111,9 +114,7 @@ def _f2h(typingctx, v):
     overflow gives infinity, NaN a quiet NaN."""
     def codegen(context, builder, signature, args):
         i32, f32 = ir.IntType(32), ir.FloatType()
-
-        def c(v):
-            return ir.Constant(i32, v)
+        c = _i32
 
         u = builder.bitcast(args[0], i32)
         sign = builder.lshr(builder.and_(u, c(0x80000000)), c(16))
