@@ -18,6 +18,8 @@ from collections import defaultdict
 
 def shape_label(row) -> str:
     s = row["shape"]
+    if row["op"] == "conv1d":
+        return f"{s['N']}x{s['C']}x{s['L']} k{s['K']}" + (f" s{s['stride']}" if s["stride"] != 1 else "")
     base = f"{s['N']}x{s['C']}x{s['H']}x{s['W']}"
     if row["op"] == "pointwise":
         return base + f"->{s['C_out']}"

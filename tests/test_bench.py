@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,6 +352,21 @@ def test_plot_script_writes_pngs(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["r-roofline.png", "r-speedup.png"]
     assert all((tmp_path / p).stat().st_size > 1000 for p in pngs)
+
+
+@pytest.mark.parametrize("path", sorted(Path(REPO, "benchmarks", "results").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_committed_results_validate_and_plot(path, tmp_path):
+    """The docs' performance page renders every committed run: the schema holds and both plots draw
+    (rows of every op, the 1-d ones included)."""
+    pytest.importorskip("matplotlib")
+    run = json.loads(path.read_text())
+    assert report.validate(run) == []
+    assert report.markdown(run)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "plot.py"), str(path),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(tmp_path.glob("*.png"))) == 2
 
 
 def test_sanitizer_subset_cases_are_right_on_the_host():
