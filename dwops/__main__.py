@@ -1,4 +1,4 @@
-"""``python -m dwops`` (also the ``dwops`` console script): ``bench``, ``info`` and ``kernels``.
+"""``python -m dwops`` (also the ``dwops`` console script): ``bench``, ``info``, ``warmup`` and ``kernels``.
 
 * ``bench``: the embedded default (the motivating block ``x + pw(relu(dw3x3(x))) + b`` and the plain
   depthwise forward, on the best available backend, against the memory floor, one dense 3x3
@@ -6,6 +6,7 @@
   stderr, JSON with ``--json``/``--out``. Exit status 1 if any dwops call failed or any result
   was wrong (max_rel_err over the dtype's tolerance).
 * ``info``: backends (available, or why not), devices, versions.
+* ``warmup``: compile the kernels ahead of the first call, in parallel processes (disk cache).
 * ``kernels --arch sm_90``: the compile report of every GPU kernel (registers, shared memory,
   spills), built without a GPU; exit status 1 on any error or spill.
 """
@@ -69,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="backends, devices and versions")
 
+    w = sub.add_parser("warmup", help="compile the kernels ahead of the first call",
+                       description="Compile the CPU kernels (and a GPU backend's, where one runs) "
+                                   "in parallel processes, so later runs load them from the disk "
+                                   "cache instead of compiling on their first call.")
+    w.add_argument("--backend", default="cpu",
+                   help="backend(s), comma-separated: cpu, numba, cupy (default: cpu)")
+    w.add_argument("--op", default=None,
+                   help="op(s), comma-separated (default: every public op)")
+    w.add_argument("--dtype", default="float32",
+                   help="dtype(s), comma-separated from float32, float64, float16, bfloat16 "
+                        "(default: float32)")
+    w.add_argument("--layout", default="NCHW,NHWC",
+                   help="layout(s), comma-separated: NCHW (NCL for 1-d ops), NHWC (NLC)")
+    w.add_argument("--jobs", type=int, default=None,
+                   help="worker processes (default: the number of CPU cores)")
+
     k = sub.add_parser("kernels", help="compile report of every GPU kernel (no GPU needed)")
     k.add_argument("--arch", default="sm_90", help="target architecture (default sm_90)")
     k.add_argument("--quick", action="store_true",
@@ -82,6 +99,8 @@ def main(argv=None) -> int:
         return cmd_info()
     if args.command == "kernels":
         return cmd_kernels(args.arch, quick=args.quick)
+    if args.command == "warmup":
+        return cmd_warmup(args)
     return cmd_bench(args)
 
 
@@ -108,6 +127,36 @@ def cmd_info(stream=None) -> int:
     for name, v in env.versions().items():
         print(f"  {name:<14} {v}", file=out)
     return 0
+
+
+# ----------------------------------------------------------------------------- warmup
+
+
+def cmd_warmup(args, stream=None) -> int:
+    """Compile ahead of time; exit status 1 if any job failed or an argument is unknown."""
+    import time
+
+    from . import _jit
+    from ._registry import BACKEND_NAMES
+
+    out = stream or sys.stderr
+    backends, ops = _csv(args.backend), _csv(args.op) if args.op else list(_jit.WARMUP_OPS)
+    dtypes, layouts = _csv(args.dtype), _csv(args.layout)
+    bad = ([f"backend {b!r}" for b in backends if b not in BACKEND_NAMES or b in ("auto", "numpy")]
+           + [f"op {o!r}" for o in ops if o not in _jit.WARMUP_OPS]
+           + [f"dtype {d!r}" for d in dtypes
+              if d not in ("float32", "float64", "float16", "bfloat16")]
+           + [f"layout {lay!r}" for lay in layouts if lay not in ("NCHW", "NHWC")])
+    if bad:
+        print(f"dwops warmup: unknown {', '.join(bad)}", file=out)
+        return 2
+    t0 = time.perf_counter()
+    done = _jit.warmup(ops, dtypes, layouts, backends, jobs=args.jobs, stream=out)
+    failed = [job for job, _, err in done if err is not None]
+    print(f"dwops warmup: {len(done) - len(failed)} of {len(done)} jobs compiled in "
+          f"{time.perf_counter() - t0:.1f} s" + (f"; {len(failed)} failed" if failed else ""),
+          file=out)
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -84,6 +84,9 @@ try:  # the backend reports itself unavailable instead of breaking ``import dwop
     from numba.extending import intrinsic
     from llvmlite import ir
 
+    from .._jit import install_notice
+
+    install_notice()  # one line on stderr while a kernel compiles (DWOPS_QUIET=1 hides it)
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - exercised only without numba
     numba = None

@@ -30,6 +30,9 @@ TARGET_BLOCKS = 1024
 def _cuda():
     from numba import cuda
 
+    from .._jit import install_notice
+
+    install_notice()  # one line on stderr while a kernel compiles (DWOPS_QUIET=1 hides it)
     return cuda
 
 
