@@ -202,8 +202,9 @@ def to_host(obj, info: ArrayInfo) -> np.ndarray:
     return np.from_dlpack(obj)
 
 
-class _Capsule:
-    """A DLPack producer around a legacy capsule (TensorFlow exports capsules, not ``__dlpack__``)."""
+class Capsule:
+    """A DLPack producer around a legacy capsule (TensorFlow exports capsules, not ``__dlpack__``)
+    on ``device``, a ``(device_type, ordinal)`` pair: ``(1, 0)`` the host, ``(2, k)`` CUDA GPU k."""
 
     def __init__(self, capsule, device):
         self._capsule, self._device = capsule, device
@@ -220,7 +221,7 @@ def _tf_to_host(obj) -> np.ndarray:
     import tensorflow as tf
 
     try:
-        return np.from_dlpack(_Capsule(tf.experimental.dlpack.to_dlpack(obj), (1, 0)))
+        return np.from_dlpack(Capsule(tf.experimental.dlpack.to_dlpack(obj), (1, 0)))
     except Exception:  # e.g. a Variable or a dtype DLPack cannot carry
         return np.asarray(obj.numpy())
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from ._interop import FLOAT_DTYPES, ArrayInfo, describe
 
 ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu")
+# The integer code of each activation that the kernels take: the one table every backend uses (the
+# CUDA C++ sources get it as an enum generated from it, see kernels/cupy_compile.source).
+ACTIVATION_CODES = {a: i for i, a in enumerate(ACTIVATIONS)}
 LAYOUTS = ("NCHW", "NHWC")
 MAX_KERNEL = 31  # largest depthwise kernel side every backend supports
 

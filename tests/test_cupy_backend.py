@@ -20,6 +20,8 @@ import pytest
 import dwops
 from dwops import _spec
 from dwops.kernels import cupy_backend as cb
+from dwops.kernels import cupy_compile as cuc
+from dwops.kernels import cupy_plans as plans
 from tests.conftest import assert_close
 
 
@@ -30,18 +32,18 @@ from tests.conftest import assert_close
 def report():
     """Compile every instantiation once per session (a few minutes of NVRTC + ptxas)."""
     pytest.importorskip("cuda.bindings")
-    return cb.compile_report("sm_90")
+    return cuc.compile_report("sm_90")
 
 
 def test_include_dir_has_16_bit_headers():
-    inc = cb.cuda_include_dir()
+    inc = cuc.cuda_include_dir()
     assert inc is not None
     assert os.path.isfile(os.path.join(inc, "cuda_fp16.h"))
     assert os.path.isfile(os.path.join(inc, "cuda_bf16.h"))
 
 
 def test_every_instantiation_compiles_without_spills(report):
-    assert len(report) == len({(f, n) for f, _, _, _, n in cb.instantiations()})
+    assert len(report) == len({(f, n) for f, _, _, _, n in plans.instantiations()})
     bad = [r for r in report if r["error"] is not None]
     assert not bad, bad[0]["error"][:2000]
     spills = [r for r in report if r["spill_bytes"]]
@@ -67,8 +69,8 @@ def test_vector_instantiations_use_16_byte_global_accesses(file, name, loads, st
     pytest.importorskip("cuda.bindings")
     import re
 
-    assert name in {row[-1] for row in cb.instantiations()}
-    ptx, lowered = cb.compile_ptx(file, [name])
+    assert name in {row[-1] for row in plans.instantiations()}
+    ptx, lowered = cuc.compile_ptx(file, [name])
     body = ptx.decode().split(lowered[name], 1)[1]
     found = set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.v\d\.\w+", body))
     assert loads in found, found
@@ -84,7 +86,7 @@ def test_registers_and_static_shared_fit_the_launch(report):
         if r["specialization"].startswith(two_blocks) and "<double" not in r["specialization"]:
             assert r["registers"] <= 128, r
         # static shared memory (pw_gemm tiles) stays under the 48 KiB that needs no opt-in
-        assert r["shared_bytes"] <= cb.SMEM_DEFAULT, r
+        assert r["shared_bytes"] <= plans.SMEM_DEFAULT, r
 
 
 def test_report_covers_every_op_and_dtype(report):
@@ -93,14 +95,14 @@ def test_report_covers_every_op_and_dtype(report):
                     ("depthwise", "grad_weight"), ("pointwise", "forward"),
                     ("pointwise", "grad_input"), ("pointwise", "grad_weight"),
                     ("separable", "forward")}
-    for ctype in cb.CTYPE.values():
+    for ctype in plans.CTYPE.values():
         assert any(f"<{ctype}," in r["specialization"] or f"<{ctype}>" in r["specialization"]
                    for r in report)
 
 
 # ----------------------------------------------------------------------------- plan invariants
 
-NAMES = {n for _, _, _, _, n in cb.instantiations()}
+NAMES = {n for _, _, _, _, n in plans.instantiations()}
 
 
 def _meta(shape, dtype="float64"):
@@ -118,25 +120,25 @@ def _dw_problem(n=2, c=3, h=9, w=11, m=1, k=(3, 3), s=1, d=1, padding=1, layout=
 
 
 def test_pick_vec_alignment_and_divisibility():
-    assert cb.pick_vec("float32", (64,), (0, 256)) == 4
-    assert cb.pick_vec("float16", (64,), (0, 256)) == 8
-    assert cb.pick_vec("float64", (64,), (0,)) == 2
-    assert cb.pick_vec("float32", (66,), (0,)) == 1          # 66 % 4
-    assert cb.pick_vec("float32", (64,), (8,)) == 1          # 8-byte aligned only
-    assert cb.pick_vec("bfloat16", (64,), (16, 32)) == 8
-    assert cb.pick_vec("float32", (64,), (0,), limit=2) == 2  # capped (NHWC grad_weight)
-    assert cb.pick_vec("float16", (64,), (0,), limit=9) == 8
-    assert cb.vec_choices("float16") == (8, 1)
-    assert cb.vec_choices("float64") == (2, 1)
+    assert plans.pick_vec("float32", (64,), (0, 256)) == 4
+    assert plans.pick_vec("float16", (64,), (0, 256)) == 8
+    assert plans.pick_vec("float64", (64,), (0,)) == 2
+    assert plans.pick_vec("float32", (66,), (0,)) == 1          # 66 % 4
+    assert plans.pick_vec("float32", (64,), (8,)) == 1          # 8-byte aligned only
+    assert plans.pick_vec("bfloat16", (64,), (16, 32)) == 8
+    assert plans.pick_vec("float32", (64,), (0,), limit=2) == 2  # capped (NHWC grad_weight)
+    assert plans.pick_vec("float16", (64,), (0,), limit=9) == 8
+    assert plans.vec_choices("float16") == (8, 1)
+    assert plans.vec_choices("float64") == (2, 1)
 
 
 def test_specialization_choice():
-    assert cb.kernel_size_spec(3, 3) == 3 and cb.kernel_size_spec(7, 7) == 7
-    assert cb.kernel_size_spec(3, 5) == 0 and cb.kernel_size_spec(9, 9) == 0
-    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(5, 5)))) == (5, 1)
-    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(5, 5), s=2))) == (0, 0)
-    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(3, 3), d=2, padding=2))) == (0, 0)
-    assert cb.dw_forward_spec(cb.conv_of_forward(_dw_problem(k=(1, 7), padding=0))) == (0, 0)
+    assert plans.kernel_size_spec(3, 3) == 3 and plans.kernel_size_spec(7, 7) == 7
+    assert plans.kernel_size_spec(3, 5) == 0 and plans.kernel_size_spec(9, 9) == 0
+    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(5, 5)))) == (5, 1)
+    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(5, 5), s=2))) == (0, 0)
+    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(3, 3), d=2, padding=2))) == (0, 0)
+    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(1, 7), padding=0))) == (0, 0)
 
 
 CASES = [
@@ -162,29 +164,29 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_dw_forward_plan_invariants(case, dtype, layout):
     p = _dw_problem(layout=layout, dtype=dtype, **CASES[case])
-    c = cb.conv_of_forward(p)
-    L = cb.plan_dw_forward(c, dtype, layout, 0, 0)
+    c = plans.conv_of_forward(p)
+    L = plans.plan_dw_forward(c, dtype, layout, 0, 0)
     assert L.name in NAMES
     (N, CI, H, W, CO, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, M, R, flip, act,
      TH, TW, IH, IW, IP) = L.ints
     K, S, vec, opt = L.info["K"], L.info["S"], L.info["vec"], L.info["opt"]
     bx, by, bz = L.block
-    assert bx * by * bz <= cb.THREADS and bx * by >= 1
-    assert L.shared <= cb.SMEM_OPTIN
+    assert bx * by * bz <= plans.THREADS and bx * by >= 1
+    assert L.shared <= plans.SMEM_OPTIN
     if bx * by >= 32:
-        assert L.shared <= cb.SMEM_DEFAULT or L.info["tile"] == (TH, TW)
+        assert L.shared <= plans.SMEM_DEFAULT or L.info["tile"] == (TH, TW)
     assert L.grid[0] == math.ceil(OH / TH) * math.ceil(OW / TW)
     if layout == "NCHW":
         assert TW == bx * vec and TH == by * opt
         assert L.grid[1] == min(N * CO, 65535)
-        assert L.shared == IH * IP * cb.ITEMSIZE[dtype]
+        assert L.shared == IH * IP * plans.ITEMSIZE[dtype]
         assert IP % vec == 0
         if vec > 1:
             assert W % vec == 0
     else:
         assert L.grid[1] * bx * vec >= CO and L.grid[2] == min(N, 65535)
         assert TW % opt == 0 and by == TH * (TW // opt)
-        assert L.shared == IH * IW * IP * cb.ITEMSIZE[dtype]
+        assert L.shared == IH * IW * IP * plans.ITEMSIZE[dtype]
         if vec > 1:
             assert M == 1 and CI % vec == 0 and CO % vec == 0
     if K:
@@ -193,27 +195,27 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
 
 def test_vector_width_follows_alignment():
     p = _dw_problem(w=64, h=8, c=8, layout="NCHW")
-    c = cb.conv_of_forward(p)
-    assert cb.plan_dw_forward(c, "float32", "NCHW", 1024, 2048).info["vec"] == 4
-    assert cb.plan_dw_forward(c, "float32", "NCHW", 1028, 2048).info["vec"] == 1
+    c = plans.conv_of_forward(p)
+    assert plans.plan_dw_forward(c, "float32", "NCHW", 1024, 2048).info["vec"] == 4
+    assert plans.plan_dw_forward(c, "float32", "NCHW", 1028, 2048).info["vec"] == 1
     p = _dw_problem(w=63, h=8, c=8, layout="NCHW")
-    assert cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0).info["vec"] == 1
+    assert plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0).info["vec"] == 1
     p = _dw_problem(w=9, h=8, c=16, layout="NHWC", dtype="float16")
-    assert cb.plan_dw_forward(cb.conv_of_forward(p), "float16", "NHWC", 0, 0).info["vec"] == 8
+    assert plans.plan_dw_forward(plans.conv_of_forward(p), "float16", "NHWC", 0, 0).info["vec"] == 8
     p = _dw_problem(w=9, h=8, c=16, m=2, layout="NHWC", dtype="float16")
-    assert cb.plan_dw_forward(cb.conv_of_forward(p), "float16", "NHWC", 0, 0).info["vec"] == 1
+    assert plans.plan_dw_forward(plans.conv_of_forward(p), "float16", "NHWC", 0, 0).info["vec"] == 1
 
 
 def test_tile_shrinks_then_opts_in_for_large_kernels():
     p = _dw_problem(k=(31, 31), padding=15, d=(3, 3), h=200, w=200, n=1, c=1)
-    L = cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
-    assert cb.SMEM_DEFAULT < L.shared <= cb.SMEM_OPTIN
+    L = plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
+    assert plans.SMEM_DEFAULT < L.shared <= plans.SMEM_OPTIN
     p = _dw_problem(k=(31, 31), padding=15, h=200, w=200, n=1, c=1)
-    L = cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
-    assert L.shared <= cb.SMEM_DEFAULT
+    L = plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
+    assert L.shared <= plans.SMEM_DEFAULT
     p = _dw_problem(k=(31, 31), padding=0, d=(40, 40), h=1300, w=1300, n=1, c=1)
     with pytest.raises(NotImplementedError):
-        cb.plan_dw_forward(cb.conv_of_forward(p), "float32", "NCHW", 0, 0)
+        plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
 
 
 def test_prefers_unless_no_plan_fits():
@@ -229,14 +231,14 @@ def test_prefers_unless_no_plan_fits():
 
 def test_stride1_grad_input_is_a_rotated_forward():
     p = _dw_problem(k=(3, 5), padding=((0, 2), (1, 3)), m=2)
-    c = cb.conv_of_grad_input(p)
+    c = plans.conv_of_grad_input(p)
     assert (c.CI, c.CO, c.M, c.R, c.flip) == (p.CO, p.C, 1, p.M, 1)
     assert (c.H, c.W, c.OH, c.OW) == (p.OH, p.OW, p.H, p.W)
     assert (c.pt, c.pl) == ((p.KH - 1) * p.dh - p.pt, (p.KW - 1) * p.dw - p.pl)
-    L = cb.plan_dw_grad_input(p, "NCHW")
+    L = plans.plan_dw_grad_input(p, "NCHW")
     assert L.name.startswith("dw_forward<")
     ps = _dw_problem(k=(3, 3), s=2, padding=1)
-    assert cb.plan_dw_grad_input(ps, "NCHW").name.startswith("dw_grad_input<")
+    assert plans.plan_dw_grad_input(ps, "NCHW").name.startswith("dw_grad_input<")
 
 
 # ----------------------------------------------------------------------------- kernel replays
@@ -320,7 +322,7 @@ def _emulate_dw_forward(L, x, w, bias, layout):
                             oy, ox = oy0 + py, ox0 + px * opt + cc
                             if py < TH and oy < OH and ox < OW:
                                 y[n, o, oy, ox] = acc[t, cc] + bv
-    return dwops.reference.activate(y, {v: k for k, v in cb.ACTIVATION_CODE.items()}[act])
+    return dwops.reference.activate(y, {v: k for k, v in _spec.ACTIVATION_CODES.items()}[act])
 
 
 SMALL = [
@@ -346,7 +348,7 @@ def test_dw_forward_replay_matches_reference(case, layout, rng):
     w = rng.uniform(-1, 1, p.w_shape)
     b = rng.uniform(-1, 1, (p.CO,)) if p.has_bias else None
     for addr in (0, 8):   # aligned (vectorized) and misaligned (scalar) plans
-        L = cb.plan_dw_forward(cb.conv_of_forward(p), "float64", layout, addr, 0)
+        L = plans.plan_dw_forward(plans.conv_of_forward(p), "float64", layout, addr, 0)
         got = _emulate_dw_forward(L, x, w, b, layout)
         ref = dwops.reference.depthwise_conv2d(x, w, b, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
                                                padding=((p.pt, p.pb), (p.pl, p.pr)), layout=layout,
@@ -363,7 +365,7 @@ def test_stride1_grad_input_replay(case, layout, rng):
     p = _dw_problem(layout=layout, dtype="float64", **kw)
     gy = rng.uniform(-1, 1, p.y_shape)
     w = rng.uniform(-1, 1, p.w_shape)
-    L = cb.plan_dw_grad_input(p, layout)
+    L = plans.plan_dw_grad_input(p, layout)
     got = _emulate_dw_forward(L, gy, w, None, layout)
     ref = dwops.reference.depthwise_conv2d_grad_input(
         gy, w, p.x_shape, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
@@ -418,7 +420,7 @@ def test_strided_grad_input_replay(case, layout, rng):
     p = _dw_problem(layout=layout, dtype="float64", **kw)
     gy = rng.uniform(-1, 1, p.y_shape)
     w = rng.uniform(-1, 1, p.w_shape)
-    L = cb.plan_dw_grad_input(p, layout)
+    L = plans.plan_dw_grad_input(p, layout)
     assert L.name.startswith("dw_grad_input<") and L.name in NAMES
     got = _emulate_dw_grad_input(L, gy, w, layout)
     ref = dwops.reference.depthwise_conv2d_grad_input(
@@ -432,7 +434,7 @@ def test_strided_grad_input_replay(case, layout, rng):
 def test_dw_grad_weight_plan_covers_every_tile(case, layout):
     kw = dict(SMALL[case])
     p = _dw_problem(layout=layout, dtype="float32", **kw)
-    s1, s2, count = cb.plan_dw_grad_weight(p, layout, 0, 0)
+    s1, s2, count = plans.plan_dw_grad_weight(p, layout, 0, 0)
     assert s1.name in NAMES and s2.name in NAMES
     th, tw = s1.info["tile"]
     ntiles = p.N * math.ceil(p.OH / th) * math.ceil(p.OW / tw)
@@ -441,20 +443,20 @@ def test_dw_grad_weight_plan_covers_every_tile(case, layout):
     assert (splits - 1) * per < ntiles <= splits * per       # every tile in exactly one split
     assert count == splits * p.CO * p.KH * p.KW
     assert s2.ints == (splits, p.CO * p.KH * p.KW)
-    assert s1.shared <= cb.SMEM_OPTIN
+    assert s1.shared <= plans.SMEM_OPTIN
     if s1.name.startswith("dw_grad_weight<"):
         K = s1.info["K"]
         assert K == p.KH == p.KW
-        acc = cb.ACC_ITEMSIZE["float32"]
+        acc = plans.ACC_ITEMSIZE["float32"]
         nthr = s1.block[0] * s1.block[1]
         if layout == "NCHW":
             assert s1.shared >= math.ceil(nthr / 32) * K * K * acc      # warp partials
             assert s1.grid[1] == min(p.CO, 65535)
         else:
             assert s1.shared >= nthr * s1.info["vec"] * acc              # per-thread partials
-            assert K * K * s1.info["vec"] <= max(cb.GW_NHWC_ACC_REGS, K * K)
+            assert K * K * s1.info["vec"] <= max(plans.GW_NHWC_ACC_REGS, K * K)
     else:
-        taps = s1.block[1] * cb.TAPS_PER_THREAD
+        taps = s1.block[1] * plans.TAPS_PER_THREAD
         assert s1.grid[2] * taps >= p.KH * p.KW
 
 
@@ -488,7 +490,7 @@ def _emulate_gemm(L, A, B):
     if not partial:
         return [mats(bt, 0, Kd) for bt in range(batches)], ldc, sC
     total = np.zeros((Md, Nd))
-    chunk = -(-(-(-Kd // k_splits)) // cb.PW_BK) * cb.PW_BK
+    chunk = -(-(-(-Kd // k_splits)) // plans.PW_BK) * plans.PW_BK
     seen = np.zeros((batches, Kd), int)
     for z in range(L.grid[2]):
         g, ks = divmod(z, k_splits)
@@ -517,7 +519,7 @@ def test_pointwise_operands_replay(layout, shape, rng):
         "grad_weight": dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout),
     }
     for op, ref in refs.items():
-        L, red, count = cb.plan_pointwise(op, p, layout)
+        L, red, count = plans.plan_pointwise(op, p, layout)
         assert L.name in NAMES
         Md, Nd = L.ints[1], L.ints[2]
         assert L.grid[0] == math.ceil(Md / 64) * math.ceil(Nd / 64)
@@ -538,8 +540,8 @@ def test_pointwise_operands_replay(layout, shape, rng):
 
 def test_gemm_strides_are_64_bit():
     p = _pw_problem(n=64, ci=64, co=64, h=512, w=512, layout="NCHW")
-    L, _, _ = cb.plan_pointwise("forward", p, "NCHW")
-    assert all(isinstance(v, cb._I64) for v in L.ints[4:10])
+    L, _, _ = plans.plan_pointwise("forward", p, "NCHW")
+    assert all(isinstance(v, plans._I64) for v in L.ints[4:10])
     assert L.ints[8] == 64 * 512 * 512   # sB = CI * H * W
     assert cb._scalars(L.ints)[8].dtype == np.int64
 
@@ -558,14 +560,14 @@ def _sep_problem(c=8, m=1, co=16, k=3, layout="NCHW", h=10, w=12, dtype="float32
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_separable_fuses_when_the_tile_fits(layout):
     p = _sep_problem(layout=layout)
-    L = cb.plan_separable(p, layout)
+    L = plans.plan_separable(p, layout)
     assert L is not None and L.name in NAMES
     th, tw = L.info["tile"]
-    assert th * tw <= cb.SEP_TP
+    assert th * tw <= plans.SEP_TP
     assert L.grid[0] == math.ceil(p.dw.OH / th) * math.ceil(p.dw.OW / tw)
-    assert L.shared <= cb.SEP_SMEM_MAX
-    assert cb.plan_separable(_sep_problem(c=512, co=64, layout=layout), layout) is None
-    assert cb.plan_separable(_sep_problem(c=64, k=5, layout=layout, dtype="float64"), layout)
+    assert L.shared <= plans.SEP_SMEM_MAX
+    assert plans.plan_separable(_sep_problem(c=512, co=64, layout=layout), layout) is None
+    assert plans.plan_separable(_sep_problem(c=64, k=5, layout=layout, dtype="float64"), layout)
 
 
 # ----------------------------------------------------------------------------- backend plumbing
@@ -635,7 +637,7 @@ def test_dw_grad_weight_replay(case, layout, rng):
     p = _dw_problem(layout=layout, dtype="float64", **kw)
     x = rng.uniform(-1, 1, p.x_shape)
     gy = rng.uniform(-1, 1, p.y_shape)
-    s1, _, _ = cb.plan_dw_grad_weight(p, layout, 0, 0)
+    s1, _, _ = plans.plan_dw_grad_weight(p, layout, 0, 0)
     got = _emulate_dw_grad_weight(s1, x, gy, p, layout)
     ref = dwops.reference.depthwise_conv2d_grad_weight(
         x, gy, p.w_shape, stride=(p.sh, p.sw), dilation=(p.dh, p.dw),
@@ -656,7 +658,7 @@ def _emulate_separable(L, x, dww, dwb, pww, b, r, p, layout):
         oy0, ox0 = (blk // tiles_w) * TH, (blk % tiles_w) * TW
         iy0, ix0 = oy0 * sh - pt, ox0 * sw - pl
         for n in range(N):
-            D = np.zeros((CI2, cb.SEP_TP))
+            D = np.zeros((CI2, plans.SEP_TP))
             for c2lo in range(0, CI2, CC):
                 c2hi = min(CI2, c2lo + CC)
                 cin_lo, cin_n = c2lo // M, (c2hi - 1) // M - c2lo // M + 1
@@ -697,7 +699,7 @@ def test_separable_replay(layout, shape, rng):
     b, dwb = rng.uniform(-1, 1, (co,)), rng.uniform(-1, 1, (c * m,))
     r = rng.uniform(-1, 1, _spec._physical(layout, 1, co, h, w))
     p, _ = _spec.separable("t", x, dww, pww, b, dwb, 1, "same", 1, layout, "relu", "silu", r)
-    L = cb.plan_separable(p, layout)
+    L = plans.plan_separable(p, layout)
     got = _emulate_separable(L, x, dww, dwb, pww, b, r, p, layout)
     ref = dwops.reference.separable_conv2d(x, dww, pww, b, dw_bias=dwb, padding="same",
                                            layout=layout, dw_activation="relu",
@@ -738,7 +740,7 @@ def test_cupy_nvrtc_wrapper_accepts_the_sources(file, name):
 
     inc = os.path.join(os.path.dirname(cupy.__file__), "_core", "include")
     code, mapping = compiler.compile_using_nvrtc(
-        cb.source(file), options=cb.compile_options() + (f"-I{inc}", "-dlto"), arch="90",
+        cuc.source(file), options=cuc.compile_options() + (f"-I{inc}", "-dlto"), arch="90",
         method="lto", name_expressions=[name])
     assert len(code) > 0 and mapping[name].startswith("_Z")
 
@@ -759,15 +761,15 @@ def _random_problem(draw):
     return dict(n=draw(st.integers(1, 70000)), c=draw(st.integers(1, 600)), h=h, w=w,
                 m=draw(st.integers(1, 3)), k=(kh, kw), s=(sh, sw), d=(dh, dw), padding=pads,
                 layout=draw(st.sampled_from(["NCHW", "NHWC"])),
-                dtype=draw(st.sampled_from(list(cb.CTYPE))))
+                dtype=draw(st.sampled_from(list(plans.CTYPE))))
 
 
 def _check_launch(L):
     assert L.name in NAMES, L.name
     assert 1 <= L.grid[0] < 2**31 and 1 <= L.grid[1] <= 65535 and 1 <= L.grid[2] <= 65535
-    assert 1 <= L.block[0] * L.block[1] * L.block[2] <= cb.THREADS
-    assert 0 <= L.shared <= cb.SMEM_OPTIN
-    assert all(-(2**31) <= v < 2**31 or isinstance(v, cb._I64) for v in L.ints)
+    assert 1 <= L.block[0] * L.block[1] * L.block[2] <= plans.THREADS
+    assert 0 <= L.shared <= plans.SMEM_OPTIN
+    assert all(-(2**31) <= v < 2**31 or isinstance(v, plans._I64) for v in L.ints)
 
 
 @settings(max_examples=150, deadline=None)
@@ -778,9 +780,9 @@ def test_every_plan_is_launchable(q, addr):
     dtype = q.pop("dtype")
     p = _dw_problem(dtype=dtype, **q)
     try:
-        _check_launch(cb.plan_dw_forward(cb.conv_of_forward(p), dtype, p.layout, addr, 0))
-        _check_launch(cb.plan_dw_grad_input(p, p.layout, addr, 0))
-        s1, s2, _ = cb.plan_dw_grad_weight(p, p.layout, addr, 0)
+        _check_launch(plans.plan_dw_forward(plans.conv_of_forward(p), dtype, p.layout, addr, 0))
+        _check_launch(plans.plan_dw_grad_input(p, p.layout, addr, 0))
+        s1, s2, _ = plans.plan_dw_grad_weight(p, p.layout, addr, 0)
         _check_launch(s1)
         _check_launch(s2)
     except NotImplementedError:
@@ -790,9 +792,9 @@ def test_every_plan_is_launchable(q, addr):
     import dataclasses
 
     pw = _pw_problem(n=p.N, ci=p.C, co=p.CO, h=p.H, w=p.W, layout=p.layout)
-    for n0, n1 in cb.pointwise_chunks(pw):
+    for n0, n1 in plans.pointwise_chunks(pw):
         for op in ("forward", "grad_input", "grad_weight"):
-            L, red, _ = cb.plan_pointwise(op, dataclasses.replace(pw, N=n1 - n0), p.layout)
+            L, red, _ = plans.plan_pointwise(op, dataclasses.replace(pw, N=n1 - n0), p.layout)
             _check_launch(L)
             if red is not None:
                 _check_launch(red)
@@ -800,19 +802,19 @@ def test_every_plan_is_launchable(q, addr):
 
 def test_pointwise_chunks_keep_gemm_sizes_32_bit():
     p = _pw_problem(n=70000, ci=8, co=8, h=300, w=300, layout="NHWC")   # 6.3e9 pixels
-    chunks = cb.pointwise_chunks(p)
+    chunks = plans.pointwise_chunks(p)
     assert chunks[0][0] == 0 and chunks[-1][1] == p.N
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     import dataclasses
 
     for n0, n1 in chunks:
-        assert (n1 - n0) * p.H * p.W <= cb.GEMM_MAX_ROWS
+        assert (n1 - n0) * p.H * p.W <= plans.GEMM_MAX_ROWS
         for op in ("forward", "grad_input", "grad_weight"):
-            L, red, _ = cb.plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), "NHWC")
+            L, red, _ = plans.plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), "NHWC")
             _check_launch(L)
-    assert cb.pointwise_chunks(_pw_problem(n=3)) == [(0, 3)]
+    assert plans.pointwise_chunks(_pw_problem(n=3)) == [(0, 3)]
     one = _pw_problem(n=5, h=2**16, w=2**15)           # one image over the limit: one per launch
-    assert cb.pointwise_chunks(one) == [(i, i + 1) for i in range(5)]
+    assert plans.pointwise_chunks(one) == [(i, i + 1) for i in range(5)]
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -821,18 +823,18 @@ def test_chunked_pointwise_replay(layout, rng, monkeypatch):
     in one buffer, reduced once) replayed with a tiny row limit."""
     import dataclasses
 
-    monkeypatch.setattr(cb, "GEMM_MAX_ROWS", 20)
+    monkeypatch.setattr(plans, "GEMM_MAX_ROWS", 20)
     p = _pw_problem(n=7, ci=5, co=6, h=2, w=3, layout=layout)
-    chunks = cb.pointwise_chunks(p)
+    chunks = plans.pointwise_chunks(p)
     assert len(chunks) == 3
     x = rng.uniform(-1, 1, p.x_shape)
     w = rng.uniform(-1, 1, (p.CO, p.CI))
     gy = rng.uniform(-1, 1, p.y_shape)
     y = np.concatenate([
-        _pw_out(cb.plan_pointwise("forward", dataclasses.replace(p, N=n1 - n0), layout)[0],
+        _pw_out(plans.plan_pointwise("forward", dataclasses.replace(p, N=n1 - n0), layout)[0],
                 {"x": x[n0:n1], "w": w}, p.y_shape[1:], n1 - n0) for n0, n1 in chunks])
     assert_close(y, dwops.reference.pointwise_conv2d(x, w, layout=layout), "float64")
-    total = sum(_emulate_gemm(cb.plan_pointwise("grad_weight", dataclasses.replace(p, N=n1 - n0),
+    total = sum(_emulate_gemm(plans.plan_pointwise("grad_weight", dataclasses.replace(p, N=n1 - n0),
                                                 layout)[0], gy[n0:n1], x[n0:n1])
                 for n0, n1 in chunks)
     assert_close(total, dwops.reference.pointwise_conv2d_grad_weight(x, gy, layout=layout),
@@ -868,12 +870,12 @@ def test_warm_cache_builds_the_modules_the_backend_launches(monkeypatch):
                                  cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(
                                      getDevice=lambda: 0)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    launch = cb.plan_dw_forward(cb.Conv(1, 4, 9, 9, 4, 9, 9, 3, 3, 1, 1, 1, 1, 1, 1), "float32",
+    launch = plans.plan_dw_forward(plans.Conv(1, 4, 9, 9, 4, 9, 9, 3, 3, 1, 1, 1, 1, 1, 1), "float32",
                                 "NCHW")
-    assert cb._warm_one((launch.file, launch.name)) == launch.name
+    assert cuc._warm_one((launch.file, launch.name)) == launch.name
     cb.CupyBackend()._function(launch)
-    assert built[0] == built[1] == (cb.source("depthwise"), cb.compile_options(), (launch.name,))
-    assert (launch.file, launch.name) in {(row[0], row[-1]) for row in cb.instantiations()}
+    assert built[0] == built[1] == (cuc.source("depthwise"), cuc.compile_options(), (launch.name,))
+    assert (launch.file, launch.name) in {(row[0], row[-1]) for row in plans.instantiations()}
 
 
 # ----------------------------------------------------------------------------- depthwise 1-d
@@ -886,7 +888,7 @@ def test_conv1d_instantiations_compile_for_sm90_without_spills(report):
     """Every conv1d instantiation (each op, dtype, layout, width 2-8 and generic, vector width)
     assembles for sm_90 with no spills and fits a 128-thread block."""
     rows = [r for r in report if r["op"] == "depthwise_conv1d"]
-    want = {n for f, op, _, _, n in cb.instantiations() if op == "depthwise_conv1d"}
+    want = {n for f, op, _, _, n in plans.instantiations() if op == "depthwise_conv1d"}
     assert {r["specialization"].split(" [")[0] for r in rows} == want
     # per dtype: (forward + backward) x 2 layouts x 8 widths x 2 vector widths, 2 final-state
     # copies, 8 updates, sum_splits
@@ -945,7 +947,7 @@ def test_conv1d_staged_loader_is_cp_async(name, tmp_path):
     import subprocess
 
     assert name in NAMES
-    ptx, lowered = cb.compile_ptx("conv1d", [name])
+    ptx, lowered = cuc.compile_ptx("conv1d", [name])
     body = ptx.decode().split(".entry " + lowered[name], 1)[1]
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 16", body), name
     assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body
@@ -965,7 +967,7 @@ def test_conv1d_unvectorized_staging_uses_the_smaller_cp_async_forms():
     for name, form in (("c1_forward<float, 3, 1, false>", "4"),
                        ("c1_forward<double, 3, 1, false>", "8"),
                        ("c1_forward<__half, 3, 1, false>", None)):
-        ptx, lowered = cb.compile_ptx("conv1d", [name])
+        ptx, lowered = cuc.compile_ptx("conv1d", [name])
         body = ptx.decode().split(".entry " + lowered[name], 1)[1]
         if form is None:
             assert "cp.async.ca." not in body and "cp.async.cg." not in body
@@ -984,17 +986,17 @@ def _c1(n=2, c=3, length=50, m=1, k=4, s=1, d=1, padding="causal", layout="NCL",
 
 
 def test_conv1d_specialization_and_vector_choice():
-    assert [cb.c1_spec(k) for k in range(1, 12)] == [0, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]
+    assert [plans.c1_spec(k) for k in range(1, 12)] == [0, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]
     p = _c1(length=64, c=16, dtype="bfloat16")
-    assert cb.plan_conv1d_forward(p).info["vec"] == 8
-    assert cb.plan_conv1d_forward(p, x_addr=2).info["vec"] == 1          # misaligned x
-    assert cb.plan_conv1d_forward(_c1(length=63, dtype="bfloat16")).info["vec"] == 1
+    assert plans.plan_conv1d_forward(p).info["vec"] == 8
+    assert plans.plan_conv1d_forward(p, x_addr=2).info["vec"] == 1          # misaligned x
+    assert plans.plan_conv1d_forward(_c1(length=63, dtype="bfloat16")).info["vec"] == 1
     q = _c1(length=63, c=16, layout="NLC", dtype="bfloat16")
-    assert cb.plan_conv1d_forward(q).info["vec"] == 8                    # NLC: along C
-    assert cb.plan_conv1d_backward(q).info["vec"] == 8
+    assert plans.plan_conv1d_forward(q).info["vec"] == 8                    # NLC: along C
+    assert plans.plan_conv1d_backward(q).info["vec"] == 8
     q8 = _c1(length=63, c=16, k=8, layout="NLC", dtype="bfloat16")
-    assert cb.plan_conv1d_backward(q8).info["vec"] == 4                  # window registers
-    assert cb.plan_conv1d_forward(_c1(c=16, m=2, layout="NLC")).info["vec"] == 1
+    assert plans.plan_conv1d_backward(q8).info["vec"] == 4                  # window registers
+    assert plans.plan_conv1d_forward(_c1(c=16, m=2, layout="NLC")).info["vec"] == 1
 
 
 def test_conv1d_prefers_unless_the_span_does_not_fit():
@@ -1015,7 +1017,7 @@ def _random_conv1d(draw):
     return dict(n=draw(st.integers(1, 70000)), c=draw(st.integers(1, 13000)), length=length,
                 m=draw(st.integers(1, 4)), k=k, s=s, d=d, padding=padding,
                 layout=draw(st.sampled_from(["NCL", "NLC"])),
-                dtype=draw(st.sampled_from(list(cb.CTYPE))))
+                dtype=draw(st.sampled_from(list(plans.CTYPE))))
 
 
 @settings(max_examples=200, deadline=None)
@@ -1029,21 +1031,44 @@ def test_every_conv1d_plan_is_launchable(q, addr):
     except ValueError:
         return
     try:
-        fwd = cb.plan_conv1d_forward(p, addr, 0)
-        bwd = cb.plan_conv1d_backward(p, addr, 0, 0)
+        fwd = plans.plan_conv1d_forward(p, addr, 0)
+        bwd = plans.plan_conv1d_backward(p, addr, 0, 0)
     except NotImplementedError:
         assert not cb.BACKEND.prefers("depthwise_conv1d_forward", p) or \
             not cb.BACKEND.prefers("depthwise_conv1d_backward", p)
         return
     for launch in (fwd, bwd):
         _check_launch(launch)
-        assert launch.block[0] * launch.block[1] <= cb.C1_THREADS
+        assert launch.block[0] * launch.block[1] <= plans.C1_THREADS
     if p.layout == "NCL":
         tl, per = fwd.info["tile"], fwd.info["per"]
         assert fwd.grid[1] * per >= math.ceil(p.OL / tl) > (fwd.grid[1] - 1) * per
-        assert fwd.shared == 2 * fwd.ints[11] * cb.ITEMSIZE[p.dtype]
+        assert fwd.shared == 2 * fwd.ints[11] * plans.ITEMSIZE[p.dtype]
     if p.causal and p.W:
-        _check_launch(cb.plan_conv1d_final_state(p))
+        _check_launch(plans.plan_conv1d_final_state(p))
     if p.K >= 2:
         u = _spec.Conv1dUpdateProblem(min(p.N, 64), p.C, p.M, p.K, 1, p.dtype)
-        _check_launch(cb.plan_conv1d_update(u))
+        _check_launch(plans.plan_conv1d_update(u))
+
+
+def test_activation_codes_are_one_table():
+    """The kernels of every backend take the codes of ``_spec.ACTIVATION_CODES``: the CPU backend
+    uses that dict, and the CUDA C++ sources name the codes only through the ``ACT_*`` enum
+    generated from it (no bare numbers), with one branch of ``activate`` per activation."""
+    import re
+
+    from dwops.kernels import cpu
+
+    assert cpu.ACT_CODES is _spec.ACTIVATION_CODES
+    assert list(_spec.ACTIVATION_CODES) == list(_spec.ACTIVATIONS)
+    enum = cuc.activation_enum()
+    declared = dict((n, int(v)) for n, v in re.findall(r"\b(ACT_\w+) = (\d+)", enum))
+    assert declared == {f"ACT_{(a or 'none').upper()}": c
+                        for a, c in _spec.ACTIVATION_CODES.items()}
+    texts = {f: open(os.path.join(cuc.CUDA_DIR, f)).read() for f in os.listdir(cuc.CUDA_DIR)}
+    for f, text in texts.items():
+        assert set(re.findall(r"\bACT_\w+", text)) <= set(declared), f
+        assert not re.search(r"\b\w*act\s*[=!]=\s*\d", text), f"{f} compares a code to a number"
+    common = texts["common.cuh"]
+    assert all(f"act == {n}" in common for n in declared if n != "ACT_GELU")  # gelu: the rest
+    assert cuc.source("depthwise").startswith(enum)

@@ -22,7 +22,7 @@ Streams, per the DLPack standard (the consumer names its stream, the producer ma
 
 from __future__ import annotations
 
-from .._interop import ArrayInfo
+from .._interop import ArrayInfo, Capsule
 from .._registry import numpy_dtype
 
 
@@ -69,7 +69,7 @@ def device_view(obj, info: ArrayInfo, stream: int, ordinal: int):
             import tensorflow as tf
 
             _sync_tensorflow()
-            return cupy.from_dlpack(_LegacyCapsule(tf.experimental.dlpack.to_dlpack(obj), ordinal))
+            return cupy.from_dlpack(Capsule(tf.experimental.dlpack.to_dlpack(obj), (2, ordinal)))
         if hasattr(obj, "__dlpack__"):
             # cupy.from_dlpack passes the current (here: ``stream``) stream to __dlpack__.
             return cupy.from_dlpack(obj)
@@ -93,19 +93,6 @@ def cupy_stream(handle):
     if not handle:
         return cupy.cuda.Stream.null
     return cupy.cuda.Stream.from_external(_StreamHandle(handle))
-
-
-class _LegacyCapsule:
-    """A DLPack producer around a capsule already exported (TensorFlow's to_dlpack)."""
-
-    def __init__(self, capsule, ordinal):
-        self._capsule, self._ordinal = capsule, ordinal
-
-    def __dlpack__(self, stream=None, **kwargs):  # a legacy (unversioned) capsule, whatever is asked
-        return self._capsule
-
-    def __dlpack_device__(self):
-        return (2, self._ordinal)
 
 
 def empty_in_caller(shape, dtype: str, obj, info: ArrayInfo):

@@ -100,8 +100,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
     prange = _u = range
 
 from .._registry import HostBackend
-
-ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4}
+from .._spec import ACTIVATION_CODES as ACT_CODES
 
 # GEMM micro-tile: MR rows x 2 vectors of VEC_BYTES (AVX2 registers) per _microtile call.
 MR = 4

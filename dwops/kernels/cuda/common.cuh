@@ -1,7 +1,7 @@
 // dwops CUDA C++ kernels: pieces shared by every kernel file.
 //
-// Prepended (as text) to depthwise.cuh, pointwise.cuh and separable.cuh by
-// dwops/kernels/cupy_backend.py, so each compiled module is one self-contained source and CuPy's
+// Prepended (as text, after the generated ACT_* enum) to each kernel file by
+// dwops/kernels/cupy_compile.py (source), so each compiled module is one self-contained source and CuPy's
 // binary cache is keyed on everything that went into it.
 //
 // * Acc<T>::type: the accumulator. float for __half, __nv_bfloat16 and float; double for double.
@@ -62,19 +62,19 @@ template <typename T> __device__ __forceinline__ T zero_value() { return from_ac
 
 template <typename T, int N> struct __align__(sizeof(T) * N) Pack { T v[N]; };
 
-// Activation codes (the Python side passes these ints): 0 none, 1 relu, 2 relu6, 3 silu, 4 gelu.
-// silu and gelu (exp, erf) live in one out-of-line function so the unrolled epilogues stay small
-// (the epilogue runs once per output; the call costs nothing next to the memory traffic).
+// Activations by their codes ACT_* (an enum generated from the Python table and placed before this
+// file). silu and gelu (exp, erf) live in one out-of-line function so the unrolled epilogues stay
+// small (the epilogue runs once per output; the call costs nothing next to the memory traffic).
 template <typename A> __device__ __noinline__ A activate_transcendental(A v, int act) {
-    if (act == 3) return v / (A(1) + exp(-v));
-    return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));
+    if (act == ACT_SILU) return v / (A(1) + exp(-v));
+    return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));  // ACT_GELU
 }
 
 template <typename A> __device__ __forceinline__ A activate(A v, int act) {
     const A zero = 0;
-    if (act == 0) return v;
-    if (act == 1) return v > zero ? v : zero * v;
-    if (act == 2) return (v > A(6) ? A(6) : (v > zero ? v : zero * v)) + zero * v;
+    if (act == ACT_NONE) return v;
+    if (act == ACT_RELU) return v > zero ? v : zero * v;
+    if (act == ACT_RELU6) return (v > A(6) ? A(6) : (v > zero ? v : zero * v)) + zero * v;
     return activate_transcendental(v, act);
 }
 

@@ -114,7 +114,7 @@ __device__ __forceinline__ int c1_seq(const int* __restrict__ seq, i64 n, int L,
 
 // ------------------------------------------------------------------------------ forward
 
-// Launch (cupy_backend.plan_conv1d_forward):
+// Launch (cupy_plans.plan_conv1d_forward):
 //   NCL  grid (N*C, ceil(chunks / per)), block (128), TL = 128 * PER outputs per chunk, chunks
 //        [blockIdx.y * per, ...) of row blockIdx.x; dynamic shared memory 2 * IP elements of T
 //   NLC  grid (ceil(CV / BX), ceil(segments / BY), min(N, 65535)), block (BX, BY), CV = CO / VEC
@@ -300,7 +300,7 @@ __device__ __forceinline__ void c1_colsum(A* red, A (&v)[VEC]) {
     __syncthreads();
 }
 
-// Launch (cupy_backend.plan_conv1d_backward):
+// Launch (cupy_plans.plan_conv1d_backward):
 //   NCL  grid (N*C, ceil(chunks / per)), block (128), TL = 128 * PER; chunk j: outputs
 //        [j*TL, (j+1)*TL) for gw/gb
 //        and input positions [qa + j*TQ, qa + (j+1)*TQ) for gx (TQ = TL*s, qa = the first

@@ -94,7 +94,7 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
 // ------------------------------------------------------------------------------ forward
 
 // One block: an output tile TH x TW of one (n, o) plane (NCHW) or of TC = blockDim.x * VEC
-// channels of one image (NHWC). Launch (cupy_backend.plan_dw_forward):
+// channels of one image (NHWC). Launch (cupy_plans.plan_dw_forward):
 //   NCHW  grid (tiles_h * tiles_w, min(N * CO, 65535)), block (BW, BH), TW = BW * VEC, TH = BH * OPT
 //   NHWC  grid (tiles_h * tiles_w, ceil(CO / TC), min(N, 65535)), block (CT, PT),
 //         TW = (PT / TH) * OPT

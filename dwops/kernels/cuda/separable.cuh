@@ -12,7 +12,7 @@
 //            transposed in shared memory; 256 threads x (4 x 4) outputs from registers,
 //            interleaved so stores coalesce (NCHW along pixels, NHWC along channels); epilogue
 //            bias + act + residual.
-// The host uses this kernel when CI2 * 64 accumulators fit (cupy_backend.plan_separable) and otherwise
+// The host uses this kernel when CI2 * 64 accumulators fit (cupy_plans.plan_separable) and otherwise
 // runs dw_forward into a temporary, then pw_gemm.
 //   grid (tiles_h * tiles_w, min(N, 65535)), block (256), dynamic shared memory
 //   (CI2 * 64 + CINMAX * IH * IW + 32 * 65) accumulators, CINMAX = (CC - 1) / M + 2.
