@@ -19,7 +19,7 @@ import os
 import sys
 
 # (backend, module): each module defines compile_report(arch) -> list of dict rows.
-KERNEL_REPORTS = (("numba", "dwops.kernels.numba_cuda"), ("cupy", "dwops.kernels.cupy_backend"))
+KERNEL_REPORTS = (("numba", "dwops.kernels.numba_cuda"), ("cupy", "dwops.kernels.cupy_compile"))
 KERNEL_COLUMNS = ("backend", "op", "direction", "specialization", "registers", "shared_bytes",
                   "spill_bytes", "error")
 
@@ -151,8 +151,28 @@ def cmd_warmup(args, stream=None) -> int:
         print(f"dwops warmup: unknown {', '.join(bad)}", file=out)
         return 2
     t0 = time.perf_counter()
-    done = _jit.warmup(ops, dtypes, layouts, backends, jobs=args.jobs, stream=out)
+    done = []
+    if "cupy" in backends:  # every instantiation, into CuPy's disk cache (needs a GPU)
+        from ._errors import BackendUnavailableError
+        from ._registry import load
+
+        try:
+            load("cupy")
+            why = None
+        except BackendUnavailableError as exc:
+            why = str(exc)
+        if why is None:
+            from .kernels.cupy_compile import warm_cache
+
+            print(f"dwops warmup: {warm_cache(args.jobs)} cupy kernels in CuPy's cache", file=out)
+        done.append((("cupy",), 0.0, why))
+    rest = [b for b in backends if b != "cupy"]
+    if rest:
+        done += _jit.warmup(ops, dtypes, layouts, rest, jobs=args.jobs, stream=out)
     failed = [job for job, _, err in done if err is not None]
+    for job, _, err in done:
+        if err is not None and job == ("cupy",):
+            print(f"dwops warmup: {err}", file=out)
     print(f"dwops warmup: {len(done) - len(failed)} of {len(done)} jobs compiled in "
           f"{time.perf_counter() - t0:.1f} s" + (f"; {len(failed)} failed" if failed else ""),
           file=out)

@@ -76,7 +76,7 @@ stage "dwops info" "$ENVLOG" 120 "$PY" -m dwops info
 # Every cupy kernel instantiation compiled once, on all CPUs, into CuPy's disk cache: the tests and
 # benchmarks then load binaries instead of running NVRTC for ~200 name expressions one by one.
 stage "cupy kernel cache" gpu_check-pytest.log "$(cap 120 300)" \
-    "$PY" -c "from dwops.kernels.cupy_backend import warm_cache; print(warm_cache(), 'cupy kernels in the cache')"
+    "$PY" -c "from dwops.kernels.cupy_compile import warm_cache; print(warm_cache(), 'cupy kernels in the cache')"
 
 # Exit status 5 (no test collected) counts as a failure: a GPU check without GPU tests checks nothing.
 stage "pytest -m gpu" gpu_check-pytest.log "$(cap 180 220)" \

@@ -14,7 +14,7 @@ import dwops
 from dwops.__main__ import main
 from dwops.bench import report, workloads
 
-NUMBA_MOD, CUPY_MOD = "dwops.kernels.numba_cuda", "dwops.kernels.cupy_backend"
+NUMBA_MOD, CUPY_MOD = "dwops.kernels.numba_cuda", "dwops.kernels.cupy_compile"
 
 
 def test_import_main_is_light():
@@ -111,7 +111,7 @@ def test_kernels_bad_row_fails(monkeypatch, capsys, bad):
 
 @pytest.mark.parametrize("numba_rows, cupy_rows, message", [
     (None, [_row("cupy")], "no dwops.kernels.numba_cuda.compile_report"),
-    ([_row("numba")], "no-function", "no dwops.kernels.cupy_backend.compile_report"),
+    ([_row("numba")], "no-function", "no dwops.kernels.cupy_compile.compile_report"),
     ([_row("numba")], RuntimeError("nvrtc failed"), "raised RuntimeError: nvrtc failed"),
     ([], [_row("cupy")], "reported no kernels"),
 ])

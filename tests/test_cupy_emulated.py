@@ -346,7 +346,7 @@ def test_gpu_tests_pass_in_the_emulator(emulated_runs, group):
 def test_every_kernel_of_the_report_runs_and_nothing_else(emulated_runs):
     """The emulated GPU tests execute every instantiation the NVRTC kernel report compiles, and
     launch nothing it does not compile."""
-    from dwops.kernels.cupy_backend import instantiations
+    from dwops.kernels.cupy_plans import instantiations
 
     launched = set()
     for _, _, names in emulated_runs.values():

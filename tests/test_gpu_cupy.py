@@ -674,17 +674,17 @@ def test_conv1d_int64_seq_idx_with_large_ids(rng):
 def test_conv1d_plans_respect_launch_limits():
     """Mamba-sized rows: grid y/z within 65535, NCL shared memory within the default 48 KiB,
     partial buffers sized by the grid."""
-    from dwops.kernels import cupy_backend as cb
+    from dwops.kernels import cupy_plans as plans
 
     for layout in ("NCL", "NLC"):
         for n, c, length in ((1, 2048, 2048), (8, 12288, 16384), (70000, 2, 5)):
             for dtype in ("bfloat16", "float32"):
                 p = _spec.Conv1dProblem(n, c, length, 1, 4, length, 1, 1, 3, 0, layout, dtype,
                                         causal=True)
-                for launch in (cb.plan_conv1d_forward(p), cb.plan_conv1d_backward(p)):
+                for launch in (plans.plan_conv1d_forward(p), plans.plan_conv1d_backward(p)):
                     assert launch.grid[1] <= 65535 and launch.grid[2] <= 65535
-                    assert launch.shared <= cb.SMEM_DEFAULT
-                    assert math.prod(launch.block) <= cb.C1_THREADS
+                    assert launch.shared <= plans.SMEM_DEFAULT
+                    assert math.prod(launch.block) <= plans.C1_THREADS
                     if "splits" in launch.info:
                         assert launch.info["splits"] == n * launch.grid[1]
 

@@ -85,3 +85,13 @@ def test_warmup_fills_the_cache_that_a_later_process_loads(tmp_path):
     assert later.returncode == 0, later.stderr
     assert later.stdout.strip() == "(3, 5)"
     assert "compiling" not in later.stderr, later.stderr
+
+
+def test_warmup_says_why_a_gpu_backend_cannot_warm(capsys):
+    import dwops
+
+    if dwops.backend_available("cupy"):
+        pytest.skip("needs a machine where the cupy backend cannot run")
+    assert main(["warmup", "--backend", "cupy"]) == 1
+    err = capsys.readouterr().err
+    assert "backend 'cupy' is unavailable" in err and "0 of 1 jobs compiled" in err

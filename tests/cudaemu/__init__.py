@@ -288,20 +288,21 @@ def prebuild_report(workers: int = 2) -> int:
     warm disk cache makes this a lookup). Returns the number of name expressions."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dwops.kernels import cupy_backend as cb
+    from dwops.kernels import cupy_compile as cc
+    from dwops.kernels import cupy_plans as plans
 
     groups: dict = {}
-    for row in cb.instantiations():
+    for row in plans.instantiations():
         file, name = row[0], row[-1]
         ctype = name.split("<", 1)[1].split(",")[0].split(">")[0].strip()
         group = groups.setdefault((file, ctype), [])
         if name not in group:
             group.append(name)
     with ThreadPoolExecutor(max(1, workers)) as pool:   # g++ runs as subprocesses
-        list(pool.map(lambda fn: build(cb.source(fn[0]), fn[1]),
+        list(pool.map(lambda fn: build(cc.source(fn[0]), fn[1]),
                       [(f, names) for (f, _), names in groups.items()]))
     for (file, _), names in groups.items():
-        prebuild(cb.source(file), names)
+        prebuild(cc.source(file), names)
     return sum(len(v) for v in groups.values())
 
 

@@ -1,0 +1,720 @@
+"""Launch plans of the ``cupy`` backend: pure Python, unit-tested on the CPU.
+
+:func:`plan_dw_forward`, :func:`plan_dw_grad_input`, :func:`plan_dw_grad_weight`,
+:func:`plan_pointwise`, :func:`plan_separable`, and for the depthwise 1-d op
+:func:`plan_conv1d_forward`, :func:`plan_conv1d_backward`, :func:`plan_conv1d_update`,
+:func:`plan_conv1d_final_state`, turn a problem into a :class:`Launch` (kernel name expression, grid,
+block, dynamic shared memory, integer arguments): the specialization (kernel size 1/3/5/7 or
+generic, unit stride; 1-d widths 2-8 or generic), the vector width allowed by the pointers' and rows'
+alignment, the tile. :func:`instantiations` lists every name expression any plan can produce (what
+the compile report and the cache warm-up build, see ``cupy_compile``).
+
+Shapes: x ``(N, C, H, W)`` / ``(N, H, W, C)``; depthwise weight ``(C*M, 1, KH, KW)``; pointwise
+weight ``(CO, CI)``; 1-d: x ``(N, C, L)`` / ``(N, L, C)``, weight ``(C*M, 1, K)``, states
+``(N, C, W)``, seq_idx ``(N, L)``; see ``dwops/_spec.py`` for the problem objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .._spec import ACTIVATION_CODES
+
+# ----------------------------------------------------------------------------- constants
+
+CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+ACC_ITEMSIZE = {"float16": 4, "bfloat16": 4, "float32": 4, "float64": 8}
+
+SPECIALIZED_K = (1, 3, 5, 7)        # square kernel sizes with compile-time unrolled templates
+THREADS = 256                       # threads per block of the tiled kernels
+SMEM_DEFAULT = 48 * 1024            # dynamic shared memory without opting in
+SMEM_OPTIN = 227 * 1024             # sm_90 opt-in limit per block (cudaFuncSetAttribute)
+SEP_SMEM_MAX = 96 * 1024            # fused separable: up to 2 blocks per SM
+SEP_TP = 64                         # fused separable: output pixels per block (separable.cuh)
+SEP_KC = 32                         # fused separable: pw_w chunk (separable.cuh)
+SEP_CC = 16                         # fused separable: mid channels per phase-1 chunk
+PW_TILE = 64                        # pointwise GEMM tile (pointwise.cuh PW_BM = PW_BN)
+PW_BK = 16
+TAPS_PER_THREAD = 4                 # dw_grad_weight_taps TPT
+GW_NHWC_ACC_REGS = 72               # NHWC grad_weight: K*K*VEC accumulators per thread at most
+TARGET_BLOCKS = 4 * 132             # reduction kernels: ~4 blocks per SM of an H100/H200
+MAX_GRID_YZ = 65535
+
+# rows (NCHW) / columns (NHWC) of outputs per thread, by specialization K (0 = generic)
+DW_FWD_OPT = {"NCHW": {1: 4, 3: 2, 5: 2, 7: 1, 0: 1}, "NHWC": {1: 4, 3: 4, 5: 2, 7: 2, 0: 1}}
+DW_GI_OPT = {"NCHW": {1: 2, 3: 2, 5: 2, 7: 1, 0: 1}, "NHWC": {1: 2, 3: 2, 5: 2, 7: 2, 0: 1}}
+DW_GW_OPT = {"NCHW": 1, "NHWC": 2}
+
+# pointwise GEMM operand layouts (A_KC, B_NC, PARTIAL), see pointwise.cuh
+PW_FORMS = {
+    ("forward", "NCHW"): (True, True, False),
+    ("forward", "NHWC"): (True, False, False),
+    ("grad_input", "NCHW"): (False, True, False),
+    ("grad_input", "NHWC"): (True, True, False),
+    ("grad_weight", "NCHW"): (True, False, True),
+    ("grad_weight", "NHWC"): (False, True, True),
+}
+
+
+def _np2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _b(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def max_vec(dtype: str) -> int:
+    """Elements per 16-byte vector."""
+    return 16 // ITEMSIZE[dtype]
+
+
+def vec_choices(dtype: str, limit: int | None = None) -> tuple:
+    """The vector widths a plan may pick: a full 16-byte vector (capped at ``limit`` elements,
+    rounded down to a power of two) or 1. Intermediate widths are not instantiated, to keep the
+    number of template instances (and the compile time of the kernel report) small."""
+    v = max_vec(dtype) if limit is None else min(max_vec(dtype), 1 << (max(1, limit).bit_length() - 1))
+    return (v, 1) if v > 1 else (1,)
+
+
+def pick_vec(dtype: str, divisible: tuple, addresses: tuple, limit: int | None = None) -> int:
+    """The vector width (elements) for these operands: vec_choices(dtype, limit)[0] when every size
+    in ``divisible`` is a multiple of it and every byte address in ``addresses`` a multiple of its
+    byte size (16-byte accesses need 16-byte alignment), else 1."""
+    v = vec_choices(dtype, limit)[0]
+    item = ITEMSIZE[dtype]
+    if v > 1 and all(d % v == 0 for d in divisible) and all(a % (v * item) == 0 for a in addresses):
+        return v
+    return 1
+
+
+def kernel_size_spec(KH: int, KW: int) -> int:
+    """The compile-time kernel size for square 1x1, 3x3, 5x5, 7x7 kernels; 0 (generic) otherwise."""
+    return KH if KH == KW and KH in SPECIALIZED_K else 0
+
+
+def dw_forward_spec(c) -> tuple[int, int]:
+    """(K, S) of dw_forward: the specialized K with S = 1 for stride 1 and dilation 1, else the
+    generic runtime path (0, 0)."""
+    K = kernel_size_spec(c.KH, c.KW)
+    if K and c.sh == c.sw == c.dh == c.dw == 1:
+        return K, 1
+    return 0, 0
+
+
+# ----------------------------------------------------------------------------- launch plans
+
+
+class _I64(int):
+    """An integer kernel argument passed as a 64-bit value (strides in pw_gemm)."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``file`` (cuda/<file>.cuh), template name expression, grid, block,
+    dynamic shared memory in bytes, and the integer arguments that follow the pointers."""
+
+    file: str
+    name: str
+    grid: tuple
+    block: tuple
+    shared: int
+    ints: tuple = ()
+    info: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Conv:
+    """The geometry dw_forward computes (the user's forward, or a stride-1 input gradient):
+    output channel o of CO reads input channels (o // M) * R + m, m < R, of CI."""
+
+    N: int
+    CI: int
+    H: int
+    W: int
+    CO: int
+    OH: int
+    OW: int
+    KH: int
+    KW: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pt: int
+    pl: int
+    M: int = 1
+    R: int = 1
+    flip: int = 0
+    act: int = 0
+
+
+def conv_of_forward(p) -> Conv:
+    return Conv(p.N, p.C, p.H, p.W, p.CO, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt,
+                p.pl, p.M, 1, 0, ACTIVATION_CODES[p.activation])
+
+
+def conv_of_grad_input(p) -> Conv:
+    """Stride-1 input gradient as a forward convolution of gy with the taps rotated by 180
+    degrees and padding ((KH-1)*dh - pt, (KW-1)*dw - pl): output channel c sums gy channels
+    c*M + m (M' = 1, R = M)."""
+    return Conv(p.N, p.CO, p.OH, p.OW, p.C, p.H, p.W, p.KH, p.KW, 1, 1, p.dh, p.dw,
+                (p.KH - 1) * p.dh - p.pt, (p.KW - 1) * p.dw - p.pl, 1, p.M, 1, 0)
+
+
+def _shrink_to_fit(sizes, smem_of, limit):
+    """Halve the block dimensions in ``sizes`` (a list, in the order given) until smem_of(sizes)
+    <= limit; returns the sizes, or None if even 1-sized blocks do not fit."""
+    sizes = list(sizes)
+    for i in range(len(sizes)):
+        while smem_of(sizes) > limit and sizes[i] > 1:
+            sizes[i] //= 2
+    return sizes if smem_of(sizes) <= limit else None
+
+
+def _fit(sizes, smem_of):
+    """Fit under 48 KiB by shrinking, else opt in to up to 227 KiB at the default sizes (or
+    shrunk). Raises NotImplementedError when even a one-thread tile does not fit."""
+    got = _shrink_to_fit(sizes, smem_of, SMEM_DEFAULT)
+    if got is not None and math.prod(got) >= 32:
+        return got
+    got = _shrink_to_fit(sizes, smem_of, SMEM_OPTIN)
+    if got is None:
+        raise NotImplementedError(
+            "dwops cupy backend: the input tile of this convolution (kernel and dilation) does not "
+            "fit in shared memory; use backend='numba'")
+    return got
+
+
+def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: int = 0) -> Launch:
+    """dw_forward launch for geometry ``c`` (see depthwise.cuh)."""
+    K, S = dw_forward_spec(c)
+    item = ITEMSIZE[dtype]
+    opt = DW_FWD_OPT[layout][K]
+    if layout == "NCHW":
+        vec = pick_vec(dtype, (c.W,), (x_addr, y_addr))
+        bw = min(32, _np2(_cdiv(c.OW, vec)))
+        bh = max(1, min(THREADS // bw, _np2(_cdiv(c.OH, opt))))
+
+        def geometry(s):
+            bw_, bh_ = s
+            th, tw = bh_ * opt, bw_ * vec
+            if S:
+                nwv = _cdiv(vec + K - 1, vec)
+                ih, iw, ip = th + K - 1, tw + K - 1, (bw_ - 1 + nwv) * vec
+            else:
+                ih = (th - 1) * c.sh + (c.KH - 1) * c.dh + 1
+                iw = (tw - 1) * c.sw + (c.KW - 1) * c.dw + 1
+                ip = _cdiv(iw, vec) * vec
+            return th, tw, ih, iw, ip
+
+        bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry((s[1], s[0]))))
+        th, tw, ih, iw, ip = geometry((bw, bh))
+        tiles = _cdiv(c.OH, th) * _cdiv(c.OW, tw)
+        grid = (tiles, min(c.N * c.CO, MAX_GRID_YZ), 1)
+        block = (bw, bh, 1)
+        shared = ih * ip * item
+    else:
+        vec = pick_vec(dtype, (c.CI, c.CO), (x_addr, y_addr)) if c.M == 1 and c.R == 1 else 1
+        ct = min(32, _np2(_cdiv(c.CO, vec)))
+        pt_ = THREADS // ct
+        th0, twt = _nhwc_tile(pt_, opt, c.OH, c.OW)
+
+        def geometry(s):
+            ct_, th_, twt_ = s
+            tc = ct_ * vec
+            tw = twt_ * opt
+            ih = (th_ - 1) * c.sh + (c.KH - 1) * c.dh + 1
+            iw = (tw - 1) * c.sw + (c.KW - 1) * c.dw + 1
+            cp = tc * c.R if c.M == 1 else ((tc - 1) // c.M + 2) * c.R
+            return th_, tw, ih, iw, cp
+
+        th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
+            geometry((s[2], s[0], s[1]))))
+        th, tw, ih, iw, ip = geometry((ct, th_, twt))
+        tiles = _cdiv(c.OH, th) * _cdiv(c.OW, tw)
+        grid = (tiles, _cdiv(c.CO, ct * vec), min(c.N, MAX_GRID_YZ))
+        block = (ct, th * twt, 1)
+        shared = ih * iw * ip * item
+    name = f"dw_forward<{CTYPE[dtype]}, {K}, {S}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    ints = (c.N, c.CI, c.H, c.W, c.CO, c.OH, c.OW, c.KH, c.KW, c.sh, c.sw, c.dh, c.dw, c.pt, c.pl,
+            c.M, c.R, c.flip, c.act, th, tw, ih, iw, ip)
+    return Launch("depthwise", name, grid, block, shared, ints,
+                  {"K": K, "S": S, "vec": vec, "opt": opt, "tile": (th, tw)})
+
+
+def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> Launch:
+    """The input gradient: dw_forward (rotated taps) for stride 1, dw_grad_input otherwise."""
+    if p.sh == 1 and p.sw == 1:
+        return plan_dw_forward(conv_of_grad_input(p), p.dtype, layout, gy_addr, gx_addr)
+    dtype = p.dtype
+    item = ITEMSIZE[dtype]
+    K = 0  # the strided gather tests divisibility per tap at run time
+    opt = DW_GI_OPT[layout][K]
+
+    def gy_extent(th, tw):
+        ih = (th - 1 + (p.KH - 1) * p.dh) // p.sh + 1
+        iw = (tw - 1 + (p.KW - 1) * p.dw) // p.sw + 1
+        return ih, iw
+
+    if layout == "NCHW":
+        vec = pick_vec(dtype, (p.OW,), (gy_addr,))
+        bw = min(32, _np2(_cdiv(p.W, vec)))
+        bh = max(1, min(THREADS // bw, _np2(_cdiv(p.H, opt))))
+
+        def geometry(bw_, bh_):
+            th, tw = bh_ * opt, bw_ * vec
+            ih, iw = gy_extent(th, tw)
+            return th, tw, ih, iw, _cdiv(iw, vec) * vec
+
+        bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry(s[1], s[0])))
+        th, tw, ih, iw, ip = geometry(bw, bh)
+        grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), min(p.N * p.C, MAX_GRID_YZ), 1)
+        block = (bw, bh, 1)
+        shared = ih * ip * item
+    else:
+        vec = pick_vec(dtype, (p.C,), (gy_addr, gx_addr)) if p.M == 1 else 1
+        ct = min(32, _np2(_cdiv(p.C, vec)))
+        pt_ = THREADS // ct
+        th0, twt = _nhwc_tile(pt_, opt, p.H, p.W)
+
+        def geometry(ct_, th_, twt_):
+            tw = twt_ * opt
+            ih, iw = gy_extent(th_, tw)
+            return th_, tw, ih, iw, ct_ * vec * p.M
+
+        th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
+            geometry(s[2], s[0], s[1])))
+        th, tw, ih, iw, ip = geometry(ct, th_, twt)
+        grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), _cdiv(p.C, ct * vec), min(p.N, MAX_GRID_YZ))
+        block = (ct, th * twt, 1)
+        shared = ih * iw * ip * item
+    name = f"dw_grad_input<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl,
+            th, tw, ih, iw, ip)
+    return Launch("depthwise", name, grid, block, shared, ints,
+                  {"K": K, "vec": vec, "opt": opt, "tile": (th, tw)})
+
+
+def _nhwc_tile(pt: int, opt: int, oh: int, ow: int) -> tuple[int, int]:
+    """(tile rows, thread columns) for ``pt`` pixel threads of ``opt`` outputs each: as wide as
+    the image allows, then narrowed towards a square tile (columns <= 2 x rows) while the image
+    has the rows, so the halo re-read from L2 stays small."""
+    twt = min(pt, _np2(_cdiv(ow, opt)))
+    while twt > 1 and twt * opt > 2 * (pt // twt) and pt // (twt // 2) <= _np2(oh):
+        twt //= 2
+    return max(1, min(pt // twt, _np2(oh))), twt
+
+
+def _splits(ntiles: int, other_blocks: int) -> tuple[int, int]:
+    """(splits, tiles per split) so that splits * other_blocks ~ TARGET_BLOCKS."""
+    want = max(1, min(ntiles, _cdiv(TARGET_BLOCKS, max(1, other_blocks))))
+    per = _cdiv(ntiles, want)
+    return _cdiv(ntiles, per), per
+
+
+def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0) -> tuple:
+    """(stage-1 Launch, stage-2 Launch, partial-buffer element count) for the weight gradient:
+    dw_grad_weight for square 1/3/5/7 kernels (when its tile fits), else dw_grad_weight_taps."""
+    stage1 = None
+    if kernel_size_spec(p.KH, p.KW):
+        try:
+            stage1 = _plan_gw_specialized(p, layout, x_addr, gy_addr)
+        except NotImplementedError:
+            stage1 = None
+    if stage1 is None:
+        stage1 = _plan_gw_taps(p, layout)
+    count = p.CO * p.KH * p.KW
+    stage2 = Launch("depthwise", f"sum_splits<{CTYPE[p.dtype]}>", (_cdiv(count, THREADS), 1, 1),
+                    (THREADS, 1, 1), 0, (stage1.grid[0], count))
+    return stage1, stage2, stage1.grid[0] * count
+
+
+def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
+    """dw_grad_weight (K = 1, 3, 5, 7). NCHW reduces with warp shuffles, so its block is a
+    multiple of 32 threads (rows past the image idle); NotImplementedError when no tile fits."""
+    dtype = p.dtype
+    item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
+    K = kernel_size_spec(p.KH, p.KW)
+    KK = K * K
+    opt = DW_GW_OPT[layout]
+    if layout == "NCHW":
+        vec = pick_vec(dtype, (p.W,), (x_addr,))
+        bw = min(32, _np2(_cdiv(p.OW, vec)))
+        bh = max(32 // bw, min(THREADS // bw, _np2(p.OH)))
+
+        def geometry(bw_, bh_):
+            th, tw = bh_, bw_ * vec
+            ih = (th - 1) * p.sh + (K - 1) * p.dh + 1
+            iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
+            return th, tw, ih, iw, _cdiv(iw, vec) * vec
+
+        def smem(s):
+            g = geometry(s[1], s[0])
+            return max(g[2] * g[4] * item, (s[0] * s[1] // 32) * KK * acc)
+
+        bh, bw = _fit([bh, bw], smem)
+        if bh * bw < 32:
+            raise NotImplementedError("no whole-warp tile fits in shared memory")
+        th, tw, ih, iw, ip = geometry(bw, bh)
+        shared = smem([bh, bw])
+        block = (bw, bh, 1)
+        other = min(p.CO, MAX_GRID_YZ)
+        chans = other
+    else:
+        vec = 1
+        if p.M == 1:
+            vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr), limit=max(1, GW_NHWC_ACC_REGS // KK))
+        ct = min(32, _np2(_cdiv(p.CO, vec)))
+        pt_ = THREADS // ct
+        th0, twt = _nhwc_tile(pt_, opt, p.OH, p.OW)
+
+        def geometry(ct_, th_, twt_):
+            tc, tw = ct_ * vec, twt_ * opt
+            ih = (th_ - 1) * p.sh + (K - 1) * p.dh + 1
+            iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
+            cp = tc if p.M == 1 else (tc - 1) // p.M + 2
+            return th_, tw, ih, iw, cp
+
+        def smem(s):
+            g = geometry(s[2], s[0], s[1])
+            return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * acc)
+
+        th_, twt, ct = _fit([th0, twt, ct], smem)
+        th, tw, ih, iw, ip = geometry(ct, th_, twt)
+        shared = smem([th_, twt, ct])
+        block = (ct, th * twt, 1)
+        chans = _cdiv(p.CO, ct * vec)
+        other = chans
+    ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
+    splits, per = _splits(ntiles, other)
+    name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, th, tw,
+            ih, iw, ip, per)
+    return Launch("depthwise", name, (splits, chans, 1), block, shared, ints,
+                  {"K": K, "vec": vec, "opt": opt, "tile": (th, tw), "splits": splits})
+
+
+def _plan_gw_taps(p, layout: str) -> Launch:
+    """dw_grad_weight_taps (any kernel): TC channels per block (NCHW 1, NHWC 32, halved while the
+    tile does not fit), 256 threads; NotImplementedError when a one-pixel tile does not fit."""
+    acc = ACC_ITEMSIZE[p.dtype]
+    KK = p.KH * p.KW
+
+    def geometry(th_, tw_):
+        ih = (th_ - 1) * p.sh + (p.KH - 1) * p.dh + 1
+        iw = (tw_ - 1) * p.sw + (p.KW - 1) * p.dw + 1
+        return ih, iw
+
+    tc, got = (1 if layout == "NCHW" else 32), None
+    th0, tw0 = (16, 16) if layout == "NCHW" else (8, 8)
+    th0, tw0 = min(th0, _np2(p.OH)), min(tw0, _np2(p.OW))
+    while got is None and tc >= 1:
+        def smem(s, tc=tc):
+            ih, iw = geometry(s[0], s[1])
+            return (ih * iw + s[0] * s[1]) * tc * acc
+
+        got = _shrink_to_fit([th0, tw0], smem, SMEM_DEFAULT) or \
+            _shrink_to_fit([th0, tw0], smem, SMEM_OPTIN)
+        if got is None:
+            tc //= 2
+    if got is None:
+        raise NotImplementedError(
+            "dwops cupy backend: the input tile of this weight gradient (kernel and dilation) "
+            "does not fit in shared memory; use backend='numba'")
+    th, tw = got
+    ih, iw = geometry(th, tw)
+    shared = smem([th, tw])
+    ty = THREADS // tc
+    taps = ty * TAPS_PER_THREAD
+    chans = _cdiv(p.CO, tc)
+    ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
+    zt = _cdiv(KK, taps)
+    splits, per = _splits(ntiles, min(chans, MAX_GRID_YZ) * zt)
+    name = f"dw_grad_weight_taps<{CTYPE[p.dtype]}, {TAPS_PER_THREAD}, {_b(layout == 'NHWC')}>"
+    ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt,
+            p.pl, th, tw, ih, iw, per)
+    return Launch("depthwise", name, (splits, min(chans, MAX_GRID_YZ), zt), (tc, ty, 1), shared,
+                  ints, {"K": 0, "tile": (th, tw), "splits": splits, "tc": tc})
+
+
+def plan_pointwise(op: str, p, layout: str) -> tuple:
+    """(gemm Launch, reduce Launch or None, partial element count) for op in forward /
+    grad_input / grad_weight. The pointer arguments are bound by the backend in the order of
+    pw_gemm (A, B, C, partial, bias, residual); ``info['operands']`` names A, B, C."""
+    dtype = p.dtype
+    HW, P = p.H * p.W, p.N * p.H * p.W
+    a_kc, b_nc, partial = PW_FORMS[(op, layout)]
+    nchw = layout == "NCHW"
+    if op == "forward":
+        if nchw:   # y_n = W . x_n
+            Md, Nd, Kd, lda, ldb, ldc = p.CO, HW, p.CI, p.CI, HW, HW
+            sA, sB, sC, batches, bias_on_n = 0, p.CI * HW, p.CO * HW, p.N, 0
+        else:      # y = x . W^T
+            Md, Nd, Kd, lda, ldb, ldc = P, p.CO, p.CI, p.CI, p.CI, p.CO
+            sA, sB, sC, batches, bias_on_n = 0, 0, 0, 1, 1
+        operands = ("w", "x", "y") if nchw else ("x", "w", "y")
+    elif op == "grad_input":
+        if nchw:   # gx_n = W^T . gy_n
+            Md, Nd, Kd, lda, ldb, ldc = p.CI, HW, p.CO, p.CI, HW, HW
+            sA, sB, sC, batches = 0, p.CO * HW, p.CI * HW, p.N
+        else:      # gx = gy . W
+            Md, Nd, Kd, lda, ldb, ldc = P, p.CI, p.CO, p.CO, p.CI, p.CI
+            sA, sB, sC, batches = 0, 0, 0, 1
+        bias_on_n = 0
+        operands = ("w", "gy", "gx") if nchw else ("gy", "w", "gx")
+    else:
+        if nchw:   # gW = sum_n gy_n . x_n^T
+            Md, Nd, Kd, lda, ldb, ldc = p.CO, p.CI, HW, HW, HW, p.CI
+            sA, sB, sC, batches = p.CO * HW, p.CI * HW, 0, p.N
+        else:      # gW = gy^T . x
+            Md, Nd, Kd, lda, ldb, ldc = p.CO, p.CI, P, p.CO, p.CI, p.CI
+            sA, sB, sC, batches = 0, 0, 0, 1
+        bias_on_n = 0
+        operands = ("gy", "x", "gw")
+    tiles = _cdiv(Md, PW_TILE) * _cdiv(Nd, PW_TILE)
+    if partial:
+        want = max(1, min(_cdiv(TARGET_BLOCKS, tiles), MAX_GRID_YZ))
+        if batches >= want:
+            per_batch, k_splits = _cdiv(batches, want), 1
+        else:
+            per_batch = 1
+            k_splits = max(1, min(_cdiv(want, batches), _cdiv(Kd, 4 * PW_BK)))
+        groups = _cdiv(batches, per_batch)
+        splits = groups * k_splits
+        z = splits
+    else:
+        per_batch, k_splits, splits = 1, 1, 0
+        z = min(batches, MAX_GRID_YZ)
+    name = f"pw_gemm<{CTYPE[dtype]}, {_b(a_kc)}, {_b(b_nc)}, {_b(partial)}>"
+    ints = (bias_on_n, Md, Nd, Kd) + tuple(_I64(v) for v in (lda, ldb, ldc, sA, sB, sC)) + \
+        (batches, per_batch, k_splits)
+    gemm = Launch("pointwise", name, (tiles, 1, z), (THREADS, 1, 1), 0, ints,
+                  {"operands": operands, "splits": splits})
+    if not partial:
+        return gemm, None, 0
+    count = Md * Nd
+    red = Launch("pointwise", f"sum_splits<{CTYPE[dtype]}>", (_cdiv(count, THREADS), 1, 1),
+                 (THREADS, 1, 1), 0, (splits, count))
+    return gemm, red, splits * count
+
+
+GEMM_MAX_ROWS = 2**30   # pw_gemm takes 32-bit sizes: at most this many pixels per launch
+
+
+def pointwise_chunks(p) -> list[tuple[int, int]]:
+    """Image ranges [n0, n1) of the pointwise launches: one launch unless N*H*W pixels exceed
+    GEMM_MAX_ROWS, then as many whole images per launch as fit (one image at least)."""
+    per = max(1, GEMM_MAX_ROWS // (p.H * p.W))
+    return [(n0, min(p.N, n0 + per)) for n0 in range(0, p.N, per)]
+
+
+def plan_separable(p, layout: str):
+    """The fused sep_forward Launch, or None when the depthwise tile of all C*M channels does not
+    fit in SEP_SMEM_MAX (then the backend runs dw_forward into a temporary and pw_gemm)."""
+    d = p.dw
+    dtype = d.dtype
+    acc = ACC_ITEMSIZE[dtype]
+    ci2 = d.CO
+    K = 3 if (d.KH, d.KW) == (3, 3) else 0   # 3x3 unrolled; the GEMM phase dominates otherwise
+    if layout == "NCHW":
+        tw = min(SEP_TP, _np2(d.OW))
+        th = SEP_TP // tw
+    else:
+        tw = min(8, _np2(d.OW))
+        th = SEP_TP // tw
+    ih = (th - 1) * d.sh + (d.KH - 1) * d.dh + 1
+    iw = (tw - 1) * d.sw + (d.KW - 1) * d.dw + 1
+    cinmax = (SEP_CC - 1) // d.M + 2
+    shared = (ci2 * SEP_TP + cinmax * ih * iw + SEP_KC * (SEP_TP + 1)) * acc
+    if shared > SEP_SMEM_MAX:
+        return None
+    name = f"sep_forward<{CTYPE[dtype]}, {K}, {_b(layout == 'NHWC')}>"
+    ints = (d.N, d.C, d.H, d.W, d.M, d.OH, d.OW, d.KH, d.KW, d.sh, d.sw, d.dh, d.dw, d.pt, d.pl,
+            p.pw.CO, th, tw, ih, iw, SEP_CC)
+    grid = (_cdiv(d.OH, th) * _cdiv(d.OW, tw), min(d.N, MAX_GRID_YZ), 1)
+    return Launch("separable", name, grid, (THREADS, 1, 1), shared, ints,
+                  {"K": K, "tile": (th, tw)})
+
+
+# ----------------------------------------------------------------------------- depthwise 1-d
+
+C1_THREADS = 128                    # threads per block of the conv1d kernels (conv1d.cuh)
+C1_OPT = 2                          # NCL: outputs per thread and chunk, in vectors (conv1d.cuh)
+C1_SPECIALIZED_K = tuple(range(2, 9))   # widths with compile-time unrolled taps; others generic
+C1_TARGET_THREADS = 132 * 2048      # NLC: threads to aim for (~ every thread slot of an H100/H200)
+C1_NLC_BWD_REGS = 32                # NLC backward: K * VEC window values per thread at most
+C1_MIN_CHUNKS = 3                   # NCL: chunks per block at least (when the row has them)
+
+
+def c1_spec(K: int) -> int:
+    """The compile-time width of a conv1d kernel: K for 2..8, 0 (runtime width) otherwise."""
+    return K if K in C1_SPECIALIZED_K else 0
+
+
+def c1_vec_limit(K: int, direction: str, layout: str):
+    """The largest vector width a conv1d instantiation may use (None: a full 16-byte vector)."""
+    if direction == "backward" and layout == "NLC" and c1_spec(K):
+        return max(1, C1_NLC_BWD_REGS // K)
+    return None
+
+
+def _c1_rows_split(rows: int, chunks: int) -> tuple[int, int]:
+    """NCL: (chunks per block, blocks per row) so that rows * blocks ~ 2 * TARGET_BLOCKS or more,
+    each block taking C1_MIN_CHUNKS chunks at least (while one chunk is computed the next one's
+    copies are in flight; the first chunk's copies are the only ones nothing overlaps)."""
+    want = max(1, min(chunks, _cdiv(TARGET_BLOCKS * 2, max(1, rows)), MAX_GRID_YZ))
+    per = max(min(chunks, C1_MIN_CHUNKS), _cdiv(chunks, want))
+    return per, _cdiv(chunks, per)
+
+
+def _c1_nlc_grid(cv: int, positions: int, n: int) -> tuple:
+    """NLC: (grid, block, LS) for cv channel vectors and ``positions`` walk positions per image."""
+    bx = min(32, _np2(cv))
+    by = C1_THREADS // bx
+    ls = max(8, _cdiv(cv * positions * n, C1_TARGET_THREADS))
+    nseg = _cdiv(positions, ls)
+    while _cdiv(nseg, by) > MAX_GRID_YZ:
+        ls *= 2
+        nseg = _cdiv(positions, ls)
+    return (_cdiv(cv, bx), _cdiv(nseg, by), min(n, MAX_GRID_YZ)), (bx, by, 1), ls
+
+
+def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
+    """c1_forward launch for Conv1dProblem ``p`` (see conv1d.cuh)."""
+    K = c1_spec(p.K)
+    item = ITEMSIZE[p.dtype]
+    if p.layout == "NCL":
+        vec = pick_vec(p.dtype, (p.L,), (x_addr,))
+        tl = C1_THREADS * vec * C1_OPT
+        ip = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
+        shared = 2 * ip * item
+        if shared > SMEM_OPTIN:
+            raise NotImplementedError(
+                "dwops cupy backend: the input span of this 1-d convolution (stride and dilation) "
+                "does not fit in shared memory; use backend='numba'")
+        per, splits = _c1_rows_split(p.N * p.C, _cdiv(p.OL, tl))
+        grid, block, ls = (p.N * p.C, splits, 1), (C1_THREADS, 1, 1), 0
+        info = {"tile": tl, "per": per}
+    else:
+        vec = pick_vec(p.dtype, (p.C,), (x_addr, y_addr)) if p.M == 1 else 1
+        tl = ip = per = shared = 0
+        grid, block, ls = _c1_nlc_grid(p.CO // vec, p.OL, p.N)
+        info = {"segment": ls}
+    name = f"c1_forward<{CTYPE[p.dtype]}, {K}, {vec}, {_b(p.layout == 'NLC')}>"
+    ints = (p.N, p.C, p.L, p.M, p.K, p.OL, p.s, p.d, p.pl, ACTIVATION_CODES[p.activation],
+            tl, ip, per, ls)
+    return Launch("conv1d", name, grid, block, shared, ints, dict(K=K, vec=vec, **info))
+
+
+def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0) -> Launch:
+    """c1_backward launch (one pass: grad_input, grad_initial_state, and the per-split partial
+    sums of grad_weight and grad_bias); ``info['splits']`` is the number of partial rows."""
+    K = c1_spec(p.K)
+    dtype = p.dtype
+    item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
+    if p.layout == "NCL":
+        vec = pick_vec(dtype, (p.L, p.OL), (x_addr, gy_addr, gx_addr))
+        tl = C1_THREADS * vec * C1_OPT
+        ipx = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
+        ipg = _cdiv(tl + (p.W + vec - 1) // p.s + vec - 1, vec) * vec
+        stage = _cdiv(2 * (ipx + p.M * ipg) * item, 16) * 16
+        kb = p.K + 1
+        shared = stage + (p.M * p.K + (C1_THREADS // 32) * kb + p.M * kb) * acc
+        if shared > SMEM_OPTIN:
+            raise NotImplementedError(
+                "dwops cupy backend: the spans of this 1-d convolution's backward (stride, "
+                "dilation, multiplier) do not fit in shared memory; use backend='numba'")
+        qa = (-p.pl // vec) * vec
+        chunks = max(_cdiv(p.OL, tl), _cdiv(p.L - qa, tl * p.s))
+        per, splits = _c1_rows_split(p.N * p.C, chunks)
+        grid, block, ls = (p.N * p.C, splits, 1), (C1_THREADS, 1, 1), 0
+        info = {"tile": tl, "per": per, "splits": p.N * splits}
+    else:
+        vec = 1
+        if p.M == 1:
+            vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr, gx_addr),
+                           c1_vec_limit(p.K, "backward", "NLC"))
+        tl = ipx = ipg = per = 0
+        positions = max(p.OL, _cdiv(p.pl + p.L, p.s))
+        grid, block, ls = _c1_nlc_grid(p.C // vec, positions, p.N)
+        shared = block[0] * block[1] * vec * acc
+        info = {"segment": ls, "splits": p.N * grid[1]}
+    name = f"c1_backward<{CTYPE[dtype]}, {K}, {vec}, {_b(p.layout == 'NLC')}>"
+    ints = (p.N, p.C, p.L, p.M, p.K, p.OL, p.s, p.d, p.pl, tl, ipx, ipg, per, ls)
+    return Launch("conv1d", name, grid, block, shared, ints, dict(K=K, vec=vec, **info))
+
+
+def plan_conv1d_update(p) -> Launch:
+    """c1_update launch for Conv1dUpdateProblem ``p``: one thread per (n, c)."""
+    K = c1_spec(p.K)
+    name = f"c1_update<{CTYPE[p.dtype]}, {K}>"
+    ints = (p.N, p.C, p.M, p.K, p.T, ACTIVATION_CODES[p.activation])
+    return Launch("conv1d", name, (_cdiv(p.N * p.C, C1_THREADS), 1, 1), (C1_THREADS, 1, 1), 0,
+                  ints, {"K": K})
+
+
+def plan_conv1d_final_state(p) -> Launch:
+    """c1_final_state launch: the last W inputs of concat(initial_state or zeros, x)."""
+    name = f"c1_final_state<{CTYPE[p.dtype]}, {_b(p.layout == 'NLC')}>"
+    return Launch("conv1d", name, (_cdiv(p.N * p.C * p.W, C1_THREADS), 1, 1), (C1_THREADS, 1, 1),
+                  0, (p.N, p.C, p.L, p.W))
+
+
+# ----------------------------------------------------------------------------- instantiations
+
+
+def instantiations() -> list[tuple]:
+    """Every (file, op, direction, specialization, name expression) a plan can launch."""
+    out = []
+    for dt in CTYPE:
+        ct = CTYPE[dt]
+        for layout in ("NCHW", "NHWC"):
+            nhwc = _b(layout == "NHWC")
+            for K, S in [(k, 1) for k in SPECIALIZED_K] + [(0, 0)]:
+                for v in vec_choices(dt):
+                    out.append(("depthwise", "depthwise", "forward",
+                                f"{layout} K={K or 'generic'} S={S} VEC={v}",
+                                f"dw_forward<{ct}, {K}, {S}, {v}, {DW_FWD_OPT[layout][K]}, {nhwc}>"))
+            for v in vec_choices(dt):
+                out.append(("depthwise", "depthwise", "grad_input", f"{layout} strided VEC={v}",
+                            f"dw_grad_input<{ct}, 0, {v}, {DW_GI_OPT[layout][0]}, {nhwc}>"))
+            for K in SPECIALIZED_K:
+                limit = max(1, GW_NHWC_ACC_REGS // (K * K)) if layout == "NHWC" else None
+                for v in vec_choices(dt, limit):
+                    out.append(("depthwise", "depthwise", "grad_weight", f"{layout} K={K} VEC={v}",
+                                f"dw_grad_weight<{ct}, {K}, {v}, {DW_GW_OPT[layout]}, {nhwc}>"))
+            out.append(("depthwise", "depthwise", "grad_weight", f"{layout} generic (taps)",
+                        f"dw_grad_weight_taps<{ct}, {TAPS_PER_THREAD}, {nhwc}>"))
+            for K in (3, 0):
+                out.append(("separable", "separable", "forward", f"{layout} K={K or 'generic'} fused",
+                            f"sep_forward<{ct}, {K}, {nhwc}>"))
+        out.append(("depthwise", "depthwise", "grad_weight", "sum_splits", f"sum_splits<{ct}>"))
+        for (direction, layout), (akc, bnc, part) in PW_FORMS.items():
+            out.append(("pointwise", "pointwise", direction, f"{layout} gemm 64x64",
+                        f"pw_gemm<{ct}, {_b(akc)}, {_b(bnc)}, {_b(part)}>"))
+        out.append(("pointwise", "pointwise", "grad_weight", "sum_splits", f"sum_splits<{ct}>"))
+        for layout in ("NCL", "NLC"):
+            nlc = _b(layout == "NLC")
+            for K in (0,) + C1_SPECIALIZED_K:
+                spec = f"{layout} K={K or 'generic'}"
+                for v in vec_choices(dt):
+                    out.append(("conv1d", "depthwise_conv1d", "forward", f"{spec} VEC={v}",
+                                f"c1_forward<{ct}, {K}, {v}, {nlc}>"))
+                for v in vec_choices(dt, c1_vec_limit(K, "backward", layout)):
+                    out.append(("conv1d", "depthwise_conv1d", "backward", f"{spec} VEC={v}",
+                                f"c1_backward<{ct}, {K}, {v}, {nlc}>"))
+            out.append(("conv1d", "depthwise_conv1d", "forward", f"{layout} final state",
+                        f"c1_final_state<{ct}, {nlc}>"))
+        for K in (0,) + C1_SPECIALIZED_K:
+            out.append(("conv1d", "depthwise_conv1d", "update", f"K={K or 'generic'}",
+                        f"c1_update<{ct}, {K}>"))
+        out.append(("conv1d", "depthwise_conv1d", "backward", "sum_splits", f"sum_splits<{ct}>"))
+    return out
