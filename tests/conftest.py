@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import zlib
 
@@ -86,6 +87,20 @@ def assert_conv1d_backward(got: dict, x, gy, w, state, seq, geo: dict, dtype: st
         assert (a is None) == (e is None), name
         if a is not None:
             assert_close(a, e, dtype, sc, f"grad {name}")
+
+
+def optional_import(name: str, why: str):
+    """(module, skip marker): the module ``name``, or None where it is not installed, and a marker
+    for the tests that need it, whose skip reason names the package and ``why`` the test uses it.
+
+    For test modules where only some tests need a package: those tests carry the marker and the
+    others run without the package (a module-level ``pytest.importorskip`` would skip them all).
+    """
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        module = None
+    return module, pytest.mark.skipif(module is None, reason=f"needs {name}: {why}")
 
 
 def has_gpu() -> bool:

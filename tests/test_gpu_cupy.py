@@ -23,7 +23,9 @@ from tests.conftest import EMULATED, assert_close, gpu, rand
 pytestmark = [pytest.mark.gpu] + ([] if EMULATED else [gpu])
 real_gpu = pytest.mark.skipif(EMULATED, reason="needs a real GPU (not the emulator)")
 
-cupy = pytest.importorskip("cupy")
+# Module-level: every test here launches the cupy backend's kernels (on a GPU, or in the emulator,
+# which stands in for the cupy module).
+cupy = pytest.importorskip("cupy", reason="the cupy backend needs CuPy")
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 

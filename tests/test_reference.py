@@ -9,7 +9,9 @@ import pytest
 
 import dwops.reference as ref
 from tests import oracle
-from tests.conftest import assert_close, rand
+from tests.conftest import assert_close, optional_import, rand
+
+torch, requires_torch = optional_import("torch", "PyTorch is the independent second oracle")
 
 
 def _pads(padding, hw, k, s, d):
@@ -152,14 +154,26 @@ def test_nan_and_inf_propagate():
     assert not np.isnan(y[0, 0, 0, 3])
 
 
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
+def test_activations_at_infinities_and_nan(activation):
+    v = np.array([-np.inf, np.inf, np.nan, -3.0, 0.5, 7.0])
+    got = ref.activate(v, activation)
+    want = np.array([oracle.act(float(t), activation) if np.isfinite(t) or np.isnan(t) else np.nan
+                     for t in v])
+    # As in PyTorch: silu and gelu are x * (something -> 0) at -inf, which is NaN.
+    expected_inf = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "silu": (np.nan, np.inf),
+                    "gelu": (np.nan, np.inf)}[activation]
+    np.testing.assert_array_equal(got[:2], expected_inf)
+    assert np.isnan(got[2])
+    np.testing.assert_allclose(got[3:], want[3:], rtol=1e-15)
+
+
 # ----------------------------------------------------------------------------- against PyTorch
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
-
-
+@requires_torch
 @pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=lambda c: "x".join(map(str, c[:5])))
 def test_depthwise_matches_torch_forward_and_autograd(case, rng):
+    F = torch.nn.functional
     n, c, h, w, m, (kh, kw), stride, dilation, padding = case
     s, d = _pair(stride), _pair(dilation)
     pads = _pads(padding, (h, w), (kh, kw), s, d)
@@ -181,7 +195,9 @@ def test_depthwise_matches_torch_forward_and_autograd(case, rng):
                  "float64")
 
 
+@requires_torch
 def test_pointwise_matches_torch(rng):
+    F = torch.nn.functional
     x = rand(rng, (2, 6, 5, 3), "float64")
     w = rand(rng, (4, 6, 1, 1), "float64")
     b = rand(rng, (4,), "float64")
@@ -193,17 +209,3 @@ def test_pointwise_matches_torch(rng):
     assert_close(ref.pointwise_conv2d(x, w, b, activation="relu6"),
                  F.relu6(F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b))).numpy(),
                  "float64")
-
-
-@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
-def test_activations_at_infinities_and_nan(activation):
-    v = np.array([-np.inf, np.inf, np.nan, -3.0, 0.5, 7.0])
-    got = ref.activate(v, activation)
-    want = np.array([oracle.act(float(t), activation) if np.isfinite(t) or np.isnan(t) else np.nan
-                     for t in v])
-    # As in PyTorch: silu and gelu are x * (something -> 0) at -inf, which is NaN.
-    expected_inf = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "silu": (np.nan, np.inf),
-                    "gelu": (np.nan, np.inf)}[activation]
-    np.testing.assert_array_equal(got[:2], expected_inf)
-    assert np.isnan(got[2])
-    np.testing.assert_allclose(got[3:], want[3:], rtol=1e-15)
