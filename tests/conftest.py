@@ -126,6 +126,13 @@ if EMULATED:
         cudaemu.write_names_at_exit(os.environ["DWOPS_CUDAEMU_NAMES"])
 
 
+# DWOPS_REQUIRE_GPU=1 (scripts/gpu_check.sh): skipped GPU tests fail (see tests/require_gpu.py).
+from tests.require_gpu import (  # noqa: E402,F401
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+)
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded per test (by name) so failures reproduce; values are still non-trivial."""
