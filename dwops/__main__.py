@@ -4,7 +4,7 @@
   depthwise forward, on the best available backend, against the memory floor, one dense 3x3
   convolution and PyTorch) or the suites named by ``--suite``; a markdown table on stdout, progress on
   stderr, JSON with ``--json``/``--out``. Exit status 1 if any dwops call failed or any result
-  was wrong (max_rel_err over the dtype's tolerance).
+  was wrong (an element, or max_rel_err, over the dtype's tolerance).
 * ``info``: backends (available, or why not), devices, versions.
 * ``warmup``: compile the kernels ahead of the first call, in parallel processes (disk cache).
 * ``kernels --arch sm_90``: the compile report of every GPU kernel (registers, shared memory,

@@ -6,7 +6,8 @@
 # Uses the preinstalled packages through PYTHONPATH=. (nothing is installed). Stages, each logged:
 #   1. environment: nvidia-smi, driver, `python -m dwops info` (backends, devices, versions);
 #   2. every cupy kernel compiled into CuPy's disk cache in parallel, then `pytest -m gpu` (up to
-#      25 failures listed, so one device run shows every broken path);
+#      25 failures listed, so one device run shows every broken path) with DWOPS_REQUIRE_GPU=1: a
+#      skipped GPU test (a missing package such as numba-cuda, no device seen) is a failure;
 #   3. compute-sanitizer memcheck and racecheck on scripts/sanitize_subset.py (every op, both
 #      GPU backends, small odd shapes, checked against the reference);
 #   4. the benchmark: the embedded default and every GPU suite, with a time budget so the whole
@@ -14,8 +15,8 @@
 # Writes into $OUT if set, else benchmarks/results/ (at most 7 files): gpu_check-env.txt,
 # gpu_check-pytest.log, gpu_check-sanitizer.log, gpu_check-bench.log, DATE-DEVICE.json,
 # DATE-DEVICE.md and gpu_check-summary.md.
-# Exit status 1 if any stage failed: a test failure, a sanitizer error, a dwops error or a wrong
-# result (max_rel_err over the dtype's tolerance) in the benchmark. Every stage runs regardless, so
+# Exit status 1 if any stage failed: a test failure or skip, a sanitizer error, a dwops error or a
+# wrong result (an element or max_rel_err over the dtype's tolerance) in the benchmark. Every stage runs regardless, so
 # the logs are complete; the summary names the failed stages.
 #
 # Environment: PYTHON (default python3), DWOPS_GPU_CHECK_SECONDS (whole-script budget, default 450),
@@ -79,8 +80,10 @@ stage "cupy kernel cache" gpu_check-pytest.log "$(cap 120 300)" \
     "$PY" -c "from dwops.kernels.cupy_compile import warm_cache; print(warm_cache(), 'cupy kernels in the cache')"
 
 # Exit status 5 (no test collected) counts as a failure: a GPU check without GPU tests checks nothing.
+# DWOPS_REQUIRE_GPU=1 (tests/conftest.py): a skipped GPU test or GPU test module fails.
 stage "pytest -m gpu" gpu_check-pytest.log "$(cap 180 220)" \
-    "$PY" -m pytest -m gpu --maxfail=25 -q -rf -p no:cacheprovider --durations=15 tests
+    env DWOPS_REQUIRE_GPU=1 "$PY" -m pytest -m gpu --maxfail=25 -q -rfE -p no:cacheprovider \
+    --continue-on-collection-errors --durations=15 tests
 if ! grep -qE "[0-9]+ passed" "$DEST/gpu_check-pytest.log"; then  # all skipped: no GPU seen
     echo "no GPU test passed (all skipped or none collected): is the GPU visible?" | tee -a "$DEST/gpu_check-pytest.log"
     FAILED+=("pytest -m gpu (no test passed)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import zlib
 
@@ -88,6 +89,20 @@ def assert_conv1d_backward(got: dict, x, gy, w, state, seq, geo: dict, dtype: st
             assert_close(a, e, dtype, sc, f"grad {name}")
 
 
+def optional_import(name: str, why: str):
+    """(module, skip marker): the module ``name``, or None where it is not installed, and a marker
+    for the tests that need it, whose skip reason names the package and ``why`` the test uses it.
+
+    For test modules where only some tests need a package: those tests carry the marker and the
+    others run without the package (a module-level ``pytest.importorskip`` would skip them all).
+    """
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        module = None
+    return module, pytest.mark.skipif(module is None, reason=f"needs {name}: {why}")
+
+
 def has_gpu() -> bool:
     try:
         from numba import cuda
@@ -109,6 +124,13 @@ if EMULATED:
     cudaemu.prebuild_report()   # one library per (file, dtype); a lookup once the cache is warm
     if os.environ.get("DWOPS_CUDAEMU_NAMES"):
         cudaemu.write_names_at_exit(os.environ["DWOPS_CUDAEMU_NAMES"])
+
+
+# DWOPS_REQUIRE_GPU=1 (scripts/gpu_check.sh): skipped GPU tests fail (see tests/require_gpu.py).
+from tests.require_gpu import (  # noqa: E402,F401
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+)
 
 
 @pytest.fixture

@@ -137,7 +137,10 @@ def test_bench_default_tiny_numpy(tmp_path, capsys):
     assert report.validate(result) == []
     ops = {(r["op"], r["layout"]) for r in result["rows"]}
     assert ops == {(op, lay) for op in ("block", "depthwise") for lay in ("NCHW", "NHWC")}
-    assert all(r["backend"] == "numpy" and r["max_rel_err"] == 0.0 for r in result["rows"])
+    assert {r["backend"] for r in result["rows"]} == {"numpy"}
+    # The numpy backend is dwops.reference rounded once to float32; the gate compares it with the
+    # same computation unrounded (float64 inputs): an error of rounding, no more, and not none.
+    assert all(0.0 < r["max_rel_err"] <= 2.0**-24 for r in result["rows"]), result["rows"]
     assert "| default | block | forward | 2x64x9x9 k3 | float32 | NCHW | numpy |" in out
 
 
@@ -184,8 +187,9 @@ def test_bench_default_picks_the_registry_host_backend(monkeypatch, capsys):
 def test_bench_wrong_result_fails(monkeypatch, capsys):
     real = workloads.Instance.reference
 
-    def off_by_half(self, direction, images):
-        return real(self, direction, images).astype("float64") + 0.5
+    def off_by_half(self, direction):
+        want, scale = real(self, direction)
+        return want + 0.5, scale
 
     monkeypatch.setattr(workloads.Instance, "reference", off_by_half)
     rc = main(["bench", "--backend", "numpy", "--baselines", "none", "--layout", "NCHW", *TINY])

@@ -24,7 +24,8 @@ from dwops._registry import numpy_dtype
 
 from tests.conftest import DTYPES, assert_close, rand
 
-pytest.importorskip("numba")
+# Module-level: every test here runs the cpu backend's kernels, which are Numba code.
+pytest.importorskip("numba", reason="the cpu backend is compiled by Numba")
 
 from dwops.kernels import _cpu_conv1d, cpu  # noqa: E402
 

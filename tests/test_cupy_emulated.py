@@ -8,8 +8,9 @@ Two parts:
   (so a pass means something);
 * ``tests/test_gpu_cupy.py`` (the GPU tests: every op, dtype and layout on odd and
   realistic sizes, every specialization with and without vectors, seeded random problems) run
-  under ``DWOPS_CUDAEMU=1`` in two subprocesses side by side; together they execute every
-  instantiation the NVRTC kernel report compiles, and nothing else.
+  under ``DWOPS_CUDAEMU=1`` in three subprocesses side by side, one per group mark; every test
+  there is in one group or marked real_gpu; together they execute every instantiation the NVRTC
+  kernel report compiles, and nothing else.
 
 The emulator runs the kernels' source with CUDA's block/warp semantics, not the GPU's timing or
 floating-point units (no FMA contraction, host expf/erf): it checks indexing, tiling, barriers
@@ -304,28 +305,30 @@ def test_misaligned_cp_async_is_caught(lib):
 
 # ------------------------------------------------------------------------- the GPU tests, emulated
 
-# Groups of tests/test_gpu_cupy.py, of similar cost, run concurrently.
+# Groups of tests/test_gpu_cupy.py, of similar cost, run concurrently, each selected by its mark
+# (every test there carries exactly one of these marks or real_gpu; see
+# test_every_gpu_test_is_in_one_group).
 GROUPS = {
-    "grads_random": "depthwise_grads or random",
-    "forward_pointwise_separable_specializations": "depthwise_forward or pointwise_all or "
-                                                   "test_separable or numpy_inputs or "
-                                                   "every_specialization",
-    "conv1d": "conv1d and not random",  # the real-GPU-only 1-d tests are named depthwise_1d
+    "grads_random": "emu_grads_random",
+    "forward_pointwise_separable_specializations": "emu_forward_pointwise_separable",
+    "conv1d": "emu_conv1d",
 }
+NOT_EMULATED = "real_gpu"  # needs a real device (other libraries' GPU arrays, numba)
+GPU_TESTS = os.path.join(ROOT, "tests", "test_gpu_cupy.py")
 
 
 @pytest.fixture(scope="module")
 def emulated_runs(tmp_path_factory):
-    """Build every kernel (both cores), then start both groups at once; {group: (returncode,
-    output, names file)} once both finish."""
+    """Build every kernel (both cores), then start every group at once; {group: (returncode,
+    output, names file)} once all finish."""
     cudaemu.prebuild_report(workers=2)
     tmp = tmp_path_factory.mktemp("cudaemu")
     procs = {}
-    for group, expr in GROUPS.items():
+    for group, mark in GROUPS.items():
         env = dict(os.environ, DWOPS_CUDAEMU="1", DWOPS_CUDAEMU_NAMES=str(tmp / f"{group}.txt"),
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_gpu_cupy.py"),
-               "-m", "gpu", "-k", expr, "-q", "-p", "no:cacheprovider", "--no-header", "-rfEs"]
+        cmd = [sys.executable, "-m", "pytest", GPU_TESTS, "-m", mark, "-q", "-p",
+               "no:cacheprovider", "--no-header", "-rfEs"]
         procs[group] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
     out = {}
@@ -339,7 +342,7 @@ def emulated_runs(tmp_path_factory):
 def test_gpu_tests_pass_in_the_emulator(emulated_runs, group):
     rc, text, _ = emulated_runs[group]
     print(text[-4000:])
-    assert rc == 0, f"test_gpu_cupy.py -k '{GROUPS[group]}' under the emulator:\n{text[-8000:]}"
+    assert rc == 0, f"test_gpu_cupy.py -m {GROUPS[group]} under the emulator:\n{text[-8000:]}"
     assert " passed" in text and " skipped" not in text.splitlines()[-1], text[-2000:]
 
 
@@ -354,3 +357,36 @@ def test_every_kernel_of_the_report_runs_and_nothing_else(emulated_runs):
     report = {row[-1] for row in instantiations()}
     assert launched <= report, f"launched but never compiled by the report: {launched - report}"
     assert launched == report, f"compiled but never executed: {sorted(report - launched)}"
+
+
+MARKS_PLUGIN = """
+import json, os
+def pytest_collection_finish(session):
+    with open(os.environ["DWOPS_TEST_MARKS"], "w") as f:
+        json.dump({i.nodeid: sorted({m.name for m in i.iter_markers()}) for i in session.items}, f)
+"""
+
+
+def test_every_gpu_test_is_in_one_group(tmp_path):
+    """Each test of tests/test_gpu_cupy.py carries exactly one group mark or real_gpu, so a new GPU
+    test cannot be left out of the emulated runs unnoticed: one ``--collect-only -q`` in the
+    emulator's environment, with a plugin that records every collected test's marks."""
+    import json
+
+    cudaemu.prebuild_report(workers=2)  # a lookup when warm; the collection looks it up too
+    (tmp_path / "record_marks.py").write_text(MARKS_PLUGIN)
+    env = dict(os.environ, DWOPS_CUDAEMU="1", DWOPS_TEST_MARKS=str(tmp_path / "marks.json"),
+               PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "pytest", GPU_TESTS, "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "-p", "record_marks"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    listed = [line for line in done.stdout.splitlines() if "::" in line]
+    marks = json.loads((tmp_path / "marks.json").read_text())
+    assert sorted(listed) == sorted(marks) and len(listed) > 0
+    groups = {*GROUPS.values(), NOT_EMULATED}
+    wrong = {t: sorted(groups.intersection(m)) for t, m in marks.items()
+             if len(groups.intersection(m)) != 1}
+    assert not wrong, f"not in exactly one of {sorted(groups)}: {dict(list(wrong.items())[:10])}"
+    for g in groups:  # the groups' selections together cover every test
+        assert any(g in m for m in marks.values()), f"no test carries {g}"

@@ -21,9 +21,25 @@ from tests.conftest import EMULATED, assert_close, gpu, rand
 # the kernel tests run there; tests that need a real device (other libraries' GPU arrays, numba)
 # skip.
 pytestmark = [pytest.mark.gpu] + ([] if EMULATED else [gpu])
-real_gpu = pytest.mark.skipif(EMULATED, reason="needs a real GPU (not the emulator)")
 
-cupy = pytest.importorskip("cupy")
+# Emulator groups: tests/test_cupy_emulated.py runs each group of this file in its own process
+# under the emulator, selected by its mark (-m). Every test carries exactly one group mark, or is
+# real_gpu (never emulated); tests/test_cupy_emulated.py checks that. The groups have similar
+# emulated cost: emu_grads_random (depthwise gradients, seeded random problems),
+# emu_forward_pointwise_separable (forward, pointwise, separable, every specialization),
+# emu_conv1d (the 1-d op).
+
+
+def real_gpu(test):
+    """Needs a real GPU (other libraries' device arrays, numba): skipped under the emulator, and in
+    no emulator group."""
+    return pytest.mark.real_gpu(
+        pytest.mark.skipif(EMULATED, reason="needs a real GPU (not the emulator)")(test))
+
+
+# Module-level: every test here launches the cupy backend's kernels (on a GPU, or in the emulator,
+# which stands in for the cupy module).
+cupy = pytest.importorskip("cupy", reason="the cupy backend needs CuPy")
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -146,6 +162,7 @@ def _check_pointwise(be, p, x, w, b, r, act, gy, dtype):
     assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="pw grad_weight")
 
 
+@pytest.mark.emu_forward_pointwise_separable
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(DW_CASES)))
@@ -156,6 +173,7 @@ def test_depthwise_forward(case, dtype, layout, rng):
     _check_dw_forward(be, p, x, w, b, act, dtype)
 
 
+@pytest.mark.emu_grads_random
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(DW_CASES)))
@@ -169,6 +187,7 @@ PW_CASES = [(2, 3, 5, 7, 9), (1, 64, 128, 28, 28), (4, 130, 33, 5, 3), (1, 1, 1,
             (2, 256, 256, 14, 14)]
 
 
+@pytest.mark.emu_forward_pointwise_separable
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(PW_CASES)))
@@ -195,6 +214,7 @@ SEP_CASES = [
 ]
 
 
+@pytest.mark.emu_forward_pointwise_separable
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(SEP_CASES)))
@@ -247,6 +267,7 @@ def _random_depthwise(rng):
         return p, x, wt, dtype
 
 
+@pytest.mark.emu_forward_pointwise_separable
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -265,6 +286,7 @@ def test_every_specialization(k, dtype, layout, aligned, rng):
         _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
 
 
+@pytest.mark.emu_grads_random
 @pytest.mark.parametrize("seed", range(48))
 def test_random_depthwise_problems(seed):
     """Forward (random activation and bias), grad_input and grad_weight of random problems."""
@@ -279,6 +301,7 @@ def test_random_depthwise_problems(seed):
     _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
 
 
+@pytest.mark.emu_grads_random
 @pytest.mark.parametrize("seed", range(24))
 def test_random_separable_problems(seed):
     """The fused (or unfused) separable forward of random problems, every epilogue."""
@@ -307,6 +330,7 @@ def test_random_separable_problems(seed):
                  what=f"separable {p}")
 
 
+@pytest.mark.emu_grads_random
 @pytest.mark.parametrize("seed", range(16))
 def test_random_pointwise_problems(seed):
     """Pointwise forward (optional bias, residual, any activation) and both gradients of random
@@ -337,6 +361,7 @@ def test_public_api_cupy_arrays_non_contiguous(rng):
     assert_close(cupy.asnumpy(y), ref, "float32")
 
 
+@pytest.mark.emu_forward_pointwise_separable
 def test_numpy_inputs_come_back_as_numpy(rng):
     _backend()
     x, w = rand(rng, (1, 4, 9, 9), "bfloat16"), rand(rng, (4, 1, 3, 3), "bfloat16")
@@ -493,6 +518,7 @@ def _check_c1_update(be, rng, n, c, m, k, t, dtype, act, squeeze=False, in_place
         assert_close(_host(state, dtype), st, dtype, what="conv1d update: the old state is kept")
 
 
+@pytest.mark.emu_conv1d
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -519,6 +545,7 @@ def test_conv1d_every_width(k, dtype, layout, aligned, rng):
         _check_c1_update(be, rng, 2, c, 1, k, 3, dtype, act)
 
 
+@pytest.mark.emu_conv1d
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -541,6 +568,7 @@ def test_conv1d_long_rows(dtype, layout, aligned, rng):
                        padding=(2, 1), layout=layout)
 
 
+@pytest.mark.emu_conv1d
 @pytest.mark.parametrize("k", [9, 17, 31])
 def test_conv1d_generic_widths(k, rng):
     """Runtime widths up to 31 in both layouts: forward, backward, decode update."""
@@ -558,6 +586,7 @@ def test_conv1d_generic_widths(k, rng):
         _check_c1_update(be, rng, 3, 4, 2, k, 1, dtype, None, squeeze=True)
 
 
+@pytest.mark.emu_conv1d
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
 @pytest.mark.parametrize("subset", range(1, 16))
 def test_conv1d_backward_every_need_subset(subset, layout, rng):
@@ -598,6 +627,7 @@ def _random_conv1d(rng):
         return args, dict(stride=s, padding=pad, dilation=d, layout=layout), dtype
 
 
+@pytest.mark.emu_grads_random
 @pytest.mark.parametrize("seed", range(32))
 def test_random_conv1d_problems(seed):
     """Forward (random activation, final state when causal with a state) and the backward with
@@ -615,6 +645,7 @@ def test_random_conv1d_problems(seed):
     _check_c1_backward(be, x, w, st, sq, rand(rng, p.y_shape, dtype), dtype, need, **kw)
 
 
+@pytest.mark.emu_conv1d
 @pytest.mark.parametrize("layout", ["NCL", "NLC"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_conv1d_chunked_calls_equal_one_call(layout, dtype, rng):
@@ -656,6 +687,7 @@ def test_conv1d_chunked_calls_equal_one_call(layout, dtype, rng):
                  scale=np.maximum(scale[:, :, length:], 1e-3), what="decode steps")
 
 
+@pytest.mark.emu_conv1d
 def test_conv1d_int64_seq_idx_with_large_ids(rng):
     """int64 seq_idx ids beyond 32 bits (their equalities survive the int32 conversion), and the
     non-decreasing check on the device."""
@@ -671,6 +703,7 @@ def test_conv1d_int64_seq_idx_with_large_ids(rng):
         dwops.depthwise_conv1d(x, w, padding="causal", seq_idx=bad, backend="cupy")
 
 
+@pytest.mark.emu_conv1d
 def test_conv1d_plans_respect_launch_limits():
     """Mamba-sized rows: grid y/z within 65535, NCL shared memory within the default 48 KiB,
     partial buffers sized by the grid."""

@@ -15,9 +15,11 @@ import pytest
 import dwops
 import dwops.reference as ref
 from dwops._registry import numpy_dtype
-from tests.conftest import assert_close, rand
+from tests.conftest import assert_close, optional_import, rand
 
-torch = pytest.importorskip("torch")
+# Only the tests that pass torch tensors need PyTorch; NumPy, JAX, TensorFlow and bare DLPack tests
+# run without it.
+torch, requires_torch = optional_import("torch", "the test passes torch tensors")
 
 # The boundary is the same for every host backend: tested on the reference (no JIT compilation per
 # dtype); test_default_backend_round_trip runs the default ("auto") path for each library.
@@ -63,7 +65,7 @@ class ForeignMetaDLPack(BareDLPack):
 
 def _np(a) -> np.ndarray:
     """NumPy copy of any host array (the test's own conversion, independent of dwops._interop)."""
-    if isinstance(a, torch.Tensor):
+    if torch is not None and isinstance(a, torch.Tensor):
         t = a.detach()
         if t.dtype == torch.bfloat16:
             return t.float().numpy().astype(numpy_dtype("bfloat16"))
@@ -106,6 +108,7 @@ def test_numpy_round_trip(rng, dtype):
     _check_depthwise(y, x, w, b, dtype)
 
 
+@requires_torch
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_torch_round_trip(rng, dtype):
     x, w, b = (_torch(a) for a in _inputs(rng, dtype))
@@ -117,20 +120,23 @@ def test_torch_round_trip(rng, dtype):
 
 
 @pytest.mark.skipif(not dwops.backend_available("cpu"), reason="the 'cpu' backend is not built")
-@pytest.mark.parametrize("lib", ["numpy", "torch", "jax", "bare"])
+@pytest.mark.parametrize("lib", ["numpy", pytest.param("torch", marks=requires_torch), "jax",
+                                 "bare"])
 def test_default_backend_round_trip(rng, lib):
     x, w, b = _inputs(rng, "float32")
     if lib == "jax":
         jnp = pytest.importorskip("jax").numpy
         conv, kind = jnp.asarray, type(jnp.asarray(x))
+    elif lib == "torch":
+        conv, kind = _torch, torch.Tensor
     else:
-        conv, kind = {"numpy": (np.asarray, np.ndarray), "torch": (_torch, torch.Tensor),
-                      "bare": (BareDLPack, np.ndarray)}[lib]
+        conv, kind = {"numpy": (np.asarray, np.ndarray), "bare": (BareDLPack, np.ndarray)}[lib]
     y = dwops.depthwise_conv2d(conv(x), conv(w), conv(b), **DW_KW)  # backend="auto"
     assert isinstance(y, kind) and str(y.dtype).endswith("float32")
     _check_depthwise(y, x, w, b, "float32")
 
 
+@requires_torch
 def test_torch_requires_grad_taken_as_data(rng):
     x, w, b = (_torch(a, requires_grad=True) for a in _inputs(rng, "float32"))
     y = dwops.depthwise_conv2d(x, w, b, backend=HOST, **DW_KW)
@@ -138,6 +144,7 @@ def test_torch_requires_grad_taken_as_data(rng):
     _check_depthwise(y, x, w, b, "float32")
 
 
+@requires_torch
 @pytest.mark.parametrize("view", ["permuted", "sliced", "nhwc_of_nchw", "expanded_weight"])
 def test_torch_non_contiguous_views(rng, view):
     if view == "permuted":  # an NCHW view of NHWC memory
@@ -218,6 +225,7 @@ def test_unsupported_type_is_a_type_error():
 # ----------------------------------------------------------------------------- mixed libraries
 
 
+@requires_torch
 def test_torch_x_numpy_weights(rng):
     x, w, b = _inputs(rng, "float32")
     y = dwops.depthwise_conv2d(_torch(x), w, b, backend=HOST, **DW_KW)
@@ -225,6 +233,7 @@ def test_torch_x_numpy_weights(rng):
     _check_depthwise(y, x, w, b, "float32")
 
 
+@requires_torch
 def test_numpy_x_torch_parameters(rng):
     x, w, b = _inputs(rng, "float64")
     y = dwops.depthwise_conv2d(x, torch.nn.Parameter(_torch(w)), _torch(b, True), backend=HOST,
@@ -233,6 +242,7 @@ def test_numpy_x_torch_parameters(rng):
     _check_depthwise(y, x, w, b, "float64")
 
 
+@requires_torch
 def test_jax_x_torch_weight_bare_bias(rng):
     jax = pytest.importorskip("jax")
     x, w, b = _inputs(rng, "float32")
@@ -242,6 +252,7 @@ def test_jax_x_torch_weight_bare_bias(rng):
     _check_depthwise(y, x, w, b, "float32")
 
 
+@requires_torch
 def test_pointwise_mixed_residual(rng):
     x = rand(rng, (2, 5, 4, 3), "float32")
     w = rand(rng, (7, 5, 1, 1), "float32")
@@ -254,6 +265,7 @@ def test_pointwise_mixed_residual(rng):
                  "float32", what="pointwise")
 
 
+@requires_torch
 def test_separable_mixed(rng):
     jax = pytest.importorskip("jax")
     x = rand(rng, (2, 4, 6, 5, 3), "float32")[0]  # (4, 6, 5, 3) NHWC
@@ -268,6 +280,7 @@ def test_separable_mixed(rng):
                  what="separable")
 
 
+@requires_torch
 def test_gradients_return_grad_output_library(rng):
     x, w, _ = _inputs(rng, "float32")
     gy = rand(rng, (2, 6, 4, 3), "float32")
@@ -282,6 +295,7 @@ def test_gradients_return_grad_output_library(rng):
                                                               padding="same"), "float32")
 
 
+@requires_torch
 def test_mixed_dtypes_across_libraries_is_a_type_error(rng):
     x, w, _ = _inputs(rng, "float32")
     with pytest.raises(TypeError, match=r"'weight' has dtype float64 but 'x' has float32"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# Module-level: every test here calls dwops.jax, which imports JAX.
 jax = pytest.importorskip("jax", reason="dwops.jax needs JAX")
 
 import jax.numpy as jnp  # noqa: E402

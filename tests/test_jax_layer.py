@@ -11,7 +11,8 @@ import pytest
 import dwops
 from tests.conftest import assert_close
 
-jax = pytest.importorskip("jax")
+# Module-level: every test here calls dwops.jax, which imports JAX.
+jax = pytest.importorskip("jax", reason="dwops.jax needs JAX")
 import dwops.jax as dj  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402

@@ -9,7 +9,9 @@ import pytest
 
 import dwops.reference as ref
 from tests import oracle
-from tests.conftest import assert_close, rand
+from tests.conftest import assert_close, optional_import, rand
+
+torch, requires_torch = optional_import("torch", "PyTorch is the independent second oracle")
 
 
 def _pads(padding, hw, k, s, d):
@@ -143,23 +145,112 @@ def test_reference_rounds_once_to_the_input_dtype(dtype, rng):
     assert np.all(np.abs(y.astype(np.float64) - exact) <= eps * np.abs(exact) + 1e-300)
 
 
-def test_nan_and_inf_propagate():
-    x = np.ones((1, 1, 4, 4))
-    x[0, 0, 1, 1] = np.nan
-    x[0, 0, 3, 3] = np.inf
-    y = ref.depthwise_conv2d(x, np.ones((1, 1, 3, 3)), padding=1, activation="relu")
-    assert np.isnan(y[0, 0, 0, 0]) and np.isnan(y[0, 0, 2, 2])
-    assert not np.isnan(y[0, 0, 0, 3])
+def _nonfinite_depthwise_case():
+    """A 5x5 input of ones per channel, 3x3 filters, padding 1, and where the output must be NaN,
+    +inf or -inf (every other element is finite). Channel by channel:
+
+    0. +inf at (2, 2), filter of ones: every window holding it sums to +inf, (1..3, 1..3).
+    1. +inf at (2, 1), -inf at (2, 3): windows with only the +inf are +inf (1..3, 0..1), only the
+       -inf -inf (1..3, 3..4); column 2 holds both: inf - inf is NaN.
+    2. +inf at (2, 2), filter of ones but a zero centre tap: (2, 2) reads the inf through the zero
+       tap, inf * 0 is NaN; the other windows holding it read it through a one: +inf.
+    3. NaN at (0, 0): every window holding it is NaN, (0..1, 0..1).
+    """
+    x = np.ones((1, 4, 5, 5))
+    w = np.ones((4, 1, 3, 3))
+    nan, pos, neg = (np.zeros((1, 4, 5, 5), bool) for _ in range(3))
+    x[0, 0, 2, 2] = np.inf
+    pos[0, 0, 1:4, 1:4] = True
+    x[0, 1, 2, 1], x[0, 1, 2, 3] = np.inf, -np.inf
+    pos[0, 1, 1:4, 0:2], nan[0, 1, 1:4, 2], neg[0, 1, 1:4, 3:5] = True, True, True
+    x[0, 2, 2, 2] = np.inf
+    w[2, 0, 1, 1] = 0.0
+    pos[0, 2, 1:4, 1:4], nan[0, 2, 2, 2] = True, True
+    pos[0, 2, 2, 2] = False
+    x[0, 3, 0, 0] = np.nan
+    nan[0, 3, 0:2, 0:2] = True
+    return x, w, nan, pos, neg
+
+
+def _nonfinite_pointwise_case():
+    """x (1, 3, 2, 2), W = [[1, 1, 1], [0, 2, -1]]; per pixel, channels (c0, c1, c2):
+
+    (0, 0) = (inf, 1, 1): row 0 sums +inf; row 1 multiplies the inf by 0: NaN.
+    (0, 1) = (1, inf, -inf): row 0 is inf - inf: NaN; row 1 is 2*inf - (-inf) = +inf.
+    (1, 0) = (1, -inf, 1): both rows weigh the -inf positively: -inf.
+    (1, 1) = (1, 1, 1): finite (3 and 1).
+    """
+    x = np.ones((1, 3, 2, 2))
+    x[0, 0, 0, 0] = np.inf
+    x[0, 1, 0, 1], x[0, 2, 0, 1] = np.inf, -np.inf
+    x[0, 1, 1, 0] = -np.inf
+    w = np.array([[1.0, 1.0, 1.0], [0.0, 2.0, -1.0]])
+    nan, pos, neg = (np.zeros((1, 2, 2, 2), bool) for _ in range(3))
+    pos[0, 0, 0, 0], nan[0, 1, 0, 0] = True, True
+    nan[0, 0, 0, 1], pos[0, 1, 0, 1] = True, True
+    neg[0, :, 1, 0] = True
+    return x, w, nan, pos, neg
+
+
+def _assert_pattern(y, nan, pos, neg, what):
+    y = np.asarray(y, np.float64)
+    np.testing.assert_array_equal(np.isnan(y), nan, err_msg=f"{what}: NaN positions")
+    np.testing.assert_array_equal(np.isposinf(y), pos, err_msg=f"{what}: +inf positions")
+    np.testing.assert_array_equal(np.isneginf(y), neg, err_msg=f"{what}: -inf positions")
+
+
+def _backends_for_nonfinite():
+    import dwops
+
+    return ["numpy"] + [pytest.param("cpu", marks=pytest.mark.skipif(
+        not dwops.backend_available("cpu"), reason="the 'cpu' backend is not built"))]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", _backends_for_nonfinite())
+def test_nan_and_inf_propagate(backend):
+    """IEEE arithmetic, as in PyTorch: inf where a window sums infinities of one sign, NaN where it
+    holds a NaN, adds +inf to -inf, or multiplies an inf by a zero weight. The "numpy" backend is
+    dwops.reference; every backend must give the reference's pattern and finite values."""
+    import dwops
+
+    x, w, nan, pos, neg = _nonfinite_depthwise_case()
+    y = dwops.depthwise_conv2d(x, w, padding=1, backend=backend)
+    _assert_pattern(y, nan, pos, neg, "depthwise")
+    assert_close(y, ref.depthwise_conv2d(x, w, padding=1), "float64", what="depthwise")
+    # relu keeps NaN and +inf, and makes -inf 0 (channel 1, columns 3..4)
+    y = dwops.depthwise_conv2d(x, w, padding=1, activation="relu", backend=backend)
+    _assert_pattern(y, nan, pos, np.zeros_like(neg), "depthwise relu")
+    assert np.all(np.asarray(y)[neg] == 0.0)
+    assert_close(y, ref.depthwise_conv2d(x, w, padding=1, activation="relu"), "float64")
+
+    x, w, nan, pos, neg = _nonfinite_pointwise_case()
+    y = dwops.pointwise_conv2d(x, w, backend=backend)
+    _assert_pattern(y, nan, pos, neg, "pointwise")
+    assert np.asarray(y)[0, 0, 1, 1] == 3.0 and np.asarray(y)[0, 1, 1, 1] == 1.0
+    assert_close(y, ref.pointwise_conv2d(x, w), "float64", what="pointwise")
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
+def test_activations_at_infinities_and_nan(activation):
+    v = np.array([-np.inf, np.inf, np.nan, -3.0, 0.5, 7.0])
+    got = ref.activate(v, activation)
+    want = np.array([oracle.act(float(t), activation) if np.isfinite(t) or np.isnan(t) else np.nan
+                     for t in v])
+    # As in PyTorch: silu and gelu are x * (something -> 0) at -inf, which is NaN.
+    expected_inf = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "silu": (np.nan, np.inf),
+                    "gelu": (np.nan, np.inf)}[activation]
+    np.testing.assert_array_equal(got[:2], expected_inf)
+    assert np.isnan(got[2])
+    np.testing.assert_allclose(got[3:], want[3:], rtol=1e-15)
 
 
 # ----------------------------------------------------------------------------- against PyTorch
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
-
-
+@requires_torch
 @pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=lambda c: "x".join(map(str, c[:5])))
 def test_depthwise_matches_torch_forward_and_autograd(case, rng):
+    F = torch.nn.functional
     n, c, h, w, m, (kh, kw), stride, dilation, padding = case
     s, d = _pair(stride), _pair(dilation)
     pads = _pads(padding, (h, w), (kh, kw), s, d)
@@ -181,7 +272,9 @@ def test_depthwise_matches_torch_forward_and_autograd(case, rng):
                  "float64")
 
 
+@requires_torch
 def test_pointwise_matches_torch(rng):
+    F = torch.nn.functional
     x = rand(rng, (2, 6, 5, 3), "float64")
     w = rand(rng, (4, 6, 1, 1), "float64")
     b = rand(rng, (4,), "float64")
@@ -193,17 +286,3 @@ def test_pointwise_matches_torch(rng):
     assert_close(ref.pointwise_conv2d(x, w, b, activation="relu6"),
                  F.relu6(F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b))).numpy(),
                  "float64")
-
-
-@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
-def test_activations_at_infinities_and_nan(activation):
-    v = np.array([-np.inf, np.inf, np.nan, -3.0, 0.5, 7.0])
-    got = ref.activate(v, activation)
-    want = np.array([oracle.act(float(t), activation) if np.isfinite(t) or np.isnan(t) else np.nan
-                     for t in v])
-    # As in PyTorch: silu and gelu are x * (something -> 0) at -inf, which is NaN.
-    expected_inf = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "silu": (np.nan, np.inf),
-                    "gelu": (np.nan, np.inf)}[activation]
-    np.testing.assert_array_equal(got[:2], expected_inf)
-    assert np.isnan(got[2])
-    np.testing.assert_allclose(got[3:], want[3:], rtol=1e-15)

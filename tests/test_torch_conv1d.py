@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# Module-level: every test here calls dwops.torch, which imports PyTorch.
 torch = pytest.importorskip("torch", reason="dwops.torch needs PyTorch")
 
 import dwops.torch as dt  # noqa: E402

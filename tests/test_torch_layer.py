@@ -13,7 +13,8 @@ import dwops
 import dwops.reference as ref
 from tests.conftest import assert_close
 
-torch = pytest.importorskip("torch")
+# Module-level: every test here calls dwops.torch, which imports PyTorch.
+torch = pytest.importorskip("torch", reason="dwops.torch needs PyTorch")
 import dwops.torch as dt  # noqa: E402
 from torch import nn  # noqa: E402
 
