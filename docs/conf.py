@@ -51,10 +51,18 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = True
 
 # -- HTML
-html_theme = "alabaster"
+# pydata-sphinx-theme (as NumPy and CuPy use): a wide content column, tables that scroll sideways
+# inside their container, a page table of contents on the right.
+html_theme = "pydata_sphinx_theme"
 html_title = f"dwops {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["dwops.css"]
 html_theme_options = {
-    "description": "Depthwise, pointwise and separable convolutions at the memory floor",
-    "fixed_sidebar": True,
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "header_links_before_dropdown": 6,
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version"],
 }
+# The sections are in the top bar; no left sidebar, so the article (and its tables) get the width.
+html_sidebars = {"**": []}

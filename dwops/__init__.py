@@ -1,8 +1,10 @@
-"""dwops: depthwise, pointwise (1x1) and depthwise-separable convolutions at the memory floor.
+"""dwops: depthwise, pointwise (1x1) and depthwise-separable convolutions, forward and backward.
 
 NumPy-compatible and framework-agnostic: pass NumPy, CuPy, PyTorch, JAX or any DLPack array and get
 the same library's array back. ``import dwops`` imports NumPy and nothing heavier; backends load on
-first use. The docs (guide, API reference) describe the contract.
+first use. The documentation (``docs/`` in the source tree) describes the behaviour: the guide,
+the API reference, and the design page (``docs/design.md``: the contract of every function, how a
+backend is chosen, how the kernels work and how they are checked).
 """
 
 from . import reference

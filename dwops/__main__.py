@@ -1,10 +1,11 @@
-"""``python -m dwops`` (also the ``dwops`` console script): ``bench``, ``info``, ``warmup`` and ``kernels``.
+"""``python -m dwops`` (also the ``dwops`` console script): ``bench``, ``info``, ``warmup``,
+``kernels``.
 
 * ``bench``: the embedded default (the motivating block ``x + pw(relu(dw3x3(x))) + b`` and the plain
   depthwise forward, on the best available backend, against the memory floor, one dense 3x3
   convolution and PyTorch) or the suites named by ``--suite``; a markdown table on stdout, progress on
   stderr, JSON with ``--json``/``--out``. Exit status 1 if any dwops call failed or any result
-  was wrong (an element, or max_rel_err, over the dtype's tolerance).
+  was wrong (max_rel_err over the dtype's tolerance).
 * ``info``: backends (available, or why not), devices, versions.
 * ``warmup``: compile the kernels ahead of the first call, in parallel processes (disk cache).
 * ``kernels --arch sm_90``: the compile report of every GPU kernel (registers, shared memory,
@@ -28,68 +29,127 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+DESCRIPTION = """\
+The dwops command line: time the convolutions on this machine (bench), list
+what can run here (info), compile the kernels ahead of their first call
+(warmup), or check how the GPU kernels compile (kernels). Run
+'python -m dwops COMMAND --help' for the options of a command."""
+
+BENCH_DESCRIPTION = """\
+Time dwops on this machine. Without options it times the block
+    x + pw(relu(dw(x))) + b
+(a 3x3 depthwise convolution dw, then a 1x1 convolution pw, 64 channels) and
+the 3x3 depthwise convolution on its own, on the fastest backend available
+here, next to PyTorch (when installed) and one ordinary 3x3 convolution of the
+same input.
+
+Each row gives the time in milliseconds, the speed in GB/s, and the fraction
+of the memory floor reached: the floor is the time it takes just to read the
+inputs once and write the outputs once, at the memory bandwidth measured in
+the same run by a plain copy. Every result is also checked against the NumPy
+reference implementation."""
+
+BENCH_EPILOG = """\
+examples:
+  python -m dwops bench                     the default block (about a minute)
+  python -m dwops bench --suite cpu         the CPU backend against PyTorch
+  python -m dwops bench --suite conv1d      the 1-d convolution of sequence models
+  python -m dwops bench --suite gpu --out benchmarks/results
+                                            every GPU suite, saved as JSON and a table"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .bench.cases import SUITE_NAMES
 
-    parser = argparse.ArgumentParser(prog="dwops", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dwops", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dwops {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("bench", help="run the embedded default benchmark or named suites",
-                       description="Benchmark dwops against the memory floor and the frameworks.")
+    b = sub.add_parser("bench", help="time the convolutions on this machine",
+                       description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--suite", action="append", default=None,
-                   help=f"suite(s) to run, repeatable or comma-separated: {', '.join(SUITE_NAMES)} "
-                        "(default: default)")
+                   help=f"which sets of shapes to time, comma-separated or repeated: "
+                        f"{', '.join(SUITE_NAMES)} (default: default)")
     b.add_argument("--backend", default=None,
-                   help="dwops backend(s), comma-separated (default: the best available for the "
-                        "default suite, every GPU backend for GPU suites, 'cpu' on a host)")
+                   help="which dwops backends to time, comma-separated: numpy, cpu, numba, cupy "
+                        "(default: the fastest one here for the default suite, both GPU backends "
+                        "for the GPU suites, cpu on a machine without a GPU)")
     b.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="where to run (default: a GPU when a GPU backend can run)")
-    b.add_argument("--dtype", default=None, help="dtype(s), comma-separated (default: the suite's)")
-    b.add_argument("--layout", default="NCHW,NHWC", help="layout(s), comma-separated")
+                   help="run on the CPU or on the GPU (default: the GPU when a GPU backend can "
+                        "run)")
+    b.add_argument("--dtype", default=None,
+                   help="data types, comma-separated: float32, bfloat16, float16, float64 "
+                        "(default: each suite's own)")
+    b.add_argument("--layout", default="NCHW,NHWC",
+                   help="memory layouts, comma-separated: NCHW (channels first) and NHWC "
+                        "(channels last); the 1-d suite runs them as NCL and NLC (default: both)")
     b.add_argument("--baselines", default=None,
-                   help="comma-separated from torch, torch_compile, jax, dense3x3, or 'none' "
-                        "(default: all four on a GPU, torch and dense3x3 on a host)")
-    b.add_argument("--batch", type=int, default=None, help="override every case's batch size")
-    b.add_argument("--max-size", type=int, default=None, help="cap every case's H and W")
+                   help="what to compare with, comma-separated: torch (PyTorch), torch_compile "
+                        "(PyTorch's compiler), jax, dense3x3 (one ordinary 3x3 convolution), or "
+                        "none (default: all four on a GPU, torch and dense3x3 on a CPU)")
+    b.add_argument("--batch", type=int, default=None, help="use this batch size for every shape")
+    b.add_argument("--max-size", type=int, default=None,
+                   help="limit the height and width of every shape to this many pixels")
     b.add_argument("--budget", type=float, default=None,
-                   help="seconds; rows left when it runs out are skipped (and reported)")
+                   help="stop after about this many seconds; the rows not reached are listed as "
+                        "skipped")
     b.add_argument("--threads", type=int, default=None,
-                   help="host threads for dwops (Numba) and PyTorch alike (default: all cores)")
+                   help="CPU threads for dwops and PyTorch alike (default: all cores)")
     b.add_argument("--target-ms", type=float, default=None,
-                   help="timed milliseconds per measurement (default 300 on a host, 50 on a GPU)")
+                   help="milliseconds spent timing each row (default: 300 on a CPU, 50 on a GPU)")
     b.add_argument("--copy-mb", type=int, default=None,
-                   help="MiB copied to measure the bandwidth (default 128 on a host, 1024 on a GPU)")
-    b.add_argument("--no-check", action="store_true", help="skip the reference check")
-    b.add_argument("--json", default=None, help="write the JSON results to this path")
+                   help="size in MiB of the copy that measures the memory bandwidth (default: "
+                        "128 on a CPU, 1024 on a GPU)")
+    b.add_argument("--no-check", action="store_true",
+                   help="do not check the results against the NumPy reference")
+    b.add_argument("--json", default=None, help="also write the results as JSON to this file")
     b.add_argument("--out", default=None,
-                   help="write DATE-DEVICE.json and DATE-DEVICE.md into this directory "
-                        "(benchmarks/results/ in the repository)")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="write DATE-DEVICE.json and DATE-DEVICE.md into this folder (the "
+                        "repository keeps them in benchmarks/results/)")
+    b.add_argument("--quiet", action="store_true", help="do not show the progress bar")
 
-    sub.add_parser("info", help="backends, devices and versions")
+    sub.add_parser("info", help="list the backends that can run here, the devices and the "
+                                "package versions",
+                   description="List the dwops backends and whether each can run here (and if "
+                               "not, what is missing), the devices found and the versions of the "
+                               "packages involved.")
 
     w = sub.add_parser("warmup", help="compile the kernels ahead of the first call",
                        description="Compile the CPU kernels (and a GPU backend's, where one runs) "
                                    "in parallel processes, so later runs load them from the disk "
                                    "cache instead of compiling on their first call.")
     w.add_argument("--backend", default="cpu",
-                   help="backend(s), comma-separated: cpu, numba, cupy (default: cpu)")
+                   help="which backends to compile for, comma-separated: cpu, numba, cupy "
+                        "(default: cpu)")
     w.add_argument("--op", default=None,
-                   help="op(s), comma-separated (default: every public op)")
+                   help="which functions, comma-separated, e.g. depthwise_conv2d (default: all "
+                        "of them)")
     w.add_argument("--dtype", default="float32",
-                   help="dtype(s), comma-separated from float32, float64, float16, bfloat16 "
+                   help="data types, comma-separated: float32, float64, float16, bfloat16 "
                         "(default: float32)")
     w.add_argument("--layout", default="NCHW,NHWC",
-                   help="layout(s), comma-separated: NCHW (NCL for 1-d ops), NHWC (NLC)")
+                   help="memory layouts, comma-separated: NCHW and NHWC (NCL and NLC for the "
+                        "1-d functions) (default: both)")
     w.add_argument("--jobs", type=int, default=None,
-                   help="worker processes (default: the number of CPU cores)")
+                   help="how many processes compile at once (default: the number of CPU "
+                        "cores)")
 
-    k = sub.add_parser("kernels", help="compile report of every GPU kernel (no GPU needed)")
-    k.add_argument("--arch", default="sm_90", help="target architecture (default sm_90)")
+    k = sub.add_parser("kernels", help="compile every GPU kernel and report its resources (no GPU "
+                                       "needed)",
+                       description="Compile every GPU kernel of both GPU backends for one GPU "
+                                   "architecture and print, per kernel, the registers, the shared "
+                                   "memory and the bytes spilled to local memory. No GPU is "
+                                   "needed. The exit status is 1 if a kernel fails to compile or "
+                                   "spills.")
+    k.add_argument("--arch", default="sm_90",
+                   help="the GPU architecture to compile for (default: sm_90, the H100 and H200 "
+                        "generation)")
     k.add_argument("--quick", action="store_true",
-                   help="one kernel per code path, where a backend's report offers that")
+                   help="compile one kernel per code path instead of every specialization "
+                        "(faster)")
     return parser
 
 
