@@ -57,8 +57,8 @@ How each is computed:
   :func:`_gemm`), one per tile of all output channels by a block of pixels: each prange task
   makes one single-threaded BLAS call that writes its tile straight into the output (NCHW:
   y[n][:, block] = W x[n][:, block], rows H*W apart; NHWC: y[block] = x[block] W^T), then adds
-  bias, activation and residual while the tile is in cache (:func:`pixels_per_tile` sizes the
-  block so the tile stays in L2). Weight gradients are one BLAS call per chunk of at most
+  bias, activation and residual while the tile is in cache (:func:`pw_tiles` sizes the
+  blocks). Weight gradients are one BLAS call per chunk of at most
   GW_ROWS pixels (``gy x^T``, a transposed operand instead of a copy), summed in float64; the
   chunks do not depend on the thread count, so results are reproducible. BLAS threads and
   Numba threads do not stack: the BLAS libraries are held at one thread while these kernels
@@ -123,15 +123,20 @@ RT = 6
 PT = 6
 # ... and border pixels one at a time (_dw_tile_s1) when the kernel has at most BORDER_TAPS taps.
 BORDER_TAPS = 9
-# Pointwise and separable GEMM tiles: all output channels by a block of pixels, the block sized
-# so the tile (C_out x pixels) is about PW_TILE_BYTES (it stays in L2 for the epilogue), rounded
-# down to a multiple of PW_STEP pixels and clipped to [PW_MIN_PIXELS, PW_MAX_PIXELS]
-# (:func:`pixels_per_tile`). Pointwise grad_weight sums at most GW_ROWS pixels per BLAS call
-# (in the compute dtype) before accumulating in float64.
-PW_TILE_BYTES = 256 * 1024
-PW_STEP = 16
-PW_MIN_PIXELS = 64
-PW_MAX_PIXELS = 256
+# Pointwise GEMM tiles (:func:`pw_tiles`): a block of pixels by a block of output channels. NCHW:
+# runs of at most PW_NCHW_PIXELS pixels of one image (the image split evenly); NHWC: blocks of
+# PW_NHWC_PIXELS pixels. When that makes fewer than PW_TASKS tiles, the output channels are split
+# too (blocks of at least PW_MIN_CHANNELS, a multiple of PW_CHANNEL_STEP) so small batches still
+# use every core. The tiling depends on the shapes only, never on the thread count.
+PW_NCHW_PIXELS = 1024
+PW_NHWC_PIXELS = 256
+PW_TASKS = 16
+PW_MIN_CHANNELS = 32
+PW_CHANNEL_STEP = 16
+# Separable: about SEP_PIXELS output pixels (whole rows) per band, one GEMM per band.
+SEP_PIXELS = 512
+# Pointwise grad_weight sums at most GW_ROWS pixels per BLAS call (in the compute dtype) before
+# accumulating in float64.
 # NCHW depthwise: about PLANE_TASKS tasks (each a run of planes reusing one scratch set).
 PLANE_TASKS = 64
 # NHWC depthwise flat path: about FLAT_ELEMS values (pixels x channels) per vectorized tap loop.
@@ -194,10 +199,20 @@ def _activate(v, act):
 # ----------------------------------------------------------------------------- BLAS
 
 
-def pixels_per_tile(co: int, itemsize: int) -> int:
-    """Pixels per pointwise / separable GEMM tile for ``co`` output channels (see PW_TILE_BYTES)."""
-    p = PW_TILE_BYTES // max(1, co * itemsize) // PW_STEP * PW_STEP
-    return max(PW_MIN_PIXELS, min(PW_MAX_PIXELS, p))
+def pw_tiles(layout: str, images: int, pixels: int, co: int) -> tuple[int, int]:
+    """(pixels, output channels) per pointwise tile for ``images`` images of ``pixels`` pixels."""
+    if layout == "NCHW":
+        nb = -(-pixels // PW_NCHW_PIXELS)
+        pb = -(-pixels // nb)
+        tasks = images * nb
+    else:
+        pb = PW_NHWC_PIXELS
+        tasks = -(-(images * pixels) // pb)
+    split = 1
+    if tasks < PW_TASKS:
+        split = max(1, min(-(-PW_TASKS // tasks), co // PW_MIN_CHANNELS))
+    ob = -(-(-(-co // split)) // PW_CHANNEL_STEP) * PW_CHANNEL_STEP
+    return pb, min(co, ob)
 
 
 @njit(cache=True)
@@ -1057,7 +1072,7 @@ def _epilogue_pixel(row, b, has_bias, act, res, has_res):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_forward_nchw(x, w, b, res, y, PB, has_bias, has_res, act):
+def _pw_forward_nchw(x, w, b, res, y, PB, OB, has_bias, has_res, act):
     """y[n, o, k] = act(sum_c w[o, c] x[n, c, k] + b[o]) + res[n, o, k]  (NCHW, k = flat pixel).
 
     x:        (N, CI, K) input
@@ -1065,46 +1080,57 @@ def _pw_forward_nchw(x, w, b, res, y, PB, has_bias, has_res, act):
     b:        (CO,) bias (read only if has_bias)
     res:      (N, CO, K) residual (read only if has_res)
     y:        (N, CO, K) output
-    PB:       pixels per tile;  act: activation code
-    One task per (image, block of PB pixels): one BLAS call writes the tile y[n][:, block]
-    (CO x PB, rows K apart) = w x[n][:, block] in place (column-major: the PB x CO matrix
-    x[n][:, block]^T w^T), then bias, activation and residual run over the tile while it is in
-    cache.
+    PB, OB:   pixels and output channels per tile (pw_tiles);  act: activation code
+    One task per tile (image, block of PB pixels, block of OB output channels): one BLAS call
+    writes y[n][o-block, k-block] (rows K apart) = w[o-block] x[n][:, k-block] in place
+    (column-major: the pixels x channels matrix x[n][:, k-block]^T w[o-block]^T), then bias,
+    activation and residual run over the tile while it is in cache.
     """
     N, CI, K = x.shape
     CO = w.shape[0]
     nb = (K + PB - 1) // PB
-    for t in prange(N * nb):
-        n = t // nb
-        k0 = (t - n * nb) * PB
+    ncb = (CO + OB - 1) // OB
+    for t in prange(N * nb * ncb):
+        n = t // (nb * ncb)
+        r = t - n * nb * ncb
+        kb = r // ncb
+        k0 = kb * PB
+        o0 = (r - kb * ncb) * OB
         pb = min(PB, K - k0)
-        _gemm(False, False, pb, CO, CI, x[n, 0, k0:], K, w, CI, y[n, 0, k0:], K)
+        ob = min(OB, CO - o0)
+        _gemm(False, False, pb, ob, CI, x[n, 0, k0:], K, w[o0:], CI, y[n, o0, k0:], K)
         if has_bias or has_res or act != 0:
-            for o in range(CO):
+            for o in range(o0, o0 + ob):
                 _epilogue_row(y[n, o, k0:k0 + pb], b[o], has_bias, act,
                               res[n, o, k0:k0 + pb] if has_res else res[0, 0, :], has_res)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_forward_nhwc(x, wt, b, res, y, PB, has_bias, has_res, act):
+def _pw_forward_nhwc(x, wt, b, res, y, PB, OB, has_bias, has_res, act):
     """y[p, o] = act(sum_c x[p, c] wt[c, o] + b[o]) + res[p, o]  (NHWC, p = flat pixel).
 
     x:        (P, CI) input;  wt: (CI, CO) weights, transposed;  b: (CO,) bias (if has_bias)
     res:      (P, CO) residual (read only if has_res);  y: (P, CO) output;  act: activation code
-    PB:       pixels per tile
-    One task per block of PB pixels: one BLAS call writes y[block] (PB x CO, contiguous) =
-    x[block] wt (column-major: the CO x PB matrix wt^T x[block]^T), then the epilogue.
+    PB, OB:   pixels and output channels per tile (pw_tiles)
+    One task per tile: one BLAS call writes y[p-block, o-block] (rows CO apart) =
+    x[p-block] wt[:, o-block] (column-major: the channels x pixels matrix
+    wt[:, o-block]^T x[p-block]^T), then the epilogue per pixel.
     """
     P, CI = x.shape
     CO = wt.shape[1]
     nb = (P + PB - 1) // PB
-    for t in prange(nb):
-        p0 = t * PB
+    ncb = (CO + OB - 1) // OB
+    for t in prange(nb * ncb):
+        kb = t // ncb
+        p0 = kb * PB
+        o0 = (t - kb * ncb) * OB
         pb = min(PB, P - p0)
-        _gemm(False, False, CO, pb, CI, wt, CO, x[p0:], CI, y[p0:], CO)
+        ob = min(OB, CO - o0)
+        _gemm(False, False, ob, pb, CI, wt[0, o0:], CO, x[p0:], CI, y[p0, o0:], CO)
         if has_bias or has_res or act != 0:
             for p in range(p0, p0 + pb):
-                _epilogue_pixel(y[p], b, has_bias, act, res[p if has_res else 0], has_res)
+                _epilogue_pixel(y[p, o0:o0 + ob], b[o0:o0 + ob], has_bias, act,
+                                res[p, o0:o0 + ob] if has_res else res[0, :], has_res)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -1163,7 +1189,7 @@ def _separable_nchw(x, w, db, pw, b, res, y, PB, M, sh, sw, dh, dw, pt, pl,
     pw:       (CO, C*M) pointwise weights;      b: (CO,) bias (if has_bias)
     res:      (N, CO, OH, OW) residual (if has_res)
     y:        (N, CO, OH, OW) output
-    PB:       pixels per tile: a band is max(1, PB // OW) output rows
+    PB:       pixels per band (SEP_PIXELS): a band is max(1, PB // OW) output rows
     M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_forward_nchw
     dact, act: depthwise and final activation codes
     One task per band of RB output rows of one image. Each channel's band goes through a
@@ -1208,7 +1234,7 @@ def _separable_nhwc(x, wt, wrep, db, pwt, b, res, y, PB, M, sh, sw, dh, dw, pt, 
     wrep:     tap filters repeated, as in _dw_row_nhwc
     pwt:      (C*M, CO) pointwise weights, transposed;  b: (CO,) bias (if has_bias)
     res:      (N, OH, OW, CO) residual (if has_res);  y: (N, OH, OW, CO) output
-    PB:       pixels per tile: a band is max(1, PB // OW) output rows
+    PB:       pixels per band (SEP_PIXELS): a band is max(1, PB // OW) output rows
     M, sh, sw, dh, dw, pt, pl, dact, act: as in _separable_nchw
     mid (R, OW, C*M) = the band's depthwise rows; one BLAS call writes y[n, band] (R*OW x CO,
     contiguous) = mid pwt, then bias, activation, residual per pixel.
@@ -1397,13 +1423,14 @@ class _CpuBackend(HostBackend):
         dt = y.dtype
         bias = _opt(b, dt, (w.shape[0],))
         res = _opt(residual, dt, y.shape)
-        pb = pixels_per_tile(w.shape[0], dt.itemsize)
+        pb, ob = pw_tiles(p.layout, p.N, p.H * p.W, w.shape[0])
         with _serial_blas:
             if p.layout == "NCHW":
-                _pw_forward_nchw(x, w, bias, res, y, pb, b is not None, residual is not None, act)
+                _pw_forward_nchw(x, w, bias, res, y, pb, ob, b is not None, residual is not None,
+                                 act)
             else:
-                _pw_forward_nhwc(x, np.ascontiguousarray(w.T), bias, res, y, pb, b is not None,
-                                 residual is not None, act)
+                _pw_forward_nhwc(x, np.ascontiguousarray(w.T), bias, res, y, pb, ob,
+                                 b is not None, residual is not None, act)
 
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         """x: p.x_shape, w: (CO, CI), b: (CO,) or None, residual: p.y_shape or None."""
@@ -1452,7 +1479,7 @@ class _CpuBackend(HostBackend):
         wk = _dw_weights(d, dw_w, dt)
         pw = _as(pw_w, dt)
         rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target,
-                pixels_per_tile(q.CO, dt.itemsize), *_geometry(d),
+                SEP_PIXELS, *_geometry(d),
                 dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
                 ACT_CODES[q.activation])
         dwb = _opt(dw_b, dt, (d.CO,))
