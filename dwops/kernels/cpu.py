@@ -208,16 +208,20 @@ def pw_tiles(layout: str, images: int, pixels: int, co: int) -> tuple[int, int]:
     else:
         pb = PW_NHWC_PIXELS
         tasks = -(-(images * pixels) // pb)
-    split = 1
-    if tasks < PW_TASKS:
-        split = max(1, min(-(-PW_TASKS // tasks), co // PW_MIN_CHANNELS))
-    ob = -(-(-(-co // split)) // PW_CHANNEL_STEP) * PW_CHANNEL_STEP
-    return pb, min(co, ob)
+    return pb, channel_block(co, tasks)
+
+
+def channel_block(co: int, tasks: int) -> int:
+    """Output channels per tile when the other dimensions give ``tasks`` tiles: all of them, or
+    blocks (>= PW_MIN_CHANNELS, a multiple of PW_CHANNEL_STEP) making about PW_TASKS tiles."""
+    split = max(1, min(-(-PW_TASKS // max(tasks, 1)), co // PW_MIN_CHANNELS))
+    return min(co, -(-(-(-co // split)) // PW_CHANNEL_STEP) * PW_CHANNEL_STEP)
 
 
 @njit(cache=True)
-def _gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
-    """Column-major ``C = op(A) op(B)`` (m x n, inner size k) by the BLAS SciPy links.
+def _gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, acc):
+    """Column-major ``C = op(A) op(B)`` (``C += ...`` if acc; m x n, inner size k) by the BLAS
+    SciPy links.
 
     a, b, c:  arrays (usually views) whose first element is the operand's first element
     lda, ldb, ldc: leading dimensions in elements (column-major)
@@ -229,7 +233,7 @@ def _gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
     """
     ab = np.empty(2, c.dtype)
     ab[0] = 1.0
-    ab[1] = 0.0
+    ab[1] = 1.0 if acc else 0.0
     _xxgemm(115 if c.itemsize == 4 else 100, 84 if ta else 78, 84 if tb else 78, m, n, k,
             ab.ctypes, a.ctypes, lda, b.ctypes, ldb, ab[1:].ctypes, c.ctypes, ldc)
 
@@ -240,10 +244,10 @@ def _gemm_warm():
     on its first call under the GIL, which a prange worker must not be the one to do."""
     a = np.ones((1, 1), np.float32)
     c = np.empty((1, 1), np.float32)
-    _gemm(False, False, 1, 1, 1, a, 1, a, 1, c, 1)
+    _gemm(False, False, 1, 1, 1, a, 1, a, 1, c, 1, False)
     a64 = np.ones((1, 1), np.float64)
     c64 = np.empty((1, 1), np.float64)
-    _gemm(False, False, 1, 1, 1, a64, 1, a64, 1, c64, 1)
+    _gemm(False, False, 1, 1, 1, a64, 1, a64, 1, c64, 1, False)
 
 
 # ----------------------------------------------------------------------------- vector IR
@@ -1098,7 +1102,7 @@ def _pw_forward_nchw(x, w, b, res, y, PB, OB, has_bias, has_res, act):
         o0 = (r - kb * ncb) * OB
         pb = min(PB, K - k0)
         ob = min(OB, CO - o0)
-        _gemm(False, False, pb, ob, CI, x[n, 0, k0:], K, w[o0:], CI, y[n, o0, k0:], K)
+        _gemm(False, False, pb, ob, CI, x[n, 0, k0:], K, w[o0:], CI, y[n, o0, k0:], K, False)
         if has_bias or has_res or act != 0:
             for o in range(o0, o0 + ob):
                 _epilogue_row(y[n, o, k0:k0 + pb], b[o], has_bias, act,
@@ -1126,7 +1130,7 @@ def _pw_forward_nhwc(x, wt, b, res, y, PB, OB, has_bias, has_res, act):
         o0 = (t - kb * ncb) * OB
         pb = min(PB, P - p0)
         ob = min(OB, CO - o0)
-        _gemm(False, False, ob, pb, CI, wt[0, o0:], CO, x[p0:], CI, y[p0, o0:], CO)
+        _gemm(False, False, ob, pb, CI, wt[0, o0:], CO, x[p0:], CI, y[p0, o0:], CO, False)
         if has_bias or has_res or act != 0:
             for p in range(p0, p0 + pb):
                 _epilogue_pixel(y[p, o0:o0 + ob], b[o0:o0 + ob], has_bias, act,
@@ -1134,46 +1138,61 @@ def _pw_forward_nhwc(x, wt, b, res, y, PB, OB, has_bias, has_res, act):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_grad_weight_nchw(x, gy, part):
+def _pw_grad_weight_nchw(x, gy, part, G, OB):
     """Pointwise grad_weight, NCHW, stage 1: part[t] = sum over a pixel chunk of gy x^T.
 
     x:        (N, CI, K) input;  gy: (N, CO, K) output gradient
-    part:     (N * ceil(K / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
-    One BLAS call per (image, chunk of GW_ROWS pixels), in the compute dtype (column-major:
-    the CI x CO matrix x[n][:, chunk] gy[n][:, chunk]^T, which is the row-major (CO, CI) tile).
+    part:     (chunks, CO, CI) float64 partials (stage 2: their sum)
+    G:        images per chunk: K > GW_ROWS: 1 (each image in ceil(K / GW_ROWS) chunks); else
+              GW_ROWS // K whole images (at most GW_ROWS pixels)
+    OB:       output channels per task
+    One task per (chunk, block of OB output channels): one BLAS call per image of the chunk,
+    accumulated in the compute dtype (column-major: the CI x OB matrix
+    x[n][:, k-run] gy[n][o-block, k-run]^T, the row-major (OB, CI) tile), then stored in float64.
     """
     N, CI, K = x.shape
     T, CO = part.shape[0], part.shape[1]
-    nb = T // N
-    for t in prange(T):
-        n = t // nb
-        k0 = (t - n * nb) * GW_ROWS
-        tile = np.empty((CO, CI), x.dtype)
-        _gemm(True, False, CI, CO, min(GW_ROWS, K - k0), x[n, 0, k0:], K, gy[n, 0, k0:], K,
-              tile, CI)
-        for o in range(CO):
-            for c in range(CI):
-                part[t, o, c] = tile[o, c]
+    nb = (K + GW_ROWS - 1) // GW_ROWS if G == 1 else 1
+    ncb = (CO + OB - 1) // OB
+    for t in prange(T * ncb):
+        c = t // ncb
+        o0 = (t - c * ncb) * OB
+        ob = min(OB, CO - o0)
+        n0 = (c // nb) * G
+        k0 = (c - (c // nb) * nb) * GW_ROWS
+        kc = min(GW_ROWS, K - k0)
+        tile = np.empty((ob, CI), x.dtype)
+        for n in range(n0, min(N, n0 + G)):
+            _gemm(True, False, CI, ob, kc, x[n, 0, k0:], K, gy[n, o0, k0:], K, tile, CI, n > n0)
+        for o in range(ob):
+            for ci in range(CI):
+                part[c, o0 + o, ci] = tile[o, ci]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_grad_weight_nhwc(x, gy, part):
+def _pw_grad_weight_nhwc(x, gy, part, OB):
     """Pointwise grad_weight, NHWC, stage 1: part[t] = sum over pixels of chunk t of gy x^T.
 
     x:        (P, CI) input;  gy: (P, CO) output gradient
     part:     (ceil(P / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
-    One BLAS call per chunk of GW_ROWS pixels (column-major: the CI x CO matrix
-    x[chunk]^T gy[chunk]).
+    OB:       output channels per task
+    One BLAS call per (chunk of GW_ROWS pixels, block of OB output channels) (column-major: the
+    CI x OB matrix x[chunk]^T gy[chunk, o-block]).
     """
     P, CI = x.shape
     T, CO = part.shape[0], part.shape[1]
-    for t in prange(T):
-        p0 = t * GW_ROWS
-        tile = np.empty((CO, CI), x.dtype)
-        _gemm(False, True, CI, CO, min(GW_ROWS, P - p0), x[p0:], CI, gy[p0:], CO, tile, CI)
-        for o in range(CO):
-            for c in range(CI):
-                part[t, o, c] = tile[o, c]
+    ncb = (CO + OB - 1) // OB
+    for t in prange(T * ncb):
+        c = t // ncb
+        o0 = (t - c * ncb) * OB
+        ob = min(OB, CO - o0)
+        p0 = c * GW_ROWS
+        tile = np.empty((ob, CI), x.dtype)
+        _gemm(False, True, CI, ob, min(GW_ROWS, P - p0), x[p0:], CI, gy[p0, o0:], CO, tile, CI,
+              False)
+        for o in range(ob):
+            for ci in range(CI):
+                part[c, o0 + o, ci] = tile[o, ci]
 
 
 # ----------------------------------------------------------------------------- separable
@@ -1216,7 +1235,7 @@ def _separable_nchw(x, w, db, pw, b, res, y, PB, M, sh, sw, dh, dw, pt, pl,
             for ii in range(R):
                 for j in range(OW):
                     mid[c, ii * OW + j] = band[ii, j]
-        _gemm(False, False, L, CO, CI, mid, L, pw, CI, y[n, 0, i0:], OH * OW)
+        _gemm(False, False, L, CO, CI, mid, L, pw, CI, y[n, 0, i0:], OH * OW, False)
         if has_bias or has_res or act != 0:
             for o in range(CO):
                 for ii in range(i0, i0 + R):
@@ -1251,7 +1270,7 @@ def _separable_nhwc(x, wt, wrep, db, pwt, b, res, y, PB, M, sh, sw, dh, dw, pt, 
         for ii in range(R):
             _dw_row_nhwc(x, wt, wrep, db, n, i0 + ii, mid, ii, M, sh, sw, dh, dw, pt, pl, has_db,
                          dact)
-        _gemm(False, False, CO, R * OW, CI, pwt, CO, mid, CI, y[n, i0], CO)
+        _gemm(False, False, CO, R * OW, CI, pwt, CO, mid, CI, y[n, i0], CO, False)
         if has_bias or has_res or act != 0:
             for ii in range(i0, i0 + R):
                 for j in range(OW):
@@ -1452,17 +1471,25 @@ class _CpuBackend(HostBackend):
     def pointwise_grad_weight(self, p, x, gy, out, stream=None):
         """x: p.x_shape, gy: p.y_shape, out: (CO, CI);  gW = sum over pixels of gy x^T.
 
-        Chunks of at most GW_ROWS pixels are summed in the compute dtype, chunks in float64.
+        Chunks of at most GW_ROWS pixels (NCHW: of one image, or of whole images when an image
+        has fewer) are summed in the compute dtype, chunks in float64; the output channels are
+        split into blocks when there are fewer than PW_TASKS chunks.
         """
         dt = _compute_dtype(p.dtype)
         xf, gf = _flat(p, _as(x, dt)), _flat(p, _as(gy, dt))
+        K = p.H * p.W
+        if p.layout == "NCHW":
+            g = 1 if K > GW_ROWS else max(1, GW_ROWS // max(K, 1))
+            chunks = p.N * -(-K // GW_ROWS) if g == 1 else -(-p.N // g)
+        else:
+            chunks = -(-(p.N * K) // GW_ROWS)
+        ob = channel_block(p.CO, chunks)
+        part = np.empty((chunks, p.CO, p.CI), np.float64)
         with _serial_blas:
             if p.layout == "NCHW":
-                part = np.empty((p.N * -(-(p.H * p.W) // GW_ROWS), p.CO, p.CI), np.float64)
-                _pw_grad_weight_nchw(xf, gf, part)
+                _pw_grad_weight_nchw(xf, gf, part, g, ob)
             else:
-                part = np.empty((-(-xf.shape[0] // GW_ROWS), p.CO, p.CI), np.float64)
-                _pw_grad_weight_nhwc(xf, gf, part)
+                _pw_grad_weight_nhwc(xf, gf, part, ob)
         out[...] = part.sum(axis=0)  # float64 sums, rounded once
 
     # -- separable
