@@ -7,16 +7,17 @@ Not collected by pytest. Every distinct (C_in, C_out, H) 1x1 layer of the three 
 224x224 input (the expansion and projection convolutions of the inverted residual blocks, the
 heads, ConvNeXt's MLP pair; squeeze-excitation's 1x1 layers act on 1x1 maps and are left out),
 float32, no bias. Each layer alternates the dwops call and the PyTorch call round by round, the
-host cache flushed before every call as ``dwops bench`` does (:class:`dwops.bench.devices.HostDevice`),
-so background load hits both alike; the table gives the medians and torch/dwops (> 1: dwops is
-faster). Both libraries get ``--threads`` threads (Numba, PyTorch, and the BLAS pools through
-threadpoolctl).
+host cache flushed before every call as ``dwops bench`` does
+(:class:`dwops.bench.devices.HostDevice`), so background load hits both alike; the table gives
+the medians and torch/dwops (> 1: dwops is faster). Both libraries get ``--threads`` threads
+(Numba, PyTorch, and the BLAS pools through threadpoolctl).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import numpy as np
 
@@ -90,12 +91,12 @@ def main():
             tg = torch.from_numpy(gy).contiguous(memory_format=fmt)
             for direction in args.direction.split(","):
                 if direction == "forward":
-                    f_dw = lambda: dwops.pointwise_conv2d(xa, w, layout=layout, backend="cpu")  # noqa: E731
-                    f_t = lambda: F.conv2d(tx, tw)  # noqa: E731
+                    f_dw = partial(dwops.pointwise_conv2d, xa, w, layout=layout, backend="cpu")
+                    f_t = partial(F.conv2d, tx, tw)
                 else:
-                    mask = ((direction == "grad_input"), (direction == "grad_weight"), False)
-                    f_t = lambda mask=mask: torch.ops.aten.convolution_backward(  # noqa: E731
-                        tg, tx, tw, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1, mask)
+                    mask = (direction == "grad_input", direction == "grad_weight", False)
+                    f_t = partial(torch.ops.aten.convolution_backward, tg, tx, tw, None, (1, 1),
+                                  (0, 0), (1, 1), False, (0, 0), 1, mask)
                     f_dw = _dwops_grad(dwops, direction, xa, ga, w, layout)
                 with torch.no_grad():
                     dm, tm = _interleaved(dev, [f_dw, f_t], args.reps)
@@ -105,8 +106,8 @@ def main():
 
 def _dwops_grad(dwops, direction, x, gy, w, layout):
     if direction == "grad_input":
-        return lambda: dwops.pointwise_conv2d_grad_input(gy, w, layout=layout, backend="cpu")
-    return lambda: dwops.pointwise_conv2d_grad_weight(x, gy, layout=layout, backend="cpu")
+        return partial(dwops.pointwise_conv2d_grad_input, gy, w, layout=layout, backend="cpu")
+    return partial(dwops.pointwise_conv2d_grad_weight, x, gy, layout=layout, backend="cpu")
 
 
 def _interleaved(dev, fns, reps, warm=2):

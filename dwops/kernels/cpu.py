@@ -54,15 +54,16 @@ How each is computed:
   output rows) a float64 partial sum, then one sum over the partials. The number of tasks does
   not depend on the thread count, so results are reproducible.
 * Pointwise products are BLAS GEMMs (the library SciPy links, called from Numba through
-  :func:`_gemm`), one per tile of all output channels by a block of pixels: each prange task
-  makes one single-threaded BLAS call that writes its tile straight into the output (NCHW:
-  y[n][:, block] = W x[n][:, block], rows H*W apart; NHWC: y[block] = x[block] W^T), then adds
-  bias, activation and residual while the tile is in cache (:func:`pw_tiles` sizes the
-  blocks). Weight gradients are one BLAS call per chunk of at most
-  GW_ROWS pixels (``gy x^T``, a transposed operand instead of a copy), summed in float64; the
-  chunks do not depend on the thread count, so results are reproducible. BLAS threads and
-  Numba threads do not stack: the BLAS libraries are held at one thread while these kernels
-  run (:class:`_SerialBlas`), so Numba's thread count is the only one.
+  :func:`_gemm`), one per tile of a block of pixels by a block of output channels
+  (:func:`pw_tiles`): each prange task makes one single-threaded BLAS call that writes its tile
+  straight into the output (NCHW: y[n][o-block, k-block] = W[o-block] x[n][:, k-block], rows
+  H*W apart; NHWC: y[p-block, o-block] = x[p-block] W^T[:, o-block]), then adds bias,
+  activation and residual while the tile is in cache. Weight gradients are BLAS calls per chunk
+  of at most GW_ROWS pixels and block of output channels (``gy x^T`` on transposed operands, no
+  copies), the chunks summed in float64. BLAS threads and Numba threads do not stack: the BLAS
+  libraries are held at one thread while these kernels run (:class:`_SerialBlas`), so Numba's
+  thread count is the only one, and since the tiles and chunks depend on the shapes only,
+  results do not depend on the thread count.
 * Separable is one fused kernel: per band of output rows, the depthwise rows of every channel
   (with dw bias and dw activation) go into a cache-resident buffer, then one BLAS call writes
   the band of every output channel and the epilogue runs over it; the intermediate never
@@ -215,7 +216,8 @@ def channel_block(co: int, tasks: int) -> int:
     """Output channels per tile when the other dimensions give ``tasks`` tiles: all of them, or
     blocks (>= PW_MIN_CHANNELS, a multiple of PW_CHANNEL_STEP) making about PW_TASKS tiles."""
     split = max(1, min(-(-PW_TASKS // max(tasks, 1)), co // PW_MIN_CHANNELS))
-    return min(co, -(-(-(-co // split)) // PW_CHANNEL_STEP) * PW_CHANNEL_STEP)
+    per = -(-co // split)
+    return min(co, -(-per // PW_CHANNEL_STEP) * PW_CHANNEL_STEP)
 
 
 @njit(cache=True)
@@ -228,7 +230,7 @@ def _gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, acc):
     ta, tb:   True: the operand is stored transposed (k x m for A, n x k for B)
     The call goes through Numba's ``numba_xxgemm`` (``scipy.linalg.cython_blas``: sgemm for
     float32, dgemm for float64), single-threaded here: it runs inside prange tasks, with the BLAS
-    thread count held at 1 by the backend (:func:`_serial_blas`). A row-major (R, L) array is a
+    thread count held at 1 by the backend (:class:`_SerialBlas`). A row-major (R, L) array is a
     column-major L x R matrix, so the kernels below pass row-major operands in swapped roles.
     """
     ab = np.empty(2, c.dtype)
