@@ -92,6 +92,7 @@ try:  # the backend reports itself unavailable instead of breaking ``import dwop
     from .._jit import install_notice
 
     install_notice()  # one line on stderr while a kernel compiles (DWOPS_QUIET=1 hides it)
+
     # Numba's BLAS entry (the one np.dot uses in nopython code): kind ('s', 'd'), transa, transb,
     # m, n, k, *alpha, *a, lda, *b, ldb, *beta, *c, ldc; column-major like Fortran BLAS.
     _xxgemm = _nbtypes.ExternalFunction("numba_xxgemm", _nbtypes.intc(
