@@ -170,7 +170,7 @@ def test_depthwise_activations(rng, act, layout, dtype):
 
 # (N, CI, CO, H, W): odd/prime sizes, 1x1, pixel counts around the tiles (NHWC blocks of 256
 # pixels, NCHW runs of at most 1024 pixels per image), output channels split into blocks when
-# there are few tiles (64 -> 2 x 32; 100 -> 48 + 48 + 4), one case over the 4096-pixel reduction
+# there are few tiles (64 -> 2 x 32; 100 -> 64 + 36), one case over the 4096-pixel reduction
 # chunk.
 PW_CASES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (1, 8, 7, 8, 8), (3, 5, 4, 1, 67),
             (1, 16, 9, 70, 70), (2, 64, 64, 5, 13), (2, 3, 20, 3, 7), (1, 17, 33, 2, 31),
