@@ -168,11 +168,13 @@ def test_depthwise_activations(rng, act, layout, dtype):
            dict(padding="same", layout=layout, activation=act), dtype, what=str(act))
 
 
-# (N, CI, CO, H, W): odd/prime sizes, 1x1, channel and pixel counts around the GEMM tile
-# (4 rows x 16 float32 / 8 float64 columns) and the 64-pixel block, one case over the 4096-pixel
-# reduction chunk.
+# (N, CI, CO, H, W): odd/prime sizes, 1x1, pixel counts around the tiles (NHWC blocks of 256
+# pixels, NCHW runs of at most 1024 pixels per image), output channels split into blocks when
+# there are few tiles (64 -> 2 x 32; 100 -> 64 + 36), one case over the 4096-pixel reduction
+# chunk.
 PW_CASES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (1, 8, 7, 8, 8), (3, 5, 4, 1, 67),
-            (1, 16, 9, 70, 70), (2, 64, 64, 5, 13), (2, 3, 20, 3, 7), (1, 17, 33, 2, 31)]
+            (1, 16, 9, 70, 70), (2, 64, 64, 5, 13), (2, 3, 20, 3, 7), (1, 17, 33, 2, 31),
+            (1, 24, 100, 33, 35)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -249,6 +251,41 @@ def test_reduction_chunks(rng, layout):
            (_absf(x), _absf(gy), (4, 1, 3, 3)))
     _check(dwops.pointwise_conv2d_grad_weight, (x, gy), dict(layout=layout), "float32",
            (_absf(x), _absf(gy)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_thread_count_invariance(rng, layout):
+    """Pointwise forward and gradients and the separable block give the same bits on one thread
+    and on two: tiles and reduction chunks depend on the shapes only, each BLAS call runs on one
+    thread."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one Numba thread only")
+    x = rand(rng, _shape(layout, 2, 40, 70, 70), "float32")
+    gy = rand(rng, _shape(layout, 2, 72, 70, 70), "float32")
+    w = rand(rng, (72, 40), "float32")
+    dw_w = rand(rng, (40, 1, 3, 3), "float32")
+    b = rand(rng, (72,), "float32")
+    kw = dict(layout=layout, backend="cpu")
+
+    def run():
+        return (dwops.pointwise_conv2d(x, w, b, activation="relu", **kw),
+                dwops.pointwise_conv2d(x[:1, ...], w, **kw),
+                dwops.pointwise_conv2d_grad_input(gy, w, **kw),
+                dwops.pointwise_conv2d_grad_weight(x, gy, **kw),
+                dwops.separable_conv2d(x, dw_w, w, b, padding="same", dw_activation="relu",
+                                       **kw))
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(2)
+        two = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, c in zip(one, two):
+        np.testing.assert_array_equal(a, c)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,4 +1,4 @@
-"""The ``"cpu"`` backend: Numba CPU kernels (``njit(parallel=True, cache=True)``), no BLAS.
+"""The ``"cpu"`` backend: Numba CPU kernels (``njit(parallel=True, cache=True)``) and BLAS.
 
 ``backend="auto"`` runs this for host arrays. Every op and gradient of the Backend interface is
 here, for any kernel size up to 31x31, stride, dilation, channel multiplier, asymmetric padding,
@@ -53,16 +53,21 @@ How each is computed:
   the forward's phase planes so every row is a contiguous dot product; NHWC: a fixed block of
   output rows) a float64 partial sum, then one sum over the partials. The number of tasks does
   not depend on the thread count, so results are reproducible.
-* Pointwise products use one small GEMM, :func:`_gemm_nn` (``out = A B``), per block of PW_BLOCK
-  pixels, with bias, activation and residual applied to the block while it is in cache. Its
-  inner tile, :func:`_microtile`, is a Numba intrinsic emitting LLVM vector FMAs with MR x 2
-  vector accumulators in registers (LLVM does not register-tile plain Numba loops). NCHW:
-  tile = W x[n][:, block]; NHWC: tile = x[block] W^T. Weight gradients use :func:`_gemm_nt`
-  (``A B^T``, both operands along the pixel axis: vectorized dot products). No BLAS: one thread
-  pool (Numba's) runs everything, so no two pools spin against each other on a small machine.
-* Separable is one fused kernel: per output row, the depthwise row of every channel (with dw bias
-  and dw activation) goes into a cache-resident buffer, then the row's GEMM and the epilogue write
-  the output; the intermediate never reaches main memory.
+* Pointwise products are BLAS GEMMs (the library SciPy links, called from Numba through
+  :func:`_gemm`), one per tile of a block of pixels by a block of output channels
+  (:func:`pw_tiles`): each prange task makes one single-threaded BLAS call that writes its tile
+  straight into the output (NCHW: y[n][o-block, k-block] = W[o-block] x[n][:, k-block], rows
+  H*W apart; NHWC: y[p-block, o-block] = x[p-block] W^T[:, o-block]), then adds bias,
+  activation and residual while the tile is in cache. Weight gradients are BLAS calls per chunk
+  of at most GW_ROWS pixels and block of output channels (``gy x^T`` on transposed operands, no
+  copies), the chunks summed in float64. BLAS threads and Numba threads do not stack: the BLAS
+  libraries are held at one thread while these kernels run (:class:`_SerialBlas`), so Numba's
+  thread count is the only one, and since the tiles and chunks depend on the shapes only,
+  results do not depend on the thread count.
+* Separable is one fused kernel: per band of output rows, the depthwise rows of every channel
+  (with dw bias and dw activation) go into a cache-resident buffer, then one BLAS call writes
+  the band of every output channel and the epilogue runs over it; the intermediate never
+  reaches main memory.
 
 Activations match :func:`dwops.reference.activate`, including its NaN rules (relu and relu6 are
 ``np.maximum`` / ``np.minimum``, which propagate NaN).
@@ -87,6 +92,13 @@ try:  # the backend reports itself unavailable instead of breaking ``import dwop
     from .._jit import install_notice
 
     install_notice()  # one line on stderr while a kernel compiles (DWOPS_QUIET=1 hides it)
+
+    # Numba's BLAS entry (the one np.dot uses in nopython code): kind ('s', 'd'), transa, transb,
+    # m, n, k, *alpha, *a, lda, *b, ldb, *beta, *c, ldc; column-major like Fortran BLAS.
+    _xxgemm = _nbtypes.ExternalFunction("numba_xxgemm", _nbtypes.intc(
+        _nbtypes.char, _nbtypes.char, _nbtypes.char, _nbtypes.intp, _nbtypes.intp,
+        _nbtypes.intp, _nbtypes.voidptr, _nbtypes.voidptr, _nbtypes.intp, _nbtypes.voidptr,
+        _nbtypes.intp, _nbtypes.voidptr, _nbtypes.voidptr, _nbtypes.intp))
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - exercised only without numba
     numba = None
@@ -102,8 +114,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
 from .._registry import HostBackend
 from .._spec import ACTIVATION_CODES as ACT_CODES
 
-# GEMM micro-tile: MR rows x 2 vectors of VEC_BYTES (AVX2 registers) per _microtile call.
-MR = 4
+# Vector width of the LLVM intrinsics below (AVX2 registers).
 VEC_BYTES = 32
 # NHWC depthwise register tile: JT pixels x 2 vectors of channels per _dw_tile call.
 JT = 4
@@ -113,11 +124,22 @@ RT = 6
 PT = 6
 # ... and border pixels one at a time (_dw_tile_s1) when the kernel has at most BORDER_TAPS taps.
 BORDER_TAPS = 9
-# Pointwise: pixels per task (its operand and result tiles stay in L1/L2). Pointwise grad_weight
-# sums at most GW_ROWS pixels in the compute dtype before accumulating in float64.
-PW_BLOCK = 64
-# NCHW separable: about SEP_PIXELS output pixels per band of rows.
+# Pointwise GEMM tiles (:func:`pw_tiles`): a block of pixels by a block of output channels. NCHW:
+# runs of at most PW_NCHW_PIXELS pixels of one image (the image split evenly); NHWC: blocks of
+# PW_NHWC_PIXELS pixels. When that makes fewer than PW_TASKS tiles, the output channels are split
+# too (blocks of at least PW_MIN_CHANNELS, a multiple of PW_CHANNEL_STEP) so small batches still
+# give every core work; no further, since each channel block packs the pixels' operand again
+# (3072->768 @7 NHWC, N=8: 42 ms in 2 blocks of 384 channels, 60 ms in 8 blocks of 96). The tiling
+# depends on the shapes only, never on the thread count.
+PW_NCHW_PIXELS = 1024
+PW_NHWC_PIXELS = 256
+PW_TASKS = 4
+PW_MIN_CHANNELS = 32
+PW_CHANNEL_STEP = 16
+# Separable: about SEP_PIXELS output pixels (whole rows) per band, one GEMM per band.
 SEP_PIXELS = 512
+# Pointwise grad_weight sums at most GW_ROWS pixels per BLAS call (in the compute dtype) before
+# accumulating in float64.
 # NCHW depthwise: about PLANE_TASKS tasks (each a run of planes reusing one scratch set).
 PLANE_TASKS = 64
 # NHWC depthwise flat path: about FLAT_ELEMS values (pixels x channels) per vectorized tap loop.
@@ -177,7 +199,62 @@ def _activate(v, act):
             v[k] = half * y * (one + math.erf(y * rsqrt2))
 
 
-# ----------------------------------------------------------------------------- GEMM micro-tile
+# ----------------------------------------------------------------------------- BLAS
+
+
+def pw_tiles(layout: str, images: int, pixels: int, co: int) -> tuple[int, int]:
+    """(pixels, output channels) per pointwise tile for ``images`` images of ``pixels`` pixels."""
+    if layout == "NCHW":
+        nb = -(-pixels // PW_NCHW_PIXELS)
+        pb = -(-pixels // nb)
+        tasks = images * nb
+    else:
+        pb = PW_NHWC_PIXELS
+        tasks = -(-(images * pixels) // pb)
+    return pb, channel_block(co, tasks)
+
+
+def channel_block(co: int, tasks: int) -> int:
+    """Output channels per tile when the other dimensions give ``tasks`` tiles: all of them, or
+    blocks (>= PW_MIN_CHANNELS, a multiple of PW_CHANNEL_STEP) making about PW_TASKS tiles."""
+    split = max(1, min(-(-PW_TASKS // max(tasks, 1)), co // PW_MIN_CHANNELS))
+    per = -(-co // split)
+    return min(co, -(-per // PW_CHANNEL_STEP) * PW_CHANNEL_STEP)
+
+
+@njit(cache=True)
+def _gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, acc):
+    """Column-major ``C = op(A) op(B)`` (``C += ...`` if acc; m x n, inner size k) by the BLAS
+    SciPy links.
+
+    a, b, c:  arrays (usually views) whose first element is the operand's first element
+    lda, ldb, ldc: leading dimensions in elements (column-major)
+    ta, tb:   True: the operand is stored transposed (k x m for A, n x k for B)
+    The call goes through Numba's ``numba_xxgemm`` (``scipy.linalg.cython_blas``: sgemm for
+    float32, dgemm for float64), single-threaded here: it runs inside prange tasks, with the BLAS
+    thread count held at 1 by the backend (:class:`_SerialBlas`). A row-major (R, L) array is a
+    column-major L x R matrix, so the kernels below pass row-major operands in swapped roles.
+    """
+    ab = np.empty(2, c.dtype)
+    ab[0] = 1.0
+    ab[1] = 1.0 if acc else 0.0
+    _xxgemm(115 if c.itemsize == 4 else 100, 84 if ta else 78, 84 if tb else 78, m, n, k,
+            ab.ctypes, a.ctypes, lda, b.ctypes, ldb, ab[1:].ctypes, c.ctypes, ldc)
+
+
+@njit(cache=True)
+def _gemm_warm():
+    """One tiny call per dtype outside any parallel region: Numba resolves the BLAS function
+    on its first call under the GIL, which a prange worker must not be the one to do."""
+    a = np.ones((1, 1), np.float32)
+    c = np.empty((1, 1), np.float32)
+    _gemm(False, False, 1, 1, 1, a, 1, a, 1, c, 1, False)
+    a64 = np.ones((1, 1), np.float64)
+    c64 = np.empty((1, 1), np.float64)
+    _gemm(False, False, 1, 1, 1, a64, 1, a64, 1, c64, 1, False)
+
+
+# ----------------------------------------------------------------------------- vector IR
 
 
 def _vector_ir(context, builder, dtype):
@@ -199,85 +276,6 @@ def _vector_ir(context, builder, dtype):
 
     return W, vty, intp, dtype.bitwidth // 8, fma, c, vptr
 
-
-
-@intrinsic
-def _microtile(typingctx, A, a0, BT, q0, C, c0, cq0):
-    """C[c0 + r, cq0 + l] = sum_k A[a0 + r, k] * BT[k, q0 + l], r < MR, l < NR, K = A.shape[1].
-
-    A:        (rows, K) C-contiguous left operand;  a0: its first row
-    BT:       (K, cols) C-contiguous right operand;  q0: its first column
-    C:        C-contiguous result;  c0, cq0: where the MR x NR tile goes
-    NR = 2 vectors of VEC_BYTES (16 float32 / 8 float64). Emitted as LLVM IR: MR x 2 vector
-    accumulators held in registers across the whole reduction, per k two vector loads of BT,
-    MR broadcasts of A and 2*MR fused multiply-adds (llvm.fma). LLVM does not produce this
-    register tiling from Numba loops, hence the intrinsic; everything else stays plain Numba.
-    """
-    sig = _nbtypes.void(A, a0, BT, q0, C, c0, cq0)
-
-    def codegen(context, builder, signature, args):
-        # IR: entry -> (K > 0) loop over k with MR*2 vector phis -> done: store the tiles
-        aty, _, bty, _, cty, _, _ = signature.args
-        W, vty, intp, _, fma, _, _ = _vector_ir(context, builder, aty.dtype)
-        arrA = context.make_array(aty)(context, builder, args[0])
-        arrB = context.make_array(bty)(context, builder, args[2])
-        arrC = context.make_array(cty)(context, builder, args[4])
-        a0v, q0v, c0v, cq0v = args[1], args[3], args[5], args[6]
-        _, K = cgutils.unpack_tuple(builder, arrA.shape, 2)
-        ldb = cgutils.unpack_tuple(builder, arrB.shape, 2)[1]
-        ldc = cgutils.unpack_tuple(builder, arrC.shape, 2)[1]
-        i32 = ir.IntType(32)
-        mask = ir.Constant(ir.VectorType(i32, W), [0] * W)
-        undef = ir.Constant(vty, ir.Undefined)
-        zero = ir.Constant(vty, [0.0] * W)
-        arows = [builder.gep(arrA.data, [builder.mul(builder.add(a0v, ir.Constant(intp, r)), K)])
-                 for r in range(MR)]
-        entry = builder.basic_block
-        loop = builder.append_basic_block("mt.loop")
-        done = builder.append_basic_block("mt.done")
-        builder.cbranch(builder.icmp_signed(">", K, ir.Constant(intp, 0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(intp)
-        k.add_incoming(ir.Constant(intp, 0), entry)
-        accs = []
-        for r in range(MR):
-            for h in range(2):
-                ph = builder.phi(vty)
-                ph.add_incoming(zero, entry)
-                accs.append(ph)
-        bp = builder.gep(arrB.data, [builder.add(builder.mul(k, ldb), q0v)])
-        bv = []
-        for h in range(2):
-            ptr = builder.bitcast(builder.gep(bp, [ir.Constant(intp, h * W)]), vty.as_pointer())
-            bv.append(builder.load(ptr, align=aty.dtype.bitwidth // 8))
-        new = []
-        for r in range(MR):
-            a = builder.load(builder.gep(arows[r], [k]))
-            one = builder.insert_element(undef, a, ir.Constant(i32, 0))
-            s = builder.shuffle_vector(one, undef, mask)  # broadcast A[a0 + r, k]
-            for h in range(2):
-                new.append(builder.call(fma, [s, bv[h], accs[r * 2 + h]]))
-        k1 = builder.add(k, ir.Constant(intp, 1))
-        k.add_incoming(k1, loop)
-        for ph, v in zip(accs, new):
-            ph.add_incoming(v, loop)
-        builder.cbranch(builder.icmp_signed("<", k1, K), loop, done)
-        builder.position_at_end(done)
-        results = []
-        for v in new:
-            res = builder.phi(vty)
-            res.add_incoming(zero, entry)
-            res.add_incoming(v, loop)
-            results.append(res)
-        for r in range(MR):
-            row = builder.add(c0v, ir.Constant(intp, r))
-            crow = builder.gep(arrC.data, [builder.add(builder.mul(row, ldc), cq0v)])
-            for h in range(2):
-                ptr = builder.gep(crow, [ir.Constant(intp, h * W)])
-                ptr = builder.bitcast(ptr, vty.as_pointer())
-                builder.store(results[r * 2 + h], ptr, align=aty.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-    return sig, codegen
 
 
 @intrinsic
@@ -514,29 +512,6 @@ def _make_dw_tile_s(P):
 _dw_tile_s = _make_dw_tile_s(PT)
 _dw_tile_s1 = _make_dw_tile_s(1)
 
-@njit(cache=True, fastmath=_FM)
-def _gemm_nn(A, a0, P, BT, q0, Q, out):
-    """out[p, q] = sum_k A[a0 + p, k] * BT[k, q0 + q]  for p < P, q < Q  (K = A.shape[1]).
-
-    A:        (rows, K) C-contiguous;  BT: (K, cols) C-contiguous;  out: (>= P, >= Q) C-contiguous
-    Full MR x NR tiles by _microtile; the edge rows and columns by scalar dot products.
-    """
-    K = A.shape[1]
-    NR = 2 * (VEC_BYTES // A.itemsize)
-    Pm = P - P % MR
-    Qm = Q - Q % NR
-    for p in range(0, Pm, MR):
-        for q in range(0, Qm, NR):
-            _microtile(A, a0 + p, BT, q0 + q, out, p, q)
-    zero = out.dtype.type(0.0)
-    for p in range(P):
-        for q in range(Qm if p < Pm else 0, Q):
-            s = zero
-            for k in range(K):
-                s += A[a0 + p, k] * BT[k, q0 + q]
-            out[p, q] = s
-
-
 # ----------------------------------------------------------------------------- row kernels
 # Inner loops index with ``_u(...)`` (an unsigned cast): Numba wraps negative signed indices, and
 # that select on a computed index stops LLVM from vectorizing; the spans guarantee the index is
@@ -683,77 +658,6 @@ def _dw_row_nhwc(x, wt, wrep, b, n, i, dst, d, M, sh, sw, dh, dw, pt, pl, has_bi
                         for m in range(M):
                             dst[d, j, c * M + m] += wt[a, bb, c * M + m] * xv
     _activate(dflat, act)
-
-
-@njit(cache=True, fastmath=_FM_SUM)
-def _gemm_nt(A, a0, P, B, b0, Q, k0, k1, out):
-    """out[p, q] = sum_{k0 <= k < k1} A[a0 + p, k] * B[b0 + q, k]  for p < P, q < Q.
-
-    A:        (rows, K) left operand, row-major along the reduction axis
-    B:        (rows, K) right operand, row-major along the reduction axis
-    a0, P:    first row of A and number of rows;  b0, Q: the same for B
-    k0, k1:   reduction range
-    out:      (>= P, >= Q) result
-    Register block of 2 rows of A x 4 rows of B: 8 running sums, each vectorized along k, so
-    every loaded vector of A feeds 4 FMAs and every vector of B feeds 2.
-    """
-    zero = out.dtype.type(0.0)
-    L = k1 - k0
-    P2 = P - P % 2
-    Q4 = Q - Q % 4
-    for p in range(0, P2, 2):
-        ra, rc = a0 + p, a0 + p + 1
-        for q in range(0, Q4, 4):
-            r0, r1, r2, r3 = b0 + q, b0 + q + 1, b0 + q + 2, b0 + q + 3
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-            for t in range(L):
-                k = _u(k0 + t)
-                u = A[ra, k]
-                v = A[rc, k]
-                e0, e1, e2, e3 = B[r0, k], B[r1, k], B[r2, k], B[r3, k]
-                s00 += u * e0
-                s01 += u * e1
-                s02 += u * e2
-                s03 += u * e3
-                s10 += v * e0
-                s11 += v * e1
-                s12 += v * e2
-                s13 += v * e3
-            out[p, q], out[p, q + 1], out[p, q + 2], out[p, q + 3] = s00, s01, s02, s03
-            out[p + 1, q], out[p + 1, q + 1], out[p + 1, q + 2], out[p + 1, q + 3] = (
-                s10, s11, s12, s13)
-        for q in range(Q4, Q):
-            s0 = s1 = zero
-            for t in range(L):
-                k = _u(k0 + t)
-                e = B[b0 + q, k]
-                s0 += A[ra, k] * e
-                s1 += A[rc, k] * e
-            out[p, q], out[p + 1, q] = s0, s1
-    for p in range(P2, P):
-        for q in range(Q):
-            s = zero
-            for t in range(L):
-                k = _u(k0 + t)
-                s += A[a0 + p, k] * B[b0 + q, k]
-            out[p, q] = s
-
-
-@njit(cache=True, fastmath=_FM)
-def _bias_act(tile, b, has_bias, channel_rows, act):
-    """In place on a C-contiguous (R, L) tile: add b[row] (channel_rows) or b[col], activate."""
-    R, L = tile.shape
-    if has_bias:
-        if channel_rows:
-            for r in range(R):
-                br = b[r]
-                for l in range(L):
-                    tile[r, l] += br
-        else:
-            for r in range(R):
-                for l in range(L):
-                    tile[r, l] += b[l]
-    _activate(tile.reshape(R * L), act)
 
 
 # ----------------------------------------------------------------------------- depthwise forward
@@ -1150,8 +1054,33 @@ def _dw_grad_weight_nhwc(x, gy, part, M, sh, sw, dh, dw, pt, pl):
 # ----------------------------------------------------------------------------- pointwise
 
 
+@njit(cache=True, fastmath=_FM)
+def _epilogue_row(row, bias, has_bias, act, res, has_res):
+    """row = act(row + bias) + res, in place on a 1-d run of one tile (bias a scalar for a
+    channel row, ``res`` the matching 1-d run of the residual)."""
+    if has_bias:
+        for k in range(row.shape[0]):
+            row[k] += bias
+    _activate(row, act)
+    if has_res:
+        for k in range(row.shape[0]):
+            row[k] += res[k]
+
+
+@njit(cache=True, fastmath=_FM)
+def _epilogue_pixel(row, b, has_bias, act, res, has_res):
+    """The same for one NHWC pixel: ``row`` and ``res`` run over channels, ``b`` is a vector."""
+    if has_bias:
+        for k in range(row.shape[0]):
+            row[k] += b[k]
+    _activate(row, act)
+    if has_res:
+        for k in range(row.shape[0]):
+            row[k] += res[k]
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
+def _pw_forward_nchw(x, w, b, res, y, PB, OB, has_bias, has_res, act):
     """y[n, o, k] = act(sum_c w[o, c] x[n, c, k] + b[o]) + res[n, o, k]  (NCHW, k = flat pixel).
 
     x:        (N, CI, K) input
@@ -1159,112 +1088,122 @@ def _pw_forward_nchw(x, w, b, res, y, has_bias, has_res, act):
     b:        (CO,) bias (read only if has_bias)
     res:      (N, CO, K) residual (read only if has_res)
     y:        (N, CO, K) output
-    act:      activation code
-    One task per (image, block of PW_BLOCK pixels): tile (CO, pixels) = w x[n][:, block] by
-    _gemm_nn (x's (CI, H*W) image is already the right-hand operand), then bias, activation and
-    residual while the tile is in cache.
+    PB, OB:   pixels and output channels per tile (pw_tiles);  act: activation code
+    One task per tile (image, block of PB pixels, block of OB output channels): one BLAS call
+    writes y[n][o-block, k-block] (rows K apart) = w[o-block] x[n][:, k-block] in place
+    (column-major: the pixels x channels matrix x[n][:, k-block]^T w[o-block]^T), then bias,
+    activation and residual run over the tile while it is in cache.
     """
     N, CI, K = x.shape
     CO = w.shape[0]
-    nb = (K + PW_BLOCK - 1) // PW_BLOCK
-    for t in prange(N * nb):
-        n = t // nb
-        k0 = (t - n * nb) * PW_BLOCK
-        pb = min(PW_BLOCK, K - k0)
-        tile = np.empty((CO, pb), x.dtype)
-        _gemm_nn(w, 0, CO, x[n], k0, pb, tile)
-        _bias_act(tile, b, has_bias, True, act)
-        for o in range(CO):
-            if has_res:
-                for p in range(pb):
-                    y[n, o, k0 + p] = tile[o, p] + res[n, o, k0 + p]
-            else:
-                for p in range(pb):
-                    y[n, o, k0 + p] = tile[o, p]
+    nb = (K + PB - 1) // PB
+    ncb = (CO + OB - 1) // OB
+    for t in prange(N * nb * ncb):
+        n = t // (nb * ncb)
+        r = t - n * nb * ncb
+        kb = r // ncb
+        k0 = kb * PB
+        o0 = (r - kb * ncb) * OB
+        pb = min(PB, K - k0)
+        ob = min(OB, CO - o0)
+        _gemm(False, False, pb, ob, CI, x[n, 0, k0:], K, w[o0:], CI, y[n, o0, k0:], K, False)
+        if has_bias or has_res or act != 0:
+            for o in range(o0, o0 + ob):
+                _epilogue_row(y[n, o, k0:k0 + pb], b[o], has_bias, act,
+                              res[n, o, k0:k0 + pb] if has_res else res[0, 0, :], has_res)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_forward_nhwc(x, wt, b, res, y, has_bias, has_res, act):
+def _pw_forward_nhwc(x, wt, b, res, y, PB, OB, has_bias, has_res, act):
     """y[p, o] = act(sum_c x[p, c] wt[c, o] + b[o]) + res[p, o]  (NHWC, p = flat pixel).
 
     x:        (P, CI) input;  wt: (CI, CO) weights, transposed;  b: (CO,) bias (if has_bias)
     res:      (P, CO) residual (read only if has_res);  y: (P, CO) output;  act: activation code
-    One task per block of PW_BLOCK pixels.
+    PB, OB:   pixels and output channels per tile (pw_tiles)
+    One task per tile: one BLAS call writes y[p-block, o-block] (rows CO apart) =
+    x[p-block] wt[:, o-block] (column-major: the channels x pixels matrix
+    wt[:, o-block]^T x[p-block]^T), then the epilogue per pixel.
     """
     P, CI = x.shape
     CO = wt.shape[1]
-    nb = (P + PW_BLOCK - 1) // PW_BLOCK
-    for t in prange(nb):
-        p0 = t * PW_BLOCK
-        pb = min(PW_BLOCK, P - p0)
-        tile = np.empty((pb, CO), x.dtype)
-        _gemm_nn(x, p0, pb, wt, 0, CO, tile)
-        _bias_act(tile, b, has_bias, False, act)
-        for p in range(pb):
-            if has_res:
-                for o in range(CO):
-                    y[p0 + p, o] = tile[p, o] + res[p0 + p, o]
-            else:
-                for o in range(CO):
-                    y[p0 + p, o] = tile[p, o]
+    nb = (P + PB - 1) // PB
+    ncb = (CO + OB - 1) // OB
+    for t in prange(nb * ncb):
+        kb = t // ncb
+        p0 = kb * PB
+        o0 = (t - kb * ncb) * OB
+        pb = min(PB, P - p0)
+        ob = min(OB, CO - o0)
+        _gemm(False, False, ob, pb, CI, wt[0, o0:], CO, x[p0:], CI, y[p0, o0:], CO, False)
+        if has_bias or has_res or act != 0:
+            for p in range(p0, p0 + pb):
+                _epilogue_pixel(y[p, o0:o0 + ob], b[o0:o0 + ob], has_bias, act,
+                                res[p, o0:o0 + ob] if has_res else res[0, :], has_res)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_grad_weight_nchw(x, gy, part, K):
+def _pw_grad_weight_nchw(x, gy, part, G, OB):
     """Pointwise grad_weight, NCHW, stage 1: part[t] = sum over a pixel chunk of gy x^T.
 
-    x:        (N*CI, K) input, rows (n, c);  gy: (N*CO, K) output gradient, rows (n, o)
-    part:     (N * ceil(K / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
-    K:        pixels per image
+    x:        (N, CI, K) input;  gy: (N, CO, K) output gradient
+    part:     (chunks, CO, CI) float64 partials (stage 2: their sum)
+    G:        images per chunk: K > GW_ROWS: 1 (each image in ceil(K / GW_ROWS) chunks); else
+              GW_ROWS // K whole images (at most GW_ROWS pixels)
+    OB:       output channels per task
+    One task per (chunk, block of OB output channels): one BLAS call per image of the chunk,
+    accumulated in the compute dtype (column-major: the CI x OB matrix
+    x[n][:, k-run] gy[n][o-block, k-run]^T, the row-major (OB, CI) tile), then stored in float64.
     """
-    T, CO, CI = part.shape
-    nb = T // (x.shape[0] // CI)
-    for t in prange(T):
-        n = t // nb
-        k0 = (t - n * nb) * GW_ROWS
-        tile = np.empty((CO, CI), x.dtype)
-        _gemm_nt(gy, n * CO, CO, x, n * CI, CI, k0, min(K, k0 + GW_ROWS), tile)
-        for o in range(CO):
-            for c in range(CI):
-                part[t, o, c] = tile[o, c]
+    N, CI, K = x.shape
+    T, CO = part.shape[0], part.shape[1]
+    nb = (K + GW_ROWS - 1) // GW_ROWS if G == 1 else 1
+    ncb = (CO + OB - 1) // OB
+    for t in prange(T * ncb):
+        c = t // ncb
+        o0 = (t - c * ncb) * OB
+        ob = min(OB, CO - o0)
+        n0 = (c // nb) * G
+        k0 = (c - (c // nb) * nb) * GW_ROWS
+        kc = min(GW_ROWS, K - k0)
+        tile = np.empty((ob, CI), x.dtype)
+        for n in range(n0, min(N, n0 + G)):
+            _gemm(True, False, CI, ob, kc, x[n, 0, k0:], K, gy[n, o0, k0:], K, tile, CI, n > n0)
+        for o in range(ob):
+            for ci in range(CI):
+                part[c, o0 + o, ci] = tile[o, ci]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _pw_grad_weight_nhwc(x, gy, part):
+def _pw_grad_weight_nhwc(x, gy, part, OB):
     """Pointwise grad_weight, NHWC, stage 1: part[t] = sum over pixels of chunk t of gy x^T.
 
     x:        (P, CI) input;  gy: (P, CO) output gradient
     part:     (ceil(P / GW_ROWS), CO, CI) float64 partials (stage 2: their sum)
-    Sub-blocks of PW_BLOCK pixels are transposed to (channels, pixels) and multiplied in the
-    input dtype; sub-block products are added in float64.
+    OB:       output channels per task
+    One BLAS call per (chunk of GW_ROWS pixels, block of OB output channels) (column-major: the
+    CI x OB matrix x[chunk]^T gy[chunk, o-block]).
     """
     P, CI = x.shape
     T, CO = part.shape[0], part.shape[1]
-    for t in prange(T):
-        for o in range(CO):
-            for c in range(CI):
-                part[t, o, c] = 0.0
-        xt = np.empty((CI, PW_BLOCK), x.dtype)
-        gt = np.empty((CO, PW_BLOCK), x.dtype)
-        tile = np.empty((CO, CI), x.dtype)
-        for p0 in range(t * GW_ROWS, min(P, (t + 1) * GW_ROWS), PW_BLOCK):
-            pb = min(PW_BLOCK, P - p0, (t + 1) * GW_ROWS - p0)
-            for p in range(pb):
-                for c in range(CI):
-                    xt[c, p] = x[p0 + p, c]
-                for o in range(CO):
-                    gt[o, p] = gy[p0 + p, o]
-            _gemm_nt(gt, 0, CO, xt, 0, CI, 0, pb, tile)
-            for o in range(CO):
-                for c in range(CI):
-                    part[t, o, c] += tile[o, c]
+    ncb = (CO + OB - 1) // OB
+    for t in prange(T * ncb):
+        c = t // ncb
+        o0 = (t - c * ncb) * OB
+        ob = min(OB, CO - o0)
+        p0 = c * GW_ROWS
+        tile = np.empty((ob, CI), x.dtype)
+        _gemm(False, True, CI, ob, min(GW_ROWS, P - p0), x[p0:], CI, gy[p0, o0:], CO, tile, CI,
+              False)
+        for o in range(ob):
+            for ci in range(CI):
+                part[c, o0 + o, ci] = tile[o, ci]
 
 
 # ----------------------------------------------------------------------------- separable
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
+def _separable_nchw(x, w, db, pw, b, res, y, PB, M, sh, sw, dh, dw, pt, pl,
                     has_db, dact, has_bias, has_res, act):
     """Fused separable forward, NCHW; one task per band of output rows, intermediate in cache.
 
@@ -1273,25 +1212,25 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
     pw:       (CO, C*M) pointwise weights;      b: (CO,) bias (if has_bias)
     res:      (N, CO, OH, OW) residual (if has_res)
     y:        (N, CO, OH, OW) output
+    PB:       pixels per band (SEP_PIXELS): a band is max(1, PB // OW) output rows
     M, sh, sw, dh, dw, pt, pl: depthwise geometry as in _dw_forward_nchw
     dact, act: depthwise and final activation codes
-    One task per band of RB output rows of one image (about SEP_PIXELS pixels per band). Each
-    channel's band goes through a (RB, OW) buffer into mid[c, :RB*OW] (mid is (C*M, Kp),
-    Kp = RB*OW rounded up to whole GEMM tiles, the pad columns zero); then tile (CO, Kp) =
-    pw mid, bias, activation, residual; the first RB*OW columns are the band's pixels of y.
+    One task per band of RB output rows of one image. Each channel's band goes through a
+    (RB, OW) buffer into mid[c] (mid is (C*M, RB*OW)); then one BLAS call writes the band of
+    every output channel, y[n][:, band] (CO x RB*OW, rows OH*OW apart) = pw mid, and bias,
+    activation and residual run over it while it is in cache.
     """
     N, CO, OH, OW = y.shape
     CI = w.shape[0]
-    NR = 2 * (VEC_BYTES // x.itemsize)
-    RB = max(1, min(OH, SEP_PIXELS // OW))
+    RB = max(1, min(OH, PB // OW))
     nb = (OH + RB - 1) // RB
     for t in prange(N * nb):
         n = t // nb
         i0 = (t - n * nb) * RB
         R = min(RB, OH - i0)
-        Kp = (R * OW + NR - 1) // NR * NR
+        L = R * OW
         band = np.empty((R, OW), x.dtype)
-        mid = np.zeros((CI, Kp), x.dtype)
+        mid = np.empty((CI, L), x.dtype)
         xp, acc, xoffs, woffs, wrep = _plane_scratch(x, w.shape[1], w.shape[2], R, OW, 1, sh, sw,
                                                      dh, dw)
         for c in range(CI):
@@ -1300,49 +1239,47 @@ def _separable_nchw(x, w, db, pw, b, res, y, M, sh, sw, dh, dw, pt, pl,
             for ii in range(R):
                 for j in range(OW):
                     mid[c, ii * OW + j] = band[ii, j]
-        tile = np.empty((CO, Kp), x.dtype)
-        _gemm_nn(pw, 0, CO, mid, 0, Kp, tile)
-        _bias_act(tile, b, has_bias, True, act)
-        for o in range(CO):
-            for ii in range(R):
-                if has_res:
-                    for j in range(OW):
-                        y[n, o, i0 + ii, j] = tile[o, ii * OW + j] + res[n, o, i0 + ii, j]
-                else:
-                    for j in range(OW):
-                        y[n, o, i0 + ii, j] = tile[o, ii * OW + j]
+        _gemm(False, False, L, CO, CI, mid, L, pw, CI, y[n, 0, i0:], OH * OW, False)
+        if has_bias or has_res or act != 0:
+            for o in range(CO):
+                for ii in range(i0, i0 + R):
+                    _epilogue_row(y[n, o, ii], b[o], has_bias, act,
+                                  res[n, o, ii] if has_res else res[0, 0, 0], has_res)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _separable_nhwc(x, wt, wrep, db, pwt, b, res, y, M, sh, sw, dh, dw, pt, pl,
+def _separable_nhwc(x, wt, wrep, db, pwt, b, res, y, PB, M, sh, sw, dh, dw, pt, pl,
                     has_db, dact, has_bias, has_res, act):
-    """Fused separable forward, NHWC; one task per (n, output row), intermediate in cache.
+    """Fused separable forward, NHWC; one task per band of output rows, intermediate in cache.
 
     x:        (N, H, W, C) input
     wt:       (KH, KW, C*M) depthwise filters, channel last;  db: (C*M,) depthwise bias
     wrep:     tap filters repeated, as in _dw_row_nhwc
     pwt:      (C*M, CO) pointwise weights, transposed;  b: (CO,) bias (if has_bias)
     res:      (N, OH, OW, CO) residual (if has_res);  y: (N, OH, OW, CO) output
+    PB:       pixels per band (SEP_PIXELS): a band is max(1, PB // OW) output rows
     M, sh, sw, dh, dw, pt, pl, dact, act: as in _separable_nchw
-    mid (1, OW, C*M) = depthwise row; tile (OW, CO) = mid pwt, bias, activation, residual.
+    mid (R, OW, C*M) = the band's depthwise rows; one BLAS call writes y[n, band] (R*OW x CO,
+    contiguous) = mid pwt, then bias, activation, residual per pixel.
     """
     N, OH, OW, CO = y.shape
     CI = wt.shape[2]
-    for t in prange(N * OH):
-        n = t // OH
-        i = t - n * OH
-        mid = np.empty((1, OW, CI), x.dtype)
-        _dw_row_nhwc(x, wt, wrep, db, n, i, mid, 0, M, sh, sw, dh, dw, pt, pl, has_db, dact)
-        tile = np.empty((OW, CO), x.dtype)
-        _gemm_nn(mid[0], 0, OW, pwt, 0, CO, tile)
-        _bias_act(tile, b, has_bias, False, act)
-        for j in range(OW):
-            if has_res:
-                for o in range(CO):
-                    y[n, i, j, o] = tile[j, o] + res[n, i, j, o]
-            else:
-                for o in range(CO):
-                    y[n, i, j, o] = tile[j, o]
+    RB = max(1, min(OH, PB // OW))
+    nb = (OH + RB - 1) // RB
+    for t in prange(N * nb):
+        n = t // nb
+        i0 = (t - n * nb) * RB
+        R = min(RB, OH - i0)
+        mid = np.empty((R, OW, CI), x.dtype)
+        for ii in range(R):
+            _dw_row_nhwc(x, wt, wrep, db, n, i0 + ii, mid, ii, M, sh, sw, dh, dw, pt, pl, has_db,
+                         dact)
+        _gemm(False, False, CO, R * OW, CI, pwt, CO, mid, CI, y[n, i0], CO, False)
+        if has_bias or has_res or act != 0:
+            for ii in range(i0, i0 + R):
+                for j in range(OW):
+                    _epilogue_pixel(y[n, ii, j], b, has_bias, act,
+                                    res[n, ii, j] if has_res else res[0, 0, 0], has_res)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -1398,6 +1335,41 @@ def _flat(p, a):
     if p.layout == "NCHW":
         return a.reshape(a.shape[0], a.shape[1], -1)
     return a.reshape(-1, a.shape[-1])
+
+
+class _SerialBlas:
+    """Context: every BLAS library in the process single-threaded while a kernel calls BLAS from
+    its prange tasks (Numba's threads are the parallelism; a multi-threaded BLAS under them
+    would run threads x threads on the cores, and OpenBLAS inside an OpenMP loop can hang).
+    The thread counts that were set are restored on exit. The first use resolves Numba's BLAS
+    function and finds the BLAS libraries (threadpoolctl)."""
+
+    def __init__(self):
+        self._libs = None
+        self._saved = []
+
+    def __enter__(self):
+        if self._libs is None:
+            import scipy.linalg.cython_blas  # noqa: F401 - the library Numba's BLAS calls use
+            from threadpoolctl import ThreadpoolController
+
+            _gemm_warm()
+            self._libs = [c for c in ThreadpoolController().lib_controllers
+                          if c.user_api == "blas"]
+        self._saved = [(c, c.num_threads) for c in self._libs]
+        for c, n in self._saved:
+            if n != 1:
+                c.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        for c, n in self._saved:
+            if n != 1:
+                c.set_num_threads(n)
+        self._saved = []
+
+
+_serial_blas = _SerialBlas()
 
 
 class _CpuBackend(HostBackend):
@@ -1474,11 +1446,14 @@ class _CpuBackend(HostBackend):
         dt = y.dtype
         bias = _opt(b, dt, (w.shape[0],))
         res = _opt(residual, dt, y.shape)
-        if p.layout == "NCHW":
-            _pw_forward_nchw(x, w, bias, res, y, b is not None, residual is not None, act)
-        else:
-            _pw_forward_nhwc(x, np.ascontiguousarray(w.T), bias, res, y, b is not None,
-                             residual is not None, act)
+        pb, ob = pw_tiles(p.layout, p.N, p.H * p.W, w.shape[0])
+        with _serial_blas:
+            if p.layout == "NCHW":
+                _pw_forward_nchw(x, w, bias, res, y, pb, ob, b is not None, residual is not None,
+                                 act)
+            else:
+                _pw_forward_nhwc(x, np.ascontiguousarray(w.T), bias, res, y, pb, ob,
+                                 b is not None, residual is not None, act)
 
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         """x: p.x_shape, w: (CO, CI), b: (CO,) or None, residual: p.y_shape or None."""
@@ -1500,18 +1475,25 @@ class _CpuBackend(HostBackend):
     def pointwise_grad_weight(self, p, x, gy, out, stream=None):
         """x: p.x_shape, gy: p.y_shape, out: (CO, CI);  gW = sum over pixels of gy x^T.
 
-        Chunks of at most GW_ROWS pixels are summed in the compute dtype, chunks in float64.
+        Chunks of at most GW_ROWS pixels (NCHW: of one image, or of whole images when an image
+        has fewer) are summed in the compute dtype, chunks in float64; the output channels are
+        split into blocks when there are fewer than PW_TASKS chunks.
         """
         dt = _compute_dtype(p.dtype)
-        xf, gf = _as(x, dt), _as(gy, dt)
+        xf, gf = _flat(p, _as(x, dt)), _flat(p, _as(gy, dt))
+        K = p.H * p.W
         if p.layout == "NCHW":
-            K = p.H * p.W
-            part = np.empty((p.N * -(-K // GW_ROWS), p.CO, p.CI), np.float64)
-            _pw_grad_weight_nchw(xf.reshape(p.N * p.CI, K), gf.reshape(p.N * p.CO, K), part, K)
+            g = 1 if K > GW_ROWS else max(1, GW_ROWS // max(K, 1))
+            chunks = p.N * -(-K // GW_ROWS) if g == 1 else -(-p.N // g)
         else:
-            P = p.N * p.H * p.W
-            part = np.empty((-(-P // GW_ROWS), p.CO, p.CI), np.float64)
-            _pw_grad_weight_nhwc(xf.reshape(P, p.CI), gf.reshape(P, p.CO), part)
+            chunks = -(-(p.N * K) // GW_ROWS)
+        ob = channel_block(p.CO, chunks)
+        part = np.empty((chunks, p.CO, p.CI), np.float64)
+        with _serial_blas:
+            if p.layout == "NCHW":
+                _pw_grad_weight_nchw(xf, gf, part, g, ob)
+            else:
+                _pw_grad_weight_nhwc(xf, gf, part, ob)
         out[...] = part.sum(axis=0)  # float64 sums, rounded once
 
     # -- separable
@@ -1527,15 +1509,17 @@ class _CpuBackend(HostBackend):
         target = _target(out, dt)
         wk = _dw_weights(d, dw_w, dt)
         pw = _as(pw_w, dt)
-        rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target, *_geometry(d),
+        rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target,
+                SEP_PIXELS, *_geometry(d),
                 dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
                 ACT_CODES[q.activation])
         dwb = _opt(dw_b, dt, (d.CO,))
-        if d.layout == "NCHW":
-            _separable_nchw(_as(x, dt), wk, dwb, pw, *rest)
-        else:
-            _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), dwb,
-                            np.ascontiguousarray(pw.T), *rest)
+        with _serial_blas:
+            if d.layout == "NCHW":
+                _separable_nchw(_as(x, dt), wk, dwb, pw, *rest)
+            else:
+                _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), dwb,
+                                np.ascontiguousarray(pw.T), *rest)
         _finish(out, target)
 
     # -- depthwise 1-d (kernels in _cpu_conv1d.py)
