@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu import _FM, _FM_SUM, ACT_CODES, _activate, _as, _compute_dtype, _opt
+from ._cpu_common import _FM, _FM_SUM, ACT_CODES, _activate, _as, _compute_dtype, _opt
 
 try:
+    from llvmlite import ir
     from numba import njit, prange, types
     from numba import uint64 as _u
     from numba.extending import intrinsic, overload
-    from llvmlite import ir
 except ImportError:  # pragma: no cover - cpu.py reports the backend unavailable
     pass
 
