@@ -34,6 +34,8 @@ def quiet() -> bool:
 def install_notice() -> None:
     """Register (once) a Numba compile listener that announces each dwops kernel's first compile."""
     global _installed
+    if _installed:  # the common case, on every GPU launch: no lock
+        return
     with _lock:
         if _installed:
             return
