@@ -131,24 +131,13 @@ def _activate(v, act):
 
 
 def _compute_dtype(dtype: str):
-    """float64 stays float64; float32, float16 and bfloat16 compute in float32."""
+    """float64 stays float64; float32 (and float16 / bfloat16, in slabs) compute in float32."""
     return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
 
 
 def _as(a, dt):
     """``a`` as a C-contiguous array of dtype ``dt`` (no copy when it already is one)."""
     return None if a is None else np.ascontiguousarray(a, dtype=dt)
-
-
-def _target(out, dt):
-    """The array a kernel writes: ``out`` itself, or a ``dt`` temporary for 16-bit outputs."""
-    return out if out.dtype == dt else np.empty(out.shape, dt)
-
-
-def _finish(out, target):
-    """Round the float32 temporary once into a 16-bit ``out``."""
-    if target is not out:
-        out[...] = target
 
 
 def _opt(a, dt, shape):

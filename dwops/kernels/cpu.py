@@ -9,8 +9,15 @@ backend (array preparation and the choice of kernel); the kernels live in one fi
 register tiles, as LLVM vector IR) and ``_cpu_common.py`` (constants, activations, helpers).
 
 Dtypes. float32 and float64 compute in their own precision (float32 reductions over many terms
-are summed per row in float32 and across rows in float64). float16 and bfloat16 are converted to
-float32, computed as float32 and rounded once at the end. Each kernel below is ONE generic
+are summed per row in float32 and across rows in float64). float16 and bfloat16 compute in float32
+and are rounded once at the end, one *slab* at a time (:func:`_dw_slabs`, :func:`_pw_slabs`,
+:func:`_sep_slabs`): a block of images and channels (depthwise), of pixels (pointwise) or of
+output rows with their input halo (separable) whose largest operand has about SLAB_ELEMS
+elements is widened into float32 scratch, run through the float32 kernels and rounded into the
+output; weight gradients sum the slabs' float64 partials and round once. So a 16-bit call needs
+a bounded scratch on top of its output (two or three float32 slabs of about SLAB_ELEMS elements,
+or one channel plane and its output plane when a plane is larger), never float32 copies of whole
+arrays. Each kernel below is ONE generic
 function: Numba specializes it per array dtype (float32 / float64); kernel size, stride, dilation
 and padding are runtime integers, so a new geometry never triggers a compile. Compiled code is
 cached on disk (``cache=True``), so only a process's very first call of a kernel and dtype pays
@@ -77,6 +84,7 @@ Activations match :func:`dwops.reference.activate`, including its NaN rules (rel
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -91,9 +99,7 @@ from ._cpu_common import (
     SEP_PIXELS,
     _as,
     _compute_dtype,
-    _finish,
     _opt,
-    _target,
 )
 from ._cpu_depthwise import (
     _dw_forward_nchw,
@@ -116,6 +122,107 @@ from ._cpu_pointwise import (
 )
 
 # ----------------------------------------------------------------------------- the backend
+
+
+# ----------------------------------------------------------------------------- 16-bit slabs
+
+NARROW = ("float16", "bfloat16")
+# Elements in the largest float32 operand of one 16-bit slab (4 MiB): big enough that a slab is
+# many kernel tasks (one parallel region per slab), small enough to stay a scratch buffer.
+SLAB_ELEMS = 1 << 20
+_F32 = np.dtype(np.float32)
+
+
+def _nc(layout, n0, n1, c0, c1):
+    """Index of images n0:n1 and channels c0:c1 of a 4-d array in ``layout``."""
+    if layout == "NCHW":
+        return slice(n0, n1), slice(c0, c1)
+    return slice(n0, n1), slice(None), slice(None), slice(c0, c1)
+
+
+def _dw_slabs(p):
+    """The slabs of a 16-bit depthwise problem: blocks of images x input channels whose input
+    and output blocks have about SLAB_ELEMS elements or fewer (at least one channel plane).
+    Yields (q, xs, ys, ws): the float32 sub-problem, the block's index in x (and gx), in y
+    (and gy), and its slice of output channels (filters, bias, weight gradient)."""
+    k = max(1, SLAB_ELEMS // max(1, p.H * p.W, p.M * p.OH * p.OW))
+    cc, nn = (p.C, max(1, k // max(1, p.C))) if k >= p.C else (k, 1)
+    for n0 in range(0, p.N, nn):
+        n1 = min(p.N, n0 + nn)
+        for c0 in range(0, p.C, cc):
+            c1 = min(p.C, c0 + cc)
+            q = dataclasses.replace(p, N=n1 - n0, C=c1 - c0, dtype="float32")
+            yield (q, _nc(p.layout, n0, n1, c0, c1), _nc(p.layout, n0, n1, c0 * p.M, c1 * p.M),
+                   slice(c0 * p.M, c1 * p.M))
+
+
+def _pw_slabs(p):
+    """The slabs of a 16-bit pointwise problem: runs of pixels with about SLAB_ELEMS elements
+    in the larger of their input and output blocks (at least one pixel). Yields (q, view): the
+    float32 sub-problem and a function giving an array's block as q's physical shape (a view
+    of x, gy, y, gx or the residual; NCHW: whole images when they fit, else pixels k0:k1 of one
+    image as an (1, C, 1, k1-k0) problem; NHWC: rows of the (N*H*W, C) pixel matrix)."""
+    K = p.H * p.W
+    px = max(1, SLAB_ELEMS // max(1, p.CI, p.CO))
+    if p.layout == "NCHW" and px >= K:
+        nn = max(1, px // max(1, K))
+        for n0 in range(0, p.N, nn):
+            n1 = min(p.N, n0 + nn)
+            yield dataclasses.replace(p, N=n1 - n0, dtype="float32"), \
+                (lambda a, n0=n0, n1=n1: a[n0:n1])
+        return
+    if p.layout == "NCHW":
+        for n in range(p.N):
+            for k0 in range(0, K, px):
+                k1 = min(K, k0 + px)
+                yield dataclasses.replace(p, N=1, H=1, W=k1 - k0, dtype="float32"), \
+                    (lambda a, n=n, k0=k0, k1=k1: a.reshape(p.N, a.shape[1], K)[n:n + 1, :, None,
+                                                                               k0:k1])
+        return
+    rows = p.N * K
+    for r0 in range(0, rows, px):
+        r1 = min(rows, r0 + px)
+        yield dataclasses.replace(p, N=1, H=1, W=r1 - r0, dtype="float32"), \
+            (lambda a, r0=r0, r1=r1: a.reshape(rows, a.shape[-1])[None, None, r0:r1])
+
+
+def _sep_slabs(p):
+    """The slabs of a 16-bit separable problem: images, or bands of output rows of one image
+    with the input rows they read (the halo), with about SLAB_ELEMS elements in the largest of
+    the input, output and residual blocks. Yields (q, xs, ys): the float32 sub-problem (the
+    band's input rows as its whole input, its top padding shifted to match) and the band's
+    index in x and in y (and the residual)."""
+    d = p.dw
+    per_row = max(1, d.C * d.W * d.sh, p.pw.CO * d.OW)
+    rb = max(1, SLAB_ELEMS // per_row)
+    if rb >= d.OH:
+        nn = max(1, rb // max(1, d.OH))
+        for n0 in range(0, d.N, nn):
+            n1 = min(d.N, n0 + nn)
+            q = dataclasses.replace(p, dw=dataclasses.replace(d, N=n1 - n0, dtype="float32"),
+                                    pw=dataclasses.replace(p.pw, N=n1 - n0, dtype="float32"))
+            yield q, (slice(n0, n1),), (slice(n0, n1),)
+        return
+    for n in range(d.N):
+        for i0 in range(0, d.OH, rb):
+            i1 = min(d.OH, i0 + rb)
+            first = i0 * d.sh - d.pt  # input row of the band's first tap
+            r0 = max(0, first)
+            r1 = min(d.H, (i1 - 1) * d.sh - d.pt + (d.KH - 1) * d.dh + 1)
+            r1 = max(r1, r0)
+            pt = r0 - first  # the band's rows above its input, zero padding
+            pb = (i1 - i0 - 1) * d.sh + (d.KH - 1) * d.dh + 1 - (r1 - r0) - pt
+            q = dataclasses.replace(
+                p, dw=dataclasses.replace(d, N=1, H=r1 - r0, OH=i1 - i0, pt=pt, pb=pb,
+                                          dtype="float32"),
+                pw=dataclasses.replace(p.pw, N=1, H=i1 - i0, dtype="float32"))
+            lead = (slice(n, n + 1),) + ((slice(None),) if d.layout == "NCHW" else ())
+            yield q, lead + (slice(r0, r1),), lead + (slice(i0, i1),)
+
+
+def _f32(a):
+    """A float32 C-contiguous copy of a (16-bit) block, or None."""
+    return None if a is None else np.ascontiguousarray(a, dtype=_F32)
 
 
 def _dw_weights(p, w, dt):
@@ -194,23 +301,33 @@ class _CpuBackend(HostBackend):
 
     def depthwise_forward(self, p, x, w, b, out, stream=None):
         """x: p.x_shape, w: (C*M, 1, KH, KW), b: (C*M,) or None, out: p.y_shape."""
+        if p.dtype in NARROW:
+            for q, xs, ys, ws in _dw_slabs(p):
+                y = np.empty(q.y_shape, _F32)
+                self.depthwise_forward(q, _f32(x[xs]), _f32(w[ws]), None if b is None else
+                                       _f32(b[ws]), y)
+                out[ys] = y
+            return
         dt = _compute_dtype(p.dtype)
-        target = _target(out, dt)
         args = (_as(x, dt), _dw_weights(p, w, dt), _opt(b, dt, (p.CO,)))
         if p.layout == "NCHW":
-            _dw_forward_nchw(*args, target, p.M, 1, *_geometry(p)[1:], b is not None,
+            _dw_forward_nchw(*args, out, p.M, 1, *_geometry(p)[1:], b is not None,
                              ACT_CODES[p.activation])
         else:
             x_, wt, b_ = args
-            _dw_forward_nhwc(x_, wt, _repeated_taps(p, wt), b_, target.reshape(-1, p.OW, p.CO),
+            _dw_forward_nhwc(x_, wt, _repeated_taps(p, wt), b_, out.reshape(-1, p.OW, p.CO),
                              *_geometry(p),
                              b is not None, ACT_CODES[p.activation])
-        _finish(out, target)
 
     def depthwise_grad_input(self, p, gy, w, out, stream=None):
         """gy: p.y_shape, w: (C*M, 1, KH, KW), out: p.x_shape."""
+        if p.dtype in NARROW:
+            for q, xs, ys, ws in _dw_slabs(p):
+                gx = np.empty(q.x_shape, _F32)
+                self.depthwise_grad_input(q, _f32(gy[ys]), _f32(w[ws]), gx)
+                out[xs] = gx
+            return
         dt = _compute_dtype(p.dtype)
-        target = _target(out, dt)
         gy = _as(gy, dt)
         nchw = p.layout == "NCHW"
         if p.sh == 1 and p.sw == 1 and (nchw or p.M == 1):
@@ -219,30 +336,38 @@ class _CpuBackend(HostBackend):
             ptf, plf = (p.KH - 1) * p.dh - p.pt, (p.KW - 1) * p.dw - p.pl
             nob = np.zeros(1, dt)
             if nchw:
-                _dw_forward_nchw(gy, wf, nob, target, 1, p.M, 1, 1, p.dh, p.dw, ptf, plf, False,
+                _dw_forward_nchw(gy, wf, nob, out, 1, p.M, 1, 1, p.dh, p.dw, ptf, plf, False,
                                  0)
             else:
                 wt = np.ascontiguousarray(wf.transpose(1, 2, 0))
-                _dw_forward_nhwc(gy, wt, _repeated_taps(p, wt), nob, target.reshape(-1, p.W, p.C),
+                _dw_forward_nhwc(gy, wt, _repeated_taps(p, wt), nob, out.reshape(-1, p.W, p.C),
                                  1, 1, 1, p.dh, p.dw, ptf, plf, False, 0)
         else:
             kernel = _dw_grad_input_nchw if nchw else _dw_grad_input_nhwc
-            kernel(gy, _dw_weights(p, w, dt), target, *_geometry(p))
-        _finish(out, target)
+            kernel(gy, _dw_weights(p, w, dt), out, *_geometry(p))
 
     def depthwise_grad_weight(self, p, x, gy, out, stream=None):
         """x: p.x_shape, gy: p.y_shape, out: (C*M, 1, KH, KW)."""
+        if p.dtype in NARROW:
+            gw = np.zeros((p.CO, p.KH, p.KW), np.float64)
+            for q, xs, ys, ws in _dw_slabs(p):
+                gw[ws] += self._dw_grad_weight(q, _f32(x[xs]), _f32(gy[ys]))
+        else:
+            gw = self._dw_grad_weight(p, x, gy)
+        out[...] = gw.reshape(out.shape)  # float64 sums, rounded once
+
+    @staticmethod
+    def _dw_grad_weight(p, x, gy):
+        """The weight gradient as float64 sums, (C*M, KH, KW); p is float32 or float64."""
         dt = _compute_dtype(p.dtype)
         x, gy = _as(x, dt), _as(gy, dt)
         if p.layout == "NCHW":
             part = np.empty((p.N, p.CO, p.KH, p.KW), np.float64)
             _dw_grad_weight_nchw(x, gy, part, *_geometry(p))
-            gw = part.sum(axis=0)
-        else:
-            part = np.empty((min(GW_TASKS, p.N * p.OH), p.KH, p.KW, p.CO), np.float64)
-            _dw_grad_weight_nhwc(x, gy, part, *_geometry(p))
-            gw = part.sum(axis=0).transpose(2, 0, 1)
-        out[...] = gw.reshape(out.shape)  # float64 sums, rounded once
+            return part.sum(axis=0)
+        part = np.empty((min(GW_TASKS, p.N * p.OH), p.KH, p.KW, p.CO), np.float64)
+        _dw_grad_weight_nhwc(x, gy, part, *_geometry(p))
+        return part.sum(axis=0).transpose(2, 0, 1)
 
     # -- pointwise
 
@@ -264,23 +389,45 @@ class _CpuBackend(HostBackend):
 
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         """x: p.x_shape, w: (CO, CI), b: (CO,) or None, residual: p.y_shape or None."""
+        if p.dtype in NARROW:
+            w, b = _f32(w), _f32(b)
+            for q, view in _pw_slabs(p):
+                y = np.empty(q.y_shape, _F32)
+                self.pointwise_forward(q, _f32(view(x)), w, b,
+                                       None if residual is None else _f32(view(residual)), y)
+                view(out)[...] = y
+            return
         dt = _compute_dtype(p.dtype)
-        target = _target(out, dt)
         res = None if residual is None else _flat(p, _as(residual, dt))
         self._pw(p, _flat(p, _as(x, dt)), _as(w, dt), b if b is None else _as(b, dt), res,
-                 _flat(p, target), ACT_CODES[p.activation])
-        _finish(out, target)
+                 _flat(p, out), ACT_CODES[p.activation])
 
     def pointwise_grad_input(self, p, gy, w, out, stream=None):
         """gy: p.y_shape, w: (CO, CI), out: p.x_shape;  gx = W^T gy over channels."""
+        if p.dtype in NARROW:
+            w = _f32(w)
+            for q, view in _pw_slabs(p):
+                gx = np.empty(q.x_shape, _F32)
+                self.pointwise_grad_input(q, _f32(view(gy)), w, gx)
+                view(out)[...] = gx
+            return
         dt = _compute_dtype(p.dtype)
-        target = _target(out, dt)
         wt = np.ascontiguousarray(_as(w, dt).T)  # (CI, CO): the forward kernel with W^T
-        self._pw(p, _flat(p, _as(gy, dt)), wt, None, None, _flat(p, target), 0)
-        _finish(out, target)
+        self._pw(p, _flat(p, _as(gy, dt)), wt, None, None, _flat(p, out), 0)
 
     def pointwise_grad_weight(self, p, x, gy, out, stream=None):
-        """x: p.x_shape, gy: p.y_shape, out: (CO, CI);  gW = sum over pixels of gy x^T.
+        """x: p.x_shape, gy: p.y_shape, out: (CO, CI);  gW = sum over pixels of gy x^T."""
+        if p.dtype in NARROW:
+            gw = np.zeros((p.CO, p.CI), np.float64)
+            for q, view in _pw_slabs(p):
+                gw += self._pw_grad_weight(q, _f32(view(x)), _f32(view(gy)))
+        else:
+            gw = self._pw_grad_weight(p, x, gy)
+        out[...] = gw  # float64 sums, rounded once
+
+    @staticmethod
+    def _pw_grad_weight(p, x, gy):
+        """The weight gradient as float64 sums, (CO, CI); p is float32 or float64.
 
         Chunks of at most GW_ROWS pixels (NCHW: of one image, or of whole images when an image
         has fewer) are summed in the compute dtype, chunks in float64; the output channels are
@@ -301,7 +448,7 @@ class _CpuBackend(HostBackend):
                 _pw_grad_weight_nchw(xf, gf, part, g, ob)
             else:
                 _pw_grad_weight_nhwc(xf, gf, part, ob)
-        out[...] = part.sum(axis=0)  # float64 sums, rounded once
+        return part.sum(axis=0)
 
     # -- separable
 
@@ -311,12 +458,19 @@ class _CpuBackend(HostBackend):
 
         One fused kernel: per output row, depthwise into a cache-resident row, GEMM, epilogue.
         """
+        if p.dw.dtype in NARROW:
+            w = [_f32(a) for a in (dw_w, pw_w, b, dw_b)]
+            for q, xs, ys in _sep_slabs(p):
+                y = np.empty(q.y_shape, _F32)
+                self.separable_forward(q, _f32(x[xs]), *w[:3], w[3],
+                                       None if residual is None else _f32(residual[ys]), y)
+                out[ys] = y
+            return
         d, q = p.dw, p.pw
         dt = _compute_dtype(d.dtype)
-        target = _target(out, dt)
         wk = _dw_weights(d, dw_w, dt)
         pw = _as(pw_w, dt)
-        rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), target,
+        rest = (_opt(b, dt, (q.CO,)), _opt(residual, dt, q.y_shape), out,
                 SEP_PIXELS, *_geometry(d),
                 dw_b is not None, ACT_CODES[d.activation], b is not None, residual is not None,
                 ACT_CODES[q.activation])
@@ -327,7 +481,6 @@ class _CpuBackend(HostBackend):
             else:
                 _separable_nhwc(_as(x, dt), wk, _repeated_taps(d, wk), dwb,
                                 np.ascontiguousarray(pw.T), *rest)
-        _finish(out, target)
 
     # -- depthwise 1-d (kernels in _cpu_conv1d.py)
 
