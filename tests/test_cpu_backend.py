@@ -119,6 +119,49 @@ def test_depthwise_grad_weight(rng, case, layout, dtype):
            (_absf(x), _absf(gy), wshape), "grad_weight")
 
 
+# NCHW, multiplier 1, planes of at most cpu.GROUP_PIXELS pixels run in groups of G channels
+# computed channel last (_dw_*_nchw_groups): several groups, a partial last group whose channel
+# count is not a whole vector, planes that are not whole vectors, strides, dilation, 5x5 and 7x7.
+# (N, C, H, W, KH, KW, stride, padding, dilation)
+GROUP_CASES = [
+    (2, 150, 7, 7, 3, 3, 1, 1, 1),
+    (1, 70, 14, 13, 3, 3, 2, 1, 1),
+    (2, 33, 9, 10, 5, 5, (2, 1), "same", (1, 2)),
+    (1, 20, 28, 28, 7, 7, 1, 3, 1),
+    (3, 9, 5, 3, 3, 3, (1, 2), ((0, 2), (3, 1)), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float64"))
+@pytest.mark.parametrize("case", GROUP_CASES, ids=_ids(GROUP_CASES))
+def test_depthwise_nchw_channel_groups(rng, case, dtype):
+    from dwops.kernels import cpu
+
+    n, c, h, w, kh, kw, stride, padding, dilation = case
+    assert max(h * w, 1) <= cpu.GROUP_PIXELS
+    full = (n, c, h, w, 1, kh, kw, stride, padding, dilation)
+    x = rand(rng, (n, c, h, w), dtype)
+    wt = rand(rng, (c, 1, kh, kw), dtype)
+    b = rand(rng, (c,), dtype)
+    kw_ = dict(stride=stride, padding=padding, dilation=dilation, layout="NCHW")
+    _check(dwops.depthwise_conv2d, (x, wt, b), dict(kw_, activation="relu6"), dtype,
+           None, "forward")
+    _check(dwops.depthwise_conv2d, (x, wt, b), kw_, dtype, (_absf(x), _absf(wt), _absf(b)),
+           "forward")
+    test_depthwise_grad_input(rng, full, "NCHW", dtype)
+    test_depthwise_grad_weight(rng, full, "NCHW", dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] == 1], ids=lambda c: f"{c[:4]}")
+def test_depthwise_nchw_plane_path_on_small_planes(rng, monkeypatch, case):
+    """The per-plane NCHW kernels (the path for planes above GROUP_PIXELS) on every geometry."""
+    from dwops.kernels import cpu
+
+    monkeypatch.setattr(cpu, "GROUP_PIXELS", 0)
+    for fn in (test_depthwise_forward, test_depthwise_grad_input, test_depthwise_grad_weight):
+        fn(rng, case, "NCHW", "float32")
+
+
 # NHWC register-tiled interior (channel multiples of 16 float32 / 8 float64 values, M 1):
 # (N, C, H, W, KH, KW, stride, padding, dilation)
 TILE_CASES = [
@@ -155,6 +198,8 @@ def test_depthwise_nhwc_register_tiles(rng, case, dtype):
     gy = rand(rng, y.shape, dtype)
     _check(dwops.depthwise_conv2d_grad_input, (gy, wt, x.shape), kw_, dtype,
            (_absf(gy), _absf(wt), x.shape), "grad_input")
+    _check(dwops.depthwise_conv2d_grad_weight, (x, gy, wt.shape), kw_, dtype,
+           (_absf(x), _absf(gy), wt.shape), "grad_weight")
 
 
 @pytest.mark.parametrize("act", ACTS)

@@ -262,3 +262,117 @@ def _make_dw_tile_s(P):
 
 _dw_tile_s = _make_dw_tile_s(PT)
 _dw_tile_s1 = _make_dw_tile_s(1)
+
+
+@intrinsic
+def _transpose_tile(typingctx, src, soff, sstride, dst, doff, dstride):
+    """dst[doff + k*dstride + l] = src[soff + l*sstride + k] for k, l < W, one vector's lanes:
+    a W x W transpose in registers (W vector loads, log2(W) rounds of W interleaving shuffles,
+    W vector stores).
+
+    src, dst: flat arrays of the same dtype;  soff, doff: first element;  sstride, dstride:
+    distance between the tile's rows in each. Round r pairs rows i and i + W/2 into their low
+    and high interleaves (rows 2i and 2i+1 of the next round); after log2(W) rounds row k holds
+    column k.
+    """
+    sig = _nbtypes.void(src, soff, sstride, dst, doff, dstride)
+
+    def codegen(context, builder, signature, args):
+        sty, dty = signature.args[0], signature.args[3]
+        W, vty, intp, al, fma, c, vptr = _vector_ir(context, builder, sty.dtype)
+        S = context.make_array(sty)(context, builder, args[0])
+        D = context.make_array(dty)(context, builder, args[3])
+        soff, sstride, doff, dstride = args[1], args[2], args[4], args[5]
+        rows = [builder.load(vptr(S.data, builder.add(soff, builder.mul(c(k), sstride))),
+                             align=al) for k in range(W)]
+        h = W // 2
+        i32 = ir.IntType(32)
+        lo = ir.Constant(ir.VectorType(i32, W), [v for l in range(h) for v in (l, l + W)])
+        hi = ir.Constant(ir.VectorType(i32, W), [v for l in range(h, W) for v in (l, l + W)])
+        r = 1
+        while r < W:
+            nxt = []
+            for i in range(h):
+                nxt.append(builder.shuffle_vector(rows[i], rows[i + h], lo))
+                nxt.append(builder.shuffle_vector(rows[i], rows[i + h], hi))
+            rows = nxt
+            r *= 2
+        for k in range(W):
+            builder.store(rows[k], vptr(D.data, builder.add(doff, builder.mul(c(k), dstride))),
+                          align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _dot_run(typingctx, af, a0, astep, bf, b0, bstep, count, acc, c0):
+    """acc[c0 + l] += sum_{k<count} af[a0 + k*astep + l] * bf[b0 + k*bstep + l] for l < 2
+    vectors (a sum over a run of pixels, vectorized along channels: the NHWC weight gradient).
+
+    af, bf:   flat operands;  a0, b0: first pixel's offsets;  astep, bstep: pixel strides
+    count:    pixels in the run;  acc: flat destination, c0: its offset
+    Four vector accumulators in registers (2 vectors x even and odd pixels, so two FMA chains
+    per vector hide the FMA latency), summed and added to acc once at the end.
+    """
+    sig = _nbtypes.void(af, a0, astep, bf, b0, bstep, count, acc, c0)
+
+    def codegen(context, builder, signature, args):
+        aty, bty, cty = signature.args[0], signature.args[3], signature.args[7]
+        W, vty, intp, al, fma, c, vptr = _vector_ir(context, builder, aty.dtype)
+        A = context.make_array(aty)(context, builder, args[0])
+        B = context.make_array(bty)(context, builder, args[3])
+        Cm = context.make_array(cty)(context, builder, args[7])
+        a0, astep, b0, bstep, count, c0 = args[1], args[2], args[4], args[5], args[6], args[8]
+        zero = ir.Constant(vty, [ir.Constant(vty.element, 0.0)] * W)
+        pairs = builder.sdiv(count, c(2))
+        entry = builder.basic_block
+        loop = builder.append_basic_block("dr.loop")
+        done = builder.append_basic_block("dr.done")
+        builder.cbranch(builder.icmp_signed(">", pairs, c(0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(intp)
+        k.add_incoming(c(0), entry)
+        accs = []
+        for _ in range(4):
+            ph = builder.phi(vty)
+            ph.add_incoming(zero, entry)
+            accs.append(ph)
+        new = []
+        for par in range(2):
+            kk = builder.add(builder.mul(k, c(2)), c(par))
+            ao = builder.add(a0, builder.mul(kk, astep))
+            bo = builder.add(b0, builder.mul(kk, bstep))
+            for h in range(2):
+                av = builder.load(vptr(A.data, builder.add(ao, c(h * W))), align=al)
+                bv = builder.load(vptr(B.data, builder.add(bo, c(h * W))), align=al)
+                new.append(builder.call(fma, [av, bv, accs[par * 2 + h]]))
+        k1 = builder.add(k, c(1))
+        k.add_incoming(k1, loop)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", k1, pairs), loop, done)
+        builder.position_at_end(done)
+        res = []
+        for v in new:
+            ph = builder.phi(vty)
+            ph.add_incoming(zero, entry)
+            ph.add_incoming(v, loop)
+            res.append(ph)
+        tot = [builder.fadd(res[h], res[2 + h]) for h in range(2)]
+        # an odd count: the last pixel
+        odd = builder.icmp_signed("!=", builder.mul(pairs, c(2)), count)
+        with builder.if_then(odd):
+            kk = builder.sub(count, c(1))
+            ao = builder.add(a0, builder.mul(kk, astep))
+            bo = builder.add(b0, builder.mul(kk, bstep))
+            for h in range(2):
+                cp = vptr(Cm.data, builder.add(c0, c(h * W)))
+                av = builder.load(vptr(A.data, builder.add(ao, c(h * W))), align=al)
+                bv = builder.load(vptr(B.data, builder.add(bo, c(h * W))), align=al)
+                builder.store(builder.call(fma, [av, bv, builder.load(cp, align=al)]), cp,
+                              align=al)
+        for h in range(2):
+            cp = vptr(Cm.data, builder.add(c0, c(h * W)))
+            builder.store(builder.fadd(builder.load(cp, align=al), tot[h]), cp, align=al)
+        return context.get_dummy_value()
+    return sig, codegen
