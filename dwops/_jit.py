@@ -116,32 +116,38 @@ def warmup_job(op: str, dtype: str, layout: str, backend: str, strides=(1, 2)) -
     def arr(*shape):
         return put(rng.standard_normal(shape).astype(np.float32).astype(dt))
 
-    C, H, L = 8, 9, 17
+    C, L = 8, 17
     if not op.startswith("depthwise_conv1d"):
         def img(c, h):  # an (N, c, h, h) image in the layout
             return arr(2, h, h, c) if layout == "NHWC" else arr(2, c, h, h)
 
-        x, w, b, pw = img(C, H), arr(C, 1, 3, 3), arr(C), arr(C, C)
+        # NCHW depthwise has a kernel for small planes (channel groups) and one for large ones
+        sizes = (9, 33) if layout == "NCHW" and not op.startswith("pointwise") else (9,)
+        w, b, pw = arr(C, 1, 3, 3), arr(C), arr(C, C)
         kw = dict(layout=layout, backend=backend)
-        for s in strides:
-            gy = img(C, (H + 2 - 3) // s + 1)  # the output of a 3x3, padding 1, stride s
-            if op == "depthwise_conv2d":
-                dwops.depthwise_conv2d(x, w, b, stride=s, padding=1, activation="relu", **kw)
-            elif op == "depthwise_conv2d_grad_input":
-                dwops.depthwise_conv2d_grad_input(gy, w, x.shape, stride=s, padding=1, **kw)
-            elif op == "depthwise_conv2d_grad_weight":
-                dwops.depthwise_conv2d_grad_weight(x, gy, w.shape, stride=s, padding=1, **kw)
-            elif op == "separable_conv2d":
-                dwops.separable_conv2d(x, w, pw, b, stride=s, padding=1, dw_activation="relu",
-                                       **kw)
-            elif op == "pointwise_conv2d":
-                dwops.pointwise_conv2d(x, pw, b, activation="relu", **kw)
-            elif op == "pointwise_conv2d_grad_input":
-                dwops.pointwise_conv2d_grad_input(x, pw, **kw)
-            elif op == "pointwise_conv2d_grad_weight":
-                dwops.pointwise_conv2d_grad_weight(x, x, **kw)
-            if op.startswith("pointwise"):
-                break  # no stride
+        for H in sizes:
+            x = img(C, H)
+            for s in strides:
+                gy = img(C, (H + 2 - 3) // s + 1)  # the output of a 3x3, padding 1, stride s
+                if op == "depthwise_conv2d":
+                    dwops.depthwise_conv2d(x, w, b, stride=s, padding=1, activation="relu",
+                                           **kw)
+                elif op == "depthwise_conv2d_grad_input":
+                    dwops.depthwise_conv2d_grad_input(gy, w, x.shape, stride=s, padding=1, **kw)
+                elif op == "depthwise_conv2d_grad_weight":
+                    dwops.depthwise_conv2d_grad_weight(x, gy, w.shape, stride=s, padding=1,
+                                                       **kw)
+                elif op == "separable_conv2d":
+                    dwops.separable_conv2d(x, w, pw, b, stride=s, padding=1,
+                                           dw_activation="relu", **kw)
+                elif op == "pointwise_conv2d":
+                    dwops.pointwise_conv2d(x, pw, b, activation="relu", **kw)
+                elif op == "pointwise_conv2d_grad_input":
+                    dwops.pointwise_conv2d_grad_input(x, pw, **kw)
+                elif op == "pointwise_conv2d_grad_weight":
+                    dwops.pointwise_conv2d_grad_weight(x, x, **kw)
+                if op.startswith("pointwise"):
+                    break  # no stride
     else:
         lay = "NLC" if layout == "NHWC" else "NCL"
         x = arr(2, L, C) if lay == "NLC" else arr(2, C, L)
