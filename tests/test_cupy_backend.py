@@ -482,7 +482,7 @@ def _emulate_gemm(L, A, B):
     """pw_gemm's operand addressing and split-K bookkeeping in NumPy: returns C per batch (or,
     for PARTIAL, the sum of the split partials)."""
     (bias_on_n, Md, Nd, Kd, lda, ldb, ldc, sA, sB, sC, batches, per_batch, k_splits) = L.ints
-    a_kc, b_nc, partial = (t.strip() == "true" for t in L.name[L.name.index(",") + 1:-1].split(","))
+    a_kc, b_nc, partial = (t.strip() == "true" for t in L.name[:-1].split(",")[-3:])
     m, k = np.arange(Md)[:, None], np.arange(Kd)[None, :]
     kk, j = np.arange(Kd)[:, None], np.arange(Nd)[None, :]
     A, B = A.ravel(), B.ravel()
