@@ -22,7 +22,7 @@ from dwops import _spec
 from dwops.kernels import cupy_backend as cb
 from dwops.kernels import cupy_compile as cuc
 from dwops.kernels import cupy_plans as plans
-from tests.conftest import assert_close
+from tests.conftest import assert_close, rand
 
 
 # ----------------------------------------------------------------------------- the kernel report
@@ -55,11 +55,16 @@ def test_every_instantiation_compiles_without_spills(report):
 
 
 @pytest.mark.parametrize("file, name, loads, stores", [
-    ("depthwise", "dw_forward<float, 3, 1, 4, 2, false>", "ld.global.nc.v4.f32",
+    ("depthwise", "dw_forward<float, float, 3, 1, 4, 2, false>", "ld.global.nc.v4.f32",
      "st.global.v4.f32"),
-    ("depthwise", "dw_forward<__half, 3, 1, 8, 4, true>", "ld.global.nc.v4.u32",
+    ("depthwise", "dw_forward<__half, __half, 3, 1, 8, 4, true>", "ld.global.nc.v4.u32",
      "st.global.v4.u32"),
-    ("depthwise", "dw_forward<float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    # 16-bit input, float32 result (unfused separable): 8 floats per vector, two 16-byte stores
+    ("depthwise", "dw_forward<__half, float, 3, 1, 8, 4, true>", "ld.global.nc.v4.u32",
+     "st.global.v4.f32"),
+    ("depthwise", "dw_forward<__nv_bfloat16, float, 3, 1, 8, 2, false>", "ld.global.nc.v4.u32",
+     "st.global.v4.f32"),
+    ("depthwise", "dw_forward<float, float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_input<float, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_weight<float, 3, 4, 1, false>", "ld.global.nc.v4.f32", None),
 ])
@@ -477,7 +482,7 @@ def _emulate_gemm(L, A, B):
     """pw_gemm's operand addressing and split-K bookkeeping in NumPy: returns C per batch (or,
     for PARTIAL, the sum of the split partials)."""
     (bias_on_n, Md, Nd, Kd, lda, ldb, ldc, sA, sB, sC, batches, per_batch, k_splits) = L.ints
-    a_kc, b_nc, partial = (t.strip() == "true" for t in L.name[L.name.index(",") + 1:-1].split(","))
+    a_kc, b_nc, partial = (t.strip() == "true" for t in L.name[:-1].split(",")[-3:])
     m, k = np.arange(Md)[:, None], np.arange(Kd)[None, :]
     kk, j = np.arange(Kd)[:, None], np.arange(Nd)[None, :]
     A, B = A.ravel(), B.ravel()
@@ -568,6 +573,137 @@ def test_separable_fuses_when_the_tile_fits(layout):
     assert L.shared <= plans.SEP_SMEM_MAX
     assert plans.plan_separable(_sep_problem(c=512, co=64, layout=layout), layout) is None
     assert plans.plan_separable(_sep_problem(c=64, k=5, layout=layout, dtype="float64"), layout)
+
+
+# ----------------------------------------------------------------------------- 16-bit: no casts
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_unfused_16_bit_plans_read_16_bit_and_write_float32(dtype, layout):
+    """The unfused separable forward's two launches: dw_forward reads the 16-bit x and writes
+    float32 (vectors only where the float32 output is aligned for them), pw_gemm reads that
+    float32 result as its x operand and the 16-bit weights; both are in the kernel report."""
+    ct = plans.CTYPE[dtype]
+    assert plans.mid_dtype(dtype) == "float32"
+    assert plans.mid_dtype("float32") == "float32" and plans.mid_dtype("float64") == "float64"
+    p = _sep_problem(c=16, co=24, layout=layout, h=8, w=16, dtype=dtype)
+    c = plans.conv_of_forward(p.dw)
+    L = plans.plan_dw_forward(c, dtype, layout, 0, 0, "float32")
+    assert L.name.startswith(f"dw_forward<{ct}, float, 3, 1, 8,") and L.name in NAMES
+    same = plans.plan_dw_forward(c, dtype, layout, 0, 0)
+    assert same.name == L.name.replace(", float,", f", {ct},", 1) and same.name in NAMES
+    assert (L.grid, L.block, L.shared, L.ints) == (same.grid, same.block, same.shared, same.ints)
+    # 16 bytes: aligned for 8 halves, not for 8 floats (32 bytes)
+    assert plans.plan_dw_forward(c, dtype, layout, 0, 16).info["vec"] == 8
+    assert plans.plan_dw_forward(c, dtype, layout, 0, 16, "float32").info["vec"] == 1
+    assert plans.plan_dw_forward(c, dtype, layout, 0, 32, "float32").info["vec"] == 8
+    gemm, red, _ = plans.plan_pointwise("forward", p.pw, layout, "float32")
+    x_first = layout == "NHWC"   # NHWC: A = x; NCHW: B = x
+    ops = "float, " + ct if x_first else ct + ", float"
+    assert red is None and gemm.name.startswith(f"pw_gemm<{ct}, {ops}, ") and gemm.name in NAMES
+    plain, _, _ = plans.plan_pointwise("forward", p.pw, layout)
+    assert plain.name.startswith(f"pw_gemm<{ct}, {ct}, {ct}, ") and plain.ints == gemm.ints
+    with pytest.raises(ValueError):
+        plans.plan_pointwise("grad_input", p.pw, layout, "float32")
+
+
+def _recorded_backend(monkeypatch):
+    """The backend on the NumPy stand-in for CuPy (tests/cudaemu), its launches recorded instead
+    of run: (launches, allocations) lists filled as the backend works. Allocations are the
+    stand-in's device arrays (bytes each); NumPy-level temporaries show in tracemalloc."""
+    import sys
+
+    from tests import cudaemu
+
+    launches, allocations = [], []
+    real_init = cudaemu._Allocation.__init__
+
+    def counting_init(self, nbytes):
+        allocations.append(nbytes)
+        real_init(self, nbytes)
+
+    monkeypatch.setattr(cudaemu._Allocation, "__init__", counting_init)
+    monkeypatch.setitem(sys.modules, "cupy", cudaemu.module())
+    monkeypatch.setattr(cb.CupyBackend, "_function", lambda self, launch: (
+        lambda grid, block, args, shared_mem=0: launches.append((launch.name, args))))
+    return cudaemu, launches, allocations
+
+
+def _extra_bytes(call, allocations):
+    """Device bytes a call allocates plus the peak of host (NumPy) memory it allocates (a second
+    call: the first one's imports are not the call's memory)."""
+    import tracemalloc
+
+    call()
+    del allocations[:]
+    tracemalloc.start()
+    try:
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return sum(allocations) + peak
+
+
+def _same_memory(a, b):
+    """The kernel argument ``a`` is the whole of array ``b`` (the same address and size)."""
+    return a.ctypes.data == b.ctypes.data and a.nbytes == b.nbytes
+
+
+SLACK = 16 * 1024   # Python objects of a call (plans, argument tuples), no array data
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_16_bit_forward_paths_make_no_whole_array_copies(dtype, layout, rng, monkeypatch):
+    """Extra memory of a 16-bit call <= tile scratch (plus the float32 depthwise result of the
+    unfused separable forward): the kernels convert per tile, no call casts a whole input or
+    output to float32. The kernels read the caller's arrays and write the caller's output."""
+    emu, launches, allocations = _recorded_backend(monkeypatch)
+    monkeypatch.setattr(plans, "SEP_SMEM_MAX", 0)    # the unfused separable path at any size
+    be = cb.BACKEND
+    n, c, co, h, w = 2, 40, 24, 33, 31
+
+    def dev(a):
+        return emu.asarray(a.view(np.uint16) if dtype == "bfloat16" else a)
+
+    def wide(shape):
+        return emu.empty(shape, np.uint16 if dtype == "bfloat16" else np.float16)
+
+    x = rand(rng, _spec._physical(layout, n, c, h, w), dtype)
+    dww, pww = rand(rng, (c, 1, 3, 3), dtype), rand(rng, (co, c), dtype)
+    b, dwb = rand(rng, (co,), dtype), rand(rng, (c,), dtype)
+    r = rand(rng, _spec._physical(layout, n, co, h, w), dtype)
+    p, _ = _spec.separable("t", x, dww, pww, b, dwb, 1, "same", 1, layout, "relu", "gelu", r)
+    assert plans.plan_separable(p, layout) is None
+    X, DWW, PWW, B, DWB, R = (dev(a) for a in (x, dww, pww, b, dwb, r))
+    OUT = wide(p.y_shape)
+    mid_bytes = math.prod(p.dw.y_shape) * 4
+    weights_t = c * 9 * 2     # NHWC: the depthwise taps transposed (KH*KW, C)
+    extra = _extra_bytes(lambda: be.separable_forward(p, X, DWW, PWW, B, DWB, R, OUT, 0),
+                         allocations)
+    assert mid_bytes > 4 * SLACK and extra <= mid_bytes + weights_t + SLACK, (extra, mid_bytes)
+    (dname, dargs), (pname, pargs) = launches[-2:]
+    ct = plans.CTYPE[dtype]
+    assert dname.startswith(f"dw_forward<{ct}, float,") and dargs[0] is X and dargs[2] is DWB
+    mid = dargs[3]
+    assert mid.dtype == np.float32 and mid.shape == p.dw.y_shape
+    assert pname.startswith(f"pw_gemm<{ct}, ")
+    same = _same_memory
+    want = (mid, PWW) if layout == "NHWC" else (PWW, mid)
+    assert same(pargs[0], want[0]) and same(pargs[1], want[1])
+    assert same(pargs[2], OUT) and same(pargs[4], B) and same(pargs[6], R)
+
+    # pointwise and depthwise forward: no scratch at all (NHWC depthwise: the transposed taps)
+    launches.clear()
+    pp, _ = _spec.pointwise("t", x, pww, b, layout, "silu", r)
+    extra = _extra_bytes(lambda: be.pointwise_forward(pp, X, PWW, B, R, OUT, 0), allocations)
+    assert extra <= SLACK and _same_memory(launches[0][1][2], OUT), extra
+    pd, _ = _spec.depthwise("t", x, dww, dwb, 1, "same", 1, layout, "relu6")
+    Y = wide(pd.y_shape)
+    extra = _extra_bytes(lambda: be.depthwise_forward(pd, X, DWW, DWB, Y, 0), allocations)
+    assert extra <= weights_t + SLACK and launches[-1][1][3] is Y, extra
 
 
 # ----------------------------------------------------------------------------- backend plumbing
@@ -707,29 +843,10 @@ def test_separable_replay(layout, shape, rng):
     assert_close(_ref_layout(got, layout), ref, "float64", what=L.name)
 
 
-def test_bfloat16_round_trip_through_float32(rng):
-    """The unfused separable path's casts (float32 work, one rounding at the end) round to
-    nearest even exactly as ml_dtypes does, and keep NaN and Inf."""
-    pytest.importorskip("cupy")
-    bf16 = dwops._registry.numpy_dtype("bfloat16")
-    a = np.concatenate([rng.standard_normal(20000).astype(np.float32) * 300,
-                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.3895314e38,
-                                  1.0000001], np.float32)])
-    out = np.empty(a.shape, np.uint16)
-    cb._from_float32(a, "bfloat16", out)
-    expected = a.astype(bf16)
-    assert np.array_equal(out.view(bf16)[~np.isnan(a)], expected[~np.isnan(a)])
-    assert np.isnan(out.view(bf16)[np.isnan(a)].astype(np.float32)).all()
-    back = cb._to_float32(out, "bfloat16")
-    assert np.array_equal(back[~np.isnan(a)], expected[~np.isnan(a)].astype(np.float32))
-    h = np.empty(a.shape, np.float16)
-    with np.errstate(over="ignore"):   # 3.39e38 overflows float16 to inf, as intended
-        cb._from_float32(a, "float16", h)
-        assert np.array_equal(h[~np.isnan(a)], a.astype(np.float16)[~np.isnan(a)])
-
-
-@pytest.mark.parametrize("file,name", [("depthwise", "dw_forward<__nv_bfloat16, 3, 1, 8, 4, true>"),
-                                       ("pointwise", "pw_gemm<__half, true, false, false>"),
+@pytest.mark.parametrize("file,name", [("depthwise",
+                                        "dw_forward<__nv_bfloat16, float, 3, 1, 8, 4, true>"),
+                                       ("pointwise",
+                                        "pw_gemm<__half, float, __half, true, false, false>"),
                                        ("separable", "sep_forward<float, 0, false>")])
 def test_cupy_nvrtc_wrapper_accepts_the_sources(file, name):
     """CuPy's own NVRTC wrapper (what RawModule runs, with CuPy's extra options and include
@@ -781,6 +898,8 @@ def test_every_plan_is_launchable(q, addr):
     p = _dw_problem(dtype=dtype, **q)
     try:
         _check_launch(plans.plan_dw_forward(plans.conv_of_forward(p), dtype, p.layout, addr, 0))
+        _check_launch(plans.plan_dw_forward(plans.conv_of_forward(p), dtype, p.layout, 0, addr,
+                                            plans.mid_dtype(dtype)))
         _check_launch(plans.plan_dw_grad_input(p, p.layout, addr, 0))
         s1, s2, _ = plans.plan_dw_grad_weight(p, p.layout, addr, 0)
         _check_launch(s1)
@@ -796,6 +915,9 @@ def test_every_plan_is_launchable(q, addr):
         for op in ("forward", "grad_input", "grad_weight"):
             L, red, _ = plans.plan_pointwise(op, dataclasses.replace(pw, N=n1 - n0), p.layout)
             _check_launch(L)
+            if op == "forward":
+                q = dataclasses.replace(pw, N=n1 - n0, dtype=dtype)
+                _check_launch(plans.plan_pointwise(op, q, p.layout, plans.mid_dtype(dtype))[0])
             if red is not None:
                 _check_launch(red)
 

@@ -241,6 +241,50 @@ def test_separable(case, dtype, layout, rng):
     assert_close(_host(out, dtype), ref, dtype, scale=scale, what="separable")
 
 
+@pytest.mark.emu_forward_pointwise_separable
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_separable_unfused_16_bit(k, dtype, layout, aligned, rng, monkeypatch):
+    """The unfused 16-bit separable forward (the fused tile limit set to 0, so small problems take
+    it): dw_forward reads 16-bit x and writes its float32 result, pw_gemm reads that result and
+    rounds once into the output. Every compile-time kernel size at stride 1 and the generic path
+    (stride 2, odd kernel), with and without 16-byte vectors; bias, residual and activations
+    varied. With test_separable's 512-channel case, every unfused instantiation runs."""
+    from dwops.kernels import cupy_plans
+
+    be = _backend()
+    monkeypatch.setattr(cupy_plans, "SEP_SMEM_MAX", 0)
+    c, w_, co = (16, 24, 9) if aligned else (7, 13, 5)
+    acts = (None, "relu", "relu6", "silu", "gelu")
+    for i, (kk, stride, pad) in enumerate((((k, k), 1, k // 2), ((k, 3 if k == 1 else k - 2), 2,
+                                                                 "valid"))):
+        x = rand(rng, _spec._physical(layout, 2, c, 9, w_), dtype)
+        dww = rand(rng, (c, 1, *kk), dtype)
+        pww = rand(rng, (co, c), dtype)
+        b = rand(rng, (co,), dtype) if (k + i) % 2 else None
+        dwb = rand(rng, (c,), dtype) if i == 0 else None
+        dact, act = acts[(k + i) % 5], acts[(2 * k + i + 1) % 5]
+        args = (stride, pad, 1, layout, dact, act)
+        p, _ = _spec.separable("t", x, dww, pww, b, dwb, *args, None)
+        r = rand(rng, p.y_shape, dtype) if (k + i + int(aligned)) % 2 else None
+        p, _ = _spec.separable("t", x, dww, pww, b, dwb, *args, r)
+        assert cupy_plans.plan_separable(p, layout) is None
+        out = _poisoned(p.y_shape, dtype)
+        be.separable_forward(p, _dev(x, dtype), _dev(dww, dtype), _dev(pww, dtype),
+                             None if b is None else _dev(b, dtype),
+                             None if dwb is None else _dev(dwb, dtype),
+                             None if r is None else _dev(r, dtype), out, stream=0)
+        kw = _ref_kw(p.dw)
+        ref = dwops.reference.separable_conv2d(x, dww, pww, b, dw_bias=dwb, dw_activation=dact,
+                                               activation=act, residual=r, **kw)
+        scale = dwops.reference.separable_conv2d(_abs(x), _abs(dww), _abs(pww), _abs(b),
+                                                 dw_bias=_abs(dwb), residual=_abs(r), **kw)
+        assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                     what=f"unfused separable {p}")
+
+
 def _random_depthwise(rng):
     """A random valid depthwise problem: small sizes (the emulator runs these too), every kernel
     size 1-7 square or not, stride and dilation 1-3, multiplier 1-3, explicit asymmetric or

@@ -1,15 +1,19 @@
 """The ``cupy`` backend: CUDA C++ templates (``dwops/kernels/cuda/*.cuh``) compiled by CuPy.
 
 Every op and direction is one kernel template, instantiated by name expression (for example
-``dw_forward<float, 3, 1, 4, 2, false>``) and compiled by CuPy's ``RawModule`` (NVRTC), memoized per
-device and name expression (CuPy also caches the binaries on disk). The math of each kernel is
+``dw_forward<float, float, 3, 1, 4, 2, false>``) and compiled by CuPy's ``RawModule`` (NVRTC),
+memoized per device and name expression (CuPy also caches the binaries on disk). The math of each kernel is
 written at the top of its ``.cuh`` file. The host side has three modules, one job each:
 
 * ``cupy_plans``: the launch plans (problem -> kernel name expression, grid, block, shared memory,
   integer arguments), pure Python;
 * ``cupy_compile``: sources, NVRTC options, the compile report (no GPU needed), cache warm-up;
 * this module: the backend (:class:`CupyBackend`, instance ``BACKEND``): arrays through DLPack, the
-  caller's stream, one launcher, 16-bit conversions.
+  caller's stream, one launcher.
+
+16-bit types are converted inside the kernels (to float on load, rounded once on the final
+store); no call makes a whole-array float32 copy of an input or output. The one float32
+temporary is the unfused separable forward's depthwise result (``mid``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .cupy_plans import (CTYPE, SMEM_DEFAULT, THREADS, Conv, Launch, _cdiv, _I64
                          conv_of_grad_input, plan_conv1d_backward, plan_conv1d_final_state,
                          plan_conv1d_forward, plan_conv1d_update, plan_dw_forward,
                          plan_dw_grad_input, plan_dw_grad_weight, plan_pointwise, plan_separable,
-                         pointwise_chunks)
+                         mid_dtype, pointwise_chunks)
 
 class CupyBackend(Backend):
     """CUDA C++ kernels through CuPy; arrays are CuPy arrays on the caller's device and stream."""
@@ -61,7 +65,8 @@ class CupyBackend(Backend):
             elif op == "depthwise_grad_weight":
                 plan_dw_grad_weight(problem, problem.layout)
             elif op == "separable_forward" and plan_separable(problem, problem.dw.layout) is None:
-                plan_dw_forward(conv_of_forward(problem.dw), problem.dw.dtype, problem.dw.layout)
+                plan_dw_forward(conv_of_forward(problem.dw), problem.dw.dtype, problem.dw.layout,
+                                out_dtype=mid_dtype(problem.dw.dtype))
             elif op == "depthwise_conv1d_forward":
                 plan_conv1d_forward(problem)
             elif op == "depthwise_conv1d_backward":
@@ -169,8 +174,8 @@ class CupyBackend(Backend):
     def depthwise_forward(self, p, x, w, b, out, stream=None):
         self._dw_forward(conv_of_forward(p), p.dtype, p.layout, x, w, b, out, stream)
 
-    def _dw_forward(self, c: Conv, dtype, layout, x, w, b, out, stream):
-        launch = plan_dw_forward(c, dtype, layout, x.data.ptr, out.data.ptr)
+    def _dw_forward(self, c: Conv, dtype, layout, x, w, b, out, stream, out_dtype=None):
+        launch = plan_dw_forward(c, dtype, layout, x.data.ptr, out.data.ptr, out_dtype)
         if layout == "NHWC":
             w = self._weights_t(w, c.CO * c.R, c.KH * c.KW, stream)
         self._run(launch, (x, w, _ptr(b), out), stream)
@@ -195,10 +200,11 @@ class CupyBackend(Backend):
         self._run(s1, (x, gy, part), stream)
         self._run(s2, (part, out), stream)
 
-    def _pointwise(self, op, p, arrays: dict, bias, residual, stream):
+    def _pointwise(self, op, p, arrays: dict, bias, residual, stream, x_dtype=None):
         """pw_gemm over images [n0, n1) of each chunk (pointwise_chunks keeps the GEMM's 32-bit
         sizes in range); grad_weight chunks write consecutive splits of one partial buffer that a
-        single sum_splits reduces."""
+        single sum_splits reduces. ``x_dtype``: the forward input's element type when it is not
+        ``p.dtype`` (see plan_pointwise)."""
         import dataclasses
 
         import cupy
@@ -206,7 +212,7 @@ class CupyBackend(Backend):
         from . import _gpu
 
         chunks = pointwise_chunks(p)
-        plans = [plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), p.layout)
+        plans = [plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), p.layout, x_dtype)
                  for n0, n1 in chunks]
         operands = plans[0][0].info["operands"]
         out = arrays[operands[2]]
@@ -260,32 +266,19 @@ class CupyBackend(Backend):
                 with _gpu.cupy_stream(stream):
                     fn(launch.grid, launch.block, args, shared_mem=launch.shared)
             return
-        # Unfused: the depthwise result (with dw bias and dw activation) in a temporary. 16-bit
-        # types run both stages in float32 and round once at the end, as the contract requires
-        # (the extra casting passes only concern channel counts too large to fuse).
-        import dataclasses
-
+        # Unfused: the depthwise result (with dw bias and dw activation) in a temporary, float32
+        # for 16-bit types (mid_dtype): dw_forward reads x in its dtype and writes float32,
+        # pw_gemm reads that float32 result, x's dtype for the weights, bias and residual, and
+        # rounds once into ``out``, as the contract requires.
         import cupy
 
-        dt = p.dw.dtype
+        mid_dt = mid_dtype(p.dw.dtype)
         with x.device, _gpu.cupy_stream(stream):
-            if dt in ("float16", "bfloat16"):
-                f32 = [None if a is None else _to_float32(a, dt)
-                       for a in (x, dw_w, pw_w, b, dw_b, residual)]
-                x32, dww32, pww32, b32, dwb32, r32 = f32
-                pdw = dataclasses.replace(p.dw, dtype="float32")
-                ppw = dataclasses.replace(p.pw, dtype="float32")
-                mid = cupy.empty(p.dw.y_shape, dtype=np.float32)
-                out32 = cupy.empty(p.pw.y_shape, dtype=np.float32)
-            else:
-                x32, dww32, pww32, b32, dwb32, r32 = x, dw_w, pw_w, b, dw_b, residual
-                pdw, ppw = p.dw, p.pw
-                mid, out32 = cupy.empty(p.dw.y_shape, dtype=x.dtype), out
-        self.depthwise_forward(pdw, x32, dww32, dwb32, mid, stream)
-        self.pointwise_forward(ppw, mid, pww32, b32, r32, out32, stream)
-        if out32 is not out:
-            with x.device, _gpu.cupy_stream(stream):
-                _from_float32(out32, dt, out)
+            mid = cupy.empty(p.dw.y_shape, dtype=numpy_dtype(mid_dt))
+        self._dw_forward(conv_of_forward(p.dw), p.dw.dtype, p.dw.layout, x, dw_w, dw_b, mid,
+                         stream, mid_dt)
+        self._pointwise("forward", p.pw, {"x": mid, "w": pw_w, "y": out}, b, residual, stream,
+                        mid_dt)
 
     # -- depthwise 1-d
     def nondecreasing(self, seq) -> bool:
@@ -360,27 +353,6 @@ def _device_pointer(obj, info):
     if iface is None or iface.get("strides") is not None:
         return None
     return iface["data"][0]
-
-
-def _to_float32(a, dtype: str):
-    """float32 copy of a 16-bit CuPy array (bfloat16 given as its uint16 bits)."""
-    if dtype == "bfloat16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
-
-
-def _from_float32(a32, dtype: str, out) -> None:
-    """Round a float32 CuPy (or NumPy) array once, to nearest even, into the 16-bit ``out``
-    (bfloat16 as uint16 bits; NaN becomes the quiet NaN 0x7FC0)."""
-    import cupy
-
-    xp = cupy.get_array_module(a32)
-    if dtype == "float16":
-        out[...] = a32.astype(np.float16)
-        return
-    bits = a32.view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
-    out[...] = xp.where(xp.isnan(a32), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
 
 def _ptr(a):

@@ -193,13 +193,27 @@ def _fit(sizes, smem_of):
     return got
 
 
-def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: int = 0) -> Launch:
-    """dw_forward launch for geometry ``c`` (see depthwise.cuh)."""
+def mid_dtype(dtype: str) -> str:
+    """The element type of the unfused separable forward's depthwise result: float32 for 16-bit
+    types (both steps in float32, one rounding at the end), else the dtype itself."""
+    return "float32" if ITEMSIZE[dtype] == 2 else dtype
+
+
+def _out_aligned(vec: int, out_dtype: str, y_addr: int) -> int:
+    """``vec``, or 1 when a vector of ``vec`` output elements at ``y_addr`` is misaligned."""
+    return vec if y_addr % (vec * ITEMSIZE[out_dtype]) == 0 else 1
+
+
+def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: int = 0,
+                    out_dtype: str | None = None) -> Launch:
+    """dw_forward launch for geometry ``c`` (see depthwise.cuh): reads ``dtype``, writes
+    ``out_dtype`` (default ``dtype``; float32 for 16-bit inputs, see :func:`mid_dtype`)."""
+    out = out_dtype or dtype
     K, S = dw_forward_spec(c)
     item = ITEMSIZE[dtype]
     opt = DW_FWD_OPT[layout][K]
     if layout == "NCHW":
-        vec = pick_vec(dtype, (c.W,), (x_addr, y_addr))
+        vec = _out_aligned(pick_vec(dtype, (c.W,), (x_addr,)), out, y_addr)
         bw = min(32, _np2(_cdiv(c.OW, vec)))
         bh = max(1, min(THREADS // bw, _np2(_cdiv(c.OH, opt))))
 
@@ -222,7 +236,9 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
         block = (bw, bh, 1)
         shared = ih * ip * item
     else:
-        vec = pick_vec(dtype, (c.CI, c.CO), (x_addr, y_addr)) if c.M == 1 and c.R == 1 else 1
+        vec = 1
+        if c.M == 1 and c.R == 1:
+            vec = _out_aligned(pick_vec(dtype, (c.CI, c.CO), (x_addr,)), out, y_addr)
         ct = min(32, _np2(_cdiv(c.CO, vec)))
         pt_ = THREADS // ct
         th0, twt = _nhwc_tile(pt_, opt, c.OH, c.OW)
@@ -243,7 +259,8 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
         grid = (tiles, _cdiv(c.CO, ct * vec), min(c.N, MAX_GRID_YZ))
         block = (ct, th * twt, 1)
         shared = ih * iw * ip * item
-    name = f"dw_forward<{CTYPE[dtype]}, {K}, {S}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    name = (f"dw_forward<{CTYPE[dtype]}, {CTYPE[out]}, {K}, {S}, {vec}, {opt}, "
+            f"{_b(layout == 'NHWC')}>")
     ints = (c.N, c.CI, c.H, c.W, c.CO, c.OH, c.OW, c.KH, c.KW, c.sh, c.sw, c.dh, c.dw, c.pt, c.pl,
             c.M, c.R, c.flip, c.act, th, tw, ih, iw, ip)
     return Launch("depthwise", name, grid, block, shared, ints,
@@ -445,11 +462,15 @@ def _plan_gw_taps(p, layout: str) -> Launch:
                   ints, {"K": 0, "tile": (th, tw), "splits": splits, "tc": tc})
 
 
-def plan_pointwise(op: str, p, layout: str) -> tuple:
+def plan_pointwise(op: str, p, layout: str, x_dtype: str | None = None) -> tuple:
     """(gemm Launch, reduce Launch or None, partial element count) for op in forward /
     grad_input / grad_weight. The pointer arguments are bound by the backend in the order of
-    pw_gemm (A, B, C, partial, bias, residual); ``info['operands']`` names A, B, C."""
+    pw_gemm (A, B, C, partial, bias, residual); ``info['operands']`` names A, B, C. ``x_dtype``:
+    the element type of the forward's input x when it differs from ``p.dtype`` (the float32
+    depthwise result of the unfused 16-bit separable forward)."""
     dtype = p.dtype
+    if x_dtype is not None and x_dtype != dtype and op != "forward":
+        raise ValueError("plan_pointwise: x_dtype applies to the forward only")
     HW, P = p.H * p.W, p.N * p.H * p.W
     a_kc, b_nc, partial = PW_FORMS[(op, layout)]
     nchw = layout == "NCHW"
@@ -493,7 +514,8 @@ def plan_pointwise(op: str, p, layout: str) -> tuple:
     else:
         per_batch, k_splits, splits = 1, 1, 0
         z = min(batches, MAX_GRID_YZ)
-    name = f"pw_gemm<{CTYPE[dtype]}, {_b(a_kc)}, {_b(b_nc)}, {_b(partial)}>"
+    ta, tb = (CTYPE[x_dtype or dtype] if k == "x" else CTYPE[dtype] for k in operands[:2])
+    name = f"pw_gemm<{CTYPE[dtype]}, {ta}, {tb}, {_b(a_kc)}, {_b(b_nc)}, {_b(partial)}>"
     ints = (bias_on_n, Md, Nd, Kd) + tuple(_I64(v) for v in (lda, ldb, ldc, sA, sB, sC)) + \
         (batches, per_batch, k_splits)
     gemm = Launch("pointwise", name, (tiles, 1, z), (THREADS, 1, 1), 0, ints,
@@ -680,9 +702,13 @@ def instantiations() -> list[tuple]:
             nhwc = _b(layout == "NHWC")
             for K, S in [(k, 1) for k in SPECIALIZED_K] + [(0, 0)]:
                 for v in vec_choices(dt):
-                    out.append(("depthwise", "depthwise", "forward",
-                                f"{layout} K={K or 'generic'} S={S} VEC={v}",
-                                f"dw_forward<{ct}, {K}, {S}, {v}, {DW_FWD_OPT[layout][K]}, {nhwc}>"))
+                    for to in dict.fromkeys((dt, mid_dtype(dt))):
+                        op = "depthwise" if to == dt else "separable"
+                        spec = f"{layout} K={K or 'generic'} S={S} VEC={v}"
+                        out.append(("depthwise", op, "forward",
+                                    spec if to == dt else f"{spec} unfused, {to} result",
+                                    f"dw_forward<{ct}, {CTYPE[to]}, {K}, {S}, {v}, "
+                                    f"{DW_FWD_OPT[layout][K]}, {nhwc}>"))
             for v in vec_choices(dt):
                 out.append(("depthwise", "depthwise", "grad_input", f"{layout} strided VEC={v}",
                             f"dw_grad_input<{ct}, 0, {v}, {DW_GI_OPT[layout][0]}, {nhwc}>"))
@@ -699,7 +725,15 @@ def instantiations() -> list[tuple]:
         out.append(("depthwise", "depthwise", "grad_weight", "sum_splits", f"sum_splits<{ct}>"))
         for (direction, layout), (akc, bnc, part) in PW_FORMS.items():
             out.append(("pointwise", "pointwise", direction, f"{layout} gemm 64x64",
-                        f"pw_gemm<{ct}, {_b(akc)}, {_b(bnc)}, {_b(part)}>"))
+                        f"pw_gemm<{ct}, {ct}, {ct}, {_b(akc)}, {_b(bnc)}, {_b(part)}>"))
+        if mid_dtype(dt) != dt:   # the unfused separable forward: x operand = the float32 result
+            mt = CTYPE[mid_dtype(dt)]
+            for layout in ("NCHW", "NHWC"):
+                akc, bnc, part = PW_FORMS[("forward", layout)]
+                ta, tb = (ct, mt) if layout == "NCHW" else (mt, ct)
+                out.append(("pointwise", "separable", "forward",
+                            f"{layout} gemm 64x64 unfused, {mid_dtype(dt)} input",
+                            f"pw_gemm<{ct}, {ta}, {tb}, {_b(akc)}, {_b(bnc)}, {_b(part)}>"))
         out.append(("pointwise", "pointwise", "grad_weight", "sum_splits", f"sum_splits<{ct}>"))
         for layout in ("NCL", "NLC"):
             nlc = _b(layout == "NLC")

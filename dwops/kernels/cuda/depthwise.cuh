@@ -22,6 +22,8 @@
 // vectors where the host found the rows aligned (VEC elements: NCHW along W, NHWC along C).
 // Template parameters:
 //   T    element type (__half, __nv_bfloat16, float, double); accumulation in Acc<T>::type
+//   TO   dw_forward's output element type: T, or float for 16-bit T (the unfused separable
+//        forward keeps its depthwise result in float32, rounded once after the pointwise step)
 //   K    kernel side for square KxK kernels known at compile time (1, 3, 5, 7), 0 = runtime KHxKW
 //   S    1: stride 1 and dilation 1 known at compile time (register sliding window), 0: runtime
 //        (the host launches K > 0 only with S = 1: strided and dilated convolutions take K = 0)
@@ -99,12 +101,12 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
 //   NHWC  grid (tiles_h * tiles_w, ceil(CO / TC), min(N, 65535)), block (CT, PT),
 //         TW = (PT / TH) * OPT
 //   dynamic shared memory: IH * IP elements of T (NCHW) or IH * IW * CP (NHWC).
-template <typename T, int K, int S, int VEC, int OPT, bool NHWC>
+template <typename T, typename TO, int K, int S, int VEC, int OPT, bool NHWC>
 __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     const T* __restrict__ x,     // input: (N, CI, H, W) or (N, H, W, CI)
     const T* __restrict__ w,     // NCHW: (CO*R, KH*KW); NHWC: transposed, (KH*KW, CO*R)
     const T* __restrict__ bias,  // (CO,) or nullptr
-    T* __restrict__ y,           // output: (N, CO, OH, OW) or (N, OH, OW, CO)
+    TO* __restrict__ y,          // output: (N, CO, OH, OW) or (N, OH, OW, CO)
     int N, int CI, int H, int W,  // input sizes (CI = input channels)
     int CO, int OH, int OW,       // output channels and size
     int KH, int KW,               // kernel size (equal to K when K > 0)
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                 }
             }
             const A bv = bias != nullptr ? to_acc(bias[o]) : A(0);
-            T* yp = y + plane * (i64)OH * OW;
+            TO* yp = y + plane * (i64)OH * OW;
 #pragma unroll
             for (int r = 0; r < OPT; ++r) {
                 const int oy = oy0 + ty * OPT + r;
@@ -203,21 +205,21 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                     const int ox = ox0 + tx * VEC;
                     if (OW % VEC == 0) {
                         if (ox < OW) {
-                            Pack<T, VEC> p;
+                            Pack<TO, VEC> p;
 #pragma unroll
-                            for (int c = 0; c < VEC; ++c) p.v[c] = from_acc<T>(activate(acc[r][c] + bv, act));
-                            *reinterpret_cast<Pack<T, VEC>*>(yp + (i64)oy * OW + ox) = p;
+                            for (int c = 0; c < VEC; ++c) p.v[c] = from_acc<TO>(activate(acc[r][c] + bv, act));
+                            *reinterpret_cast<Pack<TO, VEC>*>(yp + (i64)oy * OW + ox) = p;
                         }
                     } else {
 #pragma unroll
                         for (int c = 0; c < VEC; ++c)
-                            if (ox + c < OW) yp[(i64)oy * OW + ox + c] = from_acc<T>(activate(acc[r][c] + bv, act));
+                            if (ox + c < OW) yp[(i64)oy * OW + ox + c] = from_acc<TO>(activate(acc[r][c] + bv, act));
                     }
                 } else {
 #pragma unroll
                     for (int c = 0; c < VEC; ++c) {
                         const int ox = ox0 + ((K > 0 && S == 1) ? tx * VEC + c : tx + c * BW);
-                        if (ox < OW) yp[(i64)oy * OW + ox] = from_acc<T>(activate(acc[r][c] + bv, act));
+                        if (ox < OW) yp[(i64)oy * OW + ox] = from_acc<TO>(activate(acc[r][c] + bv, act));
                     }
                 }
             }
@@ -296,10 +298,10 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                     for (int c = 0; c < OPT; ++c) {
                         const int ox = ox0 + px * OPT + c;
                         if (ox >= OW) continue;
-                        Pack<T, VEC> p;
+                        Pack<TO, VEC> p;
 #pragma unroll
-                        for (int v = 0; v < VEC; ++v) p.v[v] = from_acc<T>(activate(acc[c][v] + bv[v], act));
-                        *reinterpret_cast<Pack<T, VEC>*>(y + (((i64)n * OH + oy) * OW + ox) * CO + o) = p;
+                        for (int v = 0; v < VEC; ++v) p.v[v] = from_acc<TO>(activate(acc[c][v] + bv[v], act));
+                        *reinterpret_cast<Pack<TO, VEC>*>(y + (((i64)n * OH + oy) * OW + ox) * CO + o) = p;
                     }
                 }
             }

@@ -21,6 +21,9 @@
 // from registers, interleaved (rows ty + 16*i, columns tx + 16*j) so shared reads are conflict
 // free and stores coalesced along j. A and B tiles (64 x BK) are staged in shared memory in the
 // accumulator type, loaded with the contiguous index fastest (coalesced).
+// Element types: T for C, bias, residual and the accumulator (Acc<T>::type); TA and TB for the
+// operands, T or float (the unfused 16-bit separable forward multiplies its float32 depthwise
+// result: each element is converted as its tile is staged, the output rounded once to T).
 // PARTIAL (grad_weight): blockIdx.z = split s of the reduction range (batches x k chunks); the
 // block writes its raw sums to partial[s][m][j]; sum_splits (common.cuh) adds the splits and
 // rounds once.
@@ -30,10 +33,10 @@
 #define PW_BK 16
 #define PW_THREADS 256   // 2 blocks per SM (<= 128 registers) except for double
 
-template <typename T, bool A_KC, bool B_NC, bool PARTIAL>
+template <typename T, typename TA, typename TB, bool A_KC, bool B_NC, bool PARTIAL>
 __global__ void __launch_bounds__(PW_THREADS, sizeof(T) == 8 ? 1 : 2) pw_gemm(
-    const T* __restrict__ A_,    // A matrix of batch 0 (layout per A_KC)
-    const T* __restrict__ B_,    // B matrix of batch 0 (layout per B_NC)
+    const TA* __restrict__ A_,   // A matrix of batch 0 (layout per A_KC)
+    const TB* __restrict__ B_,   // B matrix of batch 0 (layout per B_NC)
     T* __restrict__ C_,          // C matrix of batch 0, (Mdim, Ndim) with row stride ldc (unless PARTIAL)
     typename Acc<T>::type* __restrict__ partial,  // PARTIAL: (splits, Mdim, Ndim); else unused
     const T* __restrict__ bias,  // bias (length Mdim if bias_on_n == 0 else Ndim) or nullptr
@@ -72,8 +75,8 @@ __global__ void __launch_bounds__(PW_THREADS, sizeof(T) == 8 ? 1 : 2) pw_gemm(
         for (int j = 0; j < 4; ++j) acc[i][j] = 0;
 
     for (int bt = b_lo; bt < b_hi; bt += (PARTIAL ? 1 : gridDim.z)) {
-        const T* Ab = A_ + (i64)bt * sA;
-        const T* Bb = B_ + (i64)bt * sB;
+        const TA* Ab = A_ + (i64)bt * sA;
+        const TB* Bb = B_ + (i64)bt * sB;
         if (!PARTIAL) {
 #pragma unroll
             for (int i = 0; i < 4; ++i)
