@@ -65,6 +65,20 @@ NETWORKS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """PyTorch and Numba on one thread each. The networks are tiny, and in a converted network
+    PyTorch and dwops layers alternate: the OpenMP workers of one spin-wait after each parallel
+    region while the other's run, which made PyTorch's layers 10-40x slower here."""
+    import numba
+    n_torch, n_numba = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_torch)
+    numba.set_num_threads(n_numba)
+
+
 @pytest.fixture(scope="module")
 def nets():
     """name -> (original model in eval mode, input), built lazily and shared by the tests."""
