@@ -18,6 +18,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 # (backend, module): each module defines compile_report(arch) -> list of dict rows.
 KERNEL_REPORTS = (("numba", "dwops.kernels.numba_cuda"), ("cupy", "dwops.kernels.cupy_compile"))
@@ -54,6 +55,7 @@ examples:
   python -m dwops bench                     the default block (about a minute)
   python -m dwops bench --suite cpu         the CPU backend against PyTorch
   python -m dwops bench --suite conv1d      the 1-d convolution of sequence models
+  python -m dwops bench --suite models      torchvision networks, original vs dwops.torch.convert
   python -m dwops bench --suite gpu --out benchmarks/results
                                             every GPU suite, saved as JSON and a table"""
 
@@ -375,7 +377,15 @@ def cmd_bench(args) -> int:
                           copy_bytes=None if args.copy_mb is None else args.copy_mb * 1024**2)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
+    t_start = time.monotonic()
     outcome = runner.run(cases, device, opts, progress=not args.quiet)
+    if "models" in suites:
+        from .bench import models
+
+        def remaining():
+            return None if args.budget is None else args.budget - (time.monotonic() - t_start)
+        models.run(outcome, device, backends, opts.timing(device.on_gpu), remaining,
+                   report.Progress(0, enabled=not args.quiet))
     result = outcome.result
     table = report.markdown(result)
     sys.stdout.write(table)

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from . import _api, _spec
 
 __all__ = [
-    "DepthwiseConv1d", "DepthwiseConv2d", "PointwiseConv2d", "SeparableConv2d",
+    "ConvertReport", "convert", "DepthwiseConv1d", "DepthwiseConv2d", "PointwiseConv2d", "SeparableConv2d",
     "depthwise_conv1d", "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d",
 ]
 
@@ -636,6 +636,18 @@ def depthwise_conv1d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, l
 # ----------------------------------------------------------------------------- modules
 
 
+def _channels_last(x: Tensor, layout: str) -> bool:
+    """Whether an ``NCHW`` module's input is a ``torch.channels_last`` tensor: NCHW shape, NHWC
+    strides. Its ``permute(0, 2, 3, 1)`` is then a contiguous NHWC array, run with
+    ``layout="NHWC"`` and permuted back, so the result is channels_last too (no transposes)."""
+    return (layout == "NCHW" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.permute(0, 2, 3, 1)
+
+
 def _positive(cls: str, arg: str, value) -> int:
     if not _spec._is_int(value) or value < 1:
         raise ValueError(f"{cls}: {arg} must be a positive int, got {value!r}")
@@ -692,6 +704,11 @@ class DepthwiseConv2d(nn.Module):
         _init_conv(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _channels_last(x, self.layout):
+            return depthwise_conv2d(_nhwc(x), self.weight, self.bias, stride=self.stride,
+                                    padding=self.padding, dilation=self.dilation, layout="NHWC",
+                                    activation=self.activation,
+                                    backend=self.backend).permute(0, 3, 1, 2)
         return depthwise_conv2d(x, self.weight, self.bias, stride=self.stride,
                                 padding=self.padding, dilation=self.dilation, layout=self.layout,
                                 activation=self.activation, backend=self.backend)
@@ -783,6 +800,13 @@ class SeparableConv2d(nn.Module):
         _init_conv(self.pw_weight, self.bias)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if _channels_last(x, self.layout):
+            return separable_conv2d(_nhwc(x), self.dw_weight, self.pw_weight, self.bias,
+                                    dw_bias=self.dw_bias, stride=self.stride,
+                                    padding=self.padding, dilation=self.dilation, layout="NHWC",
+                                    dw_activation=self.dw_activation, activation=self.activation,
+                                    residual=_nhwc(residual),
+                                    backend=self.backend).permute(0, 3, 1, 2)
         return separable_conv2d(x, self.dw_weight, self.pw_weight, self.bias, dw_bias=self.dw_bias,
                                 stride=self.stride, padding=self.padding, dilation=self.dilation,
                                 layout=self.layout, dw_activation=self.dw_activation,
@@ -863,3 +887,6 @@ class DepthwiseConv1d(nn.Module):
         if self.activation:
             s += f", activation={self.activation!r}"
         return s + f", layout={self.layout!r}"
+
+
+from ._convert import ConvertReport, convert  # noqa: E402  (it builds the modules above)

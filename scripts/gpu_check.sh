@@ -110,7 +110,7 @@ if [[ $LEFT -lt 60 ]]; then
     SUITES=(--suite default)
     (( LEFT < 20 )) && LEFT=20
 else
-    SUITES=(--suite default --suite gpu)
+    SUITES=(--suite default --suite gpu --suite models)
 fi
 stage "bench" gpu_check-bench.log $((LEFT + 40)) \
     "$PY" -m dwops bench "${SUITES[@]}" --device gpu --budget "$LEFT" --out "$DEST"

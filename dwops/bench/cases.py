@@ -258,7 +258,7 @@ def cpu_suite() -> list[Case]:
     ]
 
 
-SUITE_NAMES = ("default", "cpu", "gpu") + GPU_SUITES
+SUITE_NAMES = ("default", "cpu", "gpu") + GPU_SUITES + ("models",)
 
 
 def suite(name: str, on_gpu: bool, dtypes=None) -> list[Case]:
@@ -272,6 +272,8 @@ def suite(name: str, on_gpu: bool, dtypes=None) -> list[Case]:
         cases = [c for dt in DTYPES for s in GPU_SUITES for c in gpu_suite(s, dt)]
     elif name == "conv1d":
         cases = [c for dt in ("float32", "bfloat16") for c in conv1d_suite(dt, on_gpu)]
+    elif name == "models":  # whole networks, measured by dwops.bench.models (no op cases)
+        cases = []
     elif name in GPU_SUITES:
         cases = [c for dt in DTYPES for c in gpu_suite(name, dt)]
     else:

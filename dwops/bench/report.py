@@ -67,6 +67,8 @@ def shape_label(shape: dict, op: str) -> str:
     if op == "conv1d":
         return f"{shape['N']}x{shape['C']}x{shape['L']} k{shape['K']} {shape['padding']}"
     s = f"{shape['N']}x{shape['C']}x{shape['H']}x{shape['W']}"
+    if shape["KH"] is None:  # a whole network (suite "models"): its input
+        return s
     if op == "pointwise":
         return s + f"->{shape['C_out']}"
     s += f" k{shape['KH']}"
