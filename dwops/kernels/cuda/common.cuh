@@ -75,6 +75,13 @@ template <typename A> __device__ __forceinline__ A activate(A v, int act) {
     if (act == ACT_NONE) return v;
     if (act == ACT_RELU) return v > zero ? v : zero * v;
     if (act == ACT_RELU6) return (v > A(6) ? A(6) : (v > zero ? v : zero * v)) + zero * v;
+    if (act == ACT_HARDSWISH || act == ACT_HARDSIGMOID) {
+        // relu6(v + 3) by selects that keep NaN; hardswish(-inf) = -inf * 0 = NaN as in PyTorch
+        A r = v + A(3);
+        r = r < zero ? zero : r;
+        r = r > A(6) ? A(6) : r;
+        return (act == ACT_HARDSWISH ? v * r : r) / A(6);
+    }
     return activate_transcendental(v, act);
 }
 
