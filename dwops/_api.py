@@ -95,7 +95,8 @@ def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, l
     ``stride`` and ``dilation`` are positive ints or ``(h, w)`` pairs; ``padding`` is an int,
     ``(ph, pw)``, ``((top, bottom), (left, right))``, ``"valid"`` or ``"same"`` (TensorFlow/JAX
     semantics for any stride). The result is ``activation(conv(x) + bias)`` with ``activation`` one
-    of ``None``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"gelu"``, returned in ``x``'s library, on
+    of ``None``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"gelu"``, ``"hardswish"``,
+    ``"hardsigmoid"``, returned in ``x``'s library, on
     ``x``'s device, in ``x``'s dtype (16-bit types accumulate in float32 and round once).
     ``backend`` is ``"auto"``, ``"numpy"``, ``"cpu"``, ``"numba"`` or ``"cupy"``.
     """

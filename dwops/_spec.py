@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ._interop import FLOAT_DTYPES, ArrayInfo, describe
 
-ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu")
+ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu", "hardswish", "hardsigmoid")
 # The integer code of each activation that the kernels take: the one table every backend uses (the
 # CUDA C++ sources get it as an enum generated from it, see kernels/cupy_compile.source).
 ACTIVATION_CODES = {a: i for i, a in enumerate(ACTIVATIONS)}
@@ -132,11 +132,13 @@ def check_layout(fn: str, layout) -> str:
     return layout
 
 
+# "None, 'relu', ... or 'hardsigmoid'": the allowed values as the error messages list them.
+_ALLOWED_ACTIVATIONS = ", ".join(map(repr, ACTIVATIONS[:-1])) + f" or {ACTIVATIONS[-1]!r}"
+
+
 def check_activation(fn: str, activation, arg: str = "activation") -> str | None:
     if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{fn}: {arg} must be None, 'relu', 'relu6', 'silu' or 'gelu', got {activation!r}"
-        )
+        raise ValueError(f"{fn}: {arg} must be {_ALLOWED_ACTIVATIONS}, got {activation!r}")
     return activation
 
 

@@ -29,7 +29,9 @@ How the kernels are reached from a JAX program (chosen per lowering platform wit
 Backward, with ``z = conv(x) + b``, ``y = act(z) + r`` and ``g`` the cotangent of ``y``::
 
     gz = g * act'(z)   (relu, relu6: from the saved output when there is no residual;
-                        silu, gelu, or with a residual: z recomputed by one forward call)
+                        silu, gelu, hardswish, hardsigmoid, or with a residual: z recomputed
+                        by one forward call; act' as dwops.reference.activation_derivative,
+                        PyTorch autograd's values at the kinks)
     gx = conv_grad_input(gz, w);  gw = conv_grad_weight(x, gz);  gb = sum_{N,H,W} gz;  gr = g
 
 The separable op recomputes its intermediate ``mid = dw_act(dw(x) + dw_b)`` (the fused forward
@@ -289,6 +291,10 @@ def _act_grad(g, activation, out=None, pre=None):
     if activation == "silu":
         s = jax.nn.sigmoid(z)
         d = s * (1 + z * (1 - s))
+    elif activation == "hardswish":  # z/3 + 1/2 on (-3, 3); 0 at -3, 1 at 3 (as PyTorch)
+        d = jnp.where(z <= -3, 0.0, jnp.where(z >= 3, 1.0, z / 3 + 0.5))
+    elif activation == "hardsigmoid":  # 1/6 on (-3, 3), 0 at both ends (as PyTorch)
+        d = ((z > -3) & (z < 3)).astype(z.dtype) / 6
     else:  # gelu, erf form
         d = 0.5 * (1 + jax.scipy.special.erf(z * (1 / math.sqrt(2)))) + z * jnp.exp(-0.5 * z * z) * (
             1 / math.sqrt(2 * math.pi))

@@ -38,7 +38,7 @@ __all__ = [
     "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_weight",
     "pointwise_conv2d", "pointwise_conv2d_grad_input", "pointwise_conv2d_grad_weight",
     "separable_conv2d", "depthwise_conv1d", "depthwise_conv1d_backward",
-    "depthwise_conv1d_update", "activate",
+    "depthwise_conv1d_update", "activate", "activation_derivative",
 ]
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -57,6 +57,39 @@ def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
             return y / (1.0 + np.exp(-y))
         if activation == "gelu":
             return 0.5 * y * (1.0 + _erf(y / math.sqrt(2.0)))
+        if activation == "hardswish":  # x * relu6(x + 3) / 6; -inf * 0 is NaN, as in PyTorch
+            return y * np.minimum(np.maximum(y + 3.0, 0.0), 6.0) / 6.0
+        if activation == "hardsigmoid":  # relu6(x + 3) / 6
+            return np.minimum(np.maximum(y + 3.0, 0.0), 6.0) / 6.0
+    raise ValueError(activation)
+
+
+def activation_derivative(activation: str | None, z) -> np.ndarray:
+    """The derivative ``act'(z)`` of :func:`activate`, in float64.
+
+    At the kinks it takes PyTorch autograd's values: relu 0 at 0; relu6 0 at 0 and 6; hardswish
+    ``z/3 + 1/2`` on the open interval (-3, 3), 0 at and below -3, 1 at and above 3; hardsigmoid
+    1/6 on (-3, 3), 0 at and beyond both ends. NaN gives 0 for relu, relu6 and hardsigmoid (their
+    masks are false) and NaN for silu, gelu and hardswish.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if activation is None:
+        return np.ones_like(z)
+    if activation == "relu":
+        return np.where(z > 0.0, 1.0, 0.0)
+    if activation == "relu6":
+        return np.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
+    if activation == "hardsigmoid":
+        return np.where((z > -3.0) & (z < 3.0), 1.0 / 6.0, 0.0)
+    if activation == "hardswish":
+        return np.where(z <= -3.0, 0.0, np.where(z >= 3.0, 1.0, z / 3.0 + 0.5))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if activation == "silu":
+            s = 1.0 / (1.0 + np.exp(-z))
+            return s * (1.0 + z * (1.0 - s))
+        if activation == "gelu":
+            return 0.5 * (1.0 + _erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / math.sqrt(
+                2.0 * math.pi)
     raise ValueError(activation)
 
 

@@ -24,6 +24,10 @@ Backward. With ``z = conv(x) + b`` the pre-activation, ``y = act(z) + r`` and ``
         relu6  act'(z) = [0 < z < 6]                 likewise from the output
         silu   act'(z) = s (1 + z (1 - s)),  s = sigmoid(z)        z recomputed (one forward)
         gelu   act'(z) = Phi(z) + z phi(z)   (erf form)            z recomputed (one forward)
+        hardswish    act'(z) = 0 (z <= -3), z/3 + 1/2 (-3 < z < 3), 1 (z >= 3)  z recomputed
+        hardsigmoid  act'(z) = 1/6 on (-3, 3), 0 elsewhere (both ends too)      z recomputed
+        (PyTorch autograd's values at the kinks; dwops.reference.activation_derivative is the
+        same table in NumPy, and the tests hold the two to it)
         with a residual the output is act(z) + r, so z is recomputed for every activation
     gx = conv_grad_input(gz, w)     gw = conv_grad_weight(x, gz)
     gb = sum over N, H, W of gz     gr = g
@@ -122,6 +126,10 @@ def _act_grad(g: Tensor, activation: Optional[str], out: Optional[Tensor] = None
     if activation == "silu":
         s = torch.sigmoid(zf)
         d = s * (1 + zf * (1 - s))
+    elif activation == "hardswish":  # z/3 + 1/2 on (-3, 3); 0 at -3, 1 at 3 (as PyTorch)
+        d = torch.where(zf <= -3, 0.0, torch.where(zf >= 3, 1.0, zf / 3 + 0.5))
+    elif activation == "hardsigmoid":  # 1/6 on (-3, 3), 0 at both ends (as PyTorch)
+        d = ((zf > -3) & (zf < 3)).to(zf.dtype) / 6
     else:  # gelu, erf form
         d = 0.5 * (1 + torch.erf(zf * (1 / math.sqrt(2)))) + zf * torch.exp(-0.5 * zf * zf) * (
             1 / math.sqrt(2 * math.pi))

@@ -264,6 +264,38 @@ def test_separable(case, rng):
     assert_close(out.copy_to_host(), expected, dtype, scale, "separable")
 
 
+@pytest.mark.parametrize("act,dtype", [("hardswish", "float32"), ("hardsigmoid", "float16")])
+def test_hard_activations(act, dtype, rng):
+    """hardswish / hardsigmoid epilogues with pre-activations across -3 and 3 (inputs in [-4, 4]),
+    a NaN and a -inf in the input: depthwise (NCHW 3x3 fast path) and the fused separable (NHWC,
+    depthwise and pointwise epilogues)."""
+    x = rand(rng, (1, 2, 5, 7), dtype, -4.0, 4.0)
+    x[0, 0, 1, 2], x[0, 1, 3, 4] = np.nan, -np.inf
+    w = rand(rng, (2, 1, 3, 3), dtype)
+    b = rand(rng, (2,), dtype)
+    p, _ = _spec.depthwise("t", x, w, b, 1, 1, 1, "NCHW", act)
+    out = poisoned(p.y_shape, dtype)
+    BE.depthwise_forward(p, dev(x), dev(w), dev(b), out)
+    expected = R.depthwise_conv2d(x, w, b, padding=1, activation=act)
+    assert np.isnan(expected).any() and (np.abs(expected) > 0).any()
+    assert_close(out.copy_to_host(), expected, dtype,
+                 R.depthwise_conv2d(absf(x), absf(w), absf(b), padding=1), "depthwise")
+
+    xs = np.ascontiguousarray(rand(rng, (1, 3, 4, 3), dtype, -4.0, 4.0))  # NHWC
+    dw_w, pw_w = rand(rng, (3, 1, 2, 2), dtype), rand(rng, (4, 3), dtype, -2.0, 2.0)
+    dw_b, pb = rand(rng, (3,), dtype), rand(rng, (4,), dtype)
+    sp, _ = _spec.separable("t", xs, dw_w, pw_w, pb, dw_b, 1, "same", 1, "NHWC", act, act, None)
+    assert fits(G.separable_smem(sp))
+    out = poisoned((1, 3, 4, 4), dtype)
+    BE.separable_forward(sp, dev(xs), dev(dw_w), dev(pw_w), dev(pb), dev(dw_b), None, out)
+    geo = dict(padding="same", layout="NHWC")
+    expected = R.separable_conv2d(xs, dw_w, pw_w, pb, dw_bias=dw_b, dw_activation=act,
+                                  activation=act, **geo)
+    mid = R.depthwise_conv2d(absf(xs), absf(dw_w), absf(dw_b), **geo)
+    assert_close(out.copy_to_host(), expected, dtype,
+                 R.pointwise_conv2d(mid, absf(pw_w), absf(pb), layout="NHWC"), "separable")
+
+
 # ----------------------------------------------------------------------------- depthwise 1-d
 
 # (id, layout, dtype, N, C, L, M, K, stride, padding, dilation, activation, bias, state, seq,

@@ -22,6 +22,14 @@ def act(v: float, activation):
         return v / (1.0 + math.exp(-v)) if v > -700 else 0.0 * v
     if activation == "gelu":
         return 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))
+    if activation == "hardswish":
+        if math.isnan(v) or v == -math.inf:
+            return math.nan
+        return 0.0 if v <= -3.0 else (v if v >= 3.0 else v * (v + 3.0) / 6.0)
+    if activation == "hardsigmoid":
+        if math.isnan(v):
+            return v
+        return 0.0 if v <= -3.0 else (1.0 if v >= 3.0 else (v + 3.0) / 6.0)
     raise ValueError(activation)
 
 

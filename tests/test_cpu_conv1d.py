@@ -21,6 +21,7 @@ import pytest
 import dwops
 from dwops import reference
 from dwops._registry import numpy_dtype
+from dwops._spec import ACTIVATIONS
 
 from tests.conftest import DTYPES, assert_close, rand
 
@@ -30,7 +31,7 @@ pytest.importorskip("numba", reason="the cpu backend is compiled by Numba")
 from dwops.kernels import _cpu_conv1d, cpu  # noqa: E402
 
 LAYOUTS = ("NCL", "NLC")
-ACTS = (None, "relu", "relu6", "silu", "gelu")
+ACTS = ACTIVATIONS
 
 # (N, C, L, M, K, stride, padding, dilation)
 CASES = [

@@ -303,6 +303,48 @@ def test_misaligned_cp_async_is_caught(lib):
         lib.function("misaligned_async")((1,), (32,), (x, out), shared_mem=32 * 16)
 
 
+# ------------------------------------------------------------------------- the activation table
+
+ACTIVATION_KERNEL = r"""
+template <typename A>
+__global__ void apply_activation(const A* __restrict__ x, A* __restrict__ out, int n, int act) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = activate(x[i], act);
+}
+"""
+
+
+def test_cuda_activations_match_the_reference():
+    """common.cuh's ``activate`` for every code of dwops._spec.ACTIVATIONS (the generated enum)
+    against dwops.reference.activate, float32 and float64, on the kinks (-3, 0, 3, 6), beside
+    them, random values and NaN; hardswish and hardsigmoid also at +-inf (the older epilogues
+    give NaN there, see the reference's test_activations_at_infinities_and_nan)."""
+    from dwops import _spec, reference
+    from dwops.kernels import cupy_compile as cuc
+
+    with open(os.path.join(cuc.CUDA_DIR, "common.cuh")) as f:
+        code = cuc.activation_enum() + f.read() + ACTIVATION_KERNEL
+    lib = cudaemu.Library(code, ["apply_activation<float>", "apply_activation<double>"])
+    z = np.concatenate([[-7.5, -3.0 - 2.0**-20, -3.0, -3.0 + 2.0**-20, -1.5, -0.0, 0.0, 2.0**-20,
+                         3.0 - 2.0**-20, 3.0, 3.0 + 2.0**-20, 6.0, 6.5, np.nan],
+                        np.random.default_rng(11).uniform(-8, 8, 50)])
+    for act in _spec.ACTIVATIONS:
+        zz = np.concatenate([z, [-np.inf, np.inf]]) if act in ("hardswish", "hardsigmoid") else z
+        for name, dt, rtol in (("float", np.float32, 1e-6), ("double", np.float64, 1e-14)):
+            x = cudaemu.asarray(zz.astype(dt))
+            out = cudaemu.full(zz.shape, 123.0, dt)
+            lib.function(f"apply_activation<{name}>")(
+                (1,), (128,), (x, out, np.int32(zz.size), np.int32(_spec.ACTIVATION_CODES[act])))
+            zd = zz.astype(dt).astype(np.float64)
+            want, got = reference.activate(zd, act), np.asarray(out, np.float64)
+            # errors relative to 1 + |z| (silu and gelu lose relative accuracy in their tails)
+            assert np.array_equal(np.isnan(got), np.isnan(want)), (act, name, got, want)
+            with np.errstate(invalid="ignore"):  # inf - inf
+                err = np.abs(got - want)
+            ok = np.isnan(want) | (got == want) | (err <= rtol * (1 + np.abs(zd)))
+            assert ok.all(), (act, name, zd[~ok], got[~ok], want[~ok])
+
+
 # ------------------------------------------------------------------------- the GPU tests, emulated
 
 # Groups of tests/test_gpu_cupy.py, of similar cost, run concurrently, each selected by its mark

@@ -285,6 +285,37 @@ def test_separable_unfused_16_bit(k, dtype, layout, aligned, rng, monkeypatch):
                      what=f"unfused separable {p}")
 
 
+@pytest.mark.emu_forward_pointwise_separable
+@pytest.mark.parametrize("act,dtype,layout", [("hardswish", "float32", "NCHW"),
+                                              ("hardsigmoid", "bfloat16", "NHWC"),
+                                              ("hardswish", "float16", "NHWC")])
+def test_hard_activations(act, dtype, layout, rng):
+    """hardswish / hardsigmoid epilogues with pre-activations across -3 and 3 (inputs in [-4, 4]),
+    a NaN and a -inf in the input: depthwise 3x3 forward, pointwise forward and the separable
+    forward (both epilogues)."""
+    be = _backend()
+    x = rand(rng, _spec._physical(layout, 2, 5, 9, 11), dtype, -4.0, 4.0)
+    x.flat[7], x.flat[50] = np.nan, -np.inf
+    w, b = rand(rng, (5, 1, 3, 3), dtype), rand(rng, (5,), dtype)
+    p, _ = _spec.depthwise("t", x, w, b, 1, "same", 1, layout, act)
+    _check_dw_forward(be, p, x, w, b, act, dtype)
+    pw, pb = rand(rng, (6, 5), dtype, -2.0, 2.0), rand(rng, (6,), dtype)
+    p, _ = _spec.pointwise("t", x, pw, pb, layout, act, None)
+    _check_pointwise(be, p, x, pw, pb, None, act, rand(rng, p.y_shape, dtype), dtype)
+    x = rand(rng, x.shape, dtype, -4.0, 4.0)
+    p, _ = _spec.separable("t", x, w, pw, pb, b, 1, "same", 1, layout, act, act, None)
+    out = _poisoned(p.y_shape, dtype)
+    be.separable_forward(p, _dev(x, dtype), _dev(w, dtype), _dev(pw, dtype), _dev(pb, dtype),
+                         _dev(b, dtype), None, out, stream=0)
+    kw = _ref_kw(p.dw)
+    ref = dwops.reference.separable_conv2d(x, w, pw, pb, dw_bias=b, dw_activation=act,
+                                           activation=act, **kw)
+    assert np.min(ref) < 0.5 < np.max(ref)
+    scale = dwops.reference.separable_conv2d(_abs(x), _abs(w), _abs(pw), _abs(pb), dw_bias=_abs(b),
+                                             **kw)
+    assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3), what="separable")
+
+
 def _random_depthwise(rng):
     """A random valid depthwise problem: small sizes (the emulator runs these too), every kernel
     size 1-7 square or not, stride and dilation 1-3, multiplier 1-3, explicit asymmetric or
@@ -587,6 +618,18 @@ def test_conv1d_every_width(k, dtype, layout, aligned, rng):
     _check_c1_backward(be, x, w, st, sq, gy, dtype, need, layout=layout)
     if k > 1:
         _check_c1_update(be, rng, 2, c, 1, k, 3, dtype, act)
+
+
+@pytest.mark.emu_conv1d
+@pytest.mark.parametrize("act,layout", [("hardswish", "NCL"), ("hardsigmoid", "NLC")])
+def test_conv1d_hard_activations(act, layout, rng):
+    """hardswish / hardsigmoid in the 1-d forward (inputs in [-4, 4], across -3 and 3) and in the
+    decode update."""
+    be = _backend()
+    x, w, b, st, sq = _c1_args(rng, 2, 5, 13, 1, 4, layout, "float32", bias=True, state=True)
+    x = (4 * x).astype(np.float32)
+    _check_c1_forward(be, x, w, b, st, sq, "float32", layout=layout, act=act, final=True)
+    _check_c1_update(be, rng, 2, 5, 1, 4, 3, "float32", act)
 
 
 @pytest.mark.emu_conv1d

@@ -22,7 +22,10 @@ from jax import lax  # noqa: E402
 HOST = "numpy"
 
 ACT = {None: lambda v: v, "relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu,
-       "gelu": lambda v: jax.nn.gelu(v, approximate=False)}
+       "gelu": lambda v: jax.nn.gelu(v, approximate=False), "hardswish": jax.nn.hard_swish,
+       "hardsigmoid": jax.nn.hard_sigmoid}
+# Weight scales that make some pre-activations cross the kinks (relu6: 6; hard*: -3 and 3).
+SCALE = {"relu6": 8, "hardswish": 4, "hardsigmoid": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +102,7 @@ DW_CASES = [
     ("NHWC", 2, 3, 7, 6, 4, (2, 1), "same", "SAME", (1, 1), True, "gelu"),
     ("NHWC", 3, 1, 8, 7, 3, (1, 2), ((1, 0), (2, 1)), ((1, 0), (2, 1)), (2, 1), True, "silu"),
     ("NCHW", 2, 2, 6, 6, 3, (1, 1), (1, 1), ((1, 1), (1, 1)), (1, 1), True, "relu6"),
+    ("NHWC", 3, 1, 6, 7, 3, (1, 1), "same", "SAME", (1, 1), True, "hardswish"),
 ]
 
 
@@ -106,7 +110,7 @@ DW_CASES = [
 def test_depthwise_against_lax(rng, case, route):
     layout, c, m, h, w, k, stride, pad, lax_pad, dil, bias, act = case
     x = _a(rng, *_shape(layout, 2, c, h, w))
-    wt = _a(rng, c * m, 1, k, k) * (8 if act == "relu6" else 1)
+    wt = _a(rng, c * m, 1, k, k) * SCALE.get(act, 1)
     b = _a(rng, c * m) if bias else None
 
     def f(x, wt, b):
@@ -124,6 +128,7 @@ PW_CASES = [
     ("NHWC", 4, 3, 2, True, "gelu", True),
     ("NCHW", 2, 5, 4, True, "relu", True),
     ("NHWC", 3, 2, 2, True, "silu", False),
+    ("NCHW", 4, 3, 4, True, "hardsigmoid", True),
 ]
 
 
@@ -131,7 +136,7 @@ PW_CASES = [
 def test_pointwise_against_lax(rng, case, route):
     layout, ci, co, wdim, bias, act, residual = case
     x = _a(rng, *_shape(layout, 2, ci, 3, 4))
-    w = _a(rng, co, ci, 1, 1) if wdim == 4 else _a(rng, co, ci)
+    w = (_a(rng, co, ci, 1, 1) if wdim == 4 else _a(rng, co, ci)) * SCALE.get(act, 1)
     b = _a(rng, co) if bias else None
     r = _a(rng, *_shape(layout, 2, co, 3, 4)) if residual else None
 
@@ -150,6 +155,7 @@ SEP_CASES = [
     ("NCHW", 2, 1, 3, 3, (1, 1), "same", "SAME", False, "relu", None, True),
     ("NCHW", 2, 2, 3, 3, (2, 2), "same", "SAME", True, "silu", "relu6", False),
     ("NHWC", 3, 1, 4, 2, (2, 1), 0, "VALID", True, "gelu", "relu", True),
+    ("NCHW", 3, 1, 4, 3, (1, 1), "same", "SAME", True, "hardswish", "hardswish", False),
 ]
 
 
@@ -157,7 +163,8 @@ SEP_CASES = [
 def test_separable_against_lax(rng, case, route):
     layout, c, m, co, k, stride, pad, lax_pad, has_db, dw_act, act, residual = case
     x = _a(rng, *_shape(layout, 2, c, 6, 5))
-    dw_w, pw_w, b = _a(rng, c * m, 1, k, k), _a(rng, co, c * m), _a(rng, co)
+    dw_w, pw_w, b = (_a(rng, c * m, 1, k, k) * SCALE.get(dw_act, 1),
+                     _a(rng, co, c * m) * SCALE.get(act, 1), _a(rng, co))
     db = _a(rng, c * m) if has_db else None
     mid = jax.eval_shape(lambda: lax_depthwise(x, dw_w, db, stride, lax_pad, (1, 1), layout,
                                                dw_act))
@@ -175,6 +182,29 @@ def test_separable_against_lax(rng, case, route):
         return lax_pointwise(mid, pw_w, b, layout, act, r)
 
     _check_grads(f, g, (x, dw_w, pw_w, b, db, r), tuple(out_shape), rng)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_activation_gradient_matches_reference_and_autodiff(dtype):
+    """The layer's act'(z) table against dwops.reference.activation_derivative and jax.grad of
+    jax.nn's activations on the exact kinks (-3, 0, 3, 6) and beside them (16-bit: in float32)."""
+    z = np.array([-7.0, -3.5, -3.0, -2.5, -1.5, -1.0, 0.0, 0.5, 1.0, 2.5, 3.0, 3.5, 5.5, 6.0, 6.5,
+                  np.nan], dtype)
+    g = np.linspace(-2.0, 3.0, z.size).astype(dtype)
+    rtol, atol = (1e-15, 0.0) if dtype == "float64" else (2**-10, 1e-6)  # atol: gelu' at -7
+    for act in dwops._spec.ACTIVATIONS:
+        if act in dj._MASKED:
+            got = dj._act_grad(jnp.asarray(g), act, out=jnp.asarray(ACT[act](z.astype("float64"))))
+        else:
+            got = dj._act_grad(jnp.asarray(g), act, pre=jnp.asarray(z))
+        assert got.dtype == dtype, act
+        want = g.astype("float64") * dwops.reference.activation_derivative(act, z)
+        np.testing.assert_allclose(np.asarray(got, "float64"), want, rtol=rtol, atol=atol,
+                                   err_msg=str(act))
+        auto = jax.vmap(jax.grad(ACT[act]))(jnp.asarray(z[:-1], "float64")) * g[:-1]
+        # atol: jax.grad of the erf form of gelu far in the tail (-7) differs by ~1e-17
+        np.testing.assert_allclose(np.asarray(got, "float64")[:-1], np.asarray(auto), rtol=rtol,
+                                   atol=max(atol, 1e-15), err_msg=str(act))
 
 
 def test_eager_vmap_and_dtypes(rng, route):

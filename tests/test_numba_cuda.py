@@ -81,7 +81,8 @@ def test_report_set_covers_every_specialization_family():
     assert len(names) == len(specs)  # no kernel listed twice
     text = " ".join(s for _, _, s, _ in specs)
     for needle in ("k=1x1", "k=3x3", "k=5x5", "k=7x7", "k=generic", "staged", "direct", "fused",
-                   "unfused", "float16", "float64", "NHWC", "silu", "relu6"):
+                   "unfused", "float16", "float64", "NHWC", "silu", "relu6", "hardswish",
+                   "hardsigmoid"):
         assert needle in text, needle
 
 

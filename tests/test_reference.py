@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dwops.reference as ref
+from dwops._spec import ACTIVATIONS
 from tests import oracle
 from tests.conftest import assert_close, optional_import, rand
 
@@ -70,7 +71,7 @@ def test_depthwise_forward_and_grads_match_loop_oracle(case, layout, rng):
     s, d = _pair(stride), _pair(dilation)
     pads = _pads(padding, (h, w), (kh, kw), s, d)
     kw_args = dict(stride=stride, padding=padding, dilation=dilation, layout=layout)
-    for activation in (None, "relu", "relu6", "silu", "gelu"):
+    for activation in ACTIVATIONS:
         y = ref.depthwise_conv2d(_to_layout(x, layout), wt, b, activation=activation, **kw_args)
         expected = oracle.depthwise(x, wt, b, s, d, pads, activation)
         assert_close(_from_layout(y, layout), expected, "float64", what=f"forward {activation}")
@@ -86,7 +87,7 @@ def test_depthwise_forward_and_grads_match_loop_oracle(case, layout, rng):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "hardswish"])
 def test_pointwise_and_grads_match_loop_oracle(layout, activation, rng):
     x = rand(rng, (2, 3, 4, 5), "float64")
     w = rand(rng, (4, 3), "float64")
@@ -231,21 +232,66 @@ def test_nan_and_inf_propagate(backend):
     assert_close(y, ref.pointwise_conv2d(x, w), "float64", what="pointwise")
 
 
-@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS[1:])
 def test_activations_at_infinities_and_nan(activation):
     v = np.array([-np.inf, np.inf, np.nan, -3.0, 0.5, 7.0])
     got = ref.activate(v, activation)
     want = np.array([oracle.act(float(t), activation) if np.isfinite(t) or np.isnan(t) else np.nan
                      for t in v])
     # As in PyTorch: silu and gelu are x * (something -> 0) at -inf, which is NaN.
+    # hardswish likewise (-inf * relu6(-inf) = -inf * 0).
     expected_inf = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "silu": (np.nan, np.inf),
-                    "gelu": (np.nan, np.inf)}[activation]
+                    "gelu": (np.nan, np.inf), "hardswish": (np.nan, np.inf),
+                    "hardsigmoid": (0.0, 1.0)}[activation]
     np.testing.assert_array_equal(got[:2], expected_inf)
     assert np.isnan(got[2])
     np.testing.assert_allclose(got[3:], want[3:], rtol=1e-15)
 
 
 # ----------------------------------------------------------------------------- against PyTorch
+
+# The kinks of every activation, exactly, with values just beside them and on each side.
+_KINKS = np.array([-7.5, -6.0, -3.0 - 2.0**-40, -3.0, -3.0 + 2.0**-40, -2.0, -1.5, -1.0,
+                   -2.0**-40, 0.0, 2.0**-40, 0.25, 1.0, 3.0 - 2.0**-40, 3.0, 3.0 + 2.0**-40, 4.0,
+                   6.0 - 2.0**-40, 6.0, 6.0 + 2.0**-40, 9.0])
+
+
+def _torch_activation(activation):
+    F = torch.nn.functional
+    return {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+            "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}[activation]
+
+
+@requires_torch
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_and_derivative_match_torch_autograd_at_kinks(activation, rng):
+    """activate and activation_derivative against torch.nn.functional and its autograd, in float64
+    on the exact kink points (-3, 0, 3, 6) and their neighbours, plus random values."""
+    z = np.concatenate([_KINKS, rand(rng, (64,), "float64", -8.0, 8.0)])
+    tz = torch.tensor(z, requires_grad=True)
+    ty = _torch_activation(activation)(tz)
+    ty.backward(torch.ones_like(ty))
+    np.testing.assert_allclose(ref.activate(z, activation), ty.detach().numpy(), rtol=1e-15,
+                               atol=1e-300)
+    d = ref.activation_derivative(activation, z)
+    assert d.dtype == np.float64 and d.shape == z.shape
+    # PyTorch's hardsigmoid gradient is a float32 1/6 in every dtype; zeros are checked exactly
+    rtol = 1e-7 if activation == "hardsigmoid" else 1e-14
+    np.testing.assert_allclose(d, tz.grad.numpy(), rtol=rtol, atol=1e-300)
+
+
+def test_activation_derivative_matches_finite_differences(rng):
+    """Away from the kinks, activation_derivative is the slope of activate."""
+    z = rand(rng, (200,), "float64", -8.0, 8.0)
+    z = z[np.min(np.abs(z[:, None] - np.array([-3.0, 0.0, 3.0, 6.0])), axis=1) > 1e-3]
+    h = 1e-6
+    for activation in ACTIVATIONS:
+        fd = (ref.activate(z + h, activation) - ref.activate(z - h, activation)) / (2 * h)
+        np.testing.assert_allclose(ref.activation_derivative(activation, z), fd, rtol=1e-6,
+                                   atol=1e-8, err_msg=str(activation))
+    with pytest.raises(ValueError):
+        ref.activation_derivative("tanh", z)
+
 
 @requires_torch
 @pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=lambda c: "x".join(map(str, c[:5])))
@@ -286,3 +332,7 @@ def test_pointwise_matches_torch(rng):
     assert_close(ref.pointwise_conv2d(x, w, b, activation="relu6"),
                  F.relu6(F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b))).numpy(),
                  "float64")
+    for act in ("hardswish", "hardsigmoid"):
+        assert_close(ref.pointwise_conv2d(4 * x, w, b, activation=act),
+                     _torch_activation(act)(F.conv2d(torch.tensor(4 * x), torch.tensor(w),
+                                                     torch.tensor(b))).numpy(), "float64", what=act)

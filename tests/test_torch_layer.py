@@ -17,6 +17,7 @@ from tests.conftest import assert_close
 torch = pytest.importorskip("torch", reason="dwops.torch needs PyTorch")
 import dwops.torch as dt  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 # The layer is tested on the reference backend (exact, and no JIT compilation per configuration);
 # test_default_backend runs the default ("auto") path.
@@ -43,16 +44,21 @@ DW_CASES = [
     ("NHWC", 3, 1, 6, 7, 3, (2, 1), ((1, 0), (2, 1)), (1, 2), True, "silu"),
     ("NCHW", 2, 3, 5, 5, 2, 1, "same", 1, True, "gelu"),
     ("NHWC", 2, 2, 6, 5, 3, 2, (1, 1), 1, True, "relu6"),
+    ("NCHW", 3, 1, 6, 5, 3, 1, 1, 1, True, "hardswish"),
+    ("NHWC", 2, 2, 5, 6, 3, 1, "same", 1, True, "hardsigmoid"),
 ]
+
+# Weight scales that make some pre-activations cross the activation's kinks (relu6: 6; hardswish,
+# hardsigmoid: -3 and 3).
+_SCALE = {"relu6": 8, "hardswish": 4, "hardsigmoid": 4}
 
 
 def _dw_args(rng, case):
     layout, c, m, h, w, k, stride, padding, dilation, bias, act = case
     x = _t(rng, *_shape(layout, 2, c, h, w))
     wt = _t(rng, c * m, 1, k, k)
-    # relu6 only bends where z reaches 6: scale so some outputs cross it
-    if act == "relu6":
-        wt = (wt.detach() * 8).requires_grad_()
+    if act in _SCALE:
+        wt = (wt.detach() * _SCALE[act]).requires_grad_()
     b = _t(rng, c * m) if bias else None
     kw = {"stride": stride, "padding": padding, "dilation": dilation, "layout": layout,
           "activation": act, "backend": HOST}
@@ -65,6 +71,8 @@ PW_CASES = [
     ("NHWC", 4, 3, True, "gelu", True, 4),
     ("NCHW", 2, 3, True, "silu", True, 2),
     ("NHWC", 3, 2, False, "relu", True, 2),
+    ("NCHW", 4, 3, True, "hardswish", True, 4),
+    ("NHWC", 4, 3, True, "hardsigmoid", False, 2),
 ]
 
 
@@ -72,8 +80,8 @@ def _pw_args(rng, case):
     layout, ci, co, bias, act, residual, wdim = case
     x = _t(rng, *_shape(layout, 2, ci, 3, 4))
     w = _t(rng, co, ci, 1, 1) if wdim == 4 else _t(rng, co, ci)
-    if act == "relu6":
-        w = (w.detach() * 8).requires_grad_()
+    if act in _SCALE:
+        w = (w.detach() * _SCALE[act]).requires_grad_()
     b = _t(rng, co) if bias else None
     r = _t(rng, *_shape(layout, 2, co, 3, 4)) if residual else None
     return x, w, b, {"layout": layout, "activation": act, "residual": r, "backend": HOST}
@@ -85,6 +93,7 @@ SEP_CASES = [
     ("NCHW", 2, 2, 3, 3, 2, "same", True, True, "silu", "relu6", False),
     ("NHWC", 3, 1, 2, 3, 1, 1, False, True, None, "gelu", False),
     ("NHWC", 2, 1, 4, 2, 2, 0, True, True, "gelu", "relu", True),
+    ("NCHW", 3, 1, 4, 3, 1, "same", True, True, "hardswish", "hardsigmoid", False),
 ]
 
 
@@ -92,6 +101,10 @@ def _sep_args(rng, case):
     layout, c, m, co, k, stride, padding, bias, dw_bias, dw_act, act, residual = case
     x = _t(rng, *_shape(layout, 2, c, 6, 5))
     dw_w, pw_w = _t(rng, c * m, 1, k, k), _t(rng, co, c * m, 1, 1)
+    if dw_act in _SCALE:
+        dw_w = (dw_w.detach() * _SCALE[dw_act]).requires_grad_()
+    if act in _SCALE:
+        pw_w = (pw_w.detach() * _SCALE[act]).requires_grad_()
     b = _t(rng, co) if bias else None
     db = _t(rng, c * m) if dw_bias else None
     # the residual has the output's shape: the depthwise geometry with C_out channels
@@ -176,6 +189,35 @@ def test_separable_gradcheck(rng, case):
         return dt.separable_conv2d(x, dw_w, pw_w, b, dw_bias=db, residual=r, **kw)
 
     assert torch.autograd.gradcheck(f, (x, dw_w, pw_w, b, db, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_activation_gradient_matches_reference_and_autograd(dtype):
+    """The layer's act'(z) table against dwops.reference.activation_derivative and PyTorch's
+    autograd, on the exact kinks (-3, 0, 3, 6) and beside them; 16-bit: evaluated in float32."""
+    z = torch.tensor([-7.0, -3.5, -3.0, -2.5, -1.5, -1.0, 0.0, 0.5, 1.0, 2.5, 3.0, 3.5, 5.5, 6.0,
+                      6.5, float("nan")], dtype=dtype)
+    g = torch.linspace(-2.0, 3.0, z.numel(), dtype=dtype)
+    fns = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+           "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+    for act in dwops._spec.ACTIVATIONS:
+        if act in dt._MASKED:
+            got = dt._act_grad(g, act, out=torch.tensor(ref.activate(z.double().numpy(), act)))
+        else:
+            got = dt._act_grad(g, act, pre=z)
+        assert got.dtype == dtype, act
+        want = g.double().numpy() * ref.activation_derivative(act, z.double().numpy())
+        rtol = {torch.float64: 1e-15, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+        # atol: float32 cancellation in gelu' far in the tail (-7), not a rounding to 16 bits
+        atol = 0.0 if dtype == torch.float64 else 1e-6
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=atol,
+                                   err_msg=str(act))
+        if act is not None:  # autograd, NaN left out (PyTorch's own kernels disagree there)
+            zz = z[:-1].double().requires_grad_()
+            fns[act](zz).backward(g[:-1].double())
+            # (PyTorch's hardsigmoid gradient is a float32 1/6 in every dtype)
+            np.testing.assert_allclose(got[:-1].double().numpy(), zz.grad.numpy(),
+                                       rtol=max(rtol, 1e-7), atol=atol, err_msg=str(act))
 
 
 def test_double_backward(rng):

@@ -69,7 +69,8 @@ def arrays(rng):
     (lambda a, be: dwops.depthwise_conv2d(a["x"], a["w"], layout="NHCW", backend=be), ValueError,
      r"layout must be 'NCHW' or 'NHWC', got 'NHCW'"),
     (lambda a, be: dwops.depthwise_conv2d(a["x"], a["w"], activation="tanh", backend=be),
-     ValueError, r"activation must be None, 'relu', 'relu6', 'silu' or 'gelu', got 'tanh'"),
+     ValueError, r"activation must be None, 'relu', 'relu6', 'silu', 'gelu', 'hardswish' or "
+                 r"'hardsigmoid', got 'tanh'"),
     (lambda a, be: dwops.depthwise_conv2d_grad_input(np.ones((2, 6, 8, 8), np.float32), a["w"],
                                                      (2, 3, 8, 8), backend=be),
      ValueError, r"argument 'grad_output' must have shape \(2, 6, 6, 6\)"),

@@ -100,7 +100,8 @@ def _activate(v, act):
     Constants are cast to ``v``'s dtype, so float32 stays float32. As the reference
     (``np.maximum`` / ``np.minimum``), NaN propagates: a comparison with NaN is false, so NaN falls
     through to "keep y". relu = max(y, 0); relu6 = min(max(y, 0), 6); silu = y / (1 + exp(-y));
-    gelu = y/2 * (1 + erf(y / sqrt 2)).
+    gelu = y/2 * (1 + erf(y / sqrt 2)); hardswish = y * relu6(y + 3) / 6; hardsigmoid =
+    relu6(y + 3) / 6 (so hardswish(-inf) = -inf * 0 = NaN, as in the reference).
     """
     t = v.dtype.type
     zero = t(0.0)
@@ -125,6 +126,15 @@ def _activate(v, act):
         for k in range(v.shape[0]):
             y = v[k]
             v[k] = half * y * (one + math.erf(y * rsqrt2))
+    elif act == 5 or act == 6:
+        three = t(3.0)
+        six = t(6.0)
+        for k in range(v.shape[0]):
+            y = v[k]
+            r = y + three
+            r = zero if r < zero else r
+            r = six if r > six else r
+            v[k] = (y * r if act == 5 else r) / six
 
 
 # ----------------------------------------------------------------------------- host-side helpers

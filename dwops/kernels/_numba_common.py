@@ -76,10 +76,12 @@ def activation(name, acc: str):
 
     Mirrors dwops.reference.activate, NaN/Inf included: relu(v) = v if v > 0 else 0*v, relu6 adds
     0*v so +-Inf gives NaN as in the reference, silu = v / (1 + exp(-v)), gelu (erf form)
-    = v/2 * (1 + erf(v / sqrt(2))). Constants are typed ``acc`` so float32 math stays float32.
+    = v/2 * (1 + erf(v / sqrt(2))), hardswish = v * relu6(v + 3) / 6 and hardsigmoid =
+    relu6(v + 3) / 6 (clamped by selects that keep NaN, so hardsigmoid(-inf) = 0 and
+    hardswish(-inf) = -inf * 0 = NaN). Constants are typed ``acc`` so float32 math stays float32.
     """
     t = np.dtype(acc).type
-    ZERO, ONE, HALF, SIX = t(0.0), t(1.0), t(0.5), t(6.0)
+    ZERO, ONE, HALF, THREE, SIX = t(0.0), t(1.0), t(0.5), t(3.0), t(6.0)
     RSQRT2 = t(1.0 / math.sqrt(2.0))
 
     if name is None:
@@ -97,6 +99,16 @@ def activation(name, acc: str):
     elif name == "gelu":
         def act(v):
             return HALF * v * (ONE + math.erf(v * RSQRT2))
+    elif name == "hardswish":
+        def act(v):
+            r = v + THREE
+            r = ZERO if r < ZERO else r
+            return v * (SIX if r > SIX else r) / SIX
+    elif name == "hardsigmoid":
+        def act(v):
+            r = v + THREE
+            r = ZERO if r < ZERO else r
+            return (SIX if r > SIX else r) / SIX
     else:  # pragma: no cover - validated in _spec
         raise ValueError(name)
     return cuda.jit(device=True, inline=True)(act)

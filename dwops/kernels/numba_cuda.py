@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _spec
 from .._registry import Backend
 from . import _gpu
 
@@ -438,13 +439,13 @@ def _report_specs(quick: bool = False):
                        D.forward_kernel(layout, 3, 3, dt, acc, "relu", True, True))
             yield ("separable", "forward", f"{layout} {dt} k=generic fused relu/gelu bias res",
                    G.separable_kernel(layout, 0, 0, dt, "relu", "gelu", True, True, True))
-        for act in ("relu", "relu6", "silu", "gelu"):
+        for act in _spec.ACTIVATIONS[1:]:
             yield ("depthwise", "forward", f"{layout} float32 k=3x3 bias {act}",
                    D.forward_kernel(layout, 3, 3, "float32", "float32", act, True, True))
     for dt in ("float16", "float32", "float64"):
         acc = acc_dtype(dt)
         for bias_on_m in (True, False):
-            for act in ("relu", "relu6", "silu", "gelu") if dt == "float32" else ("gelu",):
+            for act in _spec.ACTIVATIONS[1:] if dt == "float32" else ("gelu",):
                 yield ("pointwise", "forward",
                        f"{dt} bias on {'m (NCHW)' if bias_on_m else 'n (NHWC)'} {act} res",
                        G.gemm_kernel(dt, dt, dt, act, True, bias_on_m, True))

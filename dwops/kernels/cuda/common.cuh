@@ -63,9 +63,18 @@ template <typename T> __device__ __forceinline__ T zero_value() { return from_ac
 template <typename T, int N> struct __align__(sizeof(T) * N) Pack { T v[N]; };
 
 // Activations by their codes ACT_* (an enum generated from the Python table and placed before this
-// file). silu and gelu (exp, erf) live in one out-of-line function so the unrolled epilogues stay
-// small (the epilogue runs once per output; the call costs nothing next to the memory traffic).
-template <typename A> __device__ __noinline__ A activate_transcendental(A v, int act) {
+// file). silu, gelu (exp, erf), hardswish and hardsigmoid live in one out-of-line function so the
+// unrolled epilogues stay small (the epilogue runs once per output; the call costs nothing next to
+// the memory traffic). Inlined, the two hard activations pushed the float 7x7 NCHW depthwise
+// forward past its 128-register bound (an 8-byte spill).
+template <typename A> __device__ __noinline__ A activate_out_of_line(A v, int act) {
+    if (act == ACT_HARDSWISH || act == ACT_HARDSIGMOID) {
+        // relu6(v + 3) by selects that keep NaN; hardswish(-inf) = -inf * 0 = NaN as in PyTorch
+        A r = v + A(3);
+        r = r < A(0) ? A(0) : r;
+        r = r > A(6) ? A(6) : r;
+        return (act == ACT_HARDSWISH ? v * r : r) / A(6);
+    }
     if (act == ACT_SILU) return v / (A(1) + exp(-v));
     return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));  // ACT_GELU
 }
@@ -75,7 +84,7 @@ template <typename A> __device__ __forceinline__ A activate(A v, int act) {
     if (act == ACT_NONE) return v;
     if (act == ACT_RELU) return v > zero ? v : zero * v;
     if (act == ACT_RELU6) return (v > A(6) ? A(6) : (v > zero ? v : zero * v)) + zero * v;
-    return activate_transcendental(v, act);
+    return activate_out_of_line(v, act);
 }
 
 // floor(a / b) and ceil(a / b) for b > 0 and a of any sign (C++ division truncates toward zero).
