@@ -134,3 +134,52 @@ def test_sdist_holds_what_the_tests_need(tmp_path):
     for rel in listed.stdout.decode().split("\0"):
         if rel and rel != ".gitignore":
             assert rel in members, f"the sdist lacks {rel}"
+
+
+def _min_pins():
+    """``.ci/min_pins.py`` loaded as a module (it needs tomllib, i.e. Python 3.11)."""
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("min_pins", ROOT / ".ci" / "min_pins.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_min_pins_cover_every_runtime_lower_bound():
+    """The minimum-versions CI job installs one ``==`` pin per ``>=`` runtime dependency, at the
+    bound itself, so raising or adding a bound in pyproject.toml changes what CI checks."""
+    deps = _pyproject()["project"]["dependencies"]
+    bounds = {}
+    for dep in deps:
+        found = re.search(r">=\s*([^,;\s]+)", dep)
+        if found:
+            bounds[re.sub(r"[-_.]+", "-", next(iter(_names([dep]))))] = found.group(1)
+    assert bounds, "pyproject.toml declares no runtime lower bound"
+    pins = dict(p.split("==") for p in _min_pins().pins())
+    assert pins == bounds
+
+
+def test_min_pins_read_the_forms_pyproject_uses():
+    lower = _min_pins().lower_bound
+    assert lower("numba>=0.60,<0.70") == ("numba", "0.60")
+    assert lower("numba-cuda[cu13] >= 0.20 ; python_version >= '3.10'") == ("numba-cuda", "0.20")
+    assert lower("jax<0.11,>=0.6.2") == ("jax", "0.6.2")
+    assert lower("torch") == ("torch", None)
+    assert lower("scipy==1.11.1") == ("scipy", None)
+
+
+def test_ci_runs_the_minimum_versions_job():
+    """After the README's command and the docs build, .ci/run installs the pins (wheels only, in
+    their own environment and Numba cache), checks they are coherent and runs the CPU tests."""
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    (readme,) = _readme_block("Run the tests")
+    text = "\n".join(lines)
+    job_at = text.index("venv --clear .ci-min")
+    assert text.index(readme) < text.index("sphinx") < job_at
+    job = text[job_at:]
+    assert ".ci/min_pins.py" in job and "--only-binary :all:" in job
+    assert "pip check" in job and "NUMBA_CACHE_DIR" in job
+    assert re.search(r"pytest .*tests/test_cpu_backend\.py", job)
