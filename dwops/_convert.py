@@ -12,6 +12,8 @@ Two steps, both by module structure (no tracing, so any ``forward`` keeps workin
    becomes one :class:`dwops.torch.SeparableConv2d`, the BatchNorms folded into weights and
    biases in float64. In the inverted-residual blocks of torchvision (MobileNetV2/V3, MNASNet)
    whose body ends with the chain and adds its input, the addition is fused as the residual.
+   timm's ``InvertedResidual`` and ``DepthwiseSeparableConv`` blocks are read in their forward's
+   order, with ``BatchNormAct2d`` (a BatchNorm and its activation) folded like the pair.
 
 Folding a BatchNorm (running statistics, eval mode) into the convolution before it::
 
@@ -40,6 +42,14 @@ _RESIDUAL_BLOCKS = {
     ("torchvision.models.mobilenetv2", "InvertedResidual"): ("conv", "use_res_connect"),
     ("torchvision.models.mobilenetv3", "InvertedResidual"): ("block", "use_res_connect"),
     ("torchvision.models.mnasnet", "_InvertedResidual"): ("layers", "apply_residual"),
+}
+# timm's blocks (not Sequentials): class -> the attributes their forward applies in order; the
+# input is added at the end when ``has_skip`` (after ``drop_path``, the identity in eval mode).
+_TIMM_BLOCKS = {
+    ("timm.models._efficientnet_blocks", "InvertedResidual"):
+        ("conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3"),
+    ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"):
+        ("conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"),
 }
 
 
@@ -136,9 +146,38 @@ def _flatten(seq: nn.Sequential) -> list:
     return out
 
 
+def _is_timm_bn_act(m: nn.Module) -> bool:
+    """A timm ``BatchNormAct2d`` (BatchNorm2d, then an activation module ``act``) with no dropout."""
+    return (type(m).__name__ == "BatchNormAct2d" and type(m).__module__.startswith("timm.")
+            and isinstance(getattr(m, "drop", None), nn.Identity))
+
+
 def _foldable_bn(m: nn.Module, channels: int) -> bool:
-    return (type(m) is nn.BatchNorm2d and m.track_running_stats and m.running_mean is not None
-            and m.num_features == channels)
+    return ((type(m) is nn.BatchNorm2d or _is_timm_bn_act(m)) and m.track_running_stats
+            and m.running_mean is not None and m.num_features == channels)
+
+
+def _bn_act(bn: nn.Module):
+    """The activation applied inside ``bn`` (a timm BatchNormAct2d): None when there is none,
+    False when dwops cannot fuse it."""
+    act = getattr(bn, "act", None) if _is_timm_bn_act(bn) else None
+    if act is None or isinstance(act, nn.Identity):
+        return None
+    return act if _activation_name(act) else False
+
+
+def _norm_act(atoms: list, j: int, channels: int):
+    """The optional ``[BatchNorm] [activation]`` at ``atoms[j]``: (bn, act, next j), or None if
+    a BatchNorm there carries an activation dwops cannot fuse."""
+    bn = act = None
+    if j < len(atoms) and _foldable_bn(atoms[j], channels):
+        bn, j = atoms[j], j + 1
+        act = _bn_act(bn)
+        if act is False:
+            return None
+    if act is None and j < len(atoms) and _activation_name(atoms[j]):
+        act, j = atoms[j], j + 1
+    return bn, act, j
 
 
 def _match_chain(atoms: list, i: int):
@@ -147,13 +186,11 @@ def _match_chain(atoms: list, i: int):
     dw = atoms[i]
     if not (type(dw) is DepthwiseConv2d and dw.activation is None and dw.layout == "NCHW"):
         return None
-    j = i + 1
     mid = dw.weight.shape[0]
-    bn1 = act1 = bn2 = act2 = None
-    if j < len(atoms) and _foldable_bn(atoms[j], mid):
-        bn1, j = atoms[j], j + 1
-    if j < len(atoms) and _activation_name(atoms[j]):
-        act1, j = atoms[j], j + 1
+    first = _norm_act(atoms, i + 1, mid)
+    if first is None:
+        return None
+    bn1, act1, j = first
     if j >= len(atoms):
         return None
     pw = atoms[j]
@@ -161,11 +198,10 @@ def _match_chain(atoms: list, i: int):
             and pw.groups == 1 and pw.in_channels == mid
             and (pw.padding in ("valid", "same") or tuple(pw.padding) == (0, 0))):
         return None
-    j += 1
-    if j < len(atoms) and _foldable_bn(atoms[j], pw.out_channels):
-        bn2, j = atoms[j], j + 1
-    if j < len(atoms) and _activation_name(atoms[j]):
-        act2, j = atoms[j], j + 1
+    second = _norm_act(atoms, j + 1, pw.out_channels)
+    if second is None:
+        return None
+    bn2, act2, j = second
     return j, dw, bn1, act1, pw, bn2, act2
 
 
@@ -235,8 +271,35 @@ class _FusedResidualBlock(nn.Module):
         return self.sep(self.head(x), residual=x)
 
 
+def _fuse_timm_block(module: nn.Module, name: str, parts, backend: str,
+                     report: ConvertReport) -> Optional[nn.Module]:
+    """The replacement of a timm block whose chain can fuse (with the input addition as the
+    residual when the block has one and ends with the chain), or None."""
+    if getattr(module, "conv_s2d", None) is not None:
+        return None
+    atoms = [getattr(module, p) for p in parts]
+    atoms = [a for a in atoms if not isinstance(a, nn.Identity)]
+    fused, spans = _fuse_atoms(atoms, backend)
+    if not spans:
+        return None
+    where = name or "<model>"
+    if getattr(module, "has_skip", False):
+        if spans[-1][1] != len(atoms):
+            return None
+        report.fused.extend(f"{where}[{a}:{b}]" for a, b in spans[:-1])
+        report.fused.append(f"{where}[{spans[-1][0]}:{spans[-1][1]}]+residual")
+        return _FusedResidualBlock(nn.Sequential(*fused[:-1]), fused[-1]).eval()
+    report.fused.extend(f"{where}[{a}:{b}]" for a, b in spans)
+    return nn.Sequential(*fused).eval()
+
+
 def _fuse(module: nn.Module, name: str, backend: str, report: ConvertReport) -> nn.Module:
     """``module`` with its chains fused (possibly a new module that replaces it)."""
+    parts = _TIMM_BLOCKS.get((type(module).__module__, type(module).__name__))
+    if parts is not None:
+        new = _fuse_timm_block(module, name, parts, backend, report)
+        if new is not None:
+            return new
     kind = _RESIDUAL_BLOCKS.get((type(module).__module__, type(module).__name__))
     if kind is not None:
         body = getattr(module, kind[0], None)
@@ -277,7 +340,9 @@ def convert(model: nn.Module, *, fuse: bool = False, inplace: bool = False, back
     [BatchNorm2d] -> [activation] -> 1x1 conv -> [BatchNorm2d] -> [activation]`` found in an
     ``nn.Sequential`` (through nested plain Sequentials such as ``Conv2dNormActivation``) by one
     :class:`SeparableConv2d` with the BatchNorms folded in, and fuses the input addition of
-    torchvision's inverted-residual blocks (MobileNetV2/V3, MNASNet) as its residual. Activations
+    torchvision's inverted-residual blocks (MobileNetV2/V3, MNASNet) as its residual; timm's
+    ``InvertedResidual`` and ``DepthwiseSeparableConv`` blocks (``BatchNormAct2d`` included)
+    likewise. Activations
     fuse when dwops has them (:data:`dwops._spec.ACTIVATIONS`; ``nn.GELU`` only with
     ``approximate="none"``); the fused model is for inference (its state dict keys differ).
 

@@ -60,7 +60,7 @@ NETWORKS = {
     "mnasnet1_0": (lambda: tvm.mnasnet0_5(weights=None, num_classes=10), 32, 17),
     "convnext_tiny": (_tiny_convnext, 32, 0),
     "timm_mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100", pretrained=False,
-                                                       num_classes=10), 32, None),
+                                                       num_classes=10), 32, 17),
     "convmixer": (_tiny_convmixer, 32, 0),
 }
 
@@ -169,7 +169,25 @@ def test_fused_structure(nets):
                and _activation_name(b.block[-2][-1])]
     assert len(f3.dwops_report.fused) == len(fusable) > 0
     acts = {s.dw_activation for s in f3.modules() if isinstance(s, dt.SeparableConv2d)}
-    assert "relu" in acts
+    assert {"relu", "hardswish"} <= acts
+
+
+def test_timm_blocks_fused(nets):
+    """timm MobileNetV2: its DepthwiseSeparableConv and every InvertedResidual block fuse, each
+    BatchNormAct2d folded together with its ReLU6, the skip additions as the residual; a
+    BatchNormAct2d whose activation dwops lacks stops the chain."""
+    model, x = nets("timm_mobilenetv2_100")
+    fused = dt.convert(model, fuse=True)
+    seps = [m for m in fused.modules() if isinstance(m, dt.SeparableConv2d)]
+    assert len(seps) == 17
+    assert all(s.dw_activation == "relu6" and s.activation is None for s in seps)
+    n_skip = sum(1 for m in model.modules() if getattr(m, "has_skip", False))
+    assert sum(r.endswith("+residual") for r in fused.dwops_report.fused) == n_skip >= 10
+    assert not any(isinstance(m, dt.DepthwiseConv2d) for m in fused.modules())
+    block = copy.deepcopy(model.blocks[1][1])
+    block.bn2.act = nn.LeakyReLU()
+    block.eval()
+    assert not dt.convert(block, fuse=True).dwops_report.fused
 
 
 def test_gelu_tanh_not_fused():
