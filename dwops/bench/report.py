@@ -118,6 +118,9 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append("floor: the fraction of the memory floor reached (bytes that must move / copy "
                  "bandwidth / ms); max_rel_err: against dwops.reference (float64).")
+    if any(r["suite"] == "models" for r in rows):
+        lines.append("models rows: max_rel_err is the converted network against the original in "
+                     "float32.")
     if "torch" in names:
         lines.append("x torch: PyTorch eager ms / dwops ms.")
     if "dense3x3" in names:
