@@ -115,10 +115,10 @@ def has_gpu() -> bool:
 gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
 
 # DWOPS_CUDAEMU=1: tests/test_gpu_cupy.py runs the cupy backend's kernels in the CPU emulator
-# (tests/cudaemu) instead of on a GPU; tests/test_cupy_emulated.py starts such runs.
+# (dwops/cudaemu) instead of on a GPU; tests/test_cupy_emulated.py starts such runs.
 EMULATED = os.environ.get("DWOPS_CUDAEMU") == "1"
 if EMULATED:
-    from tests import cudaemu
+    from dwops import cudaemu
 
     cudaemu.install()
     cudaemu.prebuild_report()   # one library per (file, dtype); a lookup once the cache is warm

@@ -609,12 +609,12 @@ def test_unfused_16_bit_plans_read_16_bit_and_write_float32(dtype, layout):
 
 
 def _recorded_backend(monkeypatch):
-    """The backend on the NumPy stand-in for CuPy (tests/cudaemu), its launches recorded instead
+    """The backend on the NumPy stand-in for CuPy (dwops/cudaemu), its launches recorded instead
     of run: (launches, allocations) lists filled as the backend works. Allocations are the
     stand-in's device arrays (bytes each); NumPy-level temporaries show in tracemalloc."""
     import sys
 
-    from tests import cudaemu
+    from dwops import cudaemu
 
     launches, allocations = [], []
     real_init = cudaemu._Allocation.__init__

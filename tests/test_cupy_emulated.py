@@ -1,4 +1,4 @@
-"""The cupy backend's CUDA C++ kernels executed on the CPU by the emulator in ``tests/cudaemu``.
+"""The cupy backend's CUDA C++ kernels executed on the CPU by the emulator in ``dwops/cudaemu``.
 
 Two parts:
 
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if shutil.which(os.environ.get("CXX", "g++")) is None:
     pytest.skip("the CUDA emulator needs a host C++ compiler (g++)", allow_module_level=True)
 
-from tests import cudaemu  # noqa: E402
+from dwops import cudaemu  # noqa: E402
 
 SELF_TEST = r"""
 #include <cuda_fp16.h>

@@ -17,7 +17,7 @@ import dwops
 from dwops import _spec
 from tests.conftest import EMULATED, assert_close, gpu, rand
 
-# Under DWOPS_CUDAEMU=1 (tests/test_cupy_emulated.py) "cupy" is the CPU emulator of tests/cudaemu:
+# Under DWOPS_CUDAEMU=1 (tests/test_cupy_emulated.py) "cupy" is the CPU emulator of dwops/cudaemu:
 # the kernel tests run there; tests that need a real device (other libraries' GPU arrays, numba)
 # skip.
 pytestmark = [pytest.mark.gpu] + ([] if EMULATED else [gpu])

@@ -15,10 +15,11 @@ size) are checked as a CUDA launch would, or stricter.
 
 Use::
 
-    from tests import cudaemu
+    from dwops import cudaemu
     cudaemu.install()            # sys.modules["cupy"] = the stand-in (before dwops imports cupy)
 
-Only for tests: it is slow (tiny shapes), and knows only what dwops' kernels use.
+It serves the tests and the kernel model (``python -m dwops model``); it needs a host C++
+compiler, is slow (small shapes), and knows only what dwops' kernels use.
 """
 
 from __future__ import annotations
