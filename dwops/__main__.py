@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -62,7 +63,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .bench.cases import SUITE_NAMES
+    from .bench.cases import GPU_SUITES, SUITE_NAMES
 
     parser = argparse.ArgumentParser(prog="dwops", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-check", action="store_true",
                    help="do not check the results against the NumPy reference")
     b.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    b.add_argument("--model", default=None,
+                   help="a JSON file written by `python -m dwops model`: its predictions join "
+                        "the matching rows as a model_ms column")
     b.add_argument("--out", default=None,
                    help="write DATE-DEVICE.json and DATE-DEVICE.md into this folder (the "
                         "repository keeps them in benchmarks/results/)")
@@ -152,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--quick", action="store_true",
                    help="compile one kernel per code path instead of every specialization "
                         "(faster)")
+
+    m = sub.add_parser("model", help="predict the GPU kernels' time per bench row (no GPU needed)",
+                       description="Predict the time of the cupy backend's kernels on each row "
+                                   "of GPU bench suites, without a GPU: the launch plan at full "
+                                   "size, the memory trace of a scaled-down run in the CUDA "
+                                   "emulator, and the sm_90 machine code, bounded by DRAM, L2, "
+                                   "shared memory, instruction issue and FMA throughput. Every "
+                                   "number printed is a prediction. Needs a host C++ compiler and "
+                                   "the CUDA wheels of the cuda12/cuda13 extras.")
+    m.add_argument("--suite", action="append", default=None,
+                   help=f"GPU suites, comma-separated or repeated (default: block; one of "
+                        f"{', '.join(GPU_SUITES)}, or gpu for all)")
+    m.add_argument("--device", default="h200",
+                   help="the GPU to model: h200 (default), a100 or rtx4090")
+    m.add_argument("--dtype", default=None,
+                   help="dtypes, comma-separated (default: the suite's own)")
+    m.add_argument("--layout", default="NCHW,NHWC", help="layouts, comma-separated")
+    m.add_argument("--limit", type=int, default=None, help="model at most this many rows")
+    m.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    m.add_argument("--quiet", action="store_true", help="do not show the progress bar")
     return parser
 
 
@@ -163,6 +187,8 @@ def main(argv=None) -> int:
         return cmd_kernels(args.arch, quick=args.quick)
     if args.command == "warmup":
         return cmd_warmup(args)
+    if args.command == "model":
+        return cmd_model(args)
     return cmd_bench(args)
 
 
@@ -387,6 +413,10 @@ def cmd_bench(args) -> int:
         models.run(outcome, device, backends, opts.timing(device.on_gpu), remaining,
                    report.Progress(0, enabled=not args.quiet))
     result = outcome.result
+    if args.model:
+        with open(args.model) as f:
+            n = report.attach_model(result, json.load(f))
+        notes.append(f"model_ms from {args.model} on {n} of {len(result['rows'])} rows")
     table = report.markdown(result)
     sys.stdout.write(table)
     tail = []
@@ -415,6 +445,36 @@ def cmd_bench(args) -> int:
         print(f"dwops bench: {len(outcome.failures)} failure(s)", file=sys.stderr)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------- model
+
+def cmd_model(args, stream=None) -> int:
+    from .bench import cases as cases_mod
+    from .bench import report
+    from .model import devices, predict
+
+    out = stream or sys.stdout
+    suites = [s for text in (args.suite or ["block"]) for s in _csv(text)]
+    suites = [x for s in suites for x in (cases_mod.GPU_SUITES if s == "gpu" else (s,))]
+    for s in suites:
+        if s not in cases_mod.GPU_SUITES:
+            print(f"dwops model: unknown suite {s!r}; choose from gpu, "
+                  f"{', '.join(cases_mod.GPU_SUITES)}", file=sys.stderr)
+            return 2
+    try:
+        device = devices.device(args.device)
+    except ValueError as exc:
+        print(f"dwops model: {exc}", file=sys.stderr)
+        return 2
+    dtypes = _csv(args.dtype) if args.dtype else None
+    result = predict.run(suites, device, dtypes=dtypes, layouts=tuple(_csv(args.layout)),
+                         progress=not args.quiet, limit=args.limit)
+    out.write(report.model_markdown(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if result["rows"] else 1
 
 
 if __name__ == "__main__":

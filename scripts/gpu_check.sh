@@ -11,7 +11,8 @@
 #   3. compute-sanitizer memcheck and racecheck on scripts/sanitize_subset.py (every op, both
 #      GPU backends, small odd shapes, checked against the reference);
 #   4. the benchmark: the embedded default and every GPU suite, with a time budget so the whole
-#      script stays under 8 minutes (rows past the budget are skipped and counted in the table).
+#      script stays under 8 minutes (rows past the budget are skipped and counted in the table);
+#      each row also carries the kernel model's prediction (model_ms) from benchmarks/model/h200.json.
 # Writes into $OUT if set, else benchmarks/results/ (at most 7 files): gpu_check-env.txt,
 # gpu_check-pytest.log, gpu_check-sanitizer.log, gpu_check-bench.log, DATE-DEVICE.json,
 # DATE-DEVICE.md and gpu_check-summary.md.
@@ -112,8 +113,12 @@ if [[ $LEFT -lt 60 ]]; then
 else
     SUITES=(--suite default --suite gpu --suite models)
 fi
+# the kernel model's committed predictions (python -m dwops model, made without a GPU) join the
+# measured rows as model_ms, so the results carry model and measurement side by side
+MODEL=()
+[[ -f benchmarks/model/h200.json ]] && MODEL=(--model benchmarks/model/h200.json)
 stage "bench" gpu_check-bench.log $((LEFT + 40)) \
-    "$PY" -m dwops bench "${SUITES[@]}" --device gpu --budget "$LEFT" --out "$DEST"
+    "$PY" -m dwops bench "${SUITES[@]}" --device gpu --budget "$LEFT" --out "$DEST" "${MODEL[@]}"
 
 # ---------------------------------------------------------------------------- summary
 SUMMARY="$DEST/gpu_check-summary.md"

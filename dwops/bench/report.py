@@ -20,7 +20,12 @@ import sys
 import time
 
 ROW_KEYS = ("op", "direction", "suite", "shape", "dtype", "layout", "backend", "ms", "bytes",
-            "roofline_fraction", "baselines", "speedup_vs_torch", "max_rel_err")
+            "roofline_fraction", "baselines", "speedup_vs_torch", "max_rel_err", "model_ms")
+# rows written by `python -m dwops model` (dwops.model): nothing measured (ms, roofline_fraction,
+# speedup_vs_torch, max_rel_err empty, no baselines), the prediction in model_ms and these columns
+MODEL_KEYS = ("model_floor_fraction", "model_bound", "coalescing", "smem_conflict_ways",
+              "model_note")
+LEGACY_ROW_KEYS = ROW_KEYS[:-1]  # results written before rows carried model_ms
 TOP_KEYS = ("device", "driver", "date", "versions", "copy_bandwidth_gbs", "rows")
 SHAPE_KEYS = ("N", "C", "H", "W", "KH", "KW", "stride", "padding", "C_out")
 SHAPE_KEYS_1D = ("N", "C", "L", "K", "stride", "padding", "C_out")  # op "conv1d"
@@ -100,6 +105,9 @@ def markdown(result: dict) -> str:
     if "dense3x3" in names:
         cols.append("x dense3x3")
     cols.append("max_rel_err")
+    with_model = any(r.get("model_ms") for r in rows)
+    if with_model:
+        cols.append("model ms")
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         gbs = r["bytes"] / (r["ms"] * 1e6) if r["ms"] else None
@@ -114,6 +122,8 @@ def markdown(result: dict) -> str:
             d = r["baselines"].get("dense3x3")
             cells.append(_fmt(None if d is None else d / r["ms"], ".2f"))
         cells.append(_fmt(r["max_rel_err"], ".1e"))
+        if with_model:
+            cells.append(_fmt(r.get("model_ms"), ".3f"))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("floor: the fraction of the memory floor reached (bytes that must move / copy "
@@ -123,10 +133,52 @@ def markdown(result: dict) -> str:
                      "float32.")
     if "torch" in names:
         lines.append("x torch: PyTorch eager ms / dwops ms.")
+    if with_model:
+        lines.append("model ms: the kernel model's prediction for the row (python -m dwops model), "
+                     "not a measurement.")
     if "dense3x3" in names:
         lines.append("x dense3x3: one dense 3x3 64->64 convolution of the same input, ms / dwops ms "
                      "(it does 7.9x the multiply-adds of the block and 64x those of the depthwise "
                      "layer).")
+    return "\n".join(lines) + "\n"
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["op"], r["direction"], r["suite"], tuple(sorted(r["shape"].items())), r["dtype"],
+            r["layout"], r["backend"])
+
+
+def attach_model(result: dict, model: dict) -> int:
+    """Fill ``model_ms`` of ``result``'s rows from a ``python -m dwops model`` result (same
+    suite, op, direction, shape, dtype, layout and backend); returns how many rows got one."""
+    predicted = {_row_key(r): r["model_ms"] for r in model["rows"]}
+    n = 0
+    for r in result["rows"]:
+        ms = predicted.get(_row_key(r))
+        if ms is not None:
+            r["model_ms"] = float(ms)
+            n += 1
+    return n
+
+
+def model_markdown(result: dict) -> str:
+    """A ``python -m dwops model`` result as a markdown table (every number a prediction)."""
+    bw = result["copy_bandwidth_gbs"]
+    lines = [f"dwops kernel model for **{result['device']}**, {result['date']}; copy bandwidth "
+             f"{bw:.0f} GB/s. Every number is a prediction, not a measurement.\n",
+             "| suite | op | direction | shape | dtype | layout | model ms | model GB/s | "
+             "model floor | bound | coalescing | smem ways |", "|" + "---|" * 12]
+    for r in result["rows"]:
+        gbs = r["bytes"] / (r["model_ms"] * 1e6)
+        lines.append("| " + " | ".join([
+            r["suite"], r["op"], r["direction"], shape_label(r["shape"], r["op"]), r["dtype"],
+            r["layout"], f"{r['model_ms']:.3f}", f"{gbs:.0f}", _fmt(r["model_floor_fraction"], ".0%"),
+            r["model_bound"], _fmt(r["coalescing"], ".0%"), _fmt(r["smem_conflict_ways"], ".2f")])
+            + " |")
+    lines += ["", "model floor: the op's bytes at copy bandwidth / model ms; bound: the largest "
+              "term (dram, latency, l2, smem, issue, fma); coalescing: ideal / touched 32-byte "
+              "sectors of global accesses; smem ways: shared-load wavefronts / ideal (1 = "
+              "conflict-free)."]
     return "\n".join(lines) + "\n"
 
 
@@ -154,11 +206,21 @@ def validate(result: dict) -> list[str]:
     if not isinstance(result.get("copy_bandwidth_gbs"), (int, float)):
         problems.append("copy_bandwidth_gbs is not a number")
     for i, r in enumerate(result.get("rows", [])):
-        if tuple(r) != ROW_KEYS:
+        modelled = tuple(r) == ROW_KEYS + MODEL_KEYS
+        if tuple(r) not in (ROW_KEYS, LEGACY_ROW_KEYS) and not modelled:
             problems.append(f"row {i}: keys {tuple(r)} != {ROW_KEYS}")
             continue
         if tuple(r["shape"]) != (SHAPE_KEYS_1D if r["op"] == "conv1d" else SHAPE_KEYS):
             problems.append(f"row {i}: shape keys {tuple(r['shape'])}")
+        if modelled:
+            if r["ms"] is not None or r["baselines"]:
+                problems.append(f"row {i}: a model row carries measurements")
+            if not (isinstance(r["model_ms"], float) and r["model_ms"] > 0):
+                problems.append(f"row {i}: model_ms {r['model_ms']!r}")
+            continue
+        if r.get("model_ms") is not None and not (isinstance(r["model_ms"], float)
+                                                  and r["model_ms"] > 0):
+            problems.append(f"row {i}: model_ms {r['model_ms']!r}")
         if not (isinstance(r["ms"], float) and r["ms"] > 0):
             problems.append(f"row {i}: ms {r['ms']!r}")
         if not (isinstance(r["bytes"], int) and r["bytes"] > 0):

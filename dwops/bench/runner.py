@@ -164,6 +164,7 @@ def _measure(inst, direction, layout, backend, bw, timing, opts, cache, use_jax,
         "baselines": baselines,
         "speedup_vs_torch": float(torch_ms / ms) if torch_ms else None,
         "max_rel_err": None if verdict is None else float(verdict.max_rel_err),
+        "model_ms": None,
     }
 
 
