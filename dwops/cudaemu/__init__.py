@@ -50,7 +50,7 @@ SMEM_DEFAULT = 48 * 1024
 SMEM_OPTIN = 227 * 1024
 # the traced variant: GCC's ThreadSanitizer instrumentation (its hooks defined in trace.h, no
 # libtsan) and line tables for the per-line report
-TRACE_FLAGS = ["-g1", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
+TRACE_FLAGS = ["-g1", "-fno-tree-sra", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
                "-DDWEMU_TRACE"]
 TRACE_SOURCE = "dwemu-kernel-source"
 CACHE = os.environ.get("DWOPS_CUDAEMU_CACHE",
