@@ -304,32 +304,71 @@ def summary(t):
 # (op, stride, layout, dtype) -> the lines that break the guard today, as measured (N=1, C=16,
 # 32x32): kept as strict xfails, the kernels are unchanged
 XFAIL: dict = {
-    ('dw_forward', 1, 'NCHW', 'bfloat16'): 'shared_load 2.00-way conflicts at depthwise.cuh:166',
-    ('dw_forward', 1, 'NHWC', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:259; global_load coalescing 0.500 at depthwise.cuh:296',
-    ('dw_forward', 1, 'NHWC', 'bfloat16'): 'shared_load 4.00-way conflicts at depthwise.cuh:259',
-    ('dw_forward', 2, 'NCHW', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:192; global_store coalescing 0.500 at depthwise.cuh:222',
-    ('dw_forward', 2, 'NCHW', 'bfloat16'): 'shared_load 4.00-way conflicts at depthwise.cuh:192; global_store coalescing 0.125 at depthwise.cuh:222',
-    ('dw_forward', 2, 'NHWC', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:283; global_load coalescing 0.500 at depthwise.cuh:296',
-    ('dw_forward', 2, 'NHWC', 'bfloat16'): 'shared_load 2.00-way conflicts at depthwise.cuh:283',
-    ('dw_grad_input', 1, 'NCHW', 'bfloat16'): 'shared_load 2.00-way conflicts at depthwise.cuh:166',
-    ('dw_grad_input', 1, 'NHWC', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:259',
-    ('dw_grad_input', 1, 'NHWC', 'bfloat16'): 'shared_load 4.00-way conflicts at depthwise.cuh:259',
-    ('dw_grad_input', 2, 'NCHW', 'float32'): 'global_load coalescing 0.790 at depthwise.cuh:371; shared_load 1.06-way conflicts at depthwise.cuh:371',
-    ('dw_grad_input', 2, 'NCHW', 'bfloat16'): 'global_load coalescing 0.883 at depthwise.cuh:371; shared_load 1.22-way conflicts at depthwise.cuh:371; global_store coalescing 0.250 at depthwise.cuh:384',
-    ('dw_grad_input', 2, 'NHWC', 'float32'): 'shared_load 1.50-way conflicts at depthwise.cuh:423',
-    ('dw_grad_input', 2, 'NHWC', 'bfloat16'): 'shared_load 1.75-way conflicts at depthwise.cuh:423',
-    ('dw_grad_weight', 1, 'NCHW', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:507',
-    ('dw_grad_weight', 1, 'NCHW', 'bfloat16'): 'global_load coalescing 0.250 at depthwise.cuh:502',
-    ('dw_grad_weight', 1, 'NHWC', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:561; global_store coalescing 0.250 at depthwise.cuh:581',
-    ('dw_grad_weight', 1, 'NHWC', 'bfloat16'): 'shared_load 2.00-way conflicts at depthwise.cuh:561; global_store coalescing 0.500 at depthwise.cuh:581',
-    ('dw_grad_weight', 2, 'NCHW', 'float32'): 'global_load coalescing 0.500 at depthwise.cuh:502; shared_load 2.00-way conflicts at depthwise.cuh:507',
-    ('dw_grad_weight', 2, 'NCHW', 'bfloat16'): 'global_load coalescing 0.125 at depthwise.cuh:502; shared_load 4.00-way conflicts at depthwise.cuh:507',
-    ('dw_grad_weight', 2, 'NHWC', 'float32'): 'shared_load 2.00-way conflicts at depthwise.cuh:561; global_store coalescing 0.250 at depthwise.cuh:581',
-    ('dw_grad_weight', 2, 'NHWC', 'bfloat16'): 'shared_load 4.00-way conflicts at depthwise.cuh:561; global_store coalescing 0.500 at depthwise.cuh:581',
-    ('separable', 1, 'NCHW', 'float32'): 'global_load coalescing 0.620 at separable.cuh:74',
-    ('separable', 1, 'NCHW', 'bfloat16'): 'global_load coalescing 0.425 at separable.cuh:74',
-    ('separable', 1, 'NHWC', 'float32'): 'shared_load 2.00-way conflicts at separable.cuh:89',
-    ('separable', 1, 'NHWC', 'bfloat16'): 'shared_load 2.00-way conflicts at separable.cuh:89',
+    ('dw_forward', 1, 'NCHW', 'bfloat16'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:166',
+    ('dw_forward', 1, 'NHWC', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:259; '
+        'global_load coalescing 0.500 at depthwise.cuh:296',
+    ('dw_forward', 1, 'NHWC', 'bfloat16'):
+        'shared_load 4.00-way conflicts at depthwise.cuh:259',
+    ('dw_forward', 2, 'NCHW', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:192; '
+        'global_store coalescing 0.500 at depthwise.cuh:222',
+    ('dw_forward', 2, 'NCHW', 'bfloat16'):
+        'shared_load 4.00-way conflicts at depthwise.cuh:192; '
+        'global_store coalescing 0.125 at depthwise.cuh:222',
+    ('dw_forward', 2, 'NHWC', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:283; '
+        'global_load coalescing 0.500 at depthwise.cuh:296',
+    ('dw_forward', 2, 'NHWC', 'bfloat16'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:283',
+    ('dw_grad_input', 1, 'NCHW', 'bfloat16'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:166',
+    ('dw_grad_input', 1, 'NHWC', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:259',
+    ('dw_grad_input', 1, 'NHWC', 'bfloat16'):
+        'shared_load 4.00-way conflicts at depthwise.cuh:259',
+    ('dw_grad_input', 2, 'NCHW', 'float32'):
+        'global_load coalescing 0.790 at depthwise.cuh:371; '
+        'shared_load 1.06-way conflicts at depthwise.cuh:371',
+    ('dw_grad_input', 2, 'NCHW', 'bfloat16'):
+        'global_load coalescing 0.883 at depthwise.cuh:371; '
+        'shared_load 1.22-way conflicts at depthwise.cuh:371; '
+        'global_store coalescing 0.250 at depthwise.cuh:384',
+    ('dw_grad_input', 2, 'NHWC', 'float32'):
+        'shared_load 1.50-way conflicts at depthwise.cuh:423',
+    ('dw_grad_input', 2, 'NHWC', 'bfloat16'):
+        'shared_load 1.75-way conflicts at depthwise.cuh:423',
+    ('dw_grad_weight', 1, 'NCHW', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:507',
+    ('dw_grad_weight', 1, 'NCHW', 'bfloat16'):
+        'global_load coalescing 0.250 at depthwise.cuh:502',
+    ('dw_grad_weight', 1, 'NHWC', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:561; '
+        'global_store coalescing 0.250 at depthwise.cuh:581',
+    ('dw_grad_weight', 1, 'NHWC', 'bfloat16'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:561; '
+        'global_store coalescing 0.500 at depthwise.cuh:581',
+    ('dw_grad_weight', 2, 'NCHW', 'float32'):
+        'global_load coalescing 0.500 at depthwise.cuh:502; '
+        'shared_load 2.00-way conflicts at depthwise.cuh:507',
+    ('dw_grad_weight', 2, 'NCHW', 'bfloat16'):
+        'global_load coalescing 0.125 at depthwise.cuh:502; '
+        'shared_load 4.00-way conflicts at depthwise.cuh:507',
+    ('dw_grad_weight', 2, 'NHWC', 'float32'):
+        'shared_load 2.00-way conflicts at depthwise.cuh:561; '
+        'global_store coalescing 0.250 at depthwise.cuh:581',
+    ('dw_grad_weight', 2, 'NHWC', 'bfloat16'):
+        'shared_load 4.00-way conflicts at depthwise.cuh:561; '
+        'global_store coalescing 0.500 at depthwise.cuh:581',
+    ('separable', 1, 'NCHW', 'float32'):
+        'global_load coalescing 0.620 at separable.cuh:74',
+    ('separable', 1, 'NCHW', 'bfloat16'):
+        'global_load coalescing 0.425 at separable.cuh:74',
+    ('separable', 1, 'NHWC', 'float32'):
+        'shared_load 2.00-way conflicts at separable.cuh:89',
+    ('separable', 1, 'NHWC', 'bfloat16'):
+        'shared_load 2.00-way conflicts at separable.cuh:89',
 }
 
 
