@@ -24,7 +24,9 @@ compiler, is slow (small shapes), and knows only what dwops' kernels use.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import mmap
 import os
@@ -46,6 +48,11 @@ CXXFLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-fvisibility=hidden", "-fsanit
             "-Wno-unknown-pragmas", "-Wno-attributes"]
 SMEM_DEFAULT = 48 * 1024
 SMEM_OPTIN = 227 * 1024
+# the traced variant: GCC's ThreadSanitizer instrumentation (its hooks defined in trace.h, no
+# libtsan) and line tables for the per-line report
+TRACE_FLAGS = ["-g1", "-fno-tree-sra", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
+               "-DDWEMU_TRACE"]
+TRACE_SOURCE = "dwemu-kernel-source"
 CACHE = os.environ.get("DWOPS_CUDAEMU_CACHE",
                        os.path.join(tempfile.gettempdir(), f"dwops-cudaemu-{os.getuid()}"))
 
@@ -223,20 +230,29 @@ def _launch_bounds(code: str) -> dict:
 _build_lock = threading.Lock()
 
 
-def build(code: str, names: list[str]) -> str:
+def build(code: str, names: list[str], trace: bool = False) -> str:
     """Compile ``names`` (template name expressions) of ``code`` into a shared library (cached on
-    disk by content) and return its path."""
+    disk by content) and return its path. ``trace``: the traced variant (see :func:`tracing`),
+    a separate library compiled with ``TRACE_FLAGS``."""
     with open(os.path.join(HERE, "emu.h")) as f:
         emu = f.read()
     headers = "".join(open(os.path.join(INCLUDE, h)).read() for h in sorted(os.listdir(INCLUDE)))
-    lines = ['#include "emu.h"', _emu_source(code), ""]
+    flags = CXXFLAGS
+    if trace:
+        with open(os.path.join(HERE, "trace.h")) as f:
+            emu += f.read()
+        flags = [f for f in CXXFLAGS if f != "-g0"] + TRACE_FLAGS
+    # traced: line numbers of the kernel source as given (the per-line report maps them)
+    lines = ['#include "emu.h"', f'#line 1 "{TRACE_SOURCE}"' if trace else None,
+             _emu_source(code), ""]
+    lines = [ln for ln in lines if ln is not None]
     for i, n in enumerate(names):
         lines.append(f"DWEMU_EXPORT int dwemu_launch_{i}(void** a, dim3 g, dim3 b, size_t s, "
                      f"int o, char* e, int n) {{ return dwemu::launch(&{n}, a, g, b, s, o, e, n); }}")
         lines.append(f"DWEMU_EXPORT int dwemu_params_{i}(int* s, int* k, int cap) "
                      f"{{ return dwemu::params(&{n}, s, k, cap); }}")
     unit = "\n".join(lines) + "\n"
-    key = hashlib.sha256("\0".join([emu, headers, unit, " ".join(CXXFLAGS), CXX]).encode())
+    key = hashlib.sha256("\0".join([emu, headers, unit, " ".join(flags), CXX]).encode())
     os.makedirs(CACHE, exist_ok=True)
     lib = os.path.join(CACHE, key.hexdigest()[:24] + ".so")
     with _build_lock:
@@ -246,7 +262,7 @@ def build(code: str, names: list[str]) -> str:
                 f.write(unit)
             tmp = f"{lib}.{os.getpid()}.tmp"
             obj = tmp + ".o"
-            for cmd in ([CXX, *CXXFLAGS, f"-I{HERE}", f"-I{INCLUDE}", "-c", src, "-o", obj],
+            for cmd in ([CXX, *flags, f"-I{HERE}", f"-I{INCLUDE}", "-c", src, "-o", obj],
                         [CXX, "-shared", obj, "-o", tmp]):
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
@@ -267,12 +283,20 @@ class Library:
 
     def __init__(self, code: str, names: list[str]):
         self.code = code
+        self.names = list(names)
         self.lib = ctypes.CDLL(build(code, names))
         self.bounds = _launch_bounds(code)
         self.index = {n: i for i, n in enumerate(names)}
+        self._traced = None
 
     def function(self, name: str) -> "Function":
         return Function(self, name, self.index[name])
+
+    def traced(self) -> "_TracedLibrary":
+        """The traced variant of this library (built on first use)."""
+        if self._traced is None:
+            self._traced = _TracedLibrary(self.code, self.names)
+        return self._traced
 
 
 def prebuild(code: str, names: list[str]) -> None:
@@ -332,6 +356,7 @@ class Function:
 
     def __init__(self, lib: Library, name: str, index: int):
         self.name = name
+        self._lib, self._index = lib, index
         self._launch = getattr(lib.lib, f"dwemu_launch_{index}")
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), _dim3, _dim3, ctypes.c_size_t,
@@ -392,8 +417,26 @@ class Function:
         for a in arrays:
             alloc = getattr(a, "_alloc", None)
             regions.append(alloc.data if alloc is not None else a.view(np.uint8).reshape(-1))
-        before = [r.copy() for r in regions]
         err = ctypes.create_string_buffer(1024)
+        if _tracing is not None:   # one forward run of the traced build
+            traced = self._lib.traced()
+            run = traced.launcher(self._index)
+            traced.begin(regions)
+            rc = run(argv, _dim3(*grid), _dim3(*block), shared_mem, 0, err, 1024)
+            counters, lines = traced.end()
+            if rc:
+                raise EmuError(f"{self.name}: {_explain(err.value.decode())}")
+            for a in arrays:
+                alloc = getattr(a, "_alloc", None)
+                if alloc is not None:
+                    alloc.check()
+            _tracing.append(LaunchTrace(self.name, grid, block, int(shared_mem),
+                                        grid[0] * grid[1] * grid[2], nthreads, counters, lines))
+            stats["launches"] += 1
+            stats["names"].add(self.name)
+            del keep
+            return
+        before = [r.copy() for r in regions]
         results = []
         for order in (0, 1):
             if order:
@@ -415,6 +458,224 @@ class Function:
                 raise EmuError(f"{self.name}: race: argument array {i} differs at byte {at} "
                                "between forward and reverse thread/block order")
         del keep
+
+
+# ----------------------------------------------------------------------------- memory trace
+
+KINDS = ("global_load", "global_store", "shared_load", "shared_store", "shared_cp_async")
+_tracing: "list | None" = None   # the list of the innermost tracing() block, or None
+
+
+@dataclasses.dataclass
+class LaunchTrace:
+    """The memory accesses of one traced launch (see :func:`tracing`).
+
+    ``counters`` (sums over the launch; ``requests`` are warp-level: one per warp per dynamic
+    instruction with at least one active lane):
+
+    * ``global_{load,store}_requests``, ``_bytes`` (what the lanes asked for), ``_sectors``
+      (distinct 32-byte sectors per request, summed), ``_ideal_sectors`` (ceil(distinct bytes /
+      32) per request, summed); coalescing efficiency = ideal / sectors;
+    * ``dram_{read,write}_bytes``: 32 x the launch's distinct sectors (L2 holds the working set);
+      ``l2_{read,write}_bytes``: 32 x each block's distinct sectors, summed over blocks (the L1
+      absorbs re-reads inside a block);
+    * ``shared_{load,store,cp_async}_requests``, ``_wavefronts``, ``_ideal_wavefronts``: 32 banks
+      of 4 bytes; a request of <= 4-byte accesses is one pass over the warp, 8-byte accesses two
+      half-warp passes, 16-byte accesses four quarter-warp passes; a pass costs the maximum over
+      banks of the distinct 4-byte words addressed in it (one word is a broadcast), at least 1
+      when it has active lanes; ideal = ceil(distinct words / 32), at least 1; conflict ways =
+      wavefronts / ideal. ``shared_cp_async_*`` is the shared side of cp.async;
+    * ``cp_async_requests`` (warp-level cp.async instructions), ``cp_async_bytes`` (global bytes
+      they read; the zero-fill form reads none): the global side is also in ``global_load_*``
+      and in the DRAM / L2 read bytes;
+    * ``barriers``: ``__syncthreads`` per block, summed over blocks; ``shuffles``: warp shuffle
+      instructions (per warp);
+    * ``load_bytes_in_flight_per_warp``: the mean, over every warp's load batches, of the global
+      load bytes (cp.async included) the warp issued back to back before an access that may
+      consume them (a shared or global store, a barrier, a cp.async wait, a shuffle).
+
+    ``lines``: per source line and kind (``KINDS``), ``{file, line, kind, requests, sectors``
+    (global) or ``wavefronts`` (shared)``, ideal}``; ``file`` is ``dwops/kernels/cuda/<f>.cuh``
+    for the backend's kernels, ``<source>`` for other code (lines of the code as given).
+
+    What is traced is the host compiler's code (GCC -O1 with ThreadSanitizer instrumentation,
+    see ``trace.h``): which values it keeps in registers, which loads it merges or hoists, and
+    the order of the accesses (hence the batches in flight) approximate nvcc's schedule; they
+    are not nvcc's SASS.
+    """
+
+    name: str
+    grid: tuple
+    block: tuple
+    smem: int
+    blocks: int
+    threads: int
+    counters: dict
+    lines: list
+
+
+@contextlib.contextmanager
+def tracing():
+    """Trace every emulated launch in the block: ``with tracing() as launches:`` appends one
+    :class:`LaunchTrace` per launch. While tracing, a launch runs once (forward thread order)
+    from the traced build of its library (a separate cached variant; the untraced build is
+    unchanged), with the same launch checks and guard-page / canary checks."""
+    global _tracing
+    prev, launches = _tracing, []
+    _tracing = launches
+    try:
+        yield launches
+    finally:
+        _tracing = prev
+
+
+def _symbols(path: str) -> dict:
+    """name -> (value, size) of the defined symbols of a built library (``nm``)."""
+    out = subprocess.run(["nm", "-S", "--defined-only", path], capture_output=True, text=True,
+                         check=True).stdout
+    syms = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            syms[parts[3]] = (int(parts[0], 16), int(parts[1], 16))
+        elif len(parts) == 3:
+            syms[parts[2]] = (int(parts[0], 16), 0)
+    return syms
+
+
+_STATIC_SHARED = re.compile(r"^\s*__shared__\s+[^;(]*?(\w+)\s*\[", re.M)
+
+
+def _source_map(code: str) -> list:
+    """(first line, line count, file) of each of the backend's .cuh files inside ``code``."""
+    cuda = os.path.join(os.path.dirname(HERE), "kernels", "cuda")
+    spans = []
+    if os.path.isdir(cuda):
+        for f in sorted(os.listdir(cuda)):
+            if f.endswith(".cuh"):
+                with open(os.path.join(cuda, f)) as fh:
+                    text = fh.read()
+                pos = code.find(text)
+                if pos >= 0:
+                    spans.append((code.count("\n", 0, pos) + 1, text.count("\n"),
+                                  f"dwops/kernels/cuda/{f}"))
+    return spans
+
+
+class _TracedLibrary:
+    """The traced build of a :class:`Library`: its launch entry points, the trace interface of
+    ``trace.h``, the static ``__shared__`` arrays (from the symbol table) and pc -> source line."""
+
+    def __init__(self, code: str, names: list[str]):
+        self.path = build(code, names, trace=True)
+        self.lib = lib = ctypes.CDLL(self.path)
+        lib.dwemu_trace_names.restype = ctypes.c_char_p
+        self.counter_names = lib.dwemu_trace_names().decode().split()
+        lib.dwemu_trace_begin.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_int,
+                                          ctypes.c_int]
+        lib.dwemu_trace_end.restype = ctypes.c_int
+        lib.dwemu_trace_end.argtypes = [ctypes.POINTER(ctypes.c_double)]
+        lib.dwemu_trace_lines.argtypes = [ctypes.POINTER(ctypes.c_uint64),
+                                          ctypes.POINTER(ctypes.c_int),
+                                          ctypes.POINTER(ctypes.c_double)]
+        syms = _symbols(self.path)
+        anchor = ctypes.cast(lib.dwemu_trace_names, ctypes.c_void_p).value
+        self.base = anchor - syms["dwemu_trace_names"][0]
+        shared = set(_STATIC_SHARED.findall(code))
+        self.static_shared = []
+        for sym, (value, size) in syms.items():
+            m = re.match(r"_ZZ.*E(\d+)(\w+?)(_\w*)?$", sym)
+            if m and m.group(2) in shared and int(m.group(1)) == len(m.group(2)) and size:
+                self.static_shared.append((self.base + value, self.base + value + size))
+        self.spans = _source_map(code)
+        self.where: dict = {}   # pc offset -> (file, line)
+        self.funcs: dict = {}
+
+    def launcher(self, index: int):
+        f = self.funcs.get(index)
+        if f is None:
+            f = getattr(self.lib, f"dwemu_launch_{index}")
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.POINTER(ctypes.c_void_p), _dim3, _dim3, ctypes.c_size_t,
+                          ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            self.funcs[index] = f
+        return f
+
+    def begin(self, regions) -> None:
+        ranges = []
+        for r in regions:
+            ranges += [r.ctypes.data, r.ctypes.data + r.size]
+        for lo, hi in self.static_shared:
+            ranges += [lo, hi]
+        arr = (ctypes.c_uint64 * max(1, len(ranges)))(*ranges)
+        self.lib.dwemu_trace_begin(arr, len(regions), len(self.static_shared))
+
+    def end(self):
+        vals = (ctypes.c_double * len(self.counter_names))()
+        n = self.lib.dwemu_trace_end(vals)
+        pcs, kinds, rows = (ctypes.c_uint64 * n)(), (ctypes.c_int * n)(), (ctypes.c_double * (3 * n))()
+        self.lib.dwemu_trace_lines(pcs, kinds, rows)
+        counters = {}
+        for k, v in zip(self.counter_names, vals):
+            counters[k] = v if k == "load_bytes_in_flight_per_warp" else int(round(v))
+        self._locate([pc - self.base for pc in pcs])
+        merged: dict = {}
+        for i in range(n):
+            file, line = self.where[pcs[i] - self.base]
+            kind = KINDS[kinds[i]]
+            row = merged.setdefault((file, line, kind), [0.0, 0.0, 0.0])
+            for j in range(3):
+                row[j] += rows[3 * i + j]
+        lines = []
+        for (file, line, kind), (req, cost, ideal) in sorted(merged.items()):
+            what = "sectors" if kind.startswith("global") else "wavefronts"
+            lines.append({"file": file, "line": line, "kind": kind, "requests": int(req),
+                          what: int(cost), "ideal": int(ideal)})
+        return counters, lines
+
+    def _locate(self, offsets) -> None:
+        """pc offsets (return addresses) -> (file, line) with addr2line on the call instruction."""
+        todo = sorted({o for o in offsets if o not in self.where})
+        if not todo:
+            return
+        out = subprocess.run(["addr2line", "-e", self.path, *[hex(o - 1) for o in todo]],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        for o, text in zip(todo, out):
+            file, _, rest = text.partition(" (")[0].rpartition(":")
+            line = int(rest) if rest.isdigit() else 0
+            if os.path.basename(file) == TRACE_SOURCE:
+                file = "<source>"
+                for first, count, name in self.spans:
+                    if first <= line < first + count:
+                        file, line = name, line - first + 1
+                        break
+            self.where[o] = (file, line)
+
+
+def check_access(traces, min_coalescing: float = 0.9, max_conflict_ways: float = 1.0,
+                 kinds=("global_load", "global_store", "shared_load", "shared_store",
+                        "shared_cp_async")) -> list:
+    """The source lines of ``traces`` (a :class:`LaunchTrace` or several) that break the guard:
+    global lines whose coalescing efficiency (ideal / sectors) is below ``min_coalescing``,
+    shared lines whose conflict ways (wavefronts / ideal) exceed ``max_conflict_ways``; only the
+    ``kinds`` given. Each row is the line's dict plus ``name`` (the kernel) and ``efficiency`` or
+    ``ways``; an empty list passes."""
+    if isinstance(traces, LaunchTrace):
+        traces = [traces]
+    bad = []
+    for t in traces:
+        for row in t.lines:
+            if row["kind"] not in kinds:
+                continue
+            if row["kind"].startswith("global"):
+                eff = row["ideal"] / row["sectors"] if row["sectors"] else 1.0
+                if eff < min_coalescing:
+                    bad.append({**row, "name": t.name, "efficiency": eff})
+            else:
+                ways = row["wavefronts"] / row["ideal"] if row["ideal"] else 1.0
+                if ways > max_conflict_ways:
+                    bad.append({**row, "name": t.name, "ways": ways})
+    return bad
 
 
 # ----------------------------------------------------------------------------- the cupy stand-in

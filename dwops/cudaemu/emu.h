@@ -32,6 +32,8 @@
 //   the new data in the reverse run: either way the two runs differ, which is reported as a race.
 //   Copies still pending when a thread exits are dropped. Destinations must lie in the dynamic
 //   shared memory, sizes be 4, 8 or 16 bytes, both addresses aligned to the size.
+// * Compiled with DWEMU_TRACE (a separate build, see trace.h), a launch also records its memory
+//   accesses for dwops.cudaemu.tracing().
 #pragma once
 #include <signal.h>
 #include <setjmp.h>
@@ -58,6 +60,10 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static
+#ifndef DWEMU_TRACE
+#define DWEMU_UNTRACED
+#define DWEMU_TRACED_HELPER
+#endif
 #define DWEMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 using std::erf;
@@ -116,6 +122,11 @@ static void* g_body_arg = nullptr;
 static std::string g_error;
 static sigjmp_buf g_abort;     // run_grid's exit for a fault or a misaligned access
 static bool g_in_launch = false;
+}  // namespace dwemu
+#ifdef DWEMU_TRACE
+#include "trace.h"
+#endif
+namespace dwemu {
 
 const size_t STACK_BYTES = 256 * 1024;
 static std::vector<char*> g_stacks;  // STACK_BYTES each, a PROT_NONE page below; per launch
@@ -228,6 +239,9 @@ inline bool run_block(int n, int order) {
             cur = &f;
             swapcontext(&scheduler, &f.ctx);
         }
+#ifdef DWEMU_TRACE
+        tr::flush(n);  // every thread is at a barrier, at a shuffle or has exited
+#endif
         bool done = true;
         for (int i = 0; i < n; ++i) done = done && g_fibers[i].state == EXITED;
         if (done) return true;
@@ -315,7 +329,13 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
                     g_block.y = order ? grid.y - 1 - by : by;
                     g_block.z = order ? grid.z - 1 - bz : bz;
                     std::memset(g_smem, 0xFF, shared16);
+#ifdef DWEMU_TRACE
+                    tr::block_start(n);
+#endif
                     if (!run_block(n, order) || !g_error.empty()) rc = 1;
+#ifdef DWEMU_TRACE
+                    if (!rc) tr::block_end(n);
+#endif
                 }
     } else {
         rc = 1;
@@ -419,14 +439,23 @@ extern "C" void __ubsan_handle_type_mismatch_v1_abort(dwemu::TypeMismatch* d, ui
 #define gridDim (dwemu::g_gdim)
 #define warpSize 32
 
-inline void __syncthreads() {
+DWEMU_UNTRACED inline void __syncthreads() {
+#ifdef DWEMU_TRACE
+    dwemu::tr::consume();
+#endif
     ++dwemu::cur->barriers;
     dwemu::suspend(dwemu::AT_BARRIER);
 }
 
 template <typename V>
-inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
+DWEMU_UNTRACED inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
     static_assert(sizeof(V) <= 8, "shuffle of more than 8 bytes");
+#ifdef DWEMU_TRACE
+    if (dwemu::tr::g_on) {
+        dwemu::tr::consume();
+        ++dwemu::tr::g_lanes[dwemu::cur->linear].shuffles;
+    }
+#endif
     if (mask != 0xffffffffu) {
         dwemu::g_error = "__shfl_xor_sync with a partial mask is not emulated";
     }
@@ -458,8 +487,12 @@ inline void async_fail(const char* what, const void* a) {
 }  // namespace dwemu
 
 template <int BYTES>
-inline void cp_async(void* dst, const void* src, bool valid) {
+DWEMU_TRACED_HELPER inline void cp_async(void* dst, const void* src, bool valid) {
     static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+#ifdef DWEMU_TRACE  // the call site is the instruction (a noinline helper in the traced build)
+    dwemu::tr::async_copy(reinterpret_cast<uintptr_t>(__builtin_return_address(0)), dst, src,
+                          BYTES, valid);
+#endif
     unsigned char* d = static_cast<unsigned char*>(dst);
     if (d < dwemu::g_smem || d + BYTES > dwemu::g_smem + dwemu::g_smem_bytes)
         dwemu::async_fail("cp.async destination outside the dynamic shared memory", dst);
@@ -474,13 +507,16 @@ inline void cp_async(void* dst, const void* src, bool valid) {
     else dwemu::cur->open.push_back(c);                  // forward run: lands at the wait
 }
 
-inline void cp_async_commit() {
+DWEMU_UNTRACED inline void cp_async_commit() {
     dwemu::cur->groups.push_back(std::move(dwemu::cur->open));
     dwemu::cur->open.clear();
 }
 
 template <int N>
-inline void cp_async_wait() {
+DWEMU_UNTRACED inline void cp_async_wait() {
+#ifdef DWEMU_TRACE
+    dwemu::tr::consume();
+#endif
     auto& g = dwemu::cur->groups;
     while (g.size() > static_cast<size_t>(N)) {
         for (const dwemu::AsyncCopy& c : g.front()) std::memcpy(c.dst, c.bytes, c.size);
