@@ -10,7 +10,7 @@
 * ``warmup``: compile the kernels ahead of the first call, in parallel processes (disk cache).
 * ``kernels --arch sm_90``: the compile report of every GPU kernel (registers, shared memory,
   spills) and, for the cupy kernels, their machine-code instruction mix and occupancy, built
-  without a GPU; exit status 1 on any error, spill or local-memory access.
+  without a GPU; exit status 1 on any error or spill.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the architecture's GPU from registers and static shared "
                                    "memory (the dynamic shared memory of a launch is not "
                                    "counted). No GPU is needed. The exit status is 1 if a kernel "
-                                   "fails to compile, spills or uses local memory.")
+                                   "fails to compile or spills.")
     k.add_argument("--arch", default="sm_90",
                    help="the GPU architecture to compile for (default: sm_90, the H100 and H200 "
                         "generation)")
@@ -303,8 +303,8 @@ def kernel_rows(arch: str, quick: bool = False):
 
 def sass_columns(arch: str, rows: list[dict]) -> list[str]:
     """Add the machine-code columns (:data:`SASS_COLUMNS`) to the rows of the backends in
-    :data:`KERNEL_SASS` that name their kernel, joined on (file, name); the problems found: a failing report, a row
-    without machine code, local memory (LDL/STL or a stack frame). ``threads`` is the block size
+    :data:`KERNEL_SASS` that name their kernel, joined on (file, name); the problems found: a
+    failing report, a row without machine code. ``threads`` is the block size
     of the kernel's ``__launch_bounds__`` and ``occupancy`` the fraction of an SM's warps resident
     at that size on the device of ``arch`` (dwops.model.devices), from the registers and the static
     shared memory (the dynamic shared memory depends on the problem: not counted)."""
@@ -334,9 +334,6 @@ def sass_columns(arch: str, rows: list[dict]) -> list[str]:
             c = f["counts"]
             r.update({k: c[k] for k in SASS_COLUMNS if k in c})
             r["LDL/STL"] = f"{c['LDL']}/{c['STL']}"
-            if c["LDL"] or c["STL"] or f["local_bytes"]:
-                problems.append(f"{what}: local memory ({c['LDL']} LDL, {c['STL']} STL, "
-                                f"{f['local_bytes']} bytes of stack)")
             r.update(_occupancy_cells(arch, r.get("file"), r.get("name"), f))
     return problems
 

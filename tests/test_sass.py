@@ -300,8 +300,15 @@ def _local_memory(row):
     return (row["counts"]["LDL"], row["counts"]["STL"], row["local_bytes"])
 
 
-# instantiations that use local memory today: name -> (LDL, STL, local_bytes)
-LOCAL_MEMORY_KNOWN: dict = {}
+# instantiations that use local memory today: name -> (LDL, STL, local_bytes). The generic-width
+# c1_update keeps its window, weights and state in runtime-indexed arrays of 32 (conv1d.cuh: "or
+# local storage"), by design; no spills.
+LOCAL_MEMORY_KNOWN = {
+    "c1_update<__half, 0>": (24, 127, 128),
+    "c1_update<__nv_bfloat16, 0>": (24, 127, 128),
+    "c1_update<float, 0>": (24, 127, 128),
+    "c1_update<double, 0>": (48, 127, 256),
+}
 
 
 @needs_tools
