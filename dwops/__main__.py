@@ -9,7 +9,8 @@
 * ``info``: backends (available, or why not), devices, versions.
 * ``warmup``: compile the kernels ahead of the first call, in parallel processes (disk cache).
 * ``kernels --arch sm_90``: the compile report of every GPU kernel (registers, shared memory,
-  spills), built without a GPU; exit status 1 on any error or spill.
+  spills) and, for the cupy kernels, their machine-code instruction mix and occupancy, built
+  without a GPU; exit status 1 on any error or spill.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import time
 KERNEL_REPORTS = (("numba", "dwops.kernels.numba_cuda"), ("cupy", "dwops.kernels.cupy_compile"))
 KERNEL_COLUMNS = ("backend", "op", "direction", "specialization", "registers", "shared_bytes",
                   "spill_bytes", "error")
+# (backend, module): each module defines sass_facts(arch) -> rows keyed by file and name, joined
+# to that backend's compile-report rows (the machine-code columns below).
+KERNEL_SASS = (("cupy", "dwops.model.sass"),)
+SASS_COLUMNS = ("HMMA", "LDGSTS", "LDG.128", "LDS", "STS", "FFMA", "LDL/STL", "threads",
+                "occupancy")
 
 
 def _csv(text: str) -> list[str]:
@@ -147,9 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "needed)",
                        description="Compile every GPU kernel of both GPU backends for one GPU "
                                    "architecture and print, per kernel, the registers, the shared "
-                                   "memory and the bytes spilled to local memory. No GPU is "
-                                   "needed. The exit status is 1 if a kernel fails to compile or "
-                                   "spills.")
+                                   "memory and the bytes spilled to local memory; for the cupy "
+                                   "kernels also the instructions of the machine code by class "
+                                   "(tensor-core HMMA, cp.async LDGSTS, 16-byte global loads "
+                                   "LDG.128, shared-memory loads and stores LDS/STS, FFMA, "
+                                   "local-memory LDL/STL), the block size of the kernel's "
+                                   "__launch_bounds__ (threads) and the occupancy at that size "
+                                   "on the architecture's GPU from registers and static shared "
+                                   "memory (the dynamic shared memory of a launch is not "
+                                   "counted). No GPU is needed. The exit status is 1 if a kernel "
+                                   "fails to compile or spills.")
     k.add_argument("--arch", default="sm_90",
                    help="the GPU architecture to compile for (default: sm_90, the H100 and H200 "
                         "generation)")
@@ -314,13 +327,76 @@ def kernel_rows(arch: str, quick: bool = False):
     return rows, problems
 
 
+def sass_columns(arch: str, rows: list[dict]) -> list[str]:
+    """Add the machine-code columns (:data:`SASS_COLUMNS`) to the rows of the backends in
+    :data:`KERNEL_SASS` that name their kernel, joined on (file, name); the problems found: a
+    failing report, a row without machine code. ``threads`` is the block size
+    of the kernel's ``__launch_bounds__`` and ``occupancy`` the fraction of an SM's warps resident
+    at that size on the device of ``arch`` (dwops.model.devices), from the registers and the static
+    shared memory (the dynamic shared memory depends on the problem: not counted)."""
+    problems = []
+    for backend, module in KERNEL_SASS:
+        mine = [r for r in rows if r.get("backend") == backend and r.get("name")
+                and not r.get("error")]
+        if not mine:
+            continue
+        print(f"disassembling the {backend} kernels for {arch} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            facts = {(f["file"], f["name"]): f
+                     for f in importlib.import_module(module).sass_facts(arch)}
+        except Exception as exc:  # noqa: BLE001 - any failure to report is a failure
+            problems.append(f"{backend}: {module}.sass_facts({arch!r}) raised "
+                            f"{type(exc).__name__}: {exc}")
+            continue
+        print(f"  {len(facts)} {backend} kernels in {time.monotonic() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+        for r in mine:
+            what = f"{r.get('backend')} {r.get('op')} {r.get('direction')} {r.get('specialization')}"
+            f = facts.get((r.get("file"), r.get("name")))
+            if f is None:
+                problems.append(f"{what}: no machine code")
+                continue
+            c = f["counts"]
+            r.update({k: c[k] for k in SASS_COLUMNS if k in c})
+            r["LDL/STL"] = f"{c['LDL']}/{c['STL']}"
+            r.update(_occupancy_cells(arch, r.get("file"), r.get("name"), f))
+    return problems
+
+
+def _occupancy_cells(arch: str, file: str, name: str, facts: dict) -> dict:
+    from .model import sass
+    from .model.devices import DEVICES
+
+    dev = next((d for d in DEVICES.values() if d.arch == arch), None)
+    threads = _launch_bounds(file).get(name.split("<")[0].strip())
+    if dev is None or threads is None:
+        return {}
+    occ = sass.occupancy(dev, threads, facts["registers"], 0, facts["static_smem"])
+    return {"threads": threads, "occupancy": f"{occ['occupancy']:.2f} {occ['limiter']}"}
+
+
+def _launch_bounds(file: str) -> dict:
+    """Kernel name -> threads of its __launch_bounds__ in cuda/<file>.cuh ({} if unreadable)."""
+    from .cudaemu import _launch_bounds as bounds
+
+    try:
+        from .kernels.cupy_compile import source
+
+        return bounds(source(file))
+    except (ImportError, OSError):
+        return {}
+
+
 def cmd_kernels(arch: str, quick: bool = False, stream=None) -> int:
     out = stream or sys.stdout
     rows, problems = kernel_rows(arch, quick)
-    cells = [[("-" if r.get(k) is None else str(r.get(k))) for k in KERNEL_COLUMNS] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(KERNEL_COLUMNS)]
+    problems += sass_columns(arch, rows)
+    columns = KERNEL_COLUMNS + SASS_COLUMNS
+    cells = [[("-" if r.get(k) is None else str(r.get(k))) for k in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print(f"GPU kernels compiled for {arch}:", file=out)
-    print("  ".join(c.ljust(w) for c, w in zip(KERNEL_COLUMNS, widths)).rstrip(), file=out)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
     print(f"{len(rows)} kernels, {len(problems)} problems", file=out)

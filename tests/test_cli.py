@@ -65,14 +65,35 @@ def _row(backend, **kw):
     return row
 
 
-def _fake(monkeypatch, numba_rows, cupy_rows):
-    """Install fake backend modules whose compile_report returns the given rows (or raises them)."""
+SASS_MOD = "dwops.model.sass"
+
+
+def _facts(file="depthwise", name="dw_forward<float, float, 3, 1, 4, 2, false>", ldl=0, stl=0,
+           local=0, registers=40):
+    counts = {"HMMA": 0, "LDGSTS": 0, "LDG.128": 3, "LDS": 8, "STS": 4, "FFMA": 72, "LDL": ldl,
+              "STL": stl, "total": 200}
+    return dict(file=file, name=name, registers=registers, static_smem=0, local_bytes=local,
+                spill_stores=0, spill_loads=0, counts=counts, loop_counts=counts)
+
+
+def _fake(monkeypatch, numba_rows, cupy_rows, sass_rows=()):
+    """Install fake backend modules whose compile_report returns the given rows (or raises them),
+    and a fake dwops.model.sass.sass_facts that returns ``sass_rows`` (or raises them)."""
     calls = []
+
+    def sass_facts(arch, _rows=sass_rows):
+        calls.append((SASS_MOD, arch))
+        if isinstance(_rows, Exception):
+            raise _rows
+        return list(_rows)
+    monkeypatch.setattr(f"{SASS_MOD}.sass_facts", sass_facts)
+    from dwops.kernels.cupy_compile import source  # the real sources: their __launch_bounds__
     for name, rows in ((NUMBA_MOD, numba_rows), (CUPY_MOD, cupy_rows)):
         if rows is None:
             monkeypatch.setitem(sys.modules, name, None)  # import fails
             continue
         mod = types.ModuleType(name)
+        mod.source = source
         if rows != "no-function":
             def compile_report(arch, _rows=rows, _name=name):
                 calls.append((_name, arch))
@@ -86,15 +107,57 @@ def _fake(monkeypatch, numba_rows, cupy_rows):
 
 def test_kernels_all_clean(monkeypatch, capsys):
     calls = _fake(monkeypatch, [_row("numba"), _row("numba", op="pointwise")],
-                  [_row("cupy", specialization="__half k7 NHWC", registers=64)])
+                  [_row("cupy", specialization="__half k7 NHWC", registers=64, file="depthwise",
+                        name="dw_forward<__half, __half, 7, 1, 8, 2, true>")],
+                  [_facts(name="dw_forward<__half, __half, 7, 1, 8, 2, true>")])
     assert main(["kernels", "--arch", "sm_90"]) == 0
-    assert calls == [(NUMBA_MOD, "sm_90"), (CUPY_MOD, "sm_90")]
+    assert calls == [(NUMBA_MOD, "sm_90"), (CUPY_MOD, "sm_90"), (SASS_MOD, "sm_90")]
     out = capsys.readouterr().out
     assert "3 kernels, 0 problems" in out
     assert "__half k7 NHWC" in out and "pointwise" in out
     header = next(ln for ln in out.splitlines() if ln.startswith("backend"))
     assert header.split() == ["backend", "op", "direction", "specialization", "registers",
-                              "shared_bytes", "spill_bytes", "error"]
+                              "shared_bytes", "spill_bytes", "error", "HMMA", "LDGSTS", "LDG.128",
+                              "LDS", "STS", "FFMA", "LDL/STL", "threads", "occupancy"]
+
+
+def test_kernels_machine_code_columns(monkeypatch, capsys):
+    """The cupy rows get their machine-code counts (joined on file and name) and the occupancy
+    at the __launch_bounds__ block size (dw_forward: 256 threads; 40 registers on an H200: 12
+    warps per sub-partition, 6 blocks, 48 of 64 warps); rows without launch bounds get none."""
+    dw = "dw_forward<float, float, 3, 1, 4, 2, false>"
+    gi = "dw_grad_input<float, 0, 4, 1, false>"
+    _fake(monkeypatch, [_row("numba")],
+          [_row("cupy", file="depthwise", name=dw), _row("cupy", file="depthwise", name=gi)],
+          [_facts(name=dw), _facts(name=gi, registers=255)])
+    assert main(["kernels", "--arch", "sm_90"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    numba, cupy_dw, cupy_gi = [ln.split() for ln in lines if ln.startswith(("numba", "cupy"))]
+    assert numba[-9:] == ["-"] * 9
+    assert cupy_dw[-10:] == ["0", "0", "3", "8", "4", "72", "0/0", "256", "0.75", "registers"]
+    assert cupy_gi[-9:] == ["0", "0", "3", "8", "4", "72", "0/0", "-", "-"]
+
+
+def test_kernels_shows_local_memory(monkeypatch, capsys):
+    """Local memory without spills (a runtime-indexed array) is shown, not a failure."""
+    dw = "dw_forward<float, float, 3, 1, 4, 2, false>"
+    _fake(monkeypatch, [_row("numba")], [_row("cupy", file="depthwise", name=dw)],
+          [_facts(name=dw, ldl=2, stl=5, local=16)])
+    assert main(["kernels", "--arch", "sm_90"]) == 0
+    (cupy,) = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("cupy")]
+    assert cupy[-4] == "2/5"
+
+
+@pytest.mark.parametrize("facts, message", [
+    ([], "no machine code"),
+    (RuntimeError("nvdisasm failed"), "sass_facts('sm_90') raised RuntimeError: nvdisasm failed"),
+])
+def test_kernels_machine_code_problems_fail(monkeypatch, capsys, facts, message):
+    _fake(monkeypatch, [_row("numba")],
+          [_row("cupy", file="depthwise", name="dw_forward<float, float, 3, 1, 4, 2, false>")],
+          facts)
+    assert main(["kernels", "--arch", "sm_90"]) == 1
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", [
@@ -212,6 +275,7 @@ def test_bench_unknown_suite(capsys):
 
 def test_kernels_quick_is_passed_where_offered(monkeypatch, capsys):
     seen = {}
+    _fake(monkeypatch, [], [])  # the fake sass module; the report modules follow
     for name in (NUMBA_MOD, CUPY_MOD):
         mod = types.ModuleType(name)
         if name == NUMBA_MOD:

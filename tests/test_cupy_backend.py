@@ -51,7 +51,8 @@ def test_every_instantiation_compiles_without_spills(report):
     for r in report:
         assert r["backend"] == "cupy"
         assert set(r) == {"backend", "op", "direction", "specialization", "registers",
-                          "shared_bytes", "spill_bytes", "error"}
+                          "shared_bytes", "spill_bytes", "error", "file", "name"}
+        assert r["specialization"].startswith(r["name"] + " [")
 
 
 @pytest.mark.parametrize("file, name, loads, stores", [

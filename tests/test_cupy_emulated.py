@@ -251,6 +251,16 @@ def test_launches_cuda_would_refuse(lib):
         lib.function("bounded")((1, 70000), (32,), (cudaemu.empty((32,), np.float32),))
 
 
+def test_launch_bounds_are_read_with_their_parenthesised_arguments():
+    """``__launch_bounds__(256, sizeof(T) == 8 ? 1 : 2)``: the kernels' bounds, macros resolved."""
+    from dwops.kernels.cupy_compile import source
+
+    assert cudaemu._launch_bounds(source("depthwise")) == {"dw_forward": 256, "dw_grad_weight": 256}
+    assert cudaemu._launch_bounds(source("pointwise")) == {"pw_gemm": 256}
+    assert cudaemu._launch_bounds(source("conv1d"))["c1_forward"] == 128
+    assert cudaemu._launch_bounds("__global__ void __launch_bounds__(64, (2)) f(int a) {}") == {"f": 64}
+
+
 @pytest.mark.parametrize("nbytes", [4, 8, 16])
 def test_cp_async_lands_at_the_wait_and_zero_fills(lib, nbytes):
     """Staged copies of 4, 8 and 16 bytes arrive after cp_async_wait; the zero-fill form (a

@@ -222,7 +222,9 @@ def _launch_bounds(code: str) -> dict:
     """Template name -> the max threads per block of its __launch_bounds__ (macros resolved)."""
     macros = dict(re.findall(r"#define\s+(\w+)\s+(\d+)", code))
     out = {}
-    for bound, name in re.findall(r"__launch_bounds__\((\w+)[^)]*\)\s*(\w+)\s*\(", code):
+    # the arguments may hold parentheses one level deep: (256, sizeof(T) == 8 ? 1 : 2)
+    for bound, name in re.findall(r"__launch_bounds__\((\w+)(?:[^()]|\([^()]*\))*\)\s*(\w+)\s*\(",
+                                  code):
         out[name] = int(macros.get(bound, bound))
     return out
 

@@ -2,7 +2,8 @@
 
 nvJitLink (``cuda.bindings.nvjitlink``) assembles PTX for ``sm_XX`` and, with ``-verbose``, writes
 ptxas' report per entry function: registers, static shared memory, stack frame and spill bytes.
-This feeds ``python -m dwops kernels`` through each backend's ``compile_report``.
+This feeds ``python -m dwops kernels`` through each backend's ``compile_report``; :func:`link` also
+returns the cubin, which ``dwops.model.sass`` disassembles.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 
 def assemble(ptx: bytes | str, arch: str = "sm_90") -> dict:
     """Assemble ``ptx`` for ``arch``; per (lowered) entry name a dict with registers, shared_bytes
-    (static), spill_bytes (stores + loads) and stack_bytes. RuntimeError with nvJitLink's log if
-    the PTX does not assemble."""
+    (static), spill_bytes (stores + loads), spill_stores, spill_loads and stack_bytes.
+    RuntimeError with nvJitLink's log if the PTX does not assemble."""
+    return link(ptx, arch)[0]
+
+
+def link(ptx: bytes | str, arch: str = "sm_90") -> tuple[dict, bytes]:
+    """:func:`assemble`'s report and the cubin (ELF) nvJitLink built."""
     from cuda.bindings import nvjitlink
 
     data = ptx.encode() if isinstance(ptx, str) else ptx
@@ -34,6 +40,8 @@ def assemble(ptx: bytes | str, arch: str = "sm_90") -> dict:
         buf = bytearray(nvjitlink.get_info_log_size(h))
         nvjitlink.get_info_log(h, buf)
         log = buf.decode(errors="replace")
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
+        nvjitlink.get_linked_cubin(h, cubin)
     finally:
         nvjitlink.destroy(h)
     out, cur = {}, None
@@ -41,17 +49,20 @@ def assemble(ptx: bytes | str, arch: str = "sm_90") -> dict:
         m = _ENTRY.search(line)
         if m:
             cur = m.group(1)
-            out[cur] = {"registers": None, "shared_bytes": 0, "spill_bytes": 0, "stack_bytes": 0}
+            out[cur] = {"registers": None, "shared_bytes": 0, "spill_bytes": 0, "spill_stores": 0,
+                        "spill_loads": 0, "stack_bytes": 0}
             continue
         if cur is None:
             continue
         m = _SPILL.search(line)
         if m:
             out[cur]["stack_bytes"] = int(m.group(1))
+            out[cur]["spill_stores"] = int(m.group(2))
+            out[cur]["spill_loads"] = int(m.group(3))
             out[cur]["spill_bytes"] = int(m.group(2)) + int(m.group(3))
         m = _USED.search(line)
         if m:
             out[cur]["registers"] = int(m.group(1))
             s = _SMEM.search(line)
             out[cur]["shared_bytes"] = int(s.group(1)) if s else 0
-    return out
+    return out, bytes(cubin)

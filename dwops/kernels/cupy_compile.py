@@ -112,16 +112,23 @@ def _nvrtc_check(result, prog=None, what="nvrtc"):
 
 def compile_ptx(file: str, names: list[str], arch: str = "sm_90") -> tuple[bytes, dict]:
     """PTX of ``names`` instantiated from cuda/<file>.cuh, and name expression -> lowered name."""
+    return compile_ptx_source(source(file), names, arch, file)
+
+
+def compile_ptx_source(code: str, names: list[str], arch: str = "sm_90",
+                       unit: str = "kernels") -> tuple[bytes, dict]:
+    """PTX of ``names`` instantiated from the CUDA C++ ``code`` (compiled as ``<unit>.cu`` with
+    :func:`compile_options`), and name expression -> lowered name."""
     from cuda.bindings import nvrtc
 
     cc = arch.split("_", 1)[1]
-    (prog,) = _nvrtc_check(nvrtc.nvrtcCreateProgram(source(file).encode(), f"{file}.cu".encode(),
+    (prog,) = _nvrtc_check(nvrtc.nvrtcCreateProgram(code.encode(), f"{unit}.cu".encode(),
                                                     0, [], []))
     try:
         for n in names:
             _nvrtc_check(nvrtc.nvrtcAddNameExpression(prog, n.encode()))
         opts = [f"--gpu-architecture=compute_{cc}".encode()] + [o.encode() for o in compile_options()]
-        _nvrtc_check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, f"compiling {file}.cuh")
+        _nvrtc_check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, f"compiling {unit}.cu")
         (size,) = _nvrtc_check(nvrtc.nvrtcGetPTXSize(prog))
         ptx = b" " * size
         _nvrtc_check(nvrtc.nvrtcGetPTX(prog, ptx))
@@ -145,32 +152,42 @@ def _compile_group(args):
         return {}, str(exc)
 
 
+def groups() -> list[tuple[str, list[str]]]:
+    """The instantiations (:func:`instantiations`) as compilation groups: ``(file, names)``, one
+    per (file, element type), each name expression once."""
+    out: dict = {}
+    for file, op, direction, spec, name in instantiations():
+        key = (file, name[name.index("<") + 1:].split(",")[0].rstrip(">"))
+        out.setdefault(key, [])
+        if name not in out[key]:
+            out[key].append(name)
+    return [(file, names) for (file, _), names in out.items()]
+
+
+def map_groups(fn, jobs: list, workers: int | None = None) -> list:
+    """``[fn(job) for job in jobs]`` in ``workers`` processes (default: the CPUs available)."""
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(workers or 1, len(jobs)))
+    if workers == 1:
+        return [fn(j) for j in jobs]
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(fn, jobs))
+
+
 def compile_report(arch: str = "sm_90", workers: int | None = None) -> list[dict]:
     """Compile every instantiation (:func:`instantiations`) through NVRTC for compute_XX and
     assemble for ``arch`` with nvJitLink, one compilation per (file, dtype) group, groups in
     parallel processes (``workers``, default: the CPUs available). One row per instantiation:
     backend, op, direction, specialization, registers, shared_bytes (static), spill_bytes, error
-    (None or a message)."""
+    (None or a message), file and name (the template name expression)."""
     insts = instantiations()
-    groups: dict = {}
-    for file, op, direction, spec, name in insts:
-        key = (file, name[name.index("<") + 1:].split(",")[0].rstrip(">"))
-        groups.setdefault(key, [])
-        if name not in groups[key]:
-            groups[key].append(name)
-    jobs = [(file, names, arch) for (file, _), names in groups.items()]
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = max(1, min(workers or 1, len(jobs)))
-    if workers > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            outcomes = list(pool.map(_compile_group, jobs))
-    else:
-        outcomes = [_compile_group(j) for j in jobs]
+    jobs = [(file, names, arch) for file, names in groups()]
+    outcomes = map_groups(_compile_group, jobs, workers)
     results, errors = {}, {}
     for (file, names, _), (props, err) in zip(jobs, outcomes):
         for n in names:
@@ -193,7 +210,7 @@ def compile_report(arch: str = "sm_90", workers: int | None = None) -> list[dict
             "registers": r["registers"] if r else None,
             "shared_bytes": r["shared_bytes"] if r else None,
             "spill_bytes": r["spill_bytes"] if r else None,
-            "error": err,
+            "error": err, "file": file, "name": name,
         })
     return rows
 
