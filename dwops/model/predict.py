@@ -29,8 +29,10 @@ A launch's predicted time is the largest of these bounds, plus the launch cost:
   times the ratio of all instructions to memory instructions in the kernel's innermost loop;
 * ``fma``: FP32 FLOPs / FMA peak.
 
-Throughput bounds of the SMs (smem, issue, fma) are divided by the fraction of the GPU the grid
-keeps busy (its last wave may be partial). The row's time is the sum over its launches; its floor is
+Throughput bounds of the SMs (smem, issue, fma) are divided by the share of the SMs the grid keeps
+working (a grid of fewer blocks than SMs leaves the rest idle). A kernel's FLOPs are the op's,
+shared among its convolution launches by the bytes they move; a reduction of partial sums does one
+add per element read. The row's time is the sum over its launches; its floor is
 the bytes the op must move (:meth:`Case.nbytes`) at copy bandwidth. Every number here is a model.
 """
 
@@ -139,8 +141,10 @@ def trace(case, direction: str, layout: str) -> list:
 
 
 MEMORY_CLASSES = ("LDG", "STG", "LDGSTS", "LDS", "STS", "LDSM", "SHFL")
+USEFUL_CLASSES = MEMORY_CLASSES + ("FFMA", "HFMA2", "HMMA")
 COUNTER_KEYS_MEMORY = ("global_load_requests", "global_store_requests", "shared_load_requests",
                        "shared_store_requests", "cp_async_requests", "shuffles")
+DEFAULT_OVERHEAD = 1.5  # a lead: index and loop instructions per useful one, where no loop says
 
 
 def _class_total(counts: dict, prefix: str) -> int:
@@ -148,15 +152,29 @@ def _class_total(counts: dict, prefix: str) -> int:
 
 
 def instruction_ratio(facts: dict | None) -> float:
-    """All instructions per memory instruction in the kernel's innermost loops (the whole kernel
-    where it has no loop with memory instructions); 4.0 where no machine code is known."""
-    if not facts:
-        return 4.0
-    for counts in (facts.get("loop_counts") or {}, facts.get("counts") or {}):
-        mem = sum(_class_total(counts, c) for c in MEMORY_CLASSES)
-        if mem and counts.get("total"):
-            return counts["total"] / mem
-    return 4.0
+    """Instructions issued per useful one (memory, FMA, MMA): the mix of the kernel's innermost
+    loop when that loop computes (holds FMA or MMA instructions); otherwise
+    :data:`DEFAULT_OVERHEAD` (a loop that only stages data, or no machine code known, says nothing
+    about the compute)."""
+    counts = (facts or {}).get("loop_counts") or {}
+    if any(counts.get(k) for k in ("FFMA", "HFMA2", "HMMA")) and counts.get("total"):
+        return max(1.0, counts["total"] / sum(_class_total(counts, c) for c in USEFUL_CLASSES))
+    return DEFAULT_OVERHEAD
+
+
+def kernel_facts(launch, arch: str, cache: dict) -> dict | None:
+    """The machine-code facts of one launch's kernel (:mod:`dwops.model.sass`, cached on disk),
+    or None where the CUDA tools are missing."""
+    key = (launch.file, launch.name)
+    if key not in cache:
+        from .sass import _group_facts
+
+        try:
+            cache[key] = _group_facts((launch.file, [launch.name], arch))[launch.name]
+        except (FileNotFoundError, ImportError) as exc:
+            print(f"model: no machine code for {launch.name} ({exc})", file=sys.stderr)
+            cache[key] = None
+    return cache[key]
 
 
 @dataclass
@@ -186,7 +204,7 @@ def model_launch(dev: Device, launch, counters: dict, facts: dict | None,
     occ = occupancy(dev, threads, regs, launch.shared, (facts or {}).get("static_smem") or 0)
     per_wave = max(1, occ["blocks_per_sm"]) * dev.sm_count
     waves = math.ceil(blocks / per_wave)
-    busy = blocks / (waves * per_wave)  # share of the SMs' block slots the grid keeps filled
+    busy = min(1.0, blocks / (waves * dev.sm_count))  # share of the SMs the grid keeps working
     resident_warps = min(blocks, per_wave) * math.ceil(threads / 32)
 
     c = counters
@@ -196,12 +214,13 @@ def model_launch(dev: Device, launch, counters: dict, facts: dict | None,
     wavefronts = (c.get("shared_load_wavefronts", 0) + c.get("shared_store_wavefronts", 0)
                   + c.get("shared_cp_async_wavefronts", 0))
     mem_instr = sum(c.get(k, 0) for k in COUNTER_KEYS_MEMORY)
+    fma_instr = flops / 64  # warp FMA instructions (32 lanes, 2 FLOP each)
     bounds = {
         "dram": (read + write) / dev.dram_bw,
         "latency": read * DRAM_LATENCY_S / in_flight if in_flight > 0 and read > 0 else 0.0,
         "l2": (c.get("l2_read_bytes", 0.0) + c.get("l2_write_bytes", 0.0)) / dev.l2_bw,
         "smem": wavefronts / dev.smem_wavefronts_per_s / busy,
-        "issue": mem_instr * instruction_ratio(facts) / dev.issue_per_s / busy,
+        "issue": (mem_instr + fma_instr) * instruction_ratio(facts) / dev.issue_per_s / busy,
         "fma": flops / dev.fp32_flops / busy,
     }
     bound = max(bounds, key=bounds.get)
@@ -231,7 +250,7 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den else None
 
 
-def model_row(dev: Device, case, direction: str, layout: str, facts_by_name: dict) -> RowModel:
+def model_row(dev: Device, case, direction: str, layout: str, facts_cache: dict) -> RowModel:
     """Plan at full size, trace scaled down, scale, and bound each launch."""
     full = plan(case, direction, layout)
     small, factor = scaled_case(case, layout)
@@ -249,16 +268,24 @@ def model_row(dev: Device, case, direction: str, layout: str, facts_by_name: dic
                          f"{dev.smem_optin} B: the launch fails here")
     if case.op == "depthwise" and direction == "grad_weight" and len(full) > 1:
         notes.append("weight-gradient split sized from the problem: partial sums scaled linearly")
-    flops_total = case.flops(direction) if case.op != "conv1d" else case.flops(direction)
+    flops_total = case.flops(direction)
     launches, totals = [], {}
-    work = sum(t.counters.get("global_load_bytes", 0) + t.counters.get("global_store_bytes", 0)
-               for t in traced) or 1
+    # the op's FLOPs go to its convolution kernels in proportion to the bytes they move; a
+    # reduction of partial sums (sum_splits) does one add per element it reads
+    def moved(t):
+        return t.counters.get("global_load_bytes", 0) + t.counters.get("global_store_bytes", 0)
+
+    conv = [t for t in traced if not t.name.startswith("sum_splits")]
+    work = sum(moved(t) for t in conv) or 1
+    item = 2 if case.dtype in ("float16", "bfloat16") else 4
     for lc, t in zip(full, traced):
         scaled = {k: v * factor if k != "load_bytes_in_flight_per_warp" else v
                   for k, v in t.counters.items()}
-        share = (t.counters.get("global_load_bytes", 0)
-                 + t.counters.get("global_store_bytes", 0)) / work
-        lm = model_launch(dev, lc, scaled, facts_by_name.get(lc.name), flops_total * share)
+        if t in conv:
+            flops = flops_total * moved(t) / work
+        else:
+            flops = scaled.get("global_load_bytes", 0) / item
+        lm = model_launch(dev, lc, scaled, kernel_facts(lc, dev.arch, facts_cache), flops)
         launches.append(lm)
         for k, v in scaled.items():
             totals[k] = totals.get(k, 0) + v
@@ -298,7 +325,7 @@ def row_json(dev: Device, r: RowModel) -> dict:
 
 
 def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=True,
-        stream=None, limit: int | None = None) -> dict:
+        limit: int | None = None) -> dict:
     """Model every row of ``suites``; the result in the bench JSON schema (``ms`` empty)."""
     import datetime
 
@@ -306,11 +333,8 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
     from ..bench import cases as bench_cases
     from ..bench.env import versions
     from ..bench.report import Progress
-    from .sass import sass_facts
-
     cudaemu.install()
-    out = stream or sys.stdout
-    facts = {f["name"]: f for f in sass_facts(device.arch)}
+    facts = {}
     todo = []
     for s in suites:
         for c in bench_cases.suite(s, on_gpu=True, dtypes=dtypes):

@@ -1,0 +1,152 @@
+"""The kernel model (dwops.model.predict, ``python -m dwops model``): its scaling premise, its
+bounds by hand, its JSON rows, and one row end to end (emulator trace + machine code)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from dwops.bench import cases, report
+from dwops.kernels.cupy_plans import Launch
+from dwops.model import devices, predict
+
+H200 = devices.device("h200")
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    from dwops import cudaemu
+
+    monkeypatch.setitem(sys.modules, "cupy", sys.modules.get("cupy")
+                        if getattr(sys.modules.get("cupy"), "__dwops_emulator__", False)
+                        else cudaemu.module())
+    return cudaemu
+
+
+def _sample_rows():
+    """One case per (suite, op, dtype) with its directions and both layouts: every kernel
+    family, stride and kernel size the suites use, in float32 and bfloat16."""
+    seen, out = set(), []
+    for s in cases.GPU_SUITES:
+        for c in cases.suite(s, on_gpu=True, dtypes=["float32", "bfloat16"]):
+            key = (s, c.op, c.dtype, c.K, c.stride)
+            if key in seen:
+                continue
+            seen.add(key)
+            for d in c.directions:
+                for layout in ("NCHW", "NHWC"):
+                    out.append((c, d, layout))
+    return out
+
+
+def test_scaled_problem_runs_the_rows_plan(emulated):
+    """The premise of the extrapolation: the small problem traced for a row launches the row's
+    kernels in the same order with the same blocks and shared memory (the same tile plan, fewer
+    tiles). Checked on every kernel family, size and stride of the suites."""
+    rows = _sample_rows()
+    assert len(rows) > 40
+    for c, d, layout in rows:
+        small, factor = predict.scaled_case(c, layout)
+        full = [(lc.name, lc.block, lc.shared) for lc in predict.plan(c, d, layout)]
+        got = [(lc.name, lc.block, lc.shared) for lc in predict.plan(small, d, layout)]
+        assert got == full, (c, d, layout, small)
+        assert factor >= 1
+
+
+def test_a_plan_that_depends_on_the_channels_is_caught(emulated):
+    """The check above can fail: NHWC plans pick their block shape from the channel count, so a
+    small problem with fewer channels runs another plan."""
+    c = replace(cases.suite("convnext", True, ["bfloat16"])[1], directions=("forward",))
+    full = [(lc.name, lc.block, lc.shared) for lc in predict.plan(c, "forward", "NHWC")]
+    fewer = replace(c, N=1, C=96)
+    assert [(lc.name, lc.block, lc.shared) for lc in predict.plan(fewer, "forward", "NHWC")] != full
+
+
+def _launch(blocks=1056, threads=256, shared=0):
+    return Launch("depthwise", "k", (blocks, 1, 1), (threads, 1, 1), shared)
+
+
+def test_launch_bounds_by_hand():
+    """Each bound from counters chosen by hand, on the H200's table."""
+    c = {"dram_read_bytes": 2.15e9, "dram_write_bytes": 2.15e9, "l2_read_bytes": 7e9,
+         "shared_load_wavefronts": 0, "load_bytes_in_flight_per_warp": 64.0,
+         "global_load_requests": 1e6}
+    facts = {"registers": 32, "static_smem": 0, "loop_counts": {"FFMA": 2, "LDS.32": 2,
+                                                                 "INT": 4, "total": 8}}
+    m = predict.model_launch(H200, _launch(), c, facts, flops=0.0)
+    assert m.blocks_per_sm == 8 and m.busy_fraction == 1.0
+    assert m.bounds["dram"] == pytest.approx(1e-3)            # 4.3 GB at 4.3 TB/s
+    assert m.bounds["l2"] == pytest.approx(1e-3)              # 7 GB at 7 TB/s
+    # 132 SMs x 8 blocks x 8 warps x 64 B in flight, 600 ns latency: 2.4 ms, over the 1 ms of dram
+    assert m.bounds["latency"] == pytest.approx(2.15e9 * 600e-9 / (132 * 64 * 64))
+    assert m.bounds["issue"] == pytest.approx(1e6 * 2 / H200.issue_per_s)  # 8 / 4 per useful
+    assert m.bound == "latency" and m.seconds == pytest.approx(m.bounds["latency"] + H200.launch_s)
+    # a grid of 13 blocks keeps a tenth of the SMs working: throughput bounds grow tenfold
+    small = predict.model_launch(H200, _launch(blocks=13), {"shared_load_wavefronts": 1e6},
+                                 facts)
+    assert small.bounds["smem"] == pytest.approx(1e6 / H200.smem_wavefronts_per_s * 132 / 13)
+    assert small.bound == "smem"
+
+
+def test_instruction_ratio():
+    assert predict.instruction_ratio(None) == predict.DEFAULT_OVERHEAD
+    staging = {"loop_counts": {"LDG.128": 1, "STS": 4, "INT": 20, "total": 25}}
+    assert predict.instruction_ratio(staging) == predict.DEFAULT_OVERHEAD
+    compute = {"loop_counts": {"FFMA": 8, "LDS": 4, "INT": 12, "total": 24}}
+    assert predict.instruction_ratio(compute) == 2.0
+
+
+def _row(case, model_ms):
+    r = dict.fromkeys(report.ROW_KEYS + report.MODEL_KEYS)
+    r.update(op=case.op, direction="forward", suite=case.suite, shape=case.shape(),
+             dtype=case.dtype, layout="NCHW", backend="cupy", bytes=case.nbytes("forward"),
+             baselines={}, model_ms=model_ms, model_floor_fraction=0.5, model_bound="dram")
+    return r
+
+
+def test_model_rows_validate_and_join_bench_rows():
+    c = cases.suite("block", True, ["float32"])[0]
+    model = {"device": "model: x", "driver": None, "date": "2026", "versions": {},
+             "copy_bandwidth_gbs": 4300.0, "rows": [_row(c, 0.25)]}
+    assert report.validate(model) == []
+    bad = json.loads(json.dumps(model))
+    bad["rows"][0]["ms"] = 0.2   # a model row must not carry a measurement
+    assert report.validate(bad) != []
+    bench_row = {k: v for k, v in _row(c, None).items() if k in report.ROW_KEYS}
+    bench_row.update(ms=0.5, roofline_fraction=0.4)
+    other = dict(bench_row, dtype="bfloat16")
+    bench = dict(model, device="gpu", rows=[bench_row, other])
+    assert report.attach_model(bench, model) == 1
+    assert bench["rows"][0]["model_ms"] == 0.25 and bench["rows"][1]["model_ms"] is None
+    assert report.validate(bench) == []
+    assert "model ms" in report.markdown(bench)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator needs g++")
+def test_model_cli_end_to_end(tmp_path):
+    """Two rows through the whole model in a fresh process: trace, machine code, bounds."""
+    pytest.importorskip("cuda.bindings", reason="the machine code needs the cuda13 extra")
+    from dwops.model.sass import nvdisasm
+
+    try:
+        nvdisasm()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, "-m", "dwops", "model", "--suite", "mobilenetv2",
+                           "--dtype", "float32", "--layout", "NCHW", "--limit", "2", "--quiet",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert report.validate(result) == []
+    assert [r["direction"] for r in result["rows"]] == ["forward", "grad_input"]
+    for r in result["rows"]:
+        assert 0 < r["model_floor_fraction"] <= 1.0
+        assert r["model_bound"] in ("dram", "latency", "l2", "smem", "issue", "fma")
+        assert r["coalescing"] > 0.9
+    assert "model floor" in proc.stdout
