@@ -336,9 +336,9 @@ def sass_columns(arch: str, rows: list[dict]) -> list[str]:
     shared memory (the dynamic shared memory depends on the problem: not counted)."""
     problems = []
     for backend, module in KERNEL_SASS:
-        mine = [r for r in rows if r.get("backend") == backend and r.get("name")
+        owned = [r for r in rows if r.get("backend") == backend and r.get("name")
                 and not r.get("error")]
-        if not mine:
+        if not owned:
             continue
         print(f"disassembling the {backend} kernels for {arch} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
@@ -351,7 +351,7 @@ def sass_columns(arch: str, rows: list[dict]) -> list[str]:
             continue
         print(f"  {len(facts)} {backend} kernels in {time.monotonic() - t0:.0f} s",
               file=sys.stderr, flush=True)
-        for r in mine:
+        for r in owned:
             what = f"{r.get('backend')} {r.get('op')} {r.get('direction')} {r.get('specialization')}"
             f = facts.get((r.get("file"), r.get("name")))
             if f is None:

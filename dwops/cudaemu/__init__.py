@@ -104,6 +104,14 @@ class _Allocation:
                            f"allocation ({bad.size} canary bytes changed)")
 
 
+def _check_allocations(arrays) -> None:
+    """Raise EmuError if a launch wrote past any of its device arrays (their canary bytes)."""
+    for a in arrays:
+        alloc = getattr(a, "_alloc", None)
+        if alloc is not None:
+            alloc.check()
+
+
 def _explain(message: str) -> str:
     """Append which allocation an address in ``message`` lies in or next to."""
     m = re.search(r"address 0x([0-9a-f]+)", message)
@@ -428,10 +436,7 @@ class Function:
             counters, lines = traced.end()
             if rc:
                 raise EmuError(f"{self.name}: {_explain(err.value.decode())}")
-            for a in arrays:
-                alloc = getattr(a, "_alloc", None)
-                if alloc is not None:
-                    alloc.check()
+            _check_allocations(arrays)
             _tracing.append(LaunchTrace(self.name, grid, block, int(shared_mem),
                                         grid[0] * grid[1] * grid[2], nthreads, counters, lines))
             stats["launches"] += 1
@@ -447,10 +452,7 @@ class Function:
             rc = self._launch(argv, _dim3(*grid), _dim3(*block), shared_mem, order, err, 1024)
             if rc:
                 raise EmuError(f"{self.name}: {_explain(err.value.decode())}")
-            for a in arrays:
-                alloc = getattr(a, "_alloc", None)
-                if alloc is not None:
-                    alloc.check()
+            _check_allocations(arrays)
             results.append([r.copy() for r in regions])
         stats["launches"] += 1
         stats["names"].add(self.name)
