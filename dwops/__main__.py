@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtypes, comma-separated (default: the suite's own)")
     m.add_argument("--layout", default="NCHW,NHWC", help="layouts, comma-separated")
     m.add_argument("--limit", type=int, default=None, help="model at most this many rows")
+    m.add_argument("--jobs", type=int, default=None,
+                   help="processes to plan, compile and trace with (default: the CPUs available)")
     m.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="do not show the progress bar")
     return parser
@@ -545,7 +547,7 @@ def cmd_model(args, stream=None) -> int:
         return 2
     dtypes = _csv(args.dtype) if args.dtype else None
     result = predict.run(suites, device, dtypes=dtypes, layouts=tuple(_csv(args.layout)),
-                         progress=not args.quiet, limit=args.limit)
+                         progress=not args.quiet, limit=args.limit, jobs=args.jobs)
     out.write(report.model_markdown(result))
     if args.json:
         report.write_json(result, args.json)

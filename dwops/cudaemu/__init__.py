@@ -294,10 +294,24 @@ class Library:
     def __init__(self, code: str, names: list[str]):
         self.code = code
         self.names = list(names)
-        self.lib = ctypes.CDLL(build(code, names))
+        self._lib = None
         self.bounds = _launch_bounds(code)
         self.index = {n: i for i, n in enumerate(names)}
         self._traced = None
+
+    @property
+    def lib(self):
+        """The untraced build (compiled on first use: a library only traced never needs it)."""
+        if self._lib is None:
+            self._lib = ctypes.CDLL(build(self.code, self.names))
+        return self._lib
+
+    def handle(self):
+        """A loaded build that has the entry points: the untraced one, or while tracing (and
+        the untraced one is not built) the traced one."""
+        if self._lib is None and _tracing is not None:
+            return self.traced().lib
+        return self.lib
 
     def function(self, name: str) -> "Function":
         return Function(self, name, self.index[name])
@@ -367,16 +381,22 @@ class Function:
     def __init__(self, lib: Library, name: str, index: int):
         self.name = name
         self._lib, self._index = lib, index
-        self._launch = getattr(lib.lib, f"dwemu_launch_{index}")
-        self._launch.restype = ctypes.c_int
-        self._launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), _dim3, _dim3, ctypes.c_size_t,
-                                 ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self._entry = None
         sizes, kinds = (ctypes.c_int * 64)(), (ctypes.c_int * 64)()
-        n = getattr(lib.lib, f"dwemu_params_{index}")(sizes, kinds, 64)
+        n = getattr(lib.handle(), f"dwemu_params_{index}")(sizes, kinds, 64)
         self.params = [(sizes[i], kinds[i]) for i in range(n)]
         template = name.split("<", 1)[0].strip()
         self.max_threads = lib.bounds.get(template, 1024)
         self.max_dynamic_shared_size_bytes = SMEM_DEFAULT
+
+    def _untraced(self):
+        if self._entry is None:
+            f = getattr(self._lib.lib, f"dwemu_launch_{self._index}")
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.POINTER(ctypes.c_void_p), _dim3, _dim3, ctypes.c_size_t,
+                          ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            self._entry = f
+        return self._entry
 
     def _pack(self, args):
         if len(args) != len(self.params):
@@ -431,14 +451,19 @@ class Function:
         if _tracing is not None:   # one forward run of the traced build
             traced = self._lib.traced()
             run = traced.launcher(self._index)
-            traced.begin(regions)
+            traced.begin(regions, _sample)
             rc = run(argv, _dim3(*grid), _dim3(*block), shared_mem, 0, err, 1024)
             counters, lines = traced.end()
             if rc:
                 raise EmuError(f"{self.name}: {_explain(err.value.decode())}")
             _check_allocations(arrays)
-            _tracing.append(LaunchTrace(self.name, grid, block, int(shared_mem),
-                                        grid[0] * grid[1] * grid[2], nthreads, counters, lines))
+            blocks = grid[0] * grid[1] * grid[2]
+            ran = int(traced.lib.dwemu_trace_blocks_run())
+            if 0 < ran < blocks:   # sampled: sums over the blocks run, scaled to the grid
+                counters = {k: v if k == "load_bytes_in_flight_per_warp" else v * blocks / ran
+                            for k, v in counters.items()}
+            _tracing.append(LaunchTrace(self.name, grid, block, int(shared_mem), blocks,
+                                        nthreads, counters, lines, ran))
             stats["launches"] += 1
             stats["names"].add(self.name)
             del keep
@@ -449,7 +474,8 @@ class Function:
             if order:
                 for r, b in zip(regions, before):
                     r[...] = b
-            rc = self._launch(argv, _dim3(*grid), _dim3(*block), shared_mem, order, err, 1024)
+            rc = self._untraced()(argv, _dim3(*grid), _dim3(*block), shared_mem, order, err,
+                                  1024)
             if rc:
                 raise EmuError(f"{self.name}: {_explain(err.value.decode())}")
             _check_allocations(arrays)
@@ -468,6 +494,7 @@ class Function:
 
 KINDS = ("global_load", "global_store", "shared_load", "shared_store", "shared_cp_async")
 _tracing: "list | None" = None   # the list of the innermost tracing() block, or None
+_sample = 0                      # its max_blocks (0: every block)
 
 
 @dataclasses.dataclass
@@ -516,21 +543,29 @@ class LaunchTrace:
     threads: int
     counters: dict
     lines: list
+    blocks_run: int = 0
 
 
 @contextlib.contextmanager
-def tracing():
+def tracing(max_blocks: int | None = None):
     """Trace every emulated launch in the block: ``with tracing() as launches:`` appends one
     :class:`LaunchTrace` per launch. While tracing, a launch runs once (forward thread order)
     from the traced build of its library (a separate cached variant; the untraced build is
-    unchanged), with the same launch checks and guard-page / canary checks."""
-    global _tracing
-    prev, launches = _tracing, []
-    _tracing = launches
+    unchanged), with the same launch checks and guard-page / canary checks.
+
+    ``max_blocks``: a launch of more blocks runs only a sample of them (four windows of
+    ``max_blocks // 4`` consecutive blocks in linear order, x fastest, spread evenly from the
+    first block to the last: edge tiles, interior tiles and neighbours that share halos) and its
+    counters are the sample's sums times blocks / blocks run (``LaunchTrace.blocks_run``); the
+    per-line rows are the sample's, unscaled. The outputs of a sampled launch are incomplete:
+    for measurement only."""
+    global _tracing, _sample
+    prev, prev_sample, launches = _tracing, _sample, []
+    _tracing, _sample = launches, int(max_blocks or 0)
     try:
         yield launches
     finally:
-        _tracing = prev
+        _tracing, _sample = prev, prev_sample
 
 
 def _symbols(path: str) -> dict:
@@ -576,7 +611,8 @@ class _TracedLibrary:
         lib.dwemu_trace_names.restype = ctypes.c_char_p
         self.counter_names = lib.dwemu_trace_names().decode().split()
         lib.dwemu_trace_begin.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_int,
-                                          ctypes.c_int]
+                                          ctypes.c_int, ctypes.c_longlong]
+        lib.dwemu_trace_blocks_run.restype = ctypes.c_longlong
         lib.dwemu_trace_end.restype = ctypes.c_int
         lib.dwemu_trace_end.argtypes = [ctypes.POINTER(ctypes.c_double)]
         lib.dwemu_trace_lines.argtypes = [ctypes.POINTER(ctypes.c_uint64),
@@ -605,14 +641,14 @@ class _TracedLibrary:
             self.funcs[index] = f
         return f
 
-    def begin(self, regions) -> None:
+    def begin(self, regions, sample: int = 0) -> None:
         ranges = []
         for r in regions:
             ranges += [r.ctypes.data, r.ctypes.data + r.size]
         for lo, hi in self.static_shared:
             ranges += [lo, hi]
         arr = (ctypes.c_uint64 * max(1, len(ranges)))(*ranges)
-        self.lib.dwemu_trace_begin(arr, len(regions), len(self.static_shared))
+        self.lib.dwemu_trace_begin(arr, len(regions), len(self.static_shared), int(sample))
 
     def end(self):
         vals = (ctypes.c_double * len(self.counter_names))()

@@ -325,6 +325,11 @@ inline int run_grid(dim3 grid, dim3 block, size_t shared, int order, void (*body
         for (unsigned bz = 0; bz < grid.z && !rc; ++bz)
             for (unsigned by = 0; by < grid.y && !rc; ++by)
                 for (unsigned bx = 0; bx < grid.x && !rc; ++bx) {
+#ifdef DWEMU_TRACE
+                    if (!tr::keep_block((static_cast<long long>(bz) * grid.y + by) * grid.x + bx,
+                                        static_cast<long long>(grid.x) * grid.y * grid.z))
+                        continue;
+#endif
                     g_block.x = order ? grid.x - 1 - bx : bx;  // reverse order: blocks too
                     g_block.y = order ? grid.y - 1 - by : by;
                     g_block.z = order ? grid.z - 1 - bz : bz;

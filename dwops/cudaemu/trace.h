@@ -265,6 +265,26 @@ DWEMU_UNTRACED inline void flush(int n) {
     g_busy = false;
 }
 
+// Block sampling (tracing(max_blocks=...)): a launch of more blocks than g_sample runs four
+// windows of g_sample / 4 consecutive blocks (linear order, x fastest), spread evenly from the
+// first block to the last, so interior tiles, edge tiles and neighbours sharing halos are all
+// seen; g_ran counts the blocks run. 0: every block.
+static long long g_sample = 0, g_ran = 0;
+
+DWEMU_UNTRACED inline bool keep_block(long long lin, long long total) {
+    if (g_sample > 0 && total > g_sample) {
+        const long long windows = 4, len = std::max(1LL, g_sample / windows);
+        bool keep = false;
+        for (long long i = 0; i < windows && !keep; ++i) {
+            const long long first = i * (total - len) / (windows - 1);
+            keep = lin >= first && lin < first + len;
+        }
+        if (!keep) return false;
+    }
+    ++g_ran;
+    return true;
+}
+
 DWEMU_UNTRACED inline void block_start(int n) {
     if (!g_on) return;
     g_lanes.assign(n, Lane());
@@ -346,9 +366,12 @@ extern "C" DWEMU_UNTRACED void __tsan_vptr_read(void*) {}
 // ----------------------------------------------------------------------- the Python interface
 
 // ranges: (lo, hi) pairs, nglobal device allocations then nshared static __shared__ arrays
+// sample: at most this many blocks per launch (0: all; see keep_block)
 DWEMU_EXPORT DWEMU_UNTRACED void dwemu_trace_begin(const uintptr_t* ranges, int nglobal,
-                                                   int nshared) {
+                                                   int nshared, long long sample) {
     using namespace dwemu::tr;
+    g_sample = sample;
+    g_ran = 0;
     g_nglobal = std::min(nglobal, MAX_RANGES);
     g_nshared = std::min(nshared, MAX_RANGES);
     for (int i = 0; i < g_nglobal; ++i) g_global[i] = Range{ranges[2 * i], ranges[2 * i + 1]};
@@ -363,6 +386,9 @@ DWEMU_EXPORT DWEMU_UNTRACED void dwemu_trace_begin(const uintptr_t* ranges, int 
 }
 
 DWEMU_EXPORT DWEMU_UNTRACED const char* dwemu_trace_names() { return dwemu::tr::NAMES; }
+
+// the blocks the last traced launch ran (all of them unless sampled)
+DWEMU_EXPORT DWEMU_UNTRACED long long dwemu_trace_blocks_run() { return dwemu::tr::g_ran; }
 
 // counters into out[C_COUNT]; returns the number of per-line rows
 DWEMU_EXPORT DWEMU_UNTRACED int dwemu_trace_end(double* out) {

@@ -8,7 +8,10 @@ For one row (a :class:`dwops.bench.cases.Case`, a direction, a layout):
 2. **The trace of a scaled-down problem.** The same call on a smaller problem (batch 1, fewer
    channels or pixels; :func:`scaled_case`) runs in the emulator with its memory trace on
    (:func:`dwops.cudaemu.tracing`). Its launches must be the plan's kernels, in the same order, with
-   the same block and shared memory: the same tile plan with fewer tiles. Every counter of a launch
+   the same block and shared memory: the same tile plan with fewer tiles. A launch of more than
+   ``TRACE_BLOCKS`` blocks runs four windows of consecutive blocks spread over its grid, its sums
+   scaled by blocks / blocks run (tiles of a plan do the same work; edge tiles and halo-sharing
+   neighbours are in the sample). Every counter of a launch
    (requests, sectors, wavefronts, unique bytes, barriers) is multiplied by the ratio of work
    (images x channels, or pixels, of the row over the scaled problem). This is exact for kernels
    whose grid tiles the scaled dimensions independently (every kernel here but the weight gradient's
@@ -47,6 +50,7 @@ import numpy as np
 
 from .devices import Device
 
+TRACE_BLOCKS = 64  # blocks traced per launch at most: four windows of 16 consecutive blocks
 DRAM_LATENCY_S = 600e-9  # a lead: HBM load latency under load on Hopper, 500-700 ns reported
 
 
@@ -92,6 +96,8 @@ class _EmuDevice:
         return a
 
     def nhwc(self, a):
+        if not self.fill:   # planning: the shape is what counts
+            return self.cp.empty(a.transpose(0, 2, 3, 1).shape, a.dtype)
         return self.cp.ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
@@ -125,14 +131,16 @@ def plan(case, direction: str, layout: str) -> list:
     return launches
 
 
-def trace(case, direction: str, layout: str) -> list:
-    """The :class:`dwops.cudaemu.LaunchTrace` list of one (small) problem, executed."""
+def trace(case, direction: str, layout: str, max_blocks: int | None = TRACE_BLOCKS) -> list:
+    """The :class:`dwops.cudaemu.LaunchTrace` list of one (small) problem, executed; a launch of
+    more than ``max_blocks`` blocks runs a sample of them, its counters scaled to the grid
+    (:func:`dwops.cudaemu.tracing`)."""
     from .. import cudaemu
     from ..bench.workloads import Instance
 
     inst = Instance(replace(case, directions=(direction,)), _EmuDevice(cudaemu, fill=True))
     fn = inst.dwops_fn(direction, layout, "cupy")
-    with cudaemu.tracing() as launches:
+    with cudaemu.tracing(max_blocks=max_blocks) as launches:
         fn()
     return list(launches)
 
@@ -324,17 +332,90 @@ def row_json(dev: Device, r: RowModel) -> dict:
     return row
 
 
+def _plan_names(job) -> list:
+    """Worker: the (file, name) of each kernel one row launches ([] where it cannot plan)."""
+    c, d, layout = job
+    try:
+        return [(lc.file, lc.name) for lc in plan(c, d, layout)]
+    except Exception:  # noqa: BLE001 - the row itself reports it in step 3
+        return []
+
+
+def _prepare(job):
+    """Worker: one (file, element type) group of kernels: its traced emulator library (on disk)
+    and its sm_90 facts (None without the CUDA tools)."""
+    from .. import cudaemu
+    from ..kernels.cupy_compile import source
+    from .sass import _group_facts
+
+    file, names, arch = job
+    cudaemu.build(source(file), names, trace=True)
+    try:
+        return _group_facts((file, names, arch))
+    except (FileNotFoundError, ImportError) as exc:
+        print(f"model: no machine code for {file} ({exc})", file=sys.stderr)
+        return None
+
+
+_ROW_STATE: dict = {}   # what the row workers inherit: device and kernel facts
+
+
+def _model_row_job(job):
+    """Worker: one row's bench-schema dict, or the message of why the model cannot take it."""
+    c, d, layout = job
+    dev, facts = _ROW_STATE["device"], _ROW_STATE["facts"]
+    try:
+        return row_json(dev, model_row(dev, c, d, layout, facts))
+    except Exception as exc:  # noqa: BLE001 - a row the model cannot take is reported, not hidden
+        return f"model: {c.suite} {c.op} {d} {layout}: {type(exc).__name__}: {exc}"
+
+
+def _pool_map(fn, jobs: list, workers: int, bar=None, label=None):
+    """``[fn(job) for job in jobs]`` in ``workers`` forked processes, in order, stepping ``bar``
+    (with ``label(job)``) as each job finishes."""
+    import concurrent.futures
+    import multiprocessing
+
+    if workers <= 1 or len(jobs) <= 1:
+        out = []
+        for j in jobs:
+            out.append(fn(j))
+            if bar is not None:
+                bar.step(label(j))
+        return out
+    ctx = multiprocessing.get_context("fork")
+    out = [None] * len(jobs)
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+        futures = {pool.submit(fn, j): i for i, j in enumerate(jobs)}
+        for fut in concurrent.futures.as_completed(futures):
+            i = futures[fut]
+            out[i] = fut.result()
+            if bar is not None:
+                bar.step(label(jobs[i]))
+    return out
+
+
 def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=True,
-        limit: int | None = None) -> dict:
-    """Model every row of ``suites``; the result in the bench JSON schema (``ms`` empty)."""
+        limit: int | None = None, jobs: int | None = None) -> dict:
+    """Model every row of ``suites``; the result in the bench JSON schema (``ms`` empty).
+
+    Three steps, each in ``jobs`` processes (default: the CPUs available): the launch plan of
+    every row (host code only); the compilation of the kernels the plans name, one traced
+    emulator library and one sm_90 cubin per (file, element type); then the trace and bounds
+    of every row. Compiled libraries and facts are cached on disk: a second run only traces."""
     import datetime
+    import os
 
     from .. import cudaemu
     from ..bench import cases as bench_cases
     from ..bench.env import versions
     from ..bench.report import Progress
+    from ..kernels.cupy_compile import source
+
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jobs = max(1, jobs or 1)
     cudaemu.install()
-    facts = {}
     todo = []
     for s in suites:
         for c in bench_cases.suite(s, on_gpu=True, dtypes=dtypes):
@@ -343,17 +424,36 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
                     todo.append((c, d, layout))
     if limit is not None:
         todo = todo[:limit]
+
+    def label(job):
+        c, d, layout = job
+        return f"{c.suite} {c.op} {d} {layout} {c.dtype}"
+
+    note = Progress(0, enabled=progress)
+    note.note(f"model: planning {len(todo)} rows")
+    groups: dict = {}
+    for names in _pool_map(_plan_names, todo, jobs):
+        for file, name in names:
+            ctype = name.split("<", 1)[1].split(",")[0].split(">")[0].strip()
+            group = groups.setdefault((file, ctype), [])
+            if name not in group:
+                group.append(name)
+    note.note(f"model: compiling {sum(map(len, groups.values()))} kernels in {len(groups)} "
+              f"groups (cached on disk)")
+    prep = [(file, names, device.arch) for (file, _), names in groups.items()]
+    facts = {}
+    for (file, names, _), got in zip(prep, _pool_map(_prepare, prep, jobs)):
+        cudaemu.prebuild(source(file), names)   # the row workers' modules take these libraries
+        for n in names:
+            facts[(file, n)] = (got or {}).get(n)
+    _ROW_STATE.update(device=device, facts=facts)
     bar = Progress(len(todo), enabled=progress)
     rows = []
-    for c, d, layout in todo:
-        bar.step(f"{c.suite} {c.op} {d} {layout} {c.dtype}")
-        try:
-            r = model_row(device, c, d, layout, facts)
-        except Exception as exc:  # noqa: BLE001 - a row the model cannot take is reported, not hidden
-            print(f"model: {c.suite} {c.op} {d} {layout}: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-            continue
-        rows.append(row_json(device, r))
+    for got in _pool_map(_model_row_job, todo, jobs, bar, label):
+        if isinstance(got, str):
+            print(got, file=sys.stderr)
+        else:
+            rows.append(got)
     bar.close()
     return {"device": f"model: {device.name}", "driver": None,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ"),
