@@ -199,6 +199,30 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
         assert S == 1 and KH == KW == K and sh == sw == dh == dw == 1
 
 
+def test_shared_pitch_keeps_the_rows_of_one_request_in_distinct_banks():
+    # by hand: 32 lanes of 4 bytes at consecutive words: 1 wavefront; two lanes per bank: 2
+    assert plans.smem_ways([4 * i for i in range(32)], 4) == 1
+    assert plans.smem_ways([8 * i for i in range(32)], 4) == 2
+    assert plans.smem_ways([0] * 32, 4) == 1                       # a broadcast
+    assert plans.smem_ways([16 * i for i in range(32)], 16) == 4   # four quarter-warp passes
+    # bfloat16, 16-byte vectors, 4 lanes per row, rows 2 tile rows apart: a quarter-warp pass
+    # holds 2 rows of 64 bytes; pitch 40 puts them 160 bytes apart (banks 8-23 twice: 2-way),
+    # pitch 48 192 bytes apart (banks 16-31 after 0-15)
+    assert plans.conflict_free_pitch(40, 8, 2, 4, 2) == 48
+    # bfloat16, 8-byte vectors, 8 lanes per row: a half-warp pass holds 2 rows; 4 * pitch bytes
+    # apart must be 64 mod 128: pitch 48
+    assert plans.conflict_free_pitch(36, 4, 2, 8, 2) == 48
+    # one row per pass (float32, 16-byte vectors, 8 lanes per row): nothing to pad
+    assert plans.conflict_free_pitch(36, 4, 4, 8, 2) == 36
+    assert plans.conflict_free_pitch(24, 4, 4, 32, 2) == 24
+    for ip_min, vec, item, bw, rows in [(40, 8, 2, 4, 2), (18, 2, 4, 8, 2), (12, 4, 4, 2, 1)]:
+        ip = plans.conflict_free_pitch(ip_min, vec, item, bw, rows)
+        assert ip >= ip_min and ip % vec == 0
+        ways = plans.smem_ways([((l // bw) * rows * ip + (l % bw) * vec) * item
+                                for l in range(32)], vec * item)
+        assert ways == max(1, 32 * vec * item // 128)   # the ideal: distinct words / 32
+
+
 def test_vector_width_follows_alignment():
     p = _dw_problem(w=64, h=8, c=8, layout="NCHW")
     c = plans.conv_of_forward(p)

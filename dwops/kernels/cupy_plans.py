@@ -95,6 +95,39 @@ def pick_vec(dtype: str, divisible: tuple, addresses: tuple, limit: int | None =
     return 1
 
 
+def smem_ways(lane_bytes: list, width: int) -> int:
+    """Shared-memory wavefronts of one warp request: lane i reads ``width`` bytes at byte
+    ``lane_bytes[i]``. 32 banks of 4 bytes; 4-byte or narrower accesses are served in one pass
+    over the warp, 8-byte in two half-warp passes, 16-byte in four quarter-warp passes; a pass
+    costs the most distinct words any bank holds (the emulator's trace counts the same way)."""
+    per_pass = 32 if width <= 4 else 16 if width <= 8 else 8
+    passes: dict = {}
+    for lane, a in enumerate(lane_bytes):
+        words = passes.setdefault(lane // per_pass, set())
+        words.update(range(a // 4, (a + width - 1) // 4 + 1))
+    total = 0
+    for words in passes.values():
+        banks: dict = {}
+        for wd in words:
+            banks[wd % 32] = banks.get(wd % 32, 0) + 1
+        total += max(banks.values())
+    return total
+
+
+def conflict_free_pitch(ip_min: int, vec: int, item: int, bw: int, rows: int) -> int:
+    """The row pitch (elements, a multiple of ``vec``, >= ``ip_min``) of a shared tile read by
+    warps of ``bw`` lanes per row (lane l: column (l % bw) * vec, row (l // bw) * ``rows``) with
+    ``vec``-element vectors: the smallest whose request costs the fewest wavefronts. Only a warp
+    that spans several rows within one pass can conflict; otherwise ``ip_min`` is returned."""
+    best, best_ways = ip_min, None
+    for ip in range(ip_min, ip_min + 32 * max(1, 4 // (vec * item)) + 32, vec):
+        ways = smem_ways([((l // bw) * rows * ip + (l % bw) * vec) * item for l in range(32)],
+                         vec * item)
+        if best_ways is None or ways < best_ways:
+            best, best_ways = ip, ways
+    return best
+
+
 def kernel_size_spec(KH: int, KW: int) -> int:
     """The compile-time kernel size for square 1x1, 3x3, 5x5, 7x7 kernels; 0 (generic) otherwise."""
     return KH if KH == KW and KH in SPECIALIZED_K else 0
@@ -222,7 +255,9 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
             th, tw = bh_ * opt, bw_ * vec
             if S:
                 nwv = _cdiv(vec + K - 1, vec)
-                ih, iw, ip = th + K - 1, tw + K - 1, (bw_ - 1 + nwv) * vec
+                ih, iw = th + K - 1, tw + K - 1
+                # thread rows are opt tile rows apart; pad the pitch against bank conflicts
+                ip = conflict_free_pitch((bw_ - 1 + nwv) * vec, vec, item, bw_, opt)
             else:
                 ih = (th - 1) * c.sh + (c.KH - 1) * c.dh + 1
                 iw = (tw - 1) * c.sw + (c.KW - 1) * c.dw + 1

@@ -35,23 +35,25 @@
 
 // ------------------------------------------------------------------------------ tile loaders
 
-// Shared tile s[r * IP + c] = xp[(iy0 + r) * W + ix0 + c] for r < IH, c < IP; 0 outside the image.
-// xp is one (H, W) plane. VEC > 1 requires W % VEC == 0 and xp aligned to VEC elements: every
-// aligned global vector is then wholly inside or wholly outside a row.
+// Shared tile s[r * IP + c] = xp[(iy0 + r) * W + ix0 + c] for r < IH, c < IW; 0 outside the image.
+// IP >= IW is the row pitch (padded so that the rows one shared request reads fall in distinct
+// banks; columns IW .. IP - 1 are not written). xp is one (H, W) plane. VEC > 1 requires
+// W % VEC == 0 and xp aligned to VEC elements: every aligned global vector is then wholly inside
+// or wholly outside a row.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __restrict__ xp, int H,
-                                               int W, int iy0, int ix0, int IH, int IP, int tid,
-                                               int nthr) {
+                                               int W, int iy0, int ix0, int IH, int IW, int IP,
+                                               int tid, int nthr) {
     if (VEC == 1) {
-        for (int idx = tid; idx < IH * IP; idx += nthr) {
-            const int r = idx / IP, c = idx - r * IP;
+        for (int idx = tid; idx < IH * IW; idx += nthr) {
+            const int r = idx / IW, c = idx - r * IW;
             const int gy = iy0 + r, gx = ix0 + c;
-            s[idx] = (gy >= 0 && gy < H && gx >= 0 && gx < W) ? xp[(i64)gy * W + gx] : zero_value<T>();
+            s[r * IP + c] = (gy >= 0 && gy < H && gx >= 0 && gx < W) ? xp[(i64)gy * W + gx] : zero_value<T>();
         }
         return;
     }
     const int gv0 = floor_div(ix0, VEC);                     // first aligned global vector
-    const int nv = floor_div(ix0 + IP - 1, VEC) - gv0 + 1;   // vectors per tile row
+    const int nv = floor_div(ix0 + IW - 1, VEC) - gv0 + 1;   // vectors per tile row
     for (int idx = tid; idx < IH * nv; idx += nthr) {
         const int r = idx / nv;
         const int gx = (gv0 + idx - r * nv) * VEC;
@@ -66,7 +68,7 @@ __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __res
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
             const int c = gx + e - ix0;
-            if (c >= 0 && c < IP) s[r * IP + c] = p.v[e];
+            if (c >= 0 && c < IW) s[r * IP + c] = p.v[e];
         }
     }
 }
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                 const T* wr = w + (i64)(o * R + m) * KK;
                 __syncthreads();  // the previous plane's reads of `tile` are done
                 load_tile_nchw<T, VEC>(tile, x + (n * CI + ci) * (i64)H * W, H, W, iy0, ix0, IH,
-                                       IP, tid, nthr);
+                                       IW, IP, tid, nthr);
                 __syncthreads();
                 if constexpr (K > 0 && S == 1) {
                     // Register sliding window: thread outputs rows ty*OPT + r, columns tx*VEC + c.
@@ -353,7 +355,7 @@ __global__ void dw_grad_input(
                 const T* wr = w + (i64)o * KK;
                 __syncthreads();
                 load_tile_nchw<T, VEC>(tile, gy + (n * CO + o) * (i64)OH * OW, OH, OW, iy0, ix0, IH, IP,
-                                       tid, nthr);
+                                       IP, tid, nthr);
                 __syncthreads();
 #pragma unroll
                 for (int r = 0; r < OPT; ++r) {
@@ -490,7 +492,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
                 const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
                 __syncthreads();
                 load_tile_nchw<T, VEC>(tile, x + (n * C + o / M) * (i64)H * W, H, W, oy0 * sh - pt,
-                                       ox0 * sw - pl, IH, IP, tid, nthr);
+                                       ox0 * sw - pl, IH, IP, IP, tid, nthr);
                 __syncthreads();
                 const int oy = oy0 + ty;
                 if (oy >= OH) continue;
