@@ -10,8 +10,8 @@ For one row (a :class:`dwops.bench.cases.Case`, a direction, a layout):
    (:func:`dwops.cudaemu.tracing`). Its launches must be the plan's kernels, in the same order, with
    the same block and shared memory: the same tile plan with fewer tiles. A launch of more than
    ``TRACE_BLOCKS`` blocks runs four windows of consecutive blocks spread over its grid, its sums
-   scaled by blocks / blocks run (tiles of a plan do the same work; edge tiles and halo-sharing
-   neighbours are in the sample). Every counter of a launch
+   scaled by blocks / blocks run (tiles of a plan do nearly the same work; edge tiles and
+   halo-sharing neighbours are in the sample; tests/test_model.py bounds the error). Every counter of a launch
    (requests, sectors, wavefronts, unique bytes, barriers) is multiplied by the ratio of work
    (images x channels, or pixels, of the row over the scaled problem). This is exact for kernels
    whose grid tiles the scaled dimensions independently (every kernel here but the weight gradient's
