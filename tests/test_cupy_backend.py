@@ -174,7 +174,7 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
     L = plans.plan_dw_forward(c, dtype, layout, 0, 0)
     assert L.name in NAMES
     (N, CI, H, W, CO, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, M, R, flip, act,
-     TH, TW, IH, IW, IP) = L.ints
+     TH, TW, IH, IW, IP, CP) = L.ints
     K, S, vec, opt = L.info["K"], L.info["S"], L.info["vec"], L.info["opt"]
     bx, by, bz = L.block
     assert bx * by * bz <= plans.THREADS and bx * by >= 1
@@ -193,6 +193,7 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
         assert L.grid[1] * bx * vec >= CO and L.grid[2] == min(N, 65535)
         assert TW % opt == 0 and by == TH * (TW // opt)
         assert L.shared == IH * IW * IP * plans.ITEMSIZE[dtype]
+        assert CP <= IP and CP % vec == 0 and IP % vec == 0   # IP: CP padded against conflicts
         if vec > 1:
             assert M == 1 and CI % vec == 0 and CO % vec == 0
     if K:
@@ -282,7 +283,7 @@ def _emulate_dw_forward(L, x, w, bias, layout):
     """dw_forward's tile loop (depthwise.cuh) in NumPy: the input tile of (IH, IP) / (IH, IW, CP)
     staged with zeros outside the image, then each thread's outputs from the tile only."""
     (N, CI, H, W, CO, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, M, R, flip, act,
-     TH, TW, IH, IW, IP) = L.ints
+     TH, TW, IH, IW, IP, CP) = L.ints
     K, S, vec, opt = L.info["K"], L.info["S"], L.info["vec"], L.info["opt"]
     bx, by, _ = L.block
     xl = x if layout == "NCHW" else x.transpose(0, 3, 1, 2)          # logical view
@@ -406,7 +407,7 @@ def test_stride1_grad_input_replay(case, layout, rng):
 def _emulate_dw_grad_input(L, gy, w, layout):
     """dw_grad_input (strided gather) in NumPy: the gy tile from (iy0, ix0) of IH x IW, and for
     every gx pixel of the tile the taps with exact division."""
-    (N, C, H, W, M, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, TH, TW, IH, IW, IP) = L.ints
+    (N, C, H, W, M, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, TH, TW, IH, IW, IP, CP) = L.ints
     CO = C * M
     g = gy if layout == "NCHW" else gy.transpose(0, 3, 1, 2)
     wk = w.reshape(CO, KH, KW)
@@ -756,7 +757,7 @@ def _emulate_dw_grad_weight(s1, x, gy, p, layout):
     2 adds the splits."""
     th, tw = s1.info["tile"]
     if s1.name.startswith("dw_grad_weight<"):
-        IH, IW, IP, per = s1.ints[15], s1.ints[16], s1.ints[17], s1.ints[18]
+        IH, IW, IP, per = s1.ints[15], s1.ints[16], s1.ints[17], s1.ints[19]
         width = IP if layout == "NCHW" else IW
     else:
         IH, IW, per = s1.ints[17], s1.ints[18], s1.ints[19]

@@ -16,6 +16,7 @@ weight ``(CO, CI)``; 1-d: x ``(N, C, L)`` / ``(N, L, C)``, weight ``(C*M, 1, K)`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -119,13 +120,38 @@ def conflict_free_pitch(ip_min: int, vec: int, item: int, bw: int, rows: int) ->
     warps of ``bw`` lanes per row (lane l: column (l % bw) * vec, row (l // bw) * ``rows``) with
     ``vec``-element vectors: the smallest whose request costs the fewest wavefronts. Only a warp
     that spans several rows within one pass can conflict; otherwise ``ip_min`` is returned."""
+    return padded_pitch(ip_min, vec, item,
+                        lambda ip: [(l // bw) * rows * ip + (l % bw) * vec for l in range(32)])
+
+
+def padded_pitch(ip_min: int, vec: int, item: int, offsets) -> int:
+    """The pitch (elements, a multiple of ``vec``, >= ``ip_min``) for which a warp whose lanes
+    read ``vec`` elements at ``offsets(pitch)`` (32 element offsets) costs the fewest shared
+    wavefronts (:func:`smem_ways`); the smallest such pitch."""
     best, best_ways = ip_min, None
     for ip in range(ip_min, ip_min + 32 * max(1, 4 // (vec * item)) + 32, vec):
-        ways = smem_ways([((l // bw) * rows * ip + (l % bw) * vec) * item for l in range(32)],
-                         vec * item)
+        ways = smem_ways([o * item for o in offsets(ip)], vec * item)
         if best_ways is None or ways < best_ways:
             best, best_ways = ip, ways
     return best
+
+
+@functools.lru_cache(maxsize=4096)
+def nhwc_pixel_pitch(cp: int, vec: int, item: int, ct: int, twt: int, opt: int, iw: int,
+                     sh: int, sw: int, M: int, R: int) -> int:
+    """The pixel pitch of an NHWC shared tile of ``cp`` channels per pixel read by blocks of
+    (``ct`` channel lanes, pixel threads): thread ty reads tile pixel (ty // twt) * sh rows and
+    (ty % twt) * opt * sw columns in, lane tx tile channel (tx * vec // M) * R
+    (:func:`padded_pitch`)."""
+    def offsets(ip):
+        out = []
+        for lane in range(32):
+            tx, ty = lane % ct, lane // ct
+            pixel = (ty // twt) * sh * iw + (ty % twt) * opt * sw
+            out.append(pixel * ip + (tx * vec // M) * R)
+        return out
+
+    return padded_pitch(cp, vec, item, offsets)
 
 
 def kernel_size_spec(KH: int, KW: int) -> int:
@@ -270,6 +296,7 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
         grid = (tiles, min(c.N * c.CO, MAX_GRID_YZ), 1)
         block = (bw, bh, 1)
         shared = ih * ip * item
+        cp = 0
     else:
         vec = 1
         if c.M == 1 and c.R == 1:
@@ -285,11 +312,13 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
             ih = (th_ - 1) * c.sh + (c.KH - 1) * c.dh + 1
             iw = (tw - 1) * c.sw + (c.KW - 1) * c.dw + 1
             cp = tc * c.R if c.M == 1 else ((tc - 1) // c.M + 2) * c.R
-            return th_, tw, ih, iw, cp
+            # lane tx reads tile channel (o / M) * R - ci0 with o = tx * vec (o0 = 0)
+            ip = nhwc_pixel_pitch(cp, vec, item, ct_, twt_, opt, iw, c.sh, c.sw, c.M, c.R)
+            return th_, tw, ih, iw, ip, cp
 
         th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
             geometry((s[2], s[0], s[1]))))
-        th, tw, ih, iw, ip = geometry((ct, th_, twt))
+        th, tw, ih, iw, ip, cp = geometry((ct, th_, twt))
         tiles = _cdiv(c.OH, th) * _cdiv(c.OW, tw)
         grid = (tiles, _cdiv(c.CO, ct * vec), min(c.N, MAX_GRID_YZ))
         block = (ct, th * twt, 1)
@@ -297,7 +326,7 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
     name = (f"dw_forward<{CTYPE[dtype]}, {CTYPE[out]}, {K}, {S}, {vec}, {opt}, "
             f"{_b(layout == 'NHWC')}>")
     ints = (c.N, c.CI, c.H, c.W, c.CO, c.OH, c.OW, c.KH, c.KW, c.sh, c.sw, c.dh, c.dw, c.pt, c.pl,
-            c.M, c.R, c.flip, c.act, th, tw, ih, iw, ip)
+            c.M, c.R, c.flip, c.act, th, tw, ih, iw, ip, cp)
     return Launch("depthwise", name, grid, block, shared, ints,
                   {"K": K, "S": S, "vec": vec, "opt": opt, "tile": (th, tw)})
 
@@ -331,6 +360,7 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> La
         grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), min(p.N * p.C, MAX_GRID_YZ), 1)
         block = (bw, bh, 1)
         shared = ih * ip * item
+        cp = 0
     else:
         vec = pick_vec(dtype, (p.C,), (gy_addr, gx_addr)) if p.M == 1 else 1
         ct = min(32, _np2(_cdiv(p.C, vec)))
@@ -345,12 +375,13 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> La
         th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
             geometry(s[2], s[0], s[1])))
         th, tw, ih, iw, ip = geometry(ct, th_, twt)
+        cp = ip   # the strided gather's pixel pattern depends on the output: no padding
         grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), _cdiv(p.C, ct * vec), min(p.N, MAX_GRID_YZ))
         block = (ct, th * twt, 1)
         shared = ih * iw * ip * item
     name = f"dw_grad_input<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
     ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl,
-            th, tw, ih, iw, ip)
+            th, tw, ih, iw, ip, cp)
     return Launch("depthwise", name, grid, block, shared, ints,
                   {"K": K, "vec": vec, "opt": opt, "tile": (th, tw)})
 
@@ -416,6 +447,7 @@ def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
         if bh * bw < 32:
             raise NotImplementedError("no whole-warp tile fits in shared memory")
         th, tw, ih, iw, ip = geometry(bw, bh)
+        cp = 0
         shared = smem([bh, bw])
         block = (bw, bh, 1)
         other = min(p.CO, MAX_GRID_YZ)
@@ -433,14 +465,16 @@ def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
             ih = (th_ - 1) * p.sh + (K - 1) * p.dh + 1
             iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
             cp = tc if p.M == 1 else (tc - 1) // p.M + 2
-            return th_, tw, ih, iw, cp
+            # lane tx reads tile channel o / M - ci0 with o = tx * vec (o0 = 0)
+            ip = nhwc_pixel_pitch(cp, vec, item, ct_, twt_, opt, iw, p.sh, p.sw, p.M, 1)
+            return th_, tw, ih, iw, ip, cp
 
         def smem(s):
             g = geometry(s[2], s[0], s[1])
             return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * acc)
 
         th_, twt, ct = _fit([th0, twt, ct], smem)
-        th, tw, ih, iw, ip = geometry(ct, th_, twt)
+        th, tw, ih, iw, ip, cp = geometry(ct, th_, twt)
         shared = smem([th_, twt, ct])
         block = (ct, th * twt, 1)
         chans = _cdiv(p.CO, ct * vec)
@@ -449,7 +483,7 @@ def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
     splits, per = _splits(ntiles, other)
     name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
     ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, th, tw,
-            ih, iw, ip, per)
+            ih, iw, ip, cp, per)
     return Launch("depthwise", name, (splits, chans, 1), block, shared, ints,
                   {"K": K, "vec": vec, "opt": opt, "tile": (th, tw), "splits": splits})
 

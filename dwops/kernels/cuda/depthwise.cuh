@@ -73,12 +73,14 @@ __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __res
     }
 }
 
-// Shared tile s[(r * IW + c) * CP + k] = x[n, iy0 + r, ix0 + c, ci0 + k] for k < CP; 0 outside
-// the image or past channel CI. VEC > 1 requires CI % VEC == 0, CP % VEC == 0, ci0 % VEC == 0.
+// Shared tile s[(r * IW + c) * PITCH + k] = x[n, iy0 + r, ix0 + c, ci0 + k] for k < CP; 0 outside
+// the image or past channel CI. PITCH >= CP is the pixel pitch (padded so that the pixels one
+// shared request reads fall in distinct banks; elements CP .. PITCH - 1 are not written).
+// VEC > 1 requires CI % VEC == 0, CP % VEC == 0, PITCH % VEC == 0, ci0 % VEC == 0.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __restrict__ xn, int H,
                                                int W, int CI, int iy0, int ix0, int ci0, int IH,
-                                               int IW, int CP, int tid, int nthr) {
+                                               int IW, int CP, int PITCH, int tid, int nthr) {
     const int cv = CP / VEC;  // vectors per pixel
     for (int idx = tid; idx < IH * IW * cv; idx += nthr) {
         const int pix = idx / cv, k = (idx - pix * cv) * VEC;
@@ -91,7 +93,7 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
 #pragma unroll
             for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
         }
-        *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * CP + k) = p;
+        *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * PITCH + k) = p;
     }
 }
 
@@ -102,7 +104,7 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
 //   NCHW  grid (tiles_h * tiles_w, min(N * CO, 65535)), block (BW, BH), TW = BW * VEC, TH = BH * OPT
 //   NHWC  grid (tiles_h * tiles_w, ceil(CO / TC), min(N, 65535)), block (CT, PT),
 //         TW = (PT / TH) * OPT
-//   dynamic shared memory: IH * IP elements of T (NCHW) or IH * IW * CP (NHWC).
+//   dynamic shared memory: IH * IP elements of T (NCHW) or IH * IW * IP (NHWC).
 template <typename T, typename TO, int K, int S, int VEC, int OPT, bool NHWC>
 __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     const T* __restrict__ x,     // input: (N, CI, H, W) or (N, H, W, CI)
@@ -118,8 +120,9 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     int flip,                     // 1: taps rotated by 180 degrees (stride-1 grad_input)
     int act,                      // activation code (common.cuh)
     int TH, int TW,               // output tile rows and columns per block
-    int IH, int IW, int IP)       // shared tile rows, columns, and pitch (NCHW: elements per
-                                  // row; NHWC: channels per pixel)
+    int IH, int IW, int IP,       // shared tile rows, columns, and pitch (NCHW: elements per
+                                  // row; NHWC: elements per pixel)
+    int CP)                       // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
 {
     typedef typename Acc<T>::type A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -147,7 +150,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                 const T* wr = w + (i64)(o * R + m) * KK;
                 __syncthreads();  // the previous plane's reads of `tile` are done
                 load_tile_nchw<T, VEC>(tile, x + (n * CI + ci) * (i64)H * W, H, W, iy0, ix0, IH,
-                                       IW, IP, tid, nthr);
+                                       (K > 0 && S == 1) ? IW : IP, IP, tid, nthr);  // pitch padded only on the sliding-window path
                 __syncthreads();
                 if constexpr (K > 0 && S == 1) {
                     // Register sliding window: thread outputs rows ty*OPT + r, columns tx*VEC + c.
@@ -246,7 +249,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                 for (int v = 0; v < VEC; ++v) acc[c][v] = 0;
             __syncthreads();
             load_tile_nhwc<T, VEC>(tile, x + (i64)n * H * W * CI, H, W, CI, iy0, ix0, ci0, IH, IW,
-                                   IP, tid, nthr);
+                                   CP, IP, tid, nthr);
             __syncthreads();
             if (active && py < TH) {
                 for (int m = 0; m < R; ++m) {
@@ -326,7 +329,8 @@ __global__ void dw_grad_input(
     int N, int C, int H, int W, int M, int OH, int OW,
     int KH, int KW, int sh, int sw, int dh, int dw, int pt, int pl,
     int TH, int TW,              // gx tile per block
-    int IH, int IW, int IP)      // gy tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
+    int IH, int IW, int IP,      // gy tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
+    int CP)                      // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
 {
     typedef typename Acc<T>::type A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -404,7 +408,7 @@ __global__ void dw_grad_input(
                 for (int v = 0; v < VEC; ++v) acc[j][v] = 0;
             __syncthreads();
             load_tile_nhwc<T, VEC>(tile, gy + (i64)n * OH * OW * CO, OH, OW, CO, iy0, ix0, c0 * M, IH,
-                                   IW, IP, tid, nthr);
+                                   IW, CP, IP, tid, nthr);
             __syncthreads();
             const int p = p0 + py;
             if (active && py < TH && p < H) {
@@ -464,6 +468,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
     int sh, int sw, int dh, int dw, int pt, int pl,
     int TH, int TW,              // output tile per step
     int IH, int IW, int IP,      // x tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
+    int CP,                      // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
     int per_split)               // tiles per split (blockIdx.x)
 {
     typedef typename Acc<T>::type A;
@@ -542,7 +547,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
             const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
             __syncthreads();
             load_tile_nhwc<T, VEC>(tile, x + n * H * W * (i64)C, H, W, C, oy0 * sh - pt,
-                                   ox0 * sw - pl, ci0, IH, IW, IP, tid, nthr);
+                                   ox0 * sw - pl, ci0, IH, IW, CP, IP, tid, nthr);
             __syncthreads();
             const int oy = oy0 + py;
             if (!active || py >= TH || oy >= OH) continue;
