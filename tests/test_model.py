@@ -158,6 +158,19 @@ def test_model_rows_validate_and_join_bench_rows():
     assert "model ms" in report.markdown(bench)
 
 
+def test_model_summary_groups_rows_and_counts_bounds():
+    c = cases.suite("block", True, ["float32"])[0]
+    rows = [dict(_row(c, 0.25), model_floor_fraction=f, model_bound=b)
+            for f, b in ((0.5, "dram"), (0.2, "issue"), (0.9, "dram"))]
+    rows.append(dict(_row(c, 0.25), layout="NHWC", model_floor_fraction=0.3, model_bound="smem"))
+    text = report.model_summary_markdown({"device": "model: x", "date": "2026", "rows": rows})
+    table = [ln for ln in text.splitlines() if ln.startswith(f"| {c.suite} ")]
+    assert len(table) == 2
+    assert table[0].endswith("| 3 | 50% (20%-90%) | dram 2, issue 1 |")
+    assert table[1].endswith("| NHWC | 1 | 30% (30%-30%) | smem 1 |")
+    assert "4 rows" in text and "prediction" in text
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator needs g++")
 def test_model_cli_end_to_end(tmp_path):
     """Two rows through the whole model in a fresh process: trace, machine code, bounds."""

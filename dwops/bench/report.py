@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 import time
 
@@ -179,6 +180,30 @@ def model_markdown(result: dict) -> str:
               "term (dram, latency, l2, smem, issue, fma); coalescing: ideal / touched 32-byte "
               "sectors of global accesses; smem ways: shared-load wavefronts / ideal (1 = "
               "conflict-free)."]
+    return "\n".join(lines) + "\n"
+
+
+def model_summary_markdown(result: dict) -> str:
+    """A ``python -m dwops model`` result summarised per (suite, op, direction, layout): rows,
+    the median and range of the fraction of the memory floor, and how often each bound wins
+    (every number a prediction)."""
+    groups: dict = {}
+    for r in result["rows"]:
+        groups.setdefault((r["suite"], r["op"], r["direction"], r["layout"]), []).append(r)
+    lines = [f"dwops kernel model for **{result['device']}**, {result['date']}: "
+             f"{len(result['rows'])} rows. Every number is a prediction, not a measurement.\n",
+             "| suite | op | direction | layout | rows | model floor, median (range) | bounds |",
+             "|" + "---|" * 7]
+    for (suite, op, direction, layout), rows in groups.items():
+        ff = sorted(r["model_floor_fraction"] for r in rows)
+        bounds: dict = {}
+        for r in rows:
+            bounds[r["model_bound"]] = bounds.get(r["model_bound"], 0) + 1
+        won = ", ".join(f"{b} {n}" for b, n in sorted(bounds.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {suite} | {op} | {direction} | {layout} | {len(rows)} | "
+                     f"{statistics.median(ff):.0%} ({ff[0]:.0%}-{ff[-1]:.0%}) | {won} |")
+    lines += ["", "model floor: the op's bytes at copy bandwidth / model ms; bounds: how many "
+              "rows each term (dram, latency, l2, smem, issue, fma) decides."]
     return "\n".join(lines) + "\n"
 
 
