@@ -445,16 +445,27 @@ def _backends_for(args, device, suites, notes) -> list[str]:
     return ["numpy"]
 
 
+def _suites(texts, default: str, known, command: str, aliases=None):
+    """The suite names of ``--suite`` (comma-separated or repeated; ``aliases`` expand to several),
+    or None after printing the unknown one."""
+    aliases = aliases or {}
+    names = [s for text in (texts or [default]) for s in _csv(text)]
+    names = [x for s in names for x in aliases.get(s, (s,))]
+    for s in names:
+        if s not in known:
+            print(f"dwops {command}: unknown suite {s!r}; choose from "
+                  f"{', '.join([*aliases, *known])}", file=sys.stderr)
+            return None
+    return names
+
+
 def cmd_bench(args) -> int:
     from .bench import cases as cases_mod
     from .bench import devices, report, runner
 
-    suites = [s for text in (args.suite or ["default"]) for s in _csv(text)]
-    for s in suites:
-        if s not in cases_mod.SUITE_NAMES:
-            print(f"dwops bench: unknown suite {s!r}; choose from "
-                  f"{', '.join(cases_mod.SUITE_NAMES)}", file=sys.stderr)
-            return 2
+    suites = _suites(args.suite, "default", cases_mod.SUITE_NAMES, "bench")
+    if suites is None:
+        return 2
     try:
         device = devices.select(args.device)
     except RuntimeError as exc:
@@ -533,13 +544,10 @@ def cmd_model(args, stream=None) -> int:
     from .model import devices, predict
 
     out = stream or sys.stdout
-    suites = [s for text in (args.suite or ["block"]) for s in _csv(text)]
-    suites = [x for s in suites for x in (cases_mod.GPU_SUITES if s == "gpu" else (s,))]
-    for s in suites:
-        if s not in cases_mod.GPU_SUITES:
-            print(f"dwops model: unknown suite {s!r}; choose from gpu, "
-                  f"{', '.join(cases_mod.GPU_SUITES)}", file=sys.stderr)
-            return 2
+    suites = _suites(args.suite, "block", cases_mod.GPU_SUITES, "model",
+                     {"gpu": cases_mod.GPU_SUITES})
+    if suites is None:
+        return 2
     try:
         device = devices.device(args.device)
     except ValueError as exc:

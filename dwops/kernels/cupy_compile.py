@@ -164,19 +164,35 @@ def groups() -> list[tuple[str, list[str]]]:
     return [(file, names) for (file, _), names in out.items()]
 
 
-def map_groups(fn, jobs: list, workers: int | None = None) -> list:
-    """``[fn(job) for job in jobs]`` in ``workers`` processes (default: the CPUs available)."""
+def map_groups(fn, jobs: list, workers: int | None = None, bar=None, label=None) -> list:
+    """``[fn(job) for job in jobs]`` in ``workers`` forked processes (default: the CPUs
+    available), results in order; ``bar`` (a :class:`dwops.bench.report.Progress`) steps with
+    ``label(job)`` as each job finishes."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = max(1, min(workers or 1, len(jobs)))
+
+    def step(job):
+        if bar is not None:
+            bar.step(label(job) if label else "")
+
     if workers == 1:
-        return [fn(j) for j in jobs]
+        out = []
+        for j in jobs:
+            out.append(fn(j))
+            step(j)
+        return out
     import concurrent.futures
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    out = [None] * len(jobs)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return list(pool.map(fn, jobs))
+        futures = {pool.submit(fn, j): i for i, j in enumerate(jobs)}
+        for fut in concurrent.futures.as_completed(futures):
+            out[futures[fut]] = fut.result()
+            step(jobs[futures[fut]])
+    return out
 
 
 def compile_report(arch: str = "sm_90", workers: int | None = None) -> list[dict]:

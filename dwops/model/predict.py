@@ -370,31 +370,6 @@ def _model_row_job(job):
         return f"model: {c.suite} {c.op} {d} {layout}: {type(exc).__name__}: {exc}"
 
 
-def _pool_map(fn, jobs: list, workers: int, bar=None, label=None):
-    """``[fn(job) for job in jobs]`` in ``workers`` forked processes, in order, stepping ``bar``
-    (with ``label(job)``) as each job finishes."""
-    import concurrent.futures
-    import multiprocessing
-
-    if workers <= 1 or len(jobs) <= 1:
-        out = []
-        for j in jobs:
-            out.append(fn(j))
-            if bar is not None:
-                bar.step(label(j))
-        return out
-    ctx = multiprocessing.get_context("fork")
-    out = [None] * len(jobs)
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-        futures = {pool.submit(fn, j): i for i, j in enumerate(jobs)}
-        for fut in concurrent.futures.as_completed(futures):
-            i = futures[fut]
-            out[i] = fut.result()
-            if bar is not None:
-                bar.step(label(jobs[i]))
-    return out
-
-
 def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=True,
         limit: int | None = None, jobs: int | None = None) -> dict:
     """Model every row of ``suites``; the result in the bench JSON schema (``ms`` empty).
@@ -404,17 +379,13 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
     emulator library and one sm_90 cubin per (file, element type); then the trace and bounds
     of every row. Compiled libraries and facts are cached on disk: a second run only traces."""
     import datetime
-    import os
 
     from .. import cudaemu
     from ..bench import cases as bench_cases
     from ..bench.env import versions
     from ..bench.report import Progress
-    from ..kernels.cupy_compile import source
+    from ..kernels.cupy_compile import map_groups, source
 
-    if jobs is None:
-        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    jobs = max(1, jobs or 1)
     cudaemu.install()
     todo = []
     for s in suites:
@@ -432,7 +403,7 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
     note = Progress(0, enabled=progress)
     note.note(f"model: planning {len(todo)} rows")
     groups: dict = {}
-    for names in _pool_map(_plan_names, todo, jobs):
+    for names in map_groups(_plan_names, todo, jobs):
         for file, name in names:
             ctype = name.split("<", 1)[1].split(",")[0].split(">")[0].strip()
             group = groups.setdefault((file, ctype), [])
@@ -442,14 +413,14 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
               f"groups (cached on disk)")
     prep = [(file, names, device.arch) for (file, _), names in groups.items()]
     facts = {}
-    for (file, names, _), got in zip(prep, _pool_map(_prepare, prep, jobs)):
+    for (file, names, _), got in zip(prep, map_groups(_prepare, prep, jobs)):
         cudaemu.prebuild(source(file), names)   # the row workers' modules take these libraries
         for n in names:
             facts[(file, n)] = (got or {}).get(n)
     _ROW_STATE.update(device=device, facts=facts)
     bar = Progress(len(todo), enabled=progress)
     rows = []
-    for got in _pool_map(_model_row_job, todo, jobs, bar, label):
+    for got in map_groups(_model_row_job, todo, jobs, bar, label):
         if isinstance(got, str):
             print(got, file=sys.stderr)
         else:
