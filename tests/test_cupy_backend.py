@@ -178,7 +178,7 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
     K, S, vec, opt = L.info["K"], L.info["S"], L.info["vec"], L.info["opt"]
     bx, by, bz = L.block
     assert bx * by * bz <= plans.THREADS and bx * by >= 1
-    assert L.shared <= plans.SMEM_OPTIN
+    assert L.shared <= plans.H200.smem_optin
     if bx * by >= 32:
         assert L.shared <= plans.SMEM_DEFAULT or L.info["tile"] == (TH, TW)
     assert L.grid[0] == math.ceil(OH / TH) * math.ceil(OW / TW)
@@ -240,7 +240,7 @@ def test_vector_width_follows_alignment():
 def test_tile_shrinks_then_opts_in_for_large_kernels():
     p = _dw_problem(k=(31, 31), padding=15, d=(3, 3), h=200, w=200, n=1, c=1)
     L = plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
-    assert plans.SMEM_DEFAULT < L.shared <= plans.SMEM_OPTIN
+    assert plans.SMEM_DEFAULT < L.shared <= plans.H200.smem_optin
     p = _dw_problem(k=(31, 31), padding=15, h=200, w=200, n=1, c=1)
     L = plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
     assert L.shared <= plans.SMEM_DEFAULT
@@ -249,7 +249,8 @@ def test_tile_shrinks_then_opts_in_for_large_kernels():
         plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
 
 
-def test_prefers_unless_no_plan_fits():
+def test_prefers_unless_no_plan_fits(monkeypatch):
+    monkeypatch.setattr(cb.cupy_device, "limits", lambda ordinal=None: plans.H200)
     be = cb.BACKEND
     p = _dw_problem(k=(3, 3), padding=1)
     for op in ("depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight"):
@@ -474,7 +475,7 @@ def test_dw_grad_weight_plan_covers_every_tile(case, layout):
     assert (splits - 1) * per < ntiles <= splits * per       # every tile in exactly one split
     assert count == splits * p.CO * p.KH * p.KW
     assert s2.ints == (splits, p.CO * p.KH * p.KW)
-    assert s1.shared <= plans.SMEM_OPTIN
+    assert s1.shared <= plans.H200.smem_optin
     if s1.name.startswith("dw_grad_weight<"):
         K = s1.info["K"]
         assert K == p.KH == p.KW
@@ -911,7 +912,7 @@ def _check_launch(L):
     assert L.name in NAMES, L.name
     assert 1 <= L.grid[0] < 2**31 and 1 <= L.grid[1] <= 65535 and 1 <= L.grid[2] <= 65535
     assert 1 <= L.block[0] * L.block[1] * L.block[2] <= plans.THREADS
-    assert 0 <= L.shared <= plans.SMEM_OPTIN
+    assert 0 <= L.shared <= plans.H200.smem_optin
     assert all(-(2**31) <= v < 2**31 or isinstance(v, plans._I64) for v in L.ints)
 
 

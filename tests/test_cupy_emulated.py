@@ -251,6 +251,38 @@ def test_launches_cuda_would_refuse(lib):
         lib.function("bounded")((1, 70000), (32,), (cudaemu.empty((32,), np.float32),))
 
 
+def test_device_profiles_set_the_limits_the_stand_in_reports_and_enforces(lib):
+    """DWOPS_CUDAEMU_DEVICE (cudaemu.device): the attributes CuPy would report, the opt-in limit
+    (cudaFuncSetAttribute past it fails, so does a launch), the occupancy query, and the limits
+    the backend reads (cupy_device.limits)."""
+    from dwops.kernels import cupy_device
+
+    cp = cudaemu.module()
+    x = cudaemu.asarray(np.ones(256, np.float32))
+    out = cudaemu.full((1,), np.nan, np.float32)
+    for name, prof in cupy_device.PROFILES.items():
+        with cudaemu.device(name):
+            attrs = cp.cuda.Device(0).attributes
+            assert attrs["MaxSharedMemoryPerBlockOptin"] == prof.smem_optin
+            assert attrs["MultiProcessorCount"] == prof.sms
+            assert cupy_device.DeviceLimits.from_attributes(name, attrs) == prof
+            fn = lib.function("block_sum")
+            fn.max_dynamic_shared_size_bytes = prof.smem_optin
+            fn((1,), (256,), (x, out, np.int32(256)), shared_mem=prof.smem_optin)
+            with pytest.raises(cudaemu.EmuError, match="dynamic shared memory"):
+                fn((1,), (256,), (x, out, np.int32(256)), shared_mem=prof.smem_optin + 16)
+            with pytest.raises(cudaemu.EmuError, match=f"the {name} profile allows"):
+                fn.max_dynamic_shared_size_bytes = prof.smem_optin + 1024
+            occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor
+            assert occ(fn.ptr, 256, 0) == min(prof.max_blocks_per_sm,
+                                              prof.max_threads_per_sm // 256)
+            assert occ(fn.ptr, 256, prof.smem_optin) == 1
+            assert occ(lib.function("bounded").ptr, 256, 0) == 0   # past __launch_bounds__(128)
+    with pytest.raises(cudaemu.EmuError, match="the profiles are"):
+        with cudaemu.device("gtx480"):
+            pass
+
+
 def test_launch_bounds_are_read_with_their_parenthesised_arguments():
     """``__launch_bounds__(256, sizeof(T) == 8 ? 1 : 2)``: the kernels' bounds, macros resolved."""
     from dwops.kernels.cupy_compile import source

@@ -125,6 +125,11 @@ def _check_dw_forward(be, p, x, w, b, act, dtype):
 
 def _check_dw_grads(be, p, x, w, gy, dtype):
     """grad_input and grad_weight (poisoned outputs) against the reference."""
+    _check_dw_grad_input(be, p, w, gy, dtype)
+    _check_dw_grad_weight(be, p, x, gy, dtype)
+
+
+def _check_dw_grad_input(be, p, w, gy, dtype):
     kw = _ref_kw(p)
     gx = _poisoned(p.x_shape, dtype)
     be.depthwise_grad_input(p, _dev(gy, dtype), _dev(w, dtype), gx, stream=0)
@@ -132,12 +137,99 @@ def _check_dw_grads(be, p, x, w, gy, dtype):
     scale = dwops.reference.depthwise_conv2d_grad_input(_abs(gy), _abs(w), p.x_shape, **kw)
     assert_close(_host(gx, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
                  what=f"grad_input {p}")
+
+
+def _check_dw_grad_weight(be, p, x, gy, dtype):
+    kw = _ref_kw(p)
     gw = _poisoned(p.w_shape, dtype)
     be.depthwise_grad_weight(p, _dev(x, dtype), _dev(gy, dtype), gw, stream=0)
     ref = dwops.reference.depthwise_conv2d_grad_weight(x, gy, p.w_shape, **kw)
     scale = dwops.reference.depthwise_conv2d_grad_weight(_abs(x), _abs(gy), p.w_shape, **kw)
     assert_close(_host(gw, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
                  what=f"grad_weight {p}")
+
+
+# Tiles whose shared memory fits some device profiles only (dwops.kernels.cupy_device.PROFILES):
+# the 31x31 kernel dilated by 6 stages tiles over 181 pixels square (its grad_input 226 KiB at
+# the H200's plan, 149 KiB with a smaller block at the A100's; no plan on the RTX 4090 or the
+# 48 KiB device); the others shrink their tiles on the small devices and change their
+# grad_weight splits with the SM count.
+PROFILE_CASES = [
+    # (N, C, H, W, M, (KH, KW), stride, dilation, padding), layout, dtype
+    ((1, 2, 190, 196, 1, (31, 31), 1, 6, 0), "NCHW", "float32"),
+    ((1, 3, 41, 44, 1, (31, 31), 1, 2, 30), "NHWC", "float32"),
+    ((2, 5, 29, 33, 2, (13, 13), 2, 1, 6), "NCHW", "bfloat16"),
+    ((2, 40, 23, 21, 1, (7, 7), 1, 1, 3), "NHWC", "float16"),
+]
+
+
+@pytest.fixture
+def device_profile(monkeypatch):
+    """device_profile(name): the backend plans for profile ``name`` from here on. Under the
+    emulator the stand-in device becomes that profile (its launch limits included); on a GPU the
+    backend reads the profile instead of the device (skipped where the device grants less)."""
+    import contextlib
+
+    from dwops.kernels import cupy_device
+
+    stack = contextlib.ExitStack()
+
+    def use(name):
+        prof = cupy_device.PROFILES[name]
+        if EMULATED:
+            from dwops import cudaemu
+
+            stack.enter_context(cudaemu.device(name))
+        else:
+            real = cupy_device.limits()
+            if prof.smem_optin > real.smem_optin:
+                pytest.skip(f"{real.name} grants less shared memory than the {name} profile")
+            monkeypatch.setattr(cupy_device, "limits", lambda ordinal=None: prof)
+        return prof
+
+    with stack:
+        yield use
+
+
+@pytest.mark.emu_grads_random
+@pytest.mark.parametrize("profile", ["h200", "a100", "rtx4090", "min"])
+@pytest.mark.parametrize("case, layout, dtype", PROFILE_CASES)
+def test_plans_of_every_device_profile_run(device_profile, profile, case, layout, dtype):
+    """Forward, grad_input and grad_weight planned for each device profile: every launch within
+    the profile's shared memory and correct, or, where no plan fits, the backend declines the
+    problem (``prefers`` False: ``backend="auto"`` takes another) instead of launching."""
+    from dwops.kernels import cupy_plans as plans
+
+    be = _backend()
+    dev = device_profile(profile)
+    rng = np.random.default_rng(7)
+    p, x, w, _ = _dw_problem(case, layout, dtype, rng=rng)
+    gy = rand(rng, p.y_shape, dtype)
+    ops = {
+        "depthwise_forward": lambda: [plans.plan_dw_forward(
+            plans.conv_of_forward(p), dtype, layout, dev=dev)],
+        "depthwise_grad_input": lambda: [plans.plan_dw_grad_input(p, layout, dev=dev)],
+        "depthwise_grad_weight": lambda: list(plans.plan_dw_grad_weight(p, layout, dev=dev)[:2]),
+    }
+    ran = 0
+    for op, plan in ops.items():
+        try:
+            launches = plan()
+        except NotImplementedError:
+            assert not be.prefers(op, p), (profile, op)
+            continue
+        assert be.prefers(op, p), (profile, op)
+        for L in launches:
+            assert L.shared <= dev.smem_optin and dev.occupancy(math.prod(L.block), L.shared) >= 1
+        if op == "depthwise_forward":
+            _check_dw_forward(be, p, x, w, None, None, dtype)
+        elif op == "depthwise_grad_input":
+            _check_dw_grad_input(be, p, w, gy, dtype)
+        else:
+            _check_dw_grad_weight(be, p, x, gy, dtype)
+        ran += 1
+    big = case[5] == (31, 31) and case[7] == 6
+    assert ran == (3 if not big or profile in ("h200", "a100") else 0), (profile, ran)
 
 
 def _check_pointwise(be, p, x, w, b, r, act, gy, dtype):

@@ -10,8 +10,15 @@ twice from the same inputs, threads (and blocks) in forward and in reverse order
 differ mean a race. Device arrays live in guarded mappings (a ``PROT_NONE`` page on each side,
 canary bytes in the slack), checked after every launch; dynamic shared memory is poisoned with NaN
 bytes and ends at a guard page. Launch limits (threads per block, grid y/z, dynamic shared memory
-over 48 KiB without the opt-in attribute, 227 KiB) and argument types (count, pointer or scalar,
-size) are checked as a CUDA launch would, or stricter.
+over 48 KiB without the opt-in attribute, the device's opt-in limit) and argument types (count,
+pointer or scalar, size) are checked as a CUDA launch would, or stricter.
+
+The device the stand-in reports (``cupy.cuda.Device(i).attributes``, the occupancy query) is a
+profile of ``dwops.kernels.cupy_device.PROFILES`` named by ``DWOPS_CUDAEMU_DEVICE``: ``h200``
+(the default: 227 KiB of shared memory per block, 132 SMs), ``a100`` (163 KiB, 108 SMs),
+``rtx4090`` (99 KiB, 128 SMs) or ``min`` (48 KiB without opt-in, 16 SMs). The backend plans for
+that device, and a launch or an opt-in beyond its limits fails, so the plans of each profile run
+here. The occupancy it reports counts threads and shared memory, not registers.
 
 Use::
 
@@ -47,7 +54,6 @@ CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-fvisibility=hidden", "-fsanitize=alignment",
             "-Wno-unknown-pragmas", "-Wno-attributes"]
 SMEM_DEFAULT = 48 * 1024
-SMEM_OPTIN = 227 * 1024
 # the traced variant: GCC's ThreadSanitizer instrumentation (its hooks defined in trace.h, no
 # libtsan) and line tables for the per-line report
 TRACE_FLAGS = ["-g1", "-fno-tree-sra", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
@@ -188,9 +194,43 @@ def from_dlpack(obj):
     return asarray(np.from_dlpack(obj))
 
 
+def device_profile():
+    """The emulated device's limits: the profile ``DWOPS_CUDAEMU_DEVICE`` names (default h200)."""
+    from ..kernels.cupy_device import PROFILES
+
+    name = os.environ.get("DWOPS_CUDAEMU_DEVICE", "h200") or "h200"
+    if name not in PROFILES:
+        raise EmuError(f"DWOPS_CUDAEMU_DEVICE={name!r}: the profiles are {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+@contextlib.contextmanager
+def device(name: str):
+    """Emulate the device profile ``name`` inside the block (and forget the limits the backend
+    read for the previous one)."""
+    from ..kernels import cupy_device
+
+    old = os.environ.get("DWOPS_CUDAEMU_DEVICE")
+    os.environ["DWOPS_CUDAEMU_DEVICE"] = name
+    cupy_device.clear_cache()
+    try:
+        device_profile()
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DWOPS_CUDAEMU_DEVICE", None)
+        else:
+            os.environ["DWOPS_CUDAEMU_DEVICE"] = old
+        cupy_device.clear_cache()
+
+
 class Device:
     def __init__(self, ordinal=0):
         self.id = ordinal
+
+    @property
+    def attributes(self) -> dict:
+        return device_profile().attributes()
 
     def __enter__(self):
         return self
@@ -373,6 +413,19 @@ class RawModule:
 
 
 stats = {"launches": 0, "names": set()}   # launches run, template name expressions launched
+_functions: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()   # ptr -> Function
+
+
+def occupancy_max_active_blocks_per_multiprocessor(ptr: int, threads: int, shared: int) -> int:
+    """cudaOccupancyMaxActiveBlocksPerMultiprocessor for the emulated device profile: blocks of
+    ``threads`` threads and ``shared`` bytes of dynamic shared memory resident per SM, from
+    threads and shared memory (registers are not modelled); 0 past the kernel's launch bounds."""
+    fn = _functions.get(ptr)
+    if fn is None:
+        raise EmuError(f"occupancy query for an unknown function handle {ptr:#x}")
+    if threads > fn.max_threads:
+        return 0
+    return device_profile().occupancy(threads, shared)
 
 
 class Function:
@@ -387,7 +440,25 @@ class Function:
         self.params = [(sizes[i], kinds[i]) for i in range(n)]
         template = name.split("<", 1)[0].strip()
         self.max_threads = lib.bounds.get(template, 1024)
-        self.max_dynamic_shared_size_bytes = SMEM_DEFAULT
+        self._max_shared = SMEM_DEFAULT
+        _functions[id(self)] = self
+
+    @property
+    def ptr(self) -> int:
+        """A handle standing in for the CUfunction (what the occupancy query takes)."""
+        return id(self)
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self._max_shared
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        limit = device_profile().smem_optin
+        if value > limit:   # cudaFuncSetAttribute fails with cudaErrorInvalidValue
+            raise EmuError(f"{self.name}: opting in to {value} bytes of dynamic shared memory, "
+                           f"the {device_profile().name} profile allows {limit}")
+        self._max_shared = int(value)
 
     def _untraced(self):
         if self._entry is None:
@@ -438,7 +509,7 @@ class Function:
                            f"{self.max_threads}")
         if grid[0] >= 2 ** 31 or grid[1] > 65535 or grid[2] > 65535 or block[2] > 64:
             raise EmuError(f"{self.name}: grid {grid} / block {block} beyond CUDA's limits")
-        if shared_mem > min(self.max_dynamic_shared_size_bytes, SMEM_OPTIN):
+        if shared_mem > min(self.max_dynamic_shared_size_bytes, device_profile().smem_optin):
             raise EmuError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, the "
                            f"function allows {self.max_dynamic_shared_size_bytes}")
         keep, argv, arrays = self._pack(args)
@@ -729,7 +800,9 @@ def module() -> types.ModuleType:
         full=full, asnumpy=asnumpy, get_array_module=get_array_module, from_dlpack=from_dlpack,
         RawModule=RawModule, __version__="emulated", __dwops_emulator__=True)
     runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1)
-    m.cuda = types.SimpleNamespace(runtime=runtime, Device=Device, Stream=_Stream,
+    driver = types.SimpleNamespace(
+        occupancyMaxActiveBlocksPerMultiprocessor=occupancy_max_active_blocks_per_multiprocessor)
+    m.cuda = types.SimpleNamespace(runtime=runtime, driver=driver, Device=Device, Stream=_Stream,
                                    get_current_stream=lambda: _Stream.null)
     return m
 

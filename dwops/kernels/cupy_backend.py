@@ -6,7 +6,8 @@ memoized per device and name expression (CuPy also caches the binaries on disk).
 written at the top of its ``.cuh`` file. The host side has three modules, one job each:
 
 * ``cupy_plans``: the launch plans (problem -> kernel name expression, grid, block, shared memory,
-  integer arguments), pure Python;
+  integer arguments), pure Python, for the limits of the device the arrays are on
+  (``cupy_device``: shared memory per block and per SM, SMs, threads; read once per device);
 * ``cupy_compile``: sources, NVRTC options, the compile report (no GPU needed), cache warm-up;
 * this module: the backend (:class:`CupyBackend`, instance ``BACKEND``): arrays through DLPack, the
   caller's stream, one launcher.
@@ -25,6 +26,7 @@ import numpy as np
 from .._errors import BackendUnavailableError
 from .._registry import Backend, numpy_dtype
 from .._spec import ACTIVATION_CODES
+from . import cupy_device
 from .cupy_compile import _module
 from .cupy_plans import (CTYPE, SMEM_DEFAULT, THREADS, Conv, Launch, _cdiv, _I64, conv_of_forward,
                          conv_of_grad_input, plan_conv1d_backward, plan_conv1d_final_state,
@@ -55,22 +57,25 @@ class CupyBackend(Backend):
         return None
 
     def prefers(self, op, problem) -> bool:
-        """True (the default GPU backend) unless no launch plan exists for this problem (a
-        dilated tile too large for shared memory), so that "auto" falls back to numba."""
+        """True (the default GPU backend) unless no launch plan for this problem fits the current
+        device (a dilated tile too large for its shared memory), so that "auto" falls back to
+        numba."""
+        dev = cupy_device.limits()
         try:
             if op == "depthwise_forward":
-                plan_dw_forward(conv_of_forward(problem), problem.dtype, problem.layout)
+                plan_dw_forward(conv_of_forward(problem), problem.dtype, problem.layout, dev=dev)
             elif op == "depthwise_grad_input":
-                plan_dw_grad_input(problem, problem.layout)
+                plan_dw_grad_input(problem, problem.layout, dev=dev)
             elif op == "depthwise_grad_weight":
-                plan_dw_grad_weight(problem, problem.layout)
-            elif op == "separable_forward" and plan_separable(problem, problem.dw.layout) is None:
+                plan_dw_grad_weight(problem, problem.layout, dev=dev)
+            elif op == "separable_forward" and \
+                    plan_separable(problem, problem.dw.layout, dev) is None:
                 plan_dw_forward(conv_of_forward(problem.dw), problem.dw.dtype, problem.dw.layout,
-                                out_dtype=mid_dtype(problem.dw.dtype))
+                                out_dtype=mid_dtype(problem.dw.dtype), dev=dev)
             elif op == "depthwise_conv1d_forward":
-                plan_conv1d_forward(problem)
+                plan_conv1d_forward(problem, dev=dev)
             elif op == "depthwise_conv1d_backward":
-                plan_conv1d_backward(problem)
+                plan_conv1d_backward(problem, dev=dev)
         except NotImplementedError:
             return False
         return True
@@ -138,19 +143,41 @@ class CupyBackend(Backend):
         return native, finish
 
     # -- kernels
-    def _function(self, launch: Launch):
-        """The compiled kernel for ``launch.name`` on the current device (memoized)."""
+    @staticmethod
+    def _dev(a) -> cupy_device.DeviceLimits:
+        """The limits of the device array ``a`` is on."""
+        return cupy_device.limits(a.device.id)
+
+    def _kernel(self, file: str, name: str, shared: int):
+        """The compiled kernel ``name`` of ``file`` on the current device (memoized), allowed
+        ``shared`` bytes of dynamic shared memory."""
         import cupy
 
-        dev = cupy.cuda.runtime.getDevice()
-        key = (dev, launch.file, launch.name)
+        key = (cupy.cuda.runtime.getDevice(), file, name)
         fn = self._modules.get(key)
         if fn is None:
-            fn = _module(launch.file, launch.name).get_function(launch.name)
+            fn = _module(file, name).get_function(name)
             self._modules[key] = fn
-        if launch.shared > SMEM_DEFAULT and fn.max_dynamic_shared_size_bytes < launch.shared:
-            fn.max_dynamic_shared_size_bytes = launch.shared
+        if shared > SMEM_DEFAULT and fn.max_dynamic_shared_size_bytes < shared:
+            fn.max_dynamic_shared_size_bytes = shared
         return fn
+
+    def _function(self, launch: Launch):
+        return self._kernel(launch.file, launch.name, launch.shared)
+
+    def _occupancy(self, a):
+        """occupancy(file, name, threads, shared) for plans on the device of ``a``: resident
+        blocks per SM from the driver (cudaOccupancyMaxActiveBlocksPerMultiprocessor), which
+        counts the compiled kernel's registers as well as threads and shared memory."""
+        import cupy
+
+        def occupancy(file, name, threads, shared):
+            with a.device:
+                fn = self._kernel(file, name, shared)
+                return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    fn.ptr, threads, shared)
+
+        return occupancy
 
     def _run(self, launch: Launch, pointers: tuple, stream):
         """Launch ``launch`` on ``stream`` with the pointer arguments followed by its integers."""
@@ -175,7 +202,8 @@ class CupyBackend(Backend):
         self._dw_forward(conv_of_forward(p), p.dtype, p.layout, x, w, b, out, stream)
 
     def _dw_forward(self, c: Conv, dtype, layout, x, w, b, out, stream, out_dtype=None):
-        launch = plan_dw_forward(c, dtype, layout, x.data.ptr, out.data.ptr, out_dtype)
+        launch = plan_dw_forward(c, dtype, layout, x.data.ptr, out.data.ptr, out_dtype,
+                                 dev=self._dev(x))
         if layout == "NHWC":
             w = self._weights_t(w, c.CO * c.R, c.KH * c.KW, stream)
         self._run(launch, (x, w, _ptr(b), out), stream)
@@ -184,7 +212,7 @@ class CupyBackend(Backend):
         if p.sh == 1 and p.sw == 1:
             self._dw_forward(conv_of_grad_input(p), p.dtype, p.layout, gy, w, None, out, stream)
             return
-        launch = plan_dw_grad_input(p, p.layout, gy.data.ptr, out.data.ptr)
+        launch = plan_dw_grad_input(p, p.layout, gy.data.ptr, out.data.ptr, dev=self._dev(gy))
         if p.layout == "NHWC":
             w = self._weights_t(w, p.CO, p.KH * p.KW, stream)
         self._run(launch, (gy, w, out), stream)
@@ -194,7 +222,8 @@ class CupyBackend(Backend):
 
         from . import _gpu
 
-        s1, s2, count = plan_dw_grad_weight(p, p.layout, x.data.ptr, gy.data.ptr)
+        s1, s2, count = plan_dw_grad_weight(p, p.layout, x.data.ptr, gy.data.ptr, self._dev(x),
+                                            self._occupancy(x))
         with x.device, _gpu.cupy_stream(stream):
             part = cupy.empty(count, dtype="float64" if p.dtype == "float64" else "float32")
         self._run(s1, (x, gy, part), stream)
@@ -212,10 +241,11 @@ class CupyBackend(Backend):
         from . import _gpu
 
         chunks = pointwise_chunks(p)
-        plans = [plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), p.layout, x_dtype)
+        out = next(a for k, a in arrays.items() if k in ("y", "gx", "gw"))
+        dev = self._dev(out)
+        plans = [plan_pointwise(op, dataclasses.replace(p, N=n1 - n0), p.layout, x_dtype, dev)
                  for n0, n1 in chunks]
         operands = plans[0][0].info["operands"]
-        out = arrays[operands[2]]
         partial = plans[0][1] is not None
         part = None
         if partial:
@@ -256,7 +286,7 @@ class CupyBackend(Backend):
     def separable_forward(self, p, x, dw_w, pw_w, b, dw_b, residual, out, stream=None):
         from . import _gpu
 
-        launch = plan_separable(p, p.dw.layout)
+        launch = plan_separable(p, p.dw.layout, self._dev(x))
         if launch is not None:
             args = (x, dw_w, _ptr(dw_b), np.int32(ACTIVATION_CODES[p.dw.activation]), pw_w,
                     _ptr(b), _ptr(residual), np.int32(ACTIVATION_CODES[p.pw.activation]), out) + \
@@ -312,7 +342,7 @@ class CupyBackend(Backend):
         return out
 
     def depthwise_conv1d_forward(self, p, x, w, b, state, seq, out, final_out, stream=None):
-        launch = plan_conv1d_forward(p, x.data.ptr, out.data.ptr)
+        launch = plan_conv1d_forward(p, x.data.ptr, out.data.ptr, dev=self._dev(x))
         self._run(launch, (x, w, _ptr(b), _ptr(state), _ptr(self._seq32(seq, stream)), out),
                   stream)
         if final_out is not None:
@@ -325,7 +355,7 @@ class CupyBackend(Backend):
         from . import _gpu
 
         launch = plan_conv1d_backward(p, x.data.ptr, gy.data.ptr,
-                                      0 if gx is None else gx.data.ptr)
+                                      0 if gx is None else gx.data.ptr, dev=self._dev(x))
         splits = launch.info["splits"]
         acc = "float64" if p.dtype == "float64" else "float32"
         with x.device, _gpu.cupy_stream(stream):

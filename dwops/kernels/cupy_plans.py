@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from .._spec import ACTIVATION_CODES
+from .cupy_device import H200, DeviceLimits
 
 # ----------------------------------------------------------------------------- constants
 
@@ -30,9 +31,8 @@ ACC_ITEMSIZE = {"float16": 4, "bfloat16": 4, "float32": 4, "float64": 8}
 
 SPECIALIZED_K = (1, 3, 5, 7)        # square kernel sizes with compile-time unrolled templates
 THREADS = 256                       # threads per block of the tiled kernels
-SMEM_DEFAULT = 48 * 1024            # dynamic shared memory without opting in
-SMEM_OPTIN = 227 * 1024             # sm_90 opt-in limit per block (cudaFuncSetAttribute)
-SEP_SMEM_MAX = 96 * 1024            # fused separable: up to 2 blocks per SM
+SMEM_DEFAULT = 48 * 1024            # dynamic shared memory without opting in (every device)
+SEP_SMEM_MAX = 96 * 1024            # fused separable: up to 2 blocks per SM (where it fits)
 SEP_TP = 64                         # fused separable: output pixels per block (separable.cuh)
 SEP_KC = 32                         # fused separable: pw_w chunk (separable.cuh)
 SEP_CC = 16                         # fused separable: mid channels per phase-1 chunk
@@ -40,7 +40,8 @@ PW_TILE = 64                        # pointwise GEMM tile (pointwise.cuh PW_BM =
 PW_BK = 16
 TAPS_PER_THREAD = 4                 # dw_grad_weight_taps TPT
 GW_NHWC_ACC_REGS = 72               # NHWC grad_weight: K*K*VEC accumulators per thread at most
-TARGET_BLOCKS = 4 * 132             # reduction kernels: ~4 blocks per SM of an H100/H200
+BLOCKS_PER_SM = 4                   # pointwise and 1-d reductions: blocks to aim for per SM
+GW_MAX_WAVES = 4                    # weight gradient: the most waves of split blocks considered
 MAX_GRID_YZ = 65535
 
 # rows (NCHW) / columns (NHWC) of outputs per thread, by specialization K (0 = generic)
@@ -238,13 +239,14 @@ def _shrink_to_fit(sizes, smem_of, limit):
     return sizes if smem_of(sizes) <= limit else None
 
 
-def _fit(sizes, smem_of):
-    """Fit under 48 KiB by shrinking, else opt in to up to 227 KiB at the default sizes (or
-    shrunk). Raises NotImplementedError when even a one-thread tile does not fit."""
+def _fit(sizes, smem_of, dev: DeviceLimits):
+    """Fit under 48 KiB by shrinking, else opt in to up to the device's limit (227 KiB on an
+    H100/H200) at the default sizes (or shrunk). Raises NotImplementedError when even a
+    one-thread tile does not fit."""
     got = _shrink_to_fit(sizes, smem_of, SMEM_DEFAULT)
     if got is not None and math.prod(got) >= 32:
         return got
-    got = _shrink_to_fit(sizes, smem_of, SMEM_OPTIN)
+    got = _shrink_to_fit(sizes, smem_of, dev.smem_optin)
     if got is None:
         raise NotImplementedError(
             "dwops cupy backend: the input tile of this convolution (kernel and dilation) does not "
@@ -264,9 +266,10 @@ def _out_aligned(vec: int, out_dtype: str, y_addr: int) -> int:
 
 
 def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: int = 0,
-                    out_dtype: str | None = None) -> Launch:
-    """dw_forward launch for geometry ``c`` (see depthwise.cuh): reads ``dtype``, writes
-    ``out_dtype`` (default ``dtype``; float32 for 16-bit inputs, see :func:`mid_dtype`)."""
+                    out_dtype: str | None = None, dev: DeviceLimits = H200) -> Launch:
+    """dw_forward launch for geometry ``c`` (see depthwise.cuh) on device ``dev``: reads
+    ``dtype``, writes ``out_dtype`` (default ``dtype``; float32 for 16-bit inputs, see
+    :func:`mid_dtype`)."""
     out = out_dtype or dtype
     K, S = dw_forward_spec(c)
     item = ITEMSIZE[dtype]
@@ -290,7 +293,8 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
                 ip = _cdiv(iw, vec) * vec
             return th, tw, ih, iw, ip
 
-        bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry((s[1], s[0]))))
+        bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry((s[1], s[0]))),
+                      dev)
         th, tw, ih, iw, ip = geometry((bw, bh))
         tiles = _cdiv(c.OH, th) * _cdiv(c.OW, tw)
         grid = (tiles, min(c.N * c.CO, MAX_GRID_YZ), 1)
@@ -317,7 +321,7 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
             return th_, tw, ih, iw, ip, cp
 
         th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
-            geometry((s[2], s[0], s[1]))))
+            geometry((s[2], s[0], s[1]))), dev)
         th, tw, ih, iw, ip, cp = geometry((ct, th_, twt))
         tiles = _cdiv(c.OH, th) * _cdiv(c.OW, tw)
         grid = (tiles, _cdiv(c.CO, ct * vec), min(c.N, MAX_GRID_YZ))
@@ -331,10 +335,11 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
                   {"K": K, "S": S, "vec": vec, "opt": opt, "tile": (th, tw)})
 
 
-def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> Launch:
+def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0,
+                       dev: DeviceLimits = H200) -> Launch:
     """The input gradient: dw_forward (rotated taps) for stride 1, dw_grad_input otherwise."""
     if p.sh == 1 and p.sw == 1:
-        return plan_dw_forward(conv_of_grad_input(p), p.dtype, layout, gy_addr, gx_addr)
+        return plan_dw_forward(conv_of_grad_input(p), p.dtype, layout, gy_addr, gx_addr, dev=dev)
     dtype = p.dtype
     item = ITEMSIZE[dtype]
     K = 0  # the strided gather tests divisibility per tap at run time
@@ -355,7 +360,8 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> La
             ih, iw = gy_extent(th, tw)
             return th, tw, ih, iw, _cdiv(iw, vec) * vec
 
-        bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry(s[1], s[0])))
+        bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry(s[1], s[0])),
+                      dev)
         th, tw, ih, iw, ip = geometry(bw, bh)
         grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), min(p.N * p.C, MAX_GRID_YZ), 1)
         block = (bw, bh, 1)
@@ -373,7 +379,7 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0) -> La
             return th_, tw, ih, iw, ct_ * vec * p.M
 
         th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
-            geometry(s[2], s[0], s[1])))
+            geometry(s[2], s[0], s[1])), dev)
         th, tw, ih, iw, ip = geometry(ct, th_, twt)
         cp = ip   # the strided gather's pixel pattern depends on the output: no padding
         grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), _cdiv(p.C, ct * vec), min(p.N, MAX_GRID_YZ))
@@ -396,31 +402,60 @@ def _nhwc_tile(pt: int, opt: int, oh: int, ow: int) -> tuple[int, int]:
     return max(1, min(pt // twt, _np2(oh))), twt
 
 
-def _splits(ntiles: int, other_blocks: int) -> tuple[int, int]:
-    """(splits, tiles per split) so that splits * other_blocks ~ TARGET_BLOCKS."""
-    want = max(1, min(ntiles, _cdiv(TARGET_BLOCKS, max(1, other_blocks))))
-    per = _cdiv(ntiles, want)
+def _splits(ntiles: int, other_blocks: int, slots: int) -> tuple[int, int]:
+    """(splits, tiles per split) of ``ntiles`` tiles for a grid of splits x ``other_blocks``
+    blocks on a device that keeps ``slots`` blocks resident at once (blocks per SM x SMs).
+
+    The time of such a grid is its waves, ceil(splits * other_blocks / slots), times the tiles one
+    block walks, ceil(ntiles / splits). The candidates fill k = 1 .. GW_MAX_WAVES waves as far as
+    whole splits allow (and the same tiles per block with fewer splits); the cheapest wins, the
+    fewest splits on a tie (fewer partial sums to add)."""
+    other_blocks, slots = max(1, other_blocks), max(1, slots)
+    cands = {1}
+    for k in range(1, GW_MAX_WAVES + 1):
+        s = min(ntiles, max(1, k * slots // other_blocks))
+        cands.update((s, _cdiv(ntiles, _cdiv(ntiles, s))))
+
+    def cost(s):
+        return _cdiv(s * other_blocks, slots) * _cdiv(ntiles, s), s
+
+    splits = min(cands, key=cost)
+    per = _cdiv(ntiles, splits)
     return _cdiv(ntiles, per), per
 
 
-def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0) -> tuple:
+def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0,
+                        dev: DeviceLimits = H200, occupancy=None) -> tuple:
     """(stage-1 Launch, stage-2 Launch, partial-buffer element count) for the weight gradient:
-    dw_grad_weight for square 1/3/5/7 kernels (when its tile fits), else dw_grad_weight_taps."""
+    dw_grad_weight for square 1/3/5/7 kernels (when its tile fits), else dw_grad_weight_taps.
+
+    The stage-1 grid is split over the tiles in whole waves of the device (see :func:`_splits`):
+    ``occupancy(file, name, threads, shared)`` gives the blocks of a kernel resident per SM (the
+    backend asks the driver, ``cudaOccupancyMaxActiveBlocksPerMultiprocessor``); by default the
+    count from threads and shared memory alone (:meth:`DeviceLimits.occupancy`)."""
+    if occupancy is None:
+        def occupancy(file, name, threads, shared):
+            return dev.occupancy(threads, shared)
+
+    def slots(file, name, block, shared):
+        return max(1, occupancy(file, name, math.prod(block), shared)) * dev.sms
+
     stage1 = None
     if kernel_size_spec(p.KH, p.KW):
         try:
-            stage1 = _plan_gw_specialized(p, layout, x_addr, gy_addr)
+            stage1 = _plan_gw_specialized(p, layout, x_addr, gy_addr, dev, slots)
         except NotImplementedError:
             stage1 = None
     if stage1 is None:
-        stage1 = _plan_gw_taps(p, layout)
+        stage1 = _plan_gw_taps(p, layout, dev, slots)
     count = p.CO * p.KH * p.KW
     stage2 = Launch("depthwise", f"sum_splits<{CTYPE[p.dtype]}>", (_cdiv(count, THREADS), 1, 1),
                     (THREADS, 1, 1), 0, (stage1.grid[0], count))
     return stage1, stage2, stage1.grid[0] * count
 
 
-def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
+def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int, dev: DeviceLimits,
+                         slots) -> Launch:
     """dw_grad_weight (K = 1, 3, 5, 7). NCHW reduces with warp shuffles, so its block is a
     multiple of 32 threads (rows past the image idle); NotImplementedError when no tile fits."""
     dtype = p.dtype
@@ -443,7 +478,7 @@ def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
             g = geometry(s[1], s[0])
             return max(g[2] * g[4] * item, (s[0] * s[1] // 32) * KK * acc)
 
-        bh, bw = _fit([bh, bw], smem)
+        bh, bw = _fit([bh, bw], smem, dev)
         if bh * bw < 32:
             raise NotImplementedError("no whole-warp tile fits in shared memory")
         th, tw, ih, iw, ip = geometry(bw, bh)
@@ -473,22 +508,22 @@ def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int) -> Launch:
             g = geometry(s[2], s[0], s[1])
             return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * acc)
 
-        th_, twt, ct = _fit([th0, twt, ct], smem)
+        th_, twt, ct = _fit([th0, twt, ct], smem, dev)
         th, tw, ih, iw, ip, cp = geometry(ct, th_, twt)
         shared = smem([th_, twt, ct])
         block = (ct, th * twt, 1)
         chans = _cdiv(p.CO, ct * vec)
         other = chans
     ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
-    splits, per = _splits(ntiles, other)
     name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    splits, per = _splits(ntiles, other, slots("depthwise", name, block, shared))
     ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, th, tw,
             ih, iw, ip, cp, per)
     return Launch("depthwise", name, (splits, chans, 1), block, shared, ints,
                   {"K": K, "vec": vec, "opt": opt, "tile": (th, tw), "splits": splits})
 
 
-def _plan_gw_taps(p, layout: str) -> Launch:
+def _plan_gw_taps(p, layout: str, dev: DeviceLimits, slots) -> Launch:
     """dw_grad_weight_taps (any kernel): TC channels per block (NCHW 1, NHWC 32, halved while the
     tile does not fit), 256 threads; NotImplementedError when a one-pixel tile does not fit."""
     acc = ACC_ITEMSIZE[p.dtype]
@@ -508,7 +543,7 @@ def _plan_gw_taps(p, layout: str) -> Launch:
             return (ih * iw + s[0] * s[1]) * tc * acc
 
         got = _shrink_to_fit([th0, tw0], smem, SMEM_DEFAULT) or \
-            _shrink_to_fit([th0, tw0], smem, SMEM_OPTIN)
+            _shrink_to_fit([th0, tw0], smem, dev.smem_optin)
         if got is None:
             tc //= 2
     if got is None:
@@ -523,15 +558,17 @@ def _plan_gw_taps(p, layout: str) -> Launch:
     chans = _cdiv(p.CO, tc)
     ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
     zt = _cdiv(KK, taps)
-    splits, per = _splits(ntiles, min(chans, MAX_GRID_YZ) * zt)
     name = f"dw_grad_weight_taps<{CTYPE[p.dtype]}, {TAPS_PER_THREAD}, {_b(layout == 'NHWC')}>"
+    splits, per = _splits(ntiles, min(chans, MAX_GRID_YZ) * zt,
+                          slots("depthwise", name, (tc, ty, 1), shared))
     ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt,
             p.pl, th, tw, ih, iw, per)
     return Launch("depthwise", name, (splits, min(chans, MAX_GRID_YZ), zt), (tc, ty, 1), shared,
                   ints, {"K": 0, "tile": (th, tw), "splits": splits, "tc": tc})
 
 
-def plan_pointwise(op: str, p, layout: str, x_dtype: str | None = None) -> tuple:
+def plan_pointwise(op: str, p, layout: str, x_dtype: str | None = None,
+                   dev: DeviceLimits = H200) -> tuple:
     """(gemm Launch, reduce Launch or None, partial element count) for op in forward /
     grad_input / grad_weight. The pointer arguments are bound by the backend in the order of
     pw_gemm (A, B, C, partial, bias, residual); ``info['operands']`` names A, B, C. ``x_dtype``:
@@ -571,7 +608,7 @@ def plan_pointwise(op: str, p, layout: str, x_dtype: str | None = None) -> tuple
         operands = ("gy", "x", "gw")
     tiles = _cdiv(Md, PW_TILE) * _cdiv(Nd, PW_TILE)
     if partial:
-        want = max(1, min(_cdiv(TARGET_BLOCKS, tiles), MAX_GRID_YZ))
+        want = max(1, min(_cdiv(BLOCKS_PER_SM * dev.sms, tiles), MAX_GRID_YZ))
         if batches >= want:
             per_batch, k_splits = _cdiv(batches, want), 1
         else:
@@ -607,9 +644,10 @@ def pointwise_chunks(p) -> list[tuple[int, int]]:
     return [(n0, min(p.N, n0 + per)) for n0 in range(0, p.N, per)]
 
 
-def plan_separable(p, layout: str):
+def plan_separable(p, layout: str, dev: DeviceLimits = H200):
     """The fused sep_forward Launch, or None when the depthwise tile of all C*M channels does not
-    fit in SEP_SMEM_MAX (then the backend runs dw_forward into a temporary and pw_gemm)."""
+    fit in SEP_SMEM_MAX or the device's opt-in limit (then the backend runs dw_forward into a
+    temporary and pw_gemm)."""
     d = p.dw
     dtype = d.dtype
     acc = ACC_ITEMSIZE[dtype]
@@ -625,7 +663,7 @@ def plan_separable(p, layout: str):
     iw = (tw - 1) * d.sw + (d.KW - 1) * d.dw + 1
     cinmax = (SEP_CC - 1) // d.M + 2
     shared = (ci2 * SEP_TP + cinmax * ih * iw + SEP_KC * (SEP_TP + 1)) * acc
-    if shared > SEP_SMEM_MAX:
+    if shared > min(SEP_SMEM_MAX, dev.smem_optin):
         return None
     name = f"sep_forward<{CTYPE[dtype]}, {K}, {_b(layout == 'NHWC')}>"
     ints = (d.N, d.C, d.H, d.W, d.M, d.OH, d.OW, d.KH, d.KW, d.sh, d.sw, d.dh, d.dw, d.pt, d.pl,
@@ -640,7 +678,6 @@ def plan_separable(p, layout: str):
 C1_THREADS = 128                    # threads per block of the conv1d kernels (conv1d.cuh)
 C1_OPT = 2                          # NCL: outputs per thread and chunk, in vectors (conv1d.cuh)
 C1_SPECIALIZED_K = tuple(range(2, 9))   # widths with compile-time unrolled taps; others generic
-C1_TARGET_THREADS = 132 * 2048      # NLC: threads to aim for (~ every thread slot of an H100/H200)
 C1_NLC_BWD_REGS = 32                # NLC backward: K * VEC window values per thread at most
 C1_MIN_CHUNKS = 3                   # NCL: chunks per block at least (when the row has them)
 
@@ -657,20 +694,22 @@ def c1_vec_limit(K: int, direction: str, layout: str):
     return None
 
 
-def _c1_rows_split(rows: int, chunks: int) -> tuple[int, int]:
-    """NCL: (chunks per block, blocks per row) so that rows * blocks ~ 2 * TARGET_BLOCKS or more,
+def _c1_rows_split(rows: int, chunks: int, dev: DeviceLimits) -> tuple[int, int]:
+    """NCL: (chunks per block, blocks per row) so that rows * blocks ~ 2 * BLOCKS_PER_SM blocks per
+    SM or more,
     each block taking C1_MIN_CHUNKS chunks at least (while one chunk is computed the next one's
     copies are in flight; the first chunk's copies are the only ones nothing overlaps)."""
-    want = max(1, min(chunks, _cdiv(TARGET_BLOCKS * 2, max(1, rows)), MAX_GRID_YZ))
+    want = max(1, min(chunks, _cdiv(BLOCKS_PER_SM * dev.sms * 2, max(1, rows)), MAX_GRID_YZ))
     per = max(min(chunks, C1_MIN_CHUNKS), _cdiv(chunks, want))
     return per, _cdiv(chunks, per)
 
 
-def _c1_nlc_grid(cv: int, positions: int, n: int) -> tuple:
-    """NLC: (grid, block, LS) for cv channel vectors and ``positions`` walk positions per image."""
+def _c1_nlc_grid(cv: int, positions: int, n: int, dev: DeviceLimits) -> tuple:
+    """NLC: (grid, block, LS) for cv channel vectors and ``positions`` walk positions per image,
+    aiming at every thread slot of the device."""
     bx = min(32, _np2(cv))
     by = C1_THREADS // bx
-    ls = max(8, _cdiv(cv * positions * n, C1_TARGET_THREADS))
+    ls = max(8, _cdiv(cv * positions * n, dev.sms * dev.max_threads_per_sm))
     nseg = _cdiv(positions, ls)
     while _cdiv(nseg, by) > MAX_GRID_YZ:
         ls *= 2
@@ -678,7 +717,7 @@ def _c1_nlc_grid(cv: int, positions: int, n: int) -> tuple:
     return (_cdiv(cv, bx), _cdiv(nseg, by), min(n, MAX_GRID_YZ)), (bx, by, 1), ls
 
 
-def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
+def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0, dev: DeviceLimits = H200) -> Launch:
     """c1_forward launch for Conv1dProblem ``p`` (see conv1d.cuh)."""
     K = c1_spec(p.K)
     item = ITEMSIZE[p.dtype]
@@ -687,17 +726,17 @@ def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
         tl = C1_THREADS * vec * C1_OPT
         ip = _cdiv(vec - 1 + (tl - 1) * p.s + p.W + 1, vec) * vec
         shared = 2 * ip * item
-        if shared > SMEM_OPTIN:
+        if shared > dev.smem_optin:
             raise NotImplementedError(
                 "dwops cupy backend: the input span of this 1-d convolution (stride and dilation) "
                 "does not fit in shared memory; use backend='numba'")
-        per, splits = _c1_rows_split(p.N * p.C, _cdiv(p.OL, tl))
+        per, splits = _c1_rows_split(p.N * p.C, _cdiv(p.OL, tl), dev)
         grid, block, ls = (p.N * p.C, splits, 1), (C1_THREADS, 1, 1), 0
         info = {"tile": tl, "per": per}
     else:
         vec = pick_vec(p.dtype, (p.C,), (x_addr, y_addr)) if p.M == 1 else 1
         tl = ip = per = shared = 0
-        grid, block, ls = _c1_nlc_grid(p.CO // vec, p.OL, p.N)
+        grid, block, ls = _c1_nlc_grid(p.CO // vec, p.OL, p.N, dev)
         info = {"segment": ls}
     name = f"c1_forward<{CTYPE[p.dtype]}, {K}, {vec}, {_b(p.layout == 'NLC')}>"
     ints = (p.N, p.C, p.L, p.M, p.K, p.OL, p.s, p.d, p.pl, ACTIVATION_CODES[p.activation],
@@ -705,7 +744,8 @@ def plan_conv1d_forward(p, x_addr: int = 0, y_addr: int = 0) -> Launch:
     return Launch("conv1d", name, grid, block, shared, ints, dict(K=K, vec=vec, **info))
 
 
-def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0) -> Launch:
+def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0,
+                         dev: DeviceLimits = H200) -> Launch:
     """c1_backward launch (one pass: grad_input, grad_initial_state, and the per-split partial
     sums of grad_weight and grad_bias); ``info['splits']`` is the number of partial rows."""
     K = c1_spec(p.K)
@@ -719,13 +759,13 @@ def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0)
         stage = _cdiv(2 * (ipx + p.M * ipg) * item, 16) * 16
         kb = p.K + 1
         shared = stage + (p.M * p.K + (C1_THREADS // 32) * kb + p.M * kb) * acc
-        if shared > SMEM_OPTIN:
+        if shared > dev.smem_optin:
             raise NotImplementedError(
                 "dwops cupy backend: the spans of this 1-d convolution's backward (stride, "
                 "dilation, multiplier) do not fit in shared memory; use backend='numba'")
         qa = (-p.pl // vec) * vec
         chunks = max(_cdiv(p.OL, tl), _cdiv(p.L - qa, tl * p.s))
-        per, splits = _c1_rows_split(p.N * p.C, chunks)
+        per, splits = _c1_rows_split(p.N * p.C, chunks, dev)
         grid, block, ls = (p.N * p.C, splits, 1), (C1_THREADS, 1, 1), 0
         info = {"tile": tl, "per": per, "splits": p.N * splits}
     else:
@@ -735,7 +775,7 @@ def plan_conv1d_backward(p, x_addr: int = 0, gy_addr: int = 0, gx_addr: int = 0)
                            c1_vec_limit(p.K, "backward", "NLC"))
         tl = ipx = ipg = per = 0
         positions = max(p.OL, _cdiv(p.pl + p.L, p.s))
-        grid, block, ls = _c1_nlc_grid(p.C // vec, positions, p.N)
+        grid, block, ls = _c1_nlc_grid(p.C // vec, positions, p.N, dev)
         shared = block[0] * block[1] * vec * acc
         info = {"segment": ls, "splits": p.N * grid[1]}
     name = f"c1_backward<{CTYPE[dtype]}, {K}, {vec}, {_b(p.layout == 'NLC')}>"

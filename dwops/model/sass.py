@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 
+from ..kernels.cupy_device import occupancy as _occupancy
 from .devices import Device
 
 WIDTHS = (8, 16, 32, 64, 128)
@@ -330,55 +331,9 @@ def sass_facts(arch: str = "sm_90", workers: int | None = None) -> list[dict]:
 
 # ----------------------------------------------------------------------------- occupancy
 
-REG_UNIT = 256          # registers are allocated per warp in units of 256
-SMEM_UNIT = 128         # shared memory is allocated per block in units of 128 bytes
-SUB_PARTITIONS = 4      # an SM's registers are split among its four schedulers' warps
-MAX_THREADS_PER_BLOCK = 1024
-LIMITERS = ("threads", "registers", "shared_memory", "blocks")
-
-
-def _up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
-
 
 def occupancy(device: Device, threads_per_block: int, registers: int, dynamic_smem: int,
               static_smem: int = 0) -> dict:
-    """Resident blocks of one launch per SM of ``device``, by the CUDA occupancy rules: warps per
-    block = threads rounded up to 32; registers per warp = per-thread registers rounded up to 8,
-    times 32 (a multiple of 256), allocated within each of the SM's four sub-partitions (a
-    quarter of the register file each); shared memory per block = static + dynamic rounded up to
-    128 bytes, plus ``device.smem_per_block_reserved``, out of ``device.smem_per_sm``; at most
-    ``device.max_warps_per_sm`` warps and ``device.max_blocks_per_sm`` blocks.
-
-    Returns ``blocks_per_sm``, ``warps_per_sm``, ``occupancy`` (warps over the device's maximum),
-    ``limiter`` (the first of :data:`LIMITERS` allowing the fewest blocks) and ``limits`` (blocks
-    each resource allows). ValueError for a launch the device refuses (more than 1024 threads,
-    registers beyond the per-thread maximum or the register file, shared memory beyond the
-    opt-in maximum)."""
-    if not 1 <= threads_per_block <= MAX_THREADS_PER_BLOCK:
-        raise ValueError(f"threads_per_block={threads_per_block}: 1 to {MAX_THREADS_PER_BLOCK}")
-    if not 0 <= registers <= device.max_regs_per_thread:
-        raise ValueError(f"registers={registers}: at most {device.max_regs_per_thread} per thread")
-    smem = static_smem + dynamic_smem
-    if dynamic_smem < 0 or static_smem < 0 or smem > device.smem_optin:
-        raise ValueError(f"shared memory {smem} bytes: at most {device.smem_optin} per block on "
-                         f"{device.name}")
-    warps = -(-threads_per_block // 32)
-    regs_warp = _up(max(registers, 1), 8) * 32
-    regs_block = regs_warp * _up(warps, SUB_PARTITIONS)
-    if regs_block > device.regs_per_sm:
-        raise ValueError(f"{threads_per_block} threads x {registers} registers: more than the "
-                         f"{device.regs_per_sm} registers of an SM")
-    warps_by_regs = (device.regs_per_sm // SUB_PARTITIONS // regs_warp) * SUB_PARTITIONS
-    smem_block = _up(smem, SMEM_UNIT) + device.smem_per_block_reserved
-    limits = {
-        "threads": device.max_warps_per_sm // warps,
-        "registers": warps_by_regs // warps,
-        "shared_memory": device.smem_per_sm // smem_block,
-        "blocks": device.max_blocks_per_sm,
-    }
-    blocks = min(limits.values())
-    limiter = next(k for k in LIMITERS if limits[k] == blocks)
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
-            "occupancy": blocks * warps / device.max_warps_per_sm, "limiter": limiter,
-            "limits": limits}
+    """The CUDA occupancy rules (:func:`dwops.kernels.cupy_device.occupancy`) for a launch on
+    the model's ``device``: its launch limits are the backend's device profile."""
+    return _occupancy(device.limits, threads_per_block, registers, dynamic_smem, static_smem)
