@@ -10,18 +10,22 @@
 #      skipped GPU test (a missing package such as numba-cuda, no device seen) is a failure;
 #   3. compute-sanitizer memcheck and racecheck on scripts/sanitize_subset.py (every op, both
 #      GPU backends, small odd shapes, checked against the reference);
-#   4. the benchmark: the embedded default and every GPU suite, with a time budget so the whole
+#   4. Nsight Compute, where it runs and the profiler is allowed (ncu --clock-control none): DRAM
+#      bytes, global sectors per request, shared-memory bank conflicts and achieved occupancy of
+#      every cupy kernel family on one shape each (scripts/profile_subset.py), as CSV; skipped
+#      (not failed) where ncu is missing or the counters are refused (ERR_NVGPUCTRPERM);
+#   5. the benchmark: the embedded default and every GPU suite, with a time budget so the whole
 #      script stays under 8 minutes (rows past the budget are skipped and counted in the table);
 #      each row also carries the kernel model's prediction (model_ms) from benchmarks/model/h200.json.
-# Writes into $OUT if set, else benchmarks/results/ (at most 7 files): gpu_check-env.txt,
-# gpu_check-pytest.log, gpu_check-sanitizer.log, gpu_check-bench.log, DATE-DEVICE.json,
-# DATE-DEVICE.md and gpu_check-summary.md.
+# Writes into $OUT if set, else benchmarks/results/ (at most 8 files): gpu_check-env.txt,
+# gpu_check-pytest.log, gpu_check-sanitizer.log, gpu_check-ncu.csv, gpu_check-bench.log,
+# DATE-DEVICE.json, DATE-DEVICE.md and gpu_check-summary.md.
 # Exit status 1 if any stage failed: a test failure or skip, a sanitizer error, a dwops error or a
 # wrong result (an element or max_rel_err over the dtype's tolerance) in the benchmark. Every stage runs regardless, so
 # the logs are complete; the summary names the failed stages.
 #
 # Environment: PYTHON (default python3), DWOPS_GPU_CHECK_SECONDS (whole-script budget, default 450),
-# COMPUTE_SANITIZER (path, default: found on PATH or under /usr/local/cuda*/bin).
+# COMPUTE_SANITIZER (path, default: found on PATH or under /usr/local/cuda*/bin), NCU (likewise).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -104,7 +108,37 @@ else
         "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize_subset.py --quick
 fi
 
-# ---------------------------------------------------------------------------- 4. benchmarks
+# ---------------------------------------------------------------------------- 4. Nsight Compute
+NCU=${NCU:-$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1 || true)}
+NCU_METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+NCU_METRICS+=,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum
+NCU_METRICS+=,l1tex__t_requests_pipe_lsu_mem_global_op_st.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum
+NCU_METRICS+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
+NCU_METRICS+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
+NCU_METRICS+=,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers
+NCULOG="$DEST/gpu_check-ncu.csv"
+if [[ -z "$NCU" ]]; then
+    echo "ncu not found: no kernel profile" | tee "$NCULOG"
+    STATUS+=("| ncu | skipped (not found) | 0 s | gpu_check-ncu.csv |")
+else
+    t0=$SECONDS rc=0
+    echo "=== [$(elapsed)s] ncu: $NCU scripts/profile_subset.py"
+    timeout --signal=TERM --kill-after=10 "$(cap 90 150)" "$NCU" --clock-control none \
+        --profile-from-start off --target-processes all --metrics "$NCU_METRICS" --csv \
+        --log-file "$NCULOG" "$PY" scripts/profile_subset.py || rc=$?
+    if grep -qE "ERR_NVGPUCTRPERM|profiling is not supported|permission" "$NCULOG" 2>/dev/null; then
+        echo "ncu: the performance counters are refused on this machine: profile skipped" | tee -a "$NCULOG"
+        STATUS+=("| ncu | skipped (counters refused) | $((SECONDS - t0)) s | gpu_check-ncu.csv |")
+    elif [[ $rc -ne 0 ]]; then
+        FAILED+=("ncu (exit $rc, see gpu_check-ncu.csv)")
+        STATUS+=("| ncu | FAILED (exit $rc) | $((SECONDS - t0)) s | gpu_check-ncu.csv |")
+    else
+        STATUS+=("| ncu | ok ($(grep -c '"dram__bytes_read.sum"' "$NCULOG" || true) kernels) | $((SECONDS - t0)) s | gpu_check-ncu.csv |")
+    fi
+    echo "=== [$(elapsed)s] ncu: exit $rc"
+fi
+
+# ---------------------------------------------------------------------------- 5. benchmarks
 LEFT=$(( $(left) - 25 ))  # kept for start-up, the copy-bandwidth measurement and the summary
 if [[ $LEFT -lt 60 ]]; then
     echo "only ${LEFT}s of the ${BUDGET}s budget left: running the default suite alone" | tee -a "$DEST/gpu_check-bench.log"

@@ -191,6 +191,22 @@ def device_profile(monkeypatch):
         yield use
 
 
+@pytest.mark.emu_forward_pointwise_separable
+def test_the_profiling_script_runs_every_kernel_family():
+    """scripts/profile_subset.py (what gpu_check.sh hands to Nsight Compute) on tiny shapes: every
+    op runs on the cupy backend."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "profile_subset.py")
+    spec = importlib.util.spec_from_file_location("profile_subset", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    labels = mod.profile(small=True)
+    assert len(labels) == len(set(labels)) >= 2 * (5 + 2) + 2, labels
+
+
 @pytest.mark.emu_grads_random
 @pytest.mark.parametrize("profile", ["h200", "a100", "rtx4090", "min"])
 @pytest.mark.parametrize("case, layout, dtype", PROFILE_CASES)

@@ -799,10 +799,13 @@ def module() -> types.ModuleType:
         ndarray=ndarray, empty=empty, asarray=asarray, ascontiguousarray=ascontiguousarray,
         full=full, asnumpy=asnumpy, get_array_module=get_array_module, from_dlpack=from_dlpack,
         RawModule=RawModule, __version__="emulated", __dwops_emulator__=True)
-    runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1)
+    runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1,
+                                    deviceSynchronize=lambda: None)
+    profiler = types.SimpleNamespace(start=lambda: None, stop=lambda: None)
     driver = types.SimpleNamespace(
         occupancyMaxActiveBlocksPerMultiprocessor=occupancy_max_active_blocks_per_multiprocessor)
-    m.cuda = types.SimpleNamespace(runtime=runtime, driver=driver, Device=Device, Stream=_Stream,
+    m.cuda = types.SimpleNamespace(runtime=runtime, driver=driver, profiler=profiler,
+                                   Device=Device, Stream=_Stream,
                                    get_current_stream=lambda: _Stream.null)
     return m
 

@@ -102,31 +102,46 @@ class _EmuDevice:
 
 
 @contextlib.contextmanager
-def _planning(launches: list):
-    """Record the cupy backend's launches instead of running them."""
+def _planning(launches: list, facts: dict | None):
+    """Record the cupy backend's launches instead of running them. The occupancy a plan asks
+    for (the weight gradient's splits) is the device's, by its threads, shared memory and, where
+    ``facts`` ({(file, name): machine-code facts}) has them, its registers: what the driver
+    answers on the device."""
     from ..kernels import cupy_backend as cb
+    from ..kernels import cupy_device
 
-    real = cb.CupyBackend._function
+    real = cb.CupyBackend._function, cb.CupyBackend._occupancy
 
     def record(self, launch):
         return lambda grid, block, args, shared_mem=0, **kw: launches.append(launch)
 
-    cb.CupyBackend._function = record
+    def occupancy(self, a):
+        dev = cupy_device.limits()
+
+        def occ(file, name, threads, shared):
+            f = (facts or {}).get((file, name)) or {}
+            return dev.occupancy(threads, shared + (f.get("static_smem") or 0),
+                                 f.get("registers") or 0)
+
+        return occ
+
+    cb.CupyBackend._function, cb.CupyBackend._occupancy = record, occupancy
     try:
         yield launches
     finally:
-        cb.CupyBackend._function = real
+        cb.CupyBackend._function, cb.CupyBackend._occupancy = real
 
 
-def plan(case, direction: str, layout: str) -> list:
-    """The :class:`~dwops.kernels.cupy_plans.Launch` list of one row at its full size."""
+def plan(case, direction: str, layout: str, facts: dict | None = None) -> list:
+    """The :class:`~dwops.kernels.cupy_plans.Launch` list of one row at its full size, for the
+    emulated device (``DWOPS_CUDAEMU_DEVICE``); ``facts`` as :func:`_planning` takes them."""
     from .. import cudaemu
     from ..bench.workloads import Instance
 
     launches = []
     inst = Instance(replace(case, directions=(direction,)), _EmuDevice(cudaemu, fill=False))
     fn = inst.dwops_fn(direction, layout, "cupy")
-    with _planning(launches):
+    with _planning(launches, facts):
         fn()
     return launches
 
@@ -260,7 +275,7 @@ def _ratio(num: float, den: float) -> float | None:
 
 def model_row(dev: Device, case, direction: str, layout: str, facts_cache: dict) -> RowModel:
     """Plan at full size, trace scaled down, scale, and bound each launch."""
-    full = plan(case, direction, layout)
+    full = plan(case, direction, layout, facts_cache)
     small, factor = scaled_case(case, layout)
     traced = trace(small, direction, layout)
     notes = []
@@ -377,7 +392,16 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
     Three steps, each in ``jobs`` processes (default: the CPUs available): the launch plan of
     every row (host code only); the compilation of the kernels the plans name, one traced
     emulator library and one sm_90 cubin per (file, element type); then the trace and bounds
-    of every row. Compiled libraries and facts are cached on disk: a second run only traces."""
+    of every row. Compiled libraries and facts are cached on disk: a second run only traces.
+    The emulator stands in for ``device`` (its profile of launch limits) throughout."""
+    from .. import cudaemu
+
+    cudaemu.install()
+    with cudaemu.device(device.limits.name):   # the plans and the occupancy of this device
+        return _run(suites, device, dtypes, layouts, progress, limit, jobs)
+
+
+def _run(suites, device: Device, dtypes, layouts, progress, limit, jobs) -> dict:
     import datetime
 
     from .. import cudaemu
@@ -386,7 +410,6 @@ def run(suites, device: Device, dtypes=None, layouts=("NCHW", "NHWC"), progress=
     from ..bench.report import Progress
     from ..kernels.cupy_compile import map_groups, source
 
-    cudaemu.install()
     todo = []
     for s in suites:
         for c in bench_cases.suite(s, on_gpu=True, dtypes=dtypes):
