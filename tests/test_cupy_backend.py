@@ -25,6 +25,13 @@ from dwops.kernels import cupy_plans as plans
 from tests.conftest import assert_close, rand
 
 
+@pytest.fixture(autouse=True)
+def _h200_limits(monkeypatch):
+    """The backend's plans here are made for the H200's limits (no device is read; the plans of
+    the other device profiles are checked in tests/test_cupy_device.py)."""
+    monkeypatch.setattr(cb.cupy_device, "limits", lambda ordinal=None: plans.H200)
+
+
 # ----------------------------------------------------------------------------- the kernel report
 
 
@@ -249,8 +256,7 @@ def test_tile_shrinks_then_opts_in_for_large_kernels():
         plans.plan_dw_forward(plans.conv_of_forward(p), "float32", "NCHW", 0, 0)
 
 
-def test_prefers_unless_no_plan_fits(monkeypatch):
-    monkeypatch.setattr(cb.cupy_device, "limits", lambda ordinal=None: plans.H200)
+def test_prefers_unless_no_plan_fits():
     be = cb.BACKEND
     p = _dw_problem(k=(3, 3), padding=1)
     for op in ("depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight"):

@@ -345,3 +345,27 @@ def _guard_params():
 def test_no_local_memory(facts, file, name):
     (row,) = [r for r in facts if (r["file"], r["name"]) == (file, name)]
     assert _local_memory(row) == (0, 0, 0)
+
+
+def _ldgsts_expected(name: str) -> bool:
+    """Whether an NHWC depthwise forward or weight-gradient kernel stages its tile with cp.async
+    (load_tile_nhwc): when its vector (VEC elements) is 4, 8 or 16 bytes."""
+    import re
+
+    item = {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}
+    fwd = re.fullmatch(r"dw_forward<([\w]+), [\w]+, \d+, \d+, (\d+), \d+, true>", name)
+    gw = re.fullmatch(r"dw_grad_weight<([\w]+), \d+, (\d+), \d+, true>", name)
+    m = fwd or gw
+    assert m, name
+    return item[m.group(1)] * int(m.group(2)) >= 4
+
+
+@needs_tools
+def test_staged_nhwc_loaders_copy_with_ldgsts(facts):
+    """load_tile_nhwc copies 4-16-byte vectors with cp.async: LDGSTS in every NHWC forward and
+    weight-gradient kernel whose vector allows it, none in the 2-byte ones (registers)."""
+    rows = [r for r in facts if r["name"].startswith(("dw_forward<", "dw_grad_weight<"))
+            and r["name"].endswith("true>")]
+    assert rows
+    for r in rows:
+        assert (r["counts"]["LDGSTS"] > 0) == _ldgsts_expected(r["name"]), (r["name"], r["counts"])

@@ -506,7 +506,7 @@ def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int, dev: DeviceL
 
         def smem(s):
             g = geometry(s[2], s[0], s[1])
-            return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * acc)
+            return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * KK * acc)
 
         th_, twt, ct = _fit([th0, twt, ct], smem, dev)
         th, tw, ih, iw, ip, cp = geometry(ct, th_, twt)

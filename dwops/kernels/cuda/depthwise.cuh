@@ -39,36 +39,42 @@
 // IP >= IW is the row pitch (padded so that the rows one shared request reads fall in distinct
 // banks; columns IW .. IP - 1 are not written). xp is one (H, W) plane. VEC > 1 requires
 // W % VEC == 0 and xp aligned to VEC elements: every aligned global vector is then wholly inside
-// or wholly outside a row.
+// or wholly outside a row. Each thread issues LOAD_BATCH global loads before their shared
+// stores, so that many loads are in flight (the tile row's alignment differs from the global
+// vectors', so they go through registers rather than cp.async).
+constexpr int LOAD_BATCH = 4;
 template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __restrict__ xp, int H,
                                                int W, int iy0, int ix0, int IH, int IW, int IP,
                                                int tid, int nthr) {
-    if (VEC == 1) {
-        for (int idx = tid; idx < IH * IW; idx += nthr) {
-            const int r = idx / IW, c = idx - r * IW;
-            const int gy = iy0 + r, gx = ix0 + c;
-            s[r * IP + c] = (gy >= 0 && gy < H && gx >= 0 && gx < W) ? xp[(i64)gy * W + gx] : zero_value<T>();
-        }
-        return;
-    }
     const int gv0 = floor_div(ix0, VEC);                     // first aligned global vector
     const int nv = floor_div(ix0 + IW - 1, VEC) - gv0 + 1;   // vectors per tile row
-    for (int idx = tid; idx < IH * nv; idx += nthr) {
-        const int r = idx / nv;
-        const int gx = (gv0 + idx - r * nv) * VEC;
-        const int gy = iy0 + r;
-        Pack<T, VEC> p;
-        if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
-            p = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)gy * W + gx);
-        } else {
+    const int total = IH * nv;
+    for (int base = tid; base < total; base += LOAD_BATCH * nthr) {
+        Pack<T, VEC> p[LOAD_BATCH];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
+        for (int u = 0; u < LOAD_BATCH; ++u) {
+            const int idx = base + u * nthr;
+            const int r = idx / nv;
+            const int gx = (gv0 + idx - r * nv) * VEC;
+            const int gy = iy0 + r;
+            if (idx < total && gy >= 0 && gy < H && gx >= 0 && gx < W) {
+                p[u] = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)gy * W + gx);
+            } else {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) p[u].v[e] = zero_value<T>();
+            }
         }
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-            const int c = gx + e - ix0;
-            if (c >= 0 && c < IW) s[r * IP + c] = p.v[e];
+        for (int u = 0; u < LOAD_BATCH; ++u) {
+            const int idx = base + u * nthr;
+            const int r = idx / nv;
+            const int gx = (gv0 + idx - r * nv) * VEC;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                const int c = gx + e - ix0;
+                if (idx < total && c >= 0 && c < IW) s[r * IP + c] = p[u].v[e];
+            }
         }
     }
 }
@@ -76,24 +82,51 @@ __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __res
 // Shared tile s[(r * IW + c) * PITCH + k] = x[n, iy0 + r, ix0 + c, ci0 + k] for k < CP; 0 outside
 // the image or past channel CI. PITCH >= CP is the pixel pitch (padded so that the pixels one
 // shared request reads fall in distinct banks; elements CP .. PITCH - 1 are not written).
-// VEC > 1 requires CI % VEC == 0, CP % VEC == 0, PITCH % VEC == 0, ci0 % VEC == 0.
+// VEC > 1 requires CI % VEC == 0, CP % VEC == 0, PITCH % VEC == 0, ci0 % VEC == 0. Vectors of 4,
+// 8 or 16 bytes are copied with cp.async (LDGSTS; the zero-filling form outside the image), every
+// copy of the thread in flight at once, waited for before returning (the caller's barrier then
+// publishes the tile); 2-byte elements go through registers, LOAD_BATCH loads in flight.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __restrict__ xn, int H,
                                                int W, int CI, int iy0, int ix0, int ci0, int IH,
                                                int IW, int CP, int PITCH, int tid, int nthr) {
     const int cv = CP / VEC;  // vectors per pixel
-    for (int idx = tid; idx < IH * IW * cv; idx += nthr) {
-        const int pix = idx / cv, k = (idx - pix * cv) * VEC;
-        const int r = pix / IW, c = pix - r * IW;
-        const int gy = iy0 + r, gx = ix0 + c, ch = ci0 + k;
-        Pack<T, VEC> p;
-        if (gy >= 0 && gy < H && gx >= 0 && gx < W && ch < CI) {
-            p = *reinterpret_cast<const Pack<T, VEC>*>(xn + ((i64)gy * W + gx) * CI + ch);
-        } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
+    const int total = IH * IW * cv;
+    constexpr int BYTES = (int)sizeof(T) * VEC;
+    if constexpr (BYTES == 4 || BYTES == 8 || BYTES == 16) {
+        for (int idx = tid; idx < total; idx += nthr) {
+            const int pix = idx / cv, k = (idx - pix * cv) * VEC;
+            const int r = pix / IW, c = pix - r * IW;
+            const int gy = iy0 + r, gx = ix0 + c, ch = ci0 + k;
+            const bool valid = gy >= 0 && gy < H && gx >= 0 && gx < W && ch < CI;
+            cp_async<BYTES>(s + (i64)pix * PITCH + k,
+                            valid ? xn + ((i64)gy * W + gx) * CI + ch : xn, valid);
         }
-        *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * PITCH + k) = p;
+        cp_async_commit();
+        cp_async_wait<0>();
+    } else {
+        for (int base = tid; base < total; base += LOAD_BATCH * nthr) {
+            Pack<T, VEC> p[LOAD_BATCH];
+#pragma unroll
+            for (int u = 0; u < LOAD_BATCH; ++u) {
+                const int idx = base + u * nthr;
+                const int pix = idx / cv, k = (idx - pix * cv) * VEC;
+                const int r = pix / IW, c = pix - r * IW;
+                const int gy = iy0 + r, gx = ix0 + c, ch = ci0 + k;
+                if (idx < total && gy >= 0 && gy < H && gx >= 0 && gx < W && ch < CI) {
+                    p[u] = *reinterpret_cast<const Pack<T, VEC>*>(xn + ((i64)gy * W + gx) * CI + ch);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) p[u].v[e] = zero_value<T>();
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < LOAD_BATCH; ++u) {
+                const int idx = base + u * nthr;
+                const int pix = idx / cv, k = (idx - pix * cv) * VEC;
+                if (idx < total) *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * PITCH + k) = p[u];
+            }
+        }
     }
 }
 
@@ -458,7 +491,8 @@ __global__ void dw_grad_input(
 //   NCHW  grid (splits, min(CO, 65535)), block (BW, BH); tile TH = BH rows, TW = BW * VEC columns
 //         (columns interleaved tx + e*BW); x tile in shared memory, gy read directly (coalesced).
 //   NHWC  grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
-// Dynamic shared memory: max(x tile, reduction scratch), sized by the host.
+// Dynamic shared memory: max(x tile, reduction scratch: NCHW warps x K*K, NHWC threads x VEC x
+// K*K accumulators), sized by the host.
 template <typename T, int K, int VEC, int OPT, bool NHWC>
 __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
     const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
@@ -573,21 +607,38 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
                     }
             }
         }
-        // Reduce over the PT pixel threads, one tap at a time: red[ty][TC].
+        // Reduce over the PT pixel threads, all taps at once, through red[(ty * TC + c) * KK + t]
+        // (c: channel in the block), the layout of the block's slice of `partial`. Each thread's
+        // VEC * KK sums are one contiguous run, stored as 16-byte vectors where the run allows it
+        // (conflict-free when the run is 36 words; a scalar run of odd length is conflict-free
+        // too); then thread i sums entry i of the PT rows (consecutive words: conflict-free) and
+        // stores it (consecutive addresses: coalesced). Two barriers in all, not two per tap.
+        __syncthreads();  // `red` aliases `tile`
+        {
+            A* mine = red + (ty * TC + tx * VEC) * KK;
+            constexpr int NV = 16 / sizeof(A);
+            if constexpr ((VEC * KK) % NV == 0) {
 #pragma unroll
-        for (int t = 0; t < KK; ++t) {
-            __syncthreads();
+                for (int k = 0; k < VEC * KK / NV; ++k) {
+                    Pack<A, NV> p;
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) red[ty * TC + tx * VEC + v] = acc[t][v];
-            __syncthreads();
-            if (ty == 0 && active) {
-#pragma unroll
-                for (int v = 0; v < VEC; ++v) {
-                    A s = 0;
-                    for (int j = 0; j < PT; ++j) s += red[j * TC + tx * VEC + v];
-                    partial[((i64)blockIdx.x * CO + o + v) * KK + t] = s;
+                    for (int e = 0; e < NV; ++e) p.v[e] = acc[(k * NV + e) % KK][(k * NV + e) / KK];
+                    *reinterpret_cast<Pack<A, NV>*>(mine + k * NV) = p;
                 }
+            } else {
+#pragma unroll
+                for (int v = 0; v < VEC; ++v)
+#pragma unroll
+                    for (int t = 0; t < KK; ++t) mine[v * KK + t] = acc[t][v];
             }
+        }
+        __syncthreads();
+        const int nout = min(TC, CO - o0) * KK;
+        A* dst = partial + ((i64)blockIdx.x * CO + o0) * KK;
+        for (int i = tid; i < nout; i += nthr) {
+            A s = 0;
+            for (int j = 0; j < PT; ++j) s += red[j * TC * KK + i];
+            dst[i] = s;
         }
     }
 }
