@@ -212,12 +212,16 @@ class HostBackend(Backend):
 
         return info.lib in ("numpy", "torch") and np.shares_memory(native, to_host(obj, info))
 
-    def _depthwise_grad_bias(self, p, gy, gb, stream=None):
-        """``gb`` = ``gy`` summed over N, OH, OW in float64, rounded once."""
+    @staticmethod
+    def _bias_sums(p, gy):
+        """``gy`` (a depthwise problem's output gradient) summed over N, OH, OW in float64."""
         import numpy as np
 
-        axes = (0, 2, 3) if p.layout == "NCHW" else (0, 1, 2)
-        gb[...] = gy.sum(axis=axes, dtype=np.float64).astype(gb.dtype)
+        return gy.sum(axis=(0, 2, 3) if p.layout == "NCHW" else (0, 1, 2), dtype=np.float64)
+
+    def _depthwise_grad_bias(self, p, gy, gb, stream=None):
+        """``gb`` = ``gy`` summed over N, OH, OW in float64, rounded once."""
+        gb[...] = self._bias_sums(p, gy).astype(gb.dtype)
 
     def allocate(self, shape, dtype, like_obj, like_info):
         import numpy as np

@@ -379,10 +379,7 @@ class _CpuBackend(HostBackend):
     def depthwise_grad_input(self, p, gy, w, out, stream=None):
         """gy: p.y_shape, w: (C*M, 1, KH, KW), out: p.x_shape."""
         if p.dtype in NARROW:
-            for q, xs, ys, ws in _dw_slabs(p):
-                gx = np.empty(q.x_shape, _F32)
-                self.depthwise_grad_input(q, _f32(gy[ys]), _f32(w[ws]), gx)
-                out[xs] = gx
+            self._dw_backward_slabs(p, None, gy, w, out, None, None)
             return
         dt = _compute_dtype(p.dtype)
         gy = _as(gy, dt)
@@ -412,12 +409,42 @@ class _CpuBackend(HostBackend):
     def depthwise_grad_weight(self, p, x, gy, out, stream=None):
         """x: p.x_shape, gy: p.y_shape, out: (C*M, 1, KH, KW)."""
         if p.dtype in NARROW:
-            gw = np.zeros((p.CO, p.KH, p.KW), np.float64)
-            for q, xs, ys, ws in _dw_slabs(p):
-                gw[ws] += self._dw_grad_weight(q, _f32(x[xs]), _f32(gy[ys]))
+            self._dw_backward_slabs(p, x, gy, None, None, out, None)
         else:
-            gw = self._dw_grad_weight(p, x, gy)
-        out[...] = gw.reshape(out.shape)  # float64 sums, rounded once
+            out[...] = self._dw_grad_weight(p, x, gy).reshape(out.shape)  # rounded once
+
+    def depthwise_backward(self, p, x, gy, w, gx, gw, gb, stream=None):
+        """x: p.x_shape, gy: p.y_shape, w: (C*M, 1, KH, KW); outputs, None when not asked for:
+        gx p.x_shape, gw (C*M, 1, KH, KW), gb (C*M,).
+
+        16-bit: one pass over the slabs, each block of gy widened once for every gradient asked
+        for (_dw_backward_slabs). float32 and float64: the single gradients in turn, the bias
+        gradient a float64 sum over gy (the kernels read gy once per gradient)."""
+        if p.dtype in NARROW:
+            self._dw_backward_slabs(p, x, gy, w, gx, gw, gb)
+        else:
+            super().depthwise_backward(p, x, gy, w, gx, gw, gb)
+
+    def _dw_backward_slabs(self, p, x, gy, w, gx, gw, gb):
+        """The 16-bit depthwise gradients asked for (the others None), slab by slab (_dw_slabs):
+        a slab's block of gy is widened to float32 once and serves grad_input, grad_weight and
+        grad_bias; the weight and bias gradients are float64 sums over the slabs, rounded once."""
+        sum_w = None if gw is None else np.zeros((p.CO, p.KH, p.KW), np.float64)
+        sum_b = None if gb is None else np.zeros(p.CO, np.float64)
+        for q, xs, ys, ws in _dw_slabs(p):
+            g = _f32(gy[ys])
+            if gx is not None:
+                part = np.empty(q.x_shape, _F32)
+                self.depthwise_grad_input(q, g, _f32(w[ws]), part)
+                gx[xs] = part
+            if gw is not None:
+                sum_w[ws] += self._dw_grad_weight(q, _f32(x[xs]), g)
+            if gb is not None:
+                sum_b[ws] += self._bias_sums(q, g)
+        if gw is not None:
+            gw[...] = sum_w.reshape(gw.shape)
+        if gb is not None:
+            gb[...] = sum_b
 
     @staticmethod
     def _dw_grad_weight(p, x, gy):
