@@ -288,6 +288,10 @@ def _opcheck_samples(rng):
         (ops.depthwise_conv2d, (x, w, b, *geo, "NCHW", "gelu", HOST)),
         (ops.depthwise_conv2d_grad_input, (gy, w, [1, 2, 5, 4], *geo, "NCHW", HOST)),
         (ops.depthwise_conv2d_grad_weight, (x, gy, [4, 1, 3, 3], *geo, "NCHW", HOST)),
+        (ops.depthwise_conv2d_backward, (x, gy, w, *geo, "NCHW", [True, True, True], HOST)),
+        (ops.depthwise_conv2d_backward, (xn, _t(rng, 1, 1, 2, 4), _t(rng, 4, 1, 3, 2), [2, 2],
+                                         [1, 0, 0, 1], False, [1, 1], "NHWC",
+                                         [False, True, True], HOST)),
         (ops.pointwise_conv2d, (xp, wp, bp, rp, "NCHW", "silu", HOST)),
         (ops.pointwise_conv2d_grad_input, (rp, wp.detach().reshape(5, 3).requires_grad_(),
                                            "NCHW", HOST)),
@@ -303,7 +307,7 @@ def test_opcheck_every_op(rng):
     dispatch with dynamic shapes, which traces their backward and so the gradient ops' fakes."""
     cheap = ("test_schema", "test_autograd_registration", "test_faketensor")
     for op, args in _opcheck_samples(rng):
-        forward = "_grad_" not in str(op)
+        forward = "_grad_" not in str(op) and "_backward" not in str(op)
         torch.library.opcheck(op, args, test_utils=cheap + ("test_aot_dispatch_dynamic",)
                               if forward else cheap)
 
