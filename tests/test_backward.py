@@ -44,6 +44,7 @@ CASES = [
     (2, 2, 13, 15, 2, 3, 5, (3, 1), (1, 2), (1, 3)),       # non-square kernel, pair forms
     (1, 7, 31, 5, 1, 3, 1, (1, 3), ((0, 4), (2, 2)), 1),   # more padding than the kernel needs
     (2, 3, 12, 15, 2, 3, 5, 1, ((2, 0), (1, 3)), (2, 1)),  # stride 1, asymmetric, dilation
+    (2, 70, 6, 5, 1, 3, 3, 2, 1, 1),                       # many small planes, a partial group
 ]
 
 
