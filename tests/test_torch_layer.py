@@ -230,6 +230,17 @@ def test_double_backward(rng):
     assert torch.autograd.gradgradcheck(lambda *a: dt.pointwise_conv2d(*a, **kw), (x, w, b))
 
 
+def test_double_backward_of_the_one_call_backward(rng):
+    """The depthwise backward op with a subset of its outputs (frozen weight, or no bias), NHWC,
+    multiplier 2: its own gradients are right too."""
+    x, w, b = _t(rng, 1, 4, 3, 2), _t(rng, 4, 1, 2, 3), _t(rng, 4)
+    kw = {"stride": (2, 1), "padding": ((1, 0), (1, 1)), "layout": "NHWC", "activation": "silu",
+          "backend": HOST}
+    wf = w.detach()
+    assert torch.autograd.gradgradcheck(lambda x, b: dt.depthwise_conv2d(x, wf, b, **kw), (x, b))
+    assert torch.autograd.gradgradcheck(lambda x, w: dt.depthwise_conv2d(x, w, **kw), (x, w))
+
+
 @pytest.mark.skipif(not dwops.backend_available("cpu"), reason="the 'cpu' backend is not built")
 def test_default_backend(rng):
     """backend="auto" (the fast CPU backend): forward and gradients equal the reference's."""
