@@ -138,6 +138,30 @@ def depthwise_conv2d_grad_weight(x, grad_output, weight_shape, *, stride=1, padd
                    {"x": x, "grad_output": grad_output}, p.w_shape, "grad_output")
 
 
+def depthwise_conv2d_backward(x, grad_output, weight, *, stride=1, padding=0, dilation=1,
+                              layout="NCHW", need_input=True, need_weight=True, need_bias=False,
+                              backend="auto"):
+    """Gradients of :func:`depthwise_conv2d` (the convolution, without activation) in one call.
+
+    Takes the forward's ``x`` ``(N, C, H, W)`` / ``(N, H, W, C)``, ``weight`` ``(C*M, 1, KH, KW)``
+    and geometry, and ``grad_output`` shaped like its output ``(N, C*M, OH, OW)`` /
+    ``(N, OH, OW, C*M)``; returns ``(grad_input, grad_weight, grad_bias)`` shaped like ``x``,
+    ``weight`` and ``(C*M,)`` (``grad_output`` summed over N, OH and OW), with ``None`` for each
+    one not asked for by the ``need_*`` flags (at least one must be True). Equal to
+    :func:`depthwise_conv2d_grad_input` and :func:`depthwise_conv2d_grad_weight` called apart;
+    a backend may compute them in fewer passes over ``grad_output``.
+    """
+    fn = "depthwise_conv2d_backward"
+    need = {"need_input": need_input, "need_weight": need_weight, "need_bias": need_bias}
+    p, infos = _spec.depthwise_backward(fn, x, grad_output, weight, stride, padding, dilation,
+                                        layout, need)
+    be = _registry.resolve(fn, backend, infos["x"].on_gpu, "depthwise_backward", p)
+    arrays = {"x": x, "grad_output": grad_output, "weight": weight}
+    shapes = [p.x_shape if need_input else None, p.w_shape if need_weight else None,
+              (p.CO,) if need_bias else None]
+    return _launch_many(be, "depthwise_backward", p, infos, arrays, shapes, "grad_output")
+
+
 def pointwise_conv2d(x, weight, bias=None, *, layout="NCHW", activation=None, residual=None,
                      backend="auto"):
     """Pointwise (1x1) convolution with a fused epilogue: ``activation(W x + bias) + residual``.

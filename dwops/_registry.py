@@ -79,6 +79,32 @@ class Backend:
     def separable_forward(self, p, x, dw_w, pw_w, b, dw_b, residual, out, stream=None):
         raise NotImplementedError
 
+    def depthwise_backward(self, p, x, gy, w, gx, gw, gb, stream=None):
+        """The gradients of a depthwise problem (without bias and activation) that are asked for:
+        ``gx`` p.x_shape, ``gw`` (C*M, 1, KH, KW), ``gb`` (C*M,) = ``gy`` summed over N, OH, OW;
+        an output that is not asked for is None. This default composes the single gradients (a
+        backend with a one-pass kernel overrides it)."""
+        if gx is not None:
+            self.depthwise_grad_input(p, gy, w, gx, stream=stream)
+        if gw is not None:
+            self.depthwise_grad_weight(p, x, gy, gw, stream=stream)
+        if gb is not None:
+            self._depthwise_grad_bias(p, gy, gb, stream=stream)
+
+    def _depthwise_grad_bias(self, p, gy, gb, stream=None):
+        """``gb`` (C*M,) = ``gy`` summed over N, OH, OW, as the pointwise weight gradient of
+        ``gy`` against a one-channel input of ones (so the backend's own GEMM and rounding)."""
+        import numpy as np
+
+        from ._interop import describe
+        from ._spec import PointwiseProblem, _physical
+
+        ones = np.ones(_physical(p.layout, p.N, 1, p.OH, p.OW), numpy_dtype(p.dtype))
+        q = PointwiseProblem(p.N, 1, p.CO, p.OH, p.OW, p.layout, p.dtype)
+        self.pointwise_grad_weight(q, self.asarray(ones, describe(ones, "depthwise_backward",
+                                                                  "ones")),
+                                   gy, gb.reshape(p.CO, 1), stream=stream)
+
     # depthwise 1-d (dwops/_spec.py Conv1dProblem, Conv1dUpdateProblem). ``state`` (N, C, W),
     # ``seq`` (N, L) int32/int64 and every output but ``out`` may be None (not given / not asked
     # for). x, gy, out and gx are in the problem's layout ("NCL" or "NLC"), states always (N, C, W).
@@ -185,6 +211,17 @@ class HostBackend(Backend):
         from ._interop import to_host
 
         return info.lib in ("numpy", "torch") and np.shares_memory(native, to_host(obj, info))
+
+    @staticmethod
+    def _bias_sums(p, gy):
+        """``gy`` (a depthwise problem's output gradient) summed over N, OH, OW in float64."""
+        import numpy as np
+
+        return gy.sum(axis=(0, 2, 3) if p.layout == "NCHW" else (0, 1, 2), dtype=np.float64)
+
+    def _depthwise_grad_bias(self, p, gy, gb, stream=None):
+        """``gb`` = ``gy`` summed over N, OH, OW in float64, rounded once."""
+        gb[...] = self._bias_sums(p, gy).astype(gb.dtype)
 
     def allocate(self, shape, dtype, like_obj, like_info):
         import numpy as np

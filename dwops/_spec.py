@@ -340,6 +340,32 @@ def depthwise_grad_weight(fn, x, grad_output, weight_shape, stride, padding, dil
     return p, infos
 
 
+def check_need(fn: str, need: dict, require_any: bool = False) -> None:
+    """The ``need_*`` flags of a backward: each True or False; with ``require_any`` at least one
+    True."""
+    for name, flag in need.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"{fn}: {name} must be True or False, got {flag!r}")
+    if require_any and not any(need.values()):
+        raise ValueError(f"{fn}: nothing to compute: at least one of {', '.join(need)} must be "
+                         f"True")
+
+
+def depthwise_backward(fn, x, grad_output, weight, stride, padding, dilation, layout, need):
+    check_layout(fn, layout)
+    check_need(fn, need, require_any=True)
+    infos = _describe_all(fn, {"x": x, "grad_output": grad_output, "weight": weight})
+    _rank4(fn, "x", infos["x"].shape)
+    _nonempty(fn, "x", infos["x"].shape)
+    n, c, h, w = _logical(layout, infos["x"].shape)
+    p = _depthwise_geometry(fn, n, c, h, w, infos["weight"].shape, "weight", stride, padding,
+                            dilation, layout, infos["x"].dtype)
+    _rank4(fn, "grad_output", infos["grad_output"].shape)
+    _check_shape(fn, "grad_output", infos["grad_output"].shape, p.y_shape,
+                 f"the {layout} output of x")
+    return p, infos
+
+
 def _pointwise_weight(fn, arg, shape) -> tuple[int, int]:
     if len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1)):
         if shape[0] == 0 or shape[1] == 0:
@@ -654,9 +680,7 @@ def depthwise_1d(fn, x, weight, bias, stride, padding, dilation, layout, activat
 def depthwise_1d_backward(fn, x, grad_output, weight, stride, padding, dilation, layout,
                           initial_state, seq_idx, need):
     check_layout_1d(fn, layout)
-    for name, flag in need.items():
-        if not isinstance(flag, bool):
-            raise ValueError(f"{fn}: {name} must be True or False, got {flag!r}")
+    check_need(fn, need)
     infos = _describe_all(fn, {"x": x, "grad_output": grad_output, "weight": weight,
                                "initial_state": initial_state})
     _rank(fn, "x", infos["x"].shape, 3)

@@ -33,6 +33,7 @@ Backward, with ``z = conv(x) + b``, ``y = act(z) + r`` and ``g`` the cotangent o
                         by one forward call; act' as dwops.reference.activation_derivative,
                         PyTorch autograd's values at the kinks)
     gx = conv_grad_input(gz, w);  gw = conv_grad_weight(x, gz);  gb = sum_{N,H,W} gz;  gr = g
+    (depthwise: gx, gw and gb from one dwops.depthwise_conv2d_backward call)
 
 The separable op recomputes its intermediate ``mid = dw_act(dw(x) + dw_b)`` (the fused forward
 never stores it) and chains the pointwise and depthwise gradients through it.
@@ -94,6 +95,12 @@ _OPS = {
                                                      k["weight_shape"], k["stride"], k["padding"],
                                                      k["dilation"], k["layout"]),
         "depthwise_grad_weight", ("x", "grad_output"), lambda p: p.w_shape, _no_reshape),
+    "depthwise_conv2d_backward": _Op(
+        lambda fn, a, k: _spec.depthwise_backward(fn, a["x"], a["grad_output"], a["weight"],
+                                                  k["stride"], k["padding"], k["dilation"],
+                                                  k["layout"], {n: k[n] for n in _NEED[:3]}),
+        "depthwise_backward", ("x", "grad_output", "weight"),
+        lambda p: [p.x_shape, p.w_shape, (p.CO,)], _no_reshape),
     "pointwise_conv2d": _Op(
         lambda fn, a, k: _spec.pointwise(fn, a["x"], a["weight"], a.get("bias"), k["layout"],
                                          k["activation"], a.get("residual")),
@@ -133,7 +140,7 @@ _OPS = {
 }
 _NEED = ("need_input", "need_weight", "need_bias", "need_initial_state")
 # dwops.jax's backward asks for every gradient (custom_vjp returns one per input; the bias
-# gradient comes from the same pass): need_initial_state follows whether a state was given.
+# gradient comes from the same call): need_initial_state follows whether a state was given.
 
 
 def _meta(a):
@@ -319,12 +326,9 @@ def _depthwise_vjp(geo, activation, backend, x, w, b, y, g):
         gz = _act_grad(g, activation, pre=z)
     else:
         gz = g
-    gx = _invoke("depthwise_conv2d_grad_input", {"grad_output": gz, "weight": w},
-                 dict(geo, input_shape=tuple(x.shape)), backend)
-    gw = _invoke("depthwise_conv2d_grad_weight", {"x": x, "grad_output": gz},
-                 dict(geo, weight_shape=tuple(w.shape)), backend)
-    gb = None if b is None else gz.sum(axis=_reduce_axes(geo["layout"])).astype(b.dtype)
-    return gx, gw, gb
+    gx, gw, gb = _invoke("depthwise_conv2d_backward", {"x": x, "grad_output": gz, "weight": w},
+                         dict(geo, need_input=True, need_weight=True, need_bias=True), backend)
+    return gx, gw, None if b is None else gb
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ The math, with ``M`` the channel multiplier and ``xp`` the zero-padded input::
     grad_input    gx[n, c, p, q] = sum over (o, i, j, a, b) with o // M == c and
                                    (i*sh + a*dh, j*sw + b*dw) == (p + pt, q + pl) of w[o,0,a,b] * gy[n,o,i,j]
     grad_weight   gw[o, 0, a, b] = sum_{n, i, j} gy[n, o, i, j] * xp[n, o // M, i*sh + a*dh, j*sw + b*dw]
+    grad_bias     gb[o]          = sum_{n, i, j} gy[n, o, i, j]      (backward: the three composed)
     pointwise     y[n, o, h, w]  = sum_c W[o, c] * x[n, c, h, w]
     its grads     gx = W^T gy over channels;  gW[o, c] = sum_{n, h, w} gy[n, o, h, w] * x[n, c, h, w]
     fused op      y = activation(conv + bias) + residual
@@ -36,6 +37,7 @@ from ._registry import HostBackend
 
 __all__ = [
     "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_weight",
+    "depthwise_conv2d_backward",
     "pointwise_conv2d", "pointwise_conv2d_grad_input", "pointwise_conv2d_grad_weight",
     "separable_conv2d", "depthwise_conv1d", "depthwise_conv1d_backward",
     "depthwise_conv1d_update", "activate", "activation_derivative",
@@ -318,6 +320,17 @@ def depthwise_conv2d_grad_weight(x, grad_output, weight_shape, *, stride=1, padd
     return _api.depthwise_conv2d_grad_weight(x, grad_output, weight_shape, stride=stride,
                                              padding=padding, dilation=dilation, layout=layout,
                                              backend="numpy")
+
+
+def depthwise_conv2d_backward(x, grad_output, weight, *, stride=1, padding=0, dilation=1,
+                              layout="NCHW", need_input=True, need_weight=True, need_bias=False):
+    """Reference depthwise backward (the single gradients composed); see
+    :func:`dwops.depthwise_conv2d_backward`."""
+    from . import _api
+
+    return _api.depthwise_conv2d_backward(
+        x, grad_output, weight, stride=stride, padding=padding, dilation=dilation, layout=layout,
+        need_input=need_input, need_weight=need_weight, need_bias=need_bias, backend="numpy")
 
 
 def pointwise_conv2d(x, weight, bias=None, *, layout="NCHW", activation=None, residual=None):

@@ -31,12 +31,14 @@ Backward. With ``z = conv(x) + b`` the pre-activation, ``y = act(z) + r`` and ``
         with a residual the output is act(z) + r, so z is recomputed for every activation
     gx = conv_grad_input(gz, w)     gw = conv_grad_weight(x, gz)
     gb = sum over N, H, W of gz     gr = g
+    (depthwise: gx, gw and gb from one dwops.depthwise_conv2d_backward call, asking only for
+    the gradients of the inputs that require one)
 
 Separable, ``y = act(pw(mid) + b) + r`` with ``mid = dw_act(dw(x) + dw_b)``: the fused forward never
 stores ``mid``, so the backward recomputes it with one depthwise forward, then::
 
     gz2 = g * act'(z2);  gb = sum gz2;  gpw = pw_grad_weight(mid, gz2);  gmid = pw_grad_input(gz2, pw)
-    gz1 = gmid * dw_act'(z1);  gdw_b = sum gz1;  gx = dw_grad_input(gz1, dw);  gdw = dw_grad_weight(x, gz1)
+    gz1 = gmid * dw_act'(z1);  (gx, gdw, gdw_b) = dw_backward(x, gz1, dw)   (one call)
 
 Recomputing instead of saving the pre-activations keeps the forward fused and its memory at one
 output; 16-bit activation derivatives are evaluated in float32. The gradient ops are themselves
@@ -232,6 +234,62 @@ _depthwise_grad_weight_op.register_autograd(_depthwise_grad_weight_backward,
                                             setup_context=_depthwise_grad_weight_setup)
 
 
+@torch.library.custom_op("dwops::depthwise_conv2d_backward", mutates_args=())
+def _depthwise_backward_op(x: Tensor, grad_output: Tensor, weight: Tensor, stride: List[int],
+                           padding: List[int], same: bool, dilation: List[int], layout: str,
+                           need: List[bool], backend: str) -> List[Tensor]:
+    grads = _api.depthwise_conv2d_backward(
+        x, grad_output, weight, stride=tuple(stride), padding=_padding_arg(padding, same),
+        dilation=tuple(dilation), layout=layout, need_input=need[0], need_weight=need[1],
+        need_bias=need[2], backend=backend)
+    return [g if g is not None else x.new_empty(0) for g in grads]  # empty: not asked for
+
+
+@_depthwise_backward_op.register_fake
+def _(x, grad_output, weight, stride, padding, same, dilation, layout, need, backend):
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return [x.new_empty(shape if asked else (0,)) for asked, shape in zip(need, shapes)]
+
+
+# The one-call backward (gx, gw, gb) = (grad_input(gy, w), grad_weight(x, gy), sum gy) is linear
+# in gy and in each of x and w; for cotangents (cx, cw, cb): d/dx = grad_input(gy, cw),
+# d/dgy = conv(cx, w) + conv(x, cw) + cb (broadcast), d/dw = grad_weight(cx, gy).
+
+
+def _depthwise_backward_op_setup(ctx, inputs, output):
+    x, grad_output, weight, stride, padding, same, dilation, layout, need, backend = inputs
+    ctx.geometry = (stride, padding, same, dilation, layout, backend)
+    ctx.need = need
+    ctx.save_for_backward(x, grad_output, weight)
+
+
+def _depthwise_backward_op_backward(ctx, cots):
+    x, grad_output, weight = ctx.saved_tensors
+    stride, padding, same, dilation, layout, backend = ctx.geometry
+    geo = (stride, padding, same, dilation, layout)
+    cx, cw, cb = (c if asked and c is not None else None for c, asked in zip(cots, ctx.need))
+    needs = ctx.needs_input_grad
+    g_x = g_gy = g_w = None
+    if needs[0] and cw is not None:
+        g_x = _depthwise_grad_input_op(grad_output, cw, list(x.shape), *geo, backend)
+    if needs[1]:
+        terms = []
+        if cx is not None:
+            terms.append(_depthwise_op(cx, weight, None, *geo, None, backend))
+        if cw is not None:
+            terms.append(_depthwise_op(x, cw, None, *geo, None, backend))
+        if cb is not None:
+            terms.append(cb.reshape(_physical(layout, 1, -1, 1, 1)).expand(grad_output.shape))
+        g_gy = sum(terms[1:], terms[0]) if terms else None
+    if needs[2] and cx is not None:
+        g_w = _depthwise_grad_weight_op(cx, grad_output, list(weight.shape), *geo, backend)
+    return (g_x, g_gy, g_w) + (None,) * 7
+
+
+_depthwise_backward_op.register_autograd(_depthwise_backward_op_backward,
+                                         setup_context=_depthwise_backward_op_setup)
+
+
 def _depthwise_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, same, dilation, layout, activation, backend = inputs
     ctx.geometry = (stride, padding, same, dilation, layout, backend)
@@ -251,16 +309,18 @@ def _depthwise_backward(ctx, g):
         gz = _act_grad(g, act, pre=z)
     else:
         gz = g
-    gx = gw = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = _depthwise_grad_input_op(gz, weight, list(x.shape), stride, padding, same, dilation,
-                                      layout, backend)
-    if ctx.needs_input_grad[1]:
-        gw = _depthwise_grad_weight_op(x, gz, list(weight.shape), stride, padding, same, dilation,
-                                       layout, backend)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = gz.sum(_reduce_dims(layout))
+    needs = ctx.needs_input_grad
+    gx, gw, gb = _depthwise_grads(x, gz, weight, (stride, padding, same, dilation, layout),
+                                  backend, [needs[0], needs[1], ctx.has_bias and needs[2]])
     return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _depthwise_grads(x, gz, weight, geo, backend, need):
+    """(gx, gw, gb) of a depthwise stage from one backward call, None where ``need`` is False."""
+    if not any(need):
+        return None, None, None
+    out = _depthwise_backward_op(x, gz, weight, *geo, need, backend)
+    return tuple(o if asked else None for o, asked in zip(out, need))
 
 
 _depthwise_op.register_autograd(_depthwise_backward, setup_context=_depthwise_setup)
@@ -441,12 +501,8 @@ def _separable_backward(ctx, g):
                             pre=_depthwise_op(x, dw_weight, dw_bias, *geo, None, backend))
         else:
             gz1 = gmid
-        if need[0]:
-            gx = _depthwise_grad_input_op(gz1, dw_weight, list(x.shape), *geo, backend)
-        if need[1]:
-            gdw = _depthwise_grad_weight_op(x, gz1, list(dw_weight.shape), *geo, backend)
-        if has_dw_bias and need[4]:
-            gdb = gz1.sum(_reduce_dims(layout))
+        gx, gdw, gdb = _depthwise_grads(x, gz1, dw_weight, geo, backend,
+                                        [need[0], need[1], has_dw_bias and need[4]])
     if has_residual and need[5]:
         gr = g
     return (gx, gdw, gpw, gb, gdb, gr) + (None,) * 8

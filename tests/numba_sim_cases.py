@@ -507,6 +507,23 @@ def test_public_api_numpy_and_torch_cpu(rng):
                  R.pointwise_conv2d(absf(xn), absf(pw), layout="NHWC"))
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_public_depthwise_backward(layout, rng):
+    """backend='numba' through dwops.depthwise_conv2d_backward (the single gradients and the
+    bias reduction composed), against the reference."""
+    x = rand(rng, physical(layout, 2, 3, 5, 4))
+    w = rand(rng, (6, 1, 3, 2))
+    geo = dict(stride=(2, 1), padding=((1, 0), (0, 1)), dilation=(1, 2), layout=layout)
+    gy = rand(rng, R.depthwise_conv2d(x, w, **geo).shape)
+    need = dict(need_input=True, need_weight=True, need_bias=True)
+    got = dwops.depthwise_conv2d_backward(x, gy, w, **geo, **need, backend="numba")
+    want = R.depthwise_conv2d_backward(x, gy, w, **geo, **need)
+    scale = R.depthwise_conv2d_backward(absf(x), absf(gy), absf(w), **geo, **need)
+    for g, e, sc in zip(got, want, scale):
+        assert isinstance(g, np.ndarray) and g.dtype == np.float32
+        assert_close(g, e, "float32", np.maximum(sc, 1e-3))
+
+
 def test_bfloat16_refused_with_a_hint():
     import ml_dtypes
 

@@ -259,11 +259,13 @@ def test_tile_shrinks_then_opts_in_for_large_kernels():
 def test_prefers_unless_no_plan_fits():
     be = cb.BACKEND
     p = _dw_problem(k=(3, 3), padding=1)
-    for op in ("depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight"):
+    for op in ("depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight",
+               "depthwise_backward"):
         assert be.prefers(op, p)
     huge = _dw_problem(k=(31, 31), padding=0, d=(40, 40), h=1300, w=1300, n=1, c=1)
     assert not be.prefers("depthwise_forward", huge)
     assert not be.prefers("depthwise_grad_weight", huge)
+    assert not be.prefers("depthwise_backward", huge)
     assert be.prefers("pointwise_forward", _pw_problem())
 
 

@@ -485,6 +485,31 @@ def test_random_depthwise_problems(seed):
 
 
 @pytest.mark.emu_grads_random
+@pytest.mark.parametrize("seed", range(8))
+def test_random_depthwise_backward(seed):
+    """Backend.depthwise_backward (the single gradients and the bias reduction composed) with a
+    random non-empty subset of outputs, poisoned, on random problems, against the reference."""
+    be = _backend()
+    rng = np.random.default_rng(5000 + seed)
+    p, x, w, dtype = _random_depthwise(rng)
+    gy = rand(rng, p.y_shape, dtype)
+    flags = rng.random(3) < 0.5
+    flags[seed % 3] = True
+    shapes = (p.x_shape, p.w_shape, (p.CO,))
+    outs = [_poisoned(s, dtype) if f else None for s, f in zip(shapes, flags)]
+    be.depthwise_backward(p, _dev(x, dtype), _dev(gy, dtype), _dev(w, dtype), *outs, stream=0)
+    need = dict(zip(("need_input", "need_weight", "need_bias"), (bool(f) for f in flags)))
+    kw = _ref_kw(p)
+    ref = dwops.reference.depthwise_conv2d_backward(x, gy, w, **kw, **need)
+    scale = dwops.reference.depthwise_conv2d_backward(_abs(x), _abs(gy), _abs(w), **kw, **need)
+    for name, got, r, sc in zip(need, outs, ref, scale):
+        assert (got is None) == (r is None), name
+        if got is not None:
+            assert_close(_host(got, dtype), r, dtype, scale=np.maximum(sc, 1e-3),
+                         what=f"{name} {p}")
+
+
+@pytest.mark.emu_grads_random
 @pytest.mark.parametrize("seed", range(24))
 def test_random_separable_problems(seed):
     """The fused (or unfused) separable forward of random problems, every epilogue."""

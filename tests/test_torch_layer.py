@@ -230,6 +230,17 @@ def test_double_backward(rng):
     assert torch.autograd.gradgradcheck(lambda *a: dt.pointwise_conv2d(*a, **kw), (x, w, b))
 
 
+def test_double_backward_of_the_one_call_backward(rng):
+    """The depthwise backward op with a subset of its outputs (frozen weight, or no bias), NHWC,
+    multiplier 2: its own gradients are right too."""
+    x, w, b = _t(rng, 1, 4, 3, 2), _t(rng, 4, 1, 2, 3), _t(rng, 4)
+    kw = {"stride": (2, 1), "padding": ((1, 0), (1, 1)), "layout": "NHWC", "activation": "silu",
+          "backend": HOST}
+    wf = w.detach()
+    assert torch.autograd.gradgradcheck(lambda x, b: dt.depthwise_conv2d(x, wf, b, **kw), (x, b))
+    assert torch.autograd.gradgradcheck(lambda x, w: dt.depthwise_conv2d(x, w, **kw), (x, w))
+
+
 @pytest.mark.skipif(not dwops.backend_available("cpu"), reason="the 'cpu' backend is not built")
 def test_default_backend(rng):
     """backend="auto" (the fast CPU backend): forward and gradients equal the reference's."""
@@ -288,6 +299,10 @@ def _opcheck_samples(rng):
         (ops.depthwise_conv2d, (x, w, b, *geo, "NCHW", "gelu", HOST)),
         (ops.depthwise_conv2d_grad_input, (gy, w, [1, 2, 5, 4], *geo, "NCHW", HOST)),
         (ops.depthwise_conv2d_grad_weight, (x, gy, [4, 1, 3, 3], *geo, "NCHW", HOST)),
+        (ops.depthwise_conv2d_backward, (x, gy, w, *geo, "NCHW", [True, True, True], HOST)),
+        (ops.depthwise_conv2d_backward, (xn, _t(rng, 1, 1, 2, 4), _t(rng, 4, 1, 3, 2), [2, 2],
+                                         [1, 0, 0, 1], False, [1, 1], "NHWC",
+                                         [False, True, True], HOST)),
         (ops.pointwise_conv2d, (xp, wp, bp, rp, "NCHW", "silu", HOST)),
         (ops.pointwise_conv2d_grad_input, (rp, wp.detach().reshape(5, 3).requires_grad_(),
                                            "NCHW", HOST)),
@@ -303,7 +318,7 @@ def test_opcheck_every_op(rng):
     dispatch with dynamic shapes, which traces their backward and so the gradient ops' fakes."""
     cheap = ("test_schema", "test_autograd_registration", "test_faketensor")
     for op, args in _opcheck_samples(rng):
-        forward = "_grad_" not in str(op)
+        forward = "_grad_" not in str(op) and "_backward" not in str(op)
         torch.library.opcheck(op, args, test_utils=cheap + ("test_aot_dispatch_dynamic",)
                               if forward else cheap)
 

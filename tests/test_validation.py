@@ -83,6 +83,18 @@ def arrays(rng):
     (lambda a, be: dwops.depthwise_conv2d_grad_weight(a["x"], np.ones((2, 6, 5, 6), np.float32),
                                                       (6, 1, 3, 3), backend=be),
      ValueError, r"argument 'grad_output' must have shape \(2, 6, 6, 6\)"),
+    (lambda a, be: dwops.depthwise_conv2d_backward(a["x"], np.ones((2, 6, 5, 6), np.float32),
+                                                   a["w"], backend=be),
+     ValueError, r"depthwise_conv2d_backward: argument 'grad_output' must have shape "
+                 r"\(2, 6, 6, 6\)"),
+    (lambda a, be: dwops.depthwise_conv2d_backward(a["x"], np.ones((2, 6, 6, 6), np.float32),
+                                                   a["w"], need_input=False, need_weight=False,
+                                                   backend=be),
+     ValueError, r"depthwise_conv2d_backward: nothing to compute: at least one of need_input, "
+                 r"need_weight, need_bias must be True"),
+    (lambda a, be: dwops.depthwise_conv2d_backward(a["x"], np.ones((2, 6, 6, 6), np.float64),
+                                                   a["w"], backend=be),
+     TypeError, r"argument 'grad_output' has dtype float64 but 'x' has float32"),
     (lambda a, be: dwops.pointwise_conv2d(a["x"], a["pw"], backend=be), ValueError,
      r"pointwise_conv2d: argument 'weight' has C_in=6 but x has 3 channels"),
     (lambda a, be: dwops.pointwise_conv2d(a["x"], np.ones((4, 3, 3, 3), np.float32), backend=be),

@@ -483,7 +483,7 @@ def _dw_grad_input_nchw_groups(gy, wg, gx, sh, sw, dh, dw, pt, pl):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _dw_grad_weight_nchw_groups(x, gy, part, sh, sw, dh, dw, pt, pl):
+def _dw_grad_weight_nchw_groups(x, gy, part, partb, sh, sw, dh, dw, pt, pl):
     """Depthwise grad_weight, NCHW, multiplier 1, small planes, stage 1: one float64 partial per
     (image, group of G channels), computed channel last (_dw_gw_row_nhwc on the transposed
     groups of x and gy).
@@ -491,6 +491,8 @@ def _dw_grad_weight_nchw_groups(x, gy, part, sh, sw, dh, dw, pt, pl):
     x:        (N, C, H, W) input;  gy: (N, C, OH, OW) output gradient
     part:     (N, NG, KH, KW, G) float64 partial sums, fully written (zero past channel C;
               stage 2: sum over n)
+    partb:    (N, NG, G) float64 partial sums of gy (the bias gradient), fully written, from the
+              same transposed group; or (0, 0, 0): no bias gradient
     sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     """
     N, C, H, W = x.shape
@@ -507,6 +509,10 @@ def _dw_grad_weight_nchw_groups(x, gy, part, sh, sw, dh, dw, pt, pl):
         part[n, g] = 0.0
         for i in range(OH):
             _dw_gw_row_nhwc(xs, gys, 0, i, acc, part[n, g], 1, sh, sw, dh, dw, pt, pl)
+        if partb.shape[0] > 0:
+            partb[n, g] = 0.0
+            for i in range(OH):
+                _gb_row_nhwc(gys, 0, i, acc, partb[n, g])
 
 
 # ----------------------------------------------------------------------------- depthwise grad_input
@@ -631,12 +637,14 @@ def _dw_grad_input_nhwc(gy, wt, gx, M, sh, sw, dh, dw, pt, pl):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM_SUM)
-def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
+def _dw_grad_weight_nchw(x, gy, part, partb, M, sh, sw, dh, dw, pt, pl):
     """Depthwise grad_weight, NCHW, stage 1: one float64 partial per (n, o) plane.
 
     x:        (N, C, H, W) input
     gy:       (N, C*M, OH, OW) output gradient
     part:     (N, C*M, KH, KW) float64 partial sums, fully written (stage 2: sum over n)
+    partb:    (N, C*M) float64 sums of each gy plane (the bias gradient's partials), fully
+              written by the task that reads the plane for the taps; or (0, 0): no bias gradient
     M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     The input plane is copied once into zero-padded phase planes (_phase_copy, as the forward),
     so for every tap output row i reads one contiguous run of OW values (no strided gather):
@@ -670,6 +678,14 @@ def _dw_grad_weight_nchw(x, gy, part, M, sh, sw, dh, dw, pt, pl):
                             s += gy[n, o, i, _u(k)] * xp[_u(ri + k)]
                         total += s
                     part[n, o, a, bb] = total
+            if partb.shape[0] > 0:
+                total = 0.0
+                for i in range(OH):
+                    s = zero
+                    for k in range(OW):
+                        s += gy[n, o, i, _u(k)]
+                    total += s
+                partb[n, o] = total
 
 
 @njit(cache=True, fastmath=_FM)
@@ -723,23 +739,45 @@ def _dw_gw_row_nhwc(x, gy, n, i, acc, dst, M, sh, sw, dh, dw, pt, pl):
                 dst[a, bb, o] += acc[o]
 
 
+@njit(cache=True, fastmath=_FM)
+def _gb_row_nhwc(gy, n, i, acc, dst):
+    """dst[o] += sum_j gy[n, i, j, o] (a bias gradient's partial sum over output row (n, i)),
+    NHWC; acc: (C*M,) scratch in the input dtype (the row's sum, vectorized along C), dst float64."""
+    OW, CO = gy.shape[2], gy.shape[3]
+    zero = gy.dtype.type(0.0)
+    for o in range(CO):
+        acc[o] = zero
+    for j in range(OW):
+        for o in range(CO):
+            acc[o] += gy[n, i, j, o]
+    for o in range(CO):
+        dst[o] += acc[o]
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _dw_grad_weight_nhwc(x, gy, part, M, sh, sw, dh, dw, pt, pl):
+def _dw_grad_weight_nhwc(x, gy, part, partb, M, sh, sw, dh, dw, pt, pl):
     """Depthwise grad_weight, NHWC, stage 1: one float64 partial per block of output rows.
 
     x:        (N, H, W, C) input
     gy:       (N, OH, OW, C*M) output gradient
     part:     (T, KH, KW, C*M) float64 partial sums, fully written; task t sums the output rows
               (n, i) with flat index n*OH + i in [t*B, (t+1)*B), B = ceil(N*OH / T)
+    partb:    (T, C*M) float64 sums of the same rows of gy (the bias gradient's partials), each
+              row summed right after its taps read it; or (0, 0): no bias gradient
     M, sh, sw, dh, dw, pt, pl: as in _dw_forward_nchw
     """
     N, OH, OW, CO = gy.shape
     T = part.shape[0]
     rows = N * OH
     per = (rows + T - 1) // T
+    bias = partb.shape[0] > 0
     for t in prange(T):
         part[t] = 0.0
+        if bias:
+            partb[t] = 0.0
         acc = np.empty(CO, x.dtype)
         for flat in range(t * per, min(rows, (t + 1) * per)):
             n = flat // OH
             _dw_gw_row_nhwc(x, gy, n, flat - n * OH, acc, part[t], M, sh, sw, dh, dw, pt, pl)
+            if bias:
+                _gb_row_nhwc(gy, n, flat - n * OH, acc, partb[t])

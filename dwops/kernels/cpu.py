@@ -67,7 +67,8 @@ How each is computed:
 * Depthwise grad_weight is a two-stage reduction: per task (NCHW: one ``(n, o)`` plane, read as
   the forward's phase planes so every row is a contiguous dot product; NHWC: a fixed block of
   output rows) a float64 partial sum, then one sum over the partials. The number of tasks does
-  not depend on the thread count, so results are reproducible.
+  not depend on the thread count, so results are reproducible. Asked for with it (the one-call
+  backward), the bias gradient is summed by the same tasks from the gy they read for the taps.
 * Pointwise products are BLAS GEMMs (the library SciPy links, called from Numba through
   :func:`_gemm`), one per tile of a block of pixels by a block of output channels
   (:func:`pw_tiles`): each prange task makes one single-threaded BLAS call that writes its tile
@@ -379,10 +380,7 @@ class _CpuBackend(HostBackend):
     def depthwise_grad_input(self, p, gy, w, out, stream=None):
         """gy: p.y_shape, w: (C*M, 1, KH, KW), out: p.x_shape."""
         if p.dtype in NARROW:
-            for q, xs, ys, ws in _dw_slabs(p):
-                gx = np.empty(q.x_shape, _F32)
-                self.depthwise_grad_input(q, _f32(gy[ys]), _f32(w[ws]), gx)
-                out[xs] = gx
+            self._dw_backward_slabs(p, None, gy, w, out, None, None)
             return
         dt = _compute_dtype(p.dtype)
         gy = _as(gy, dt)
@@ -411,32 +409,87 @@ class _CpuBackend(HostBackend):
 
     def depthwise_grad_weight(self, p, x, gy, out, stream=None):
         """x: p.x_shape, gy: p.y_shape, out: (C*M, 1, KH, KW)."""
+        self.depthwise_backward(p, x, gy, None, None, out, None)
+
+    def depthwise_backward(self, p, x, gy, w, gx, gw, gb, stream=None):
+        """x: p.x_shape, gy: p.y_shape, w: (C*M, 1, KH, KW); outputs, None when not asked for:
+        gx p.x_shape, gw (C*M, 1, KH, KW), gb (C*M,).
+
+        The bias gradient comes with the weight gradient: each task of the weight-gradient
+        kernels also sums the block of gy it reads for the taps (_dw_weight_bias), so gy is not
+        read again for it. 16-bit: one pass over the slabs, each block of gy widened once for
+        every gradient asked for (_dw_backward_slabs)."""
         if p.dtype in NARROW:
-            gw = np.zeros((p.CO, p.KH, p.KW), np.float64)
-            for q, xs, ys, ws in _dw_slabs(p):
-                gw[ws] += self._dw_grad_weight(q, _f32(x[xs]), _f32(gy[ys]))
-        else:
-            gw = self._dw_grad_weight(p, x, gy)
-        out[...] = gw.reshape(out.shape)  # float64 sums, rounded once
+            self._dw_backward_slabs(p, x, gy, w, gx, gw, gb)
+            return
+        if gx is not None:
+            self.depthwise_grad_input(p, gy, w, gx)
+        if gw is not None or gb is not None:
+            self._store_sums(gw, gb, *self._dw_weight_bias(p, x, gy, gw is not None,
+                                                           gb is not None))
+
+    def _dw_backward_slabs(self, p, x, gy, w, gx, gw, gb):
+        """The 16-bit depthwise gradients asked for (the others None), slab by slab (_dw_slabs):
+        a slab's block of gy is widened to float32 once and serves grad_input, grad_weight and
+        grad_bias; the weight and bias gradients are float64 sums over the slabs, rounded once."""
+        sum_w = None if gw is None else np.zeros((p.CO, p.KH, p.KW), np.float64)
+        sum_b = None if gb is None else np.zeros(p.CO, np.float64)
+        for q, xs, ys, ws in _dw_slabs(p):
+            g = _f32(gy[ys])
+            if gx is not None:
+                part = np.empty(q.x_shape, _F32)
+                self.depthwise_grad_input(q, g, _f32(w[ws]), part)
+                gx[xs] = part
+            if gw is not None or gb is not None:
+                sw, sb = self._dw_weight_bias(q, None if gw is None else _f32(x[xs]), g,
+                                              gw is not None, gb is not None)
+                if sw is not None:
+                    sum_w[ws] += sw
+                if sb is not None:
+                    sum_b[ws] += sb
+        self._store_sums(gw, gb, sum_w, sum_b)
 
     @staticmethod
-    def _dw_grad_weight(p, x, gy):
-        """The weight gradient as float64 sums, (C*M, KH, KW); p is float32 or float64."""
+    def _store_sums(gw, gb, sum_w, sum_b):
+        """The float64 weight and bias sums, rounded once into the outputs asked for."""
+        if gw is not None:
+            gw[...] = sum_w.reshape(gw.shape)
+        if gb is not None:
+            gb[...] = sum_b
+
+    def _dw_weight_bias(self, p, x, gy, want_w, want_b):
+        """(weight gradient (C*M, KH, KW), bias gradient (C*M,)) as float64 sums, None where not
+        wanted; p is float32 or float64. The bias alone is a float64 sum of gy."""
+        if want_w:
+            return self._dw_grad_weight(p, x, gy, want_b)
+        return None, self._bias_sums(p, gy) if want_b else None
+
+    @staticmethod
+    def _dw_grad_weight(p, x, gy, bias=False):
+        """(weight gradient (C*M, KH, KW), bias gradient (C*M,) or None without ``bias``) as
+        float64 sums of the kernels' per-task partials; p is float32 or float64."""
         dt = _compute_dtype(p.dtype)
         x, gy = _as(x, dt), _as(gy, dt)
+
+        def partials(*shape):  # the bias partials, or the kernels' stand-in for none
+            return np.empty(shape if bias else (0,) * len(shape), np.float64)
+
         if _grouped(p, p.H, p.W, p.OH, p.OW):
             G = _group_size(p.C, dt, max(p.H * p.W, p.OH * p.OW))
-            part = np.empty((p.N, -(-p.C // G), p.KH, p.KW, G), np.float64)
-            _dw_grad_weight_nchw_groups(x, gy, part, *_geometry(p)[1:])
+            NG = -(-p.C // G)
+            part, partb = np.empty((p.N, NG, p.KH, p.KW, G), np.float64), partials(p.N, NG, G)
+            _dw_grad_weight_nchw_groups(x, gy, part, partb, *_geometry(p)[1:])
             gw = part.sum(axis=0).transpose(0, 3, 1, 2).reshape(-1, p.KH, p.KW)
-            return gw[:p.C]
+            return gw[:p.C], partb.sum(axis=0).reshape(-1)[:p.C] if bias else None
         if p.layout == "NCHW":
-            part = np.empty((p.N, p.CO, p.KH, p.KW), np.float64)
-            _dw_grad_weight_nchw(x, gy, part, *_geometry(p))
-            return part.sum(axis=0)
-        part = np.empty((min(GW_TASKS, p.N * p.OH), p.KH, p.KW, p.CO), np.float64)
-        _dw_grad_weight_nhwc(x, gy, part, *_geometry(p))
-        return part.sum(axis=0).transpose(2, 0, 1)
+            part, partb = np.empty((p.N, p.CO, p.KH, p.KW), np.float64), partials(p.N, p.CO)
+            _dw_grad_weight_nchw(x, gy, part, partb, *_geometry(p))
+        else:
+            T = min(GW_TASKS, p.N * p.OH)
+            part, partb = np.empty((T, p.KH, p.KW, p.CO), np.float64), partials(T, p.CO)
+            _dw_grad_weight_nhwc(x, gy, part, partb, *_geometry(p))
+            part = part.transpose(0, 3, 1, 2)
+        return part.sum(axis=0), partb.sum(axis=0) if bias else None
 
     # -- pointwise
 

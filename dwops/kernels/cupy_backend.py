@@ -68,6 +68,9 @@ class CupyBackend(Backend):
                 plan_dw_grad_input(problem, problem.layout, dev=dev)
             elif op == "depthwise_grad_weight":
                 plan_dw_grad_weight(problem, problem.layout, dev=dev)
+            elif op == "depthwise_backward":  # the default composition: both gradients
+                plan_dw_grad_input(problem, problem.layout, dev=dev)
+                plan_dw_grad_weight(problem, problem.layout, dev=dev)
             elif op == "separable_forward" and \
                     plan_separable(problem, problem.dw.layout, dev) is None:
                 plan_dw_forward(conv_of_forward(problem.dw), problem.dw.dtype, problem.dw.layout,
