@@ -39,42 +39,39 @@
 // IP >= IW is the row pitch (padded so that the rows one shared request reads fall in distinct
 // banks; columns IW .. IP - 1 are not written). xp is one (H, W) plane. VEC > 1 requires
 // W % VEC == 0 and xp aligned to VEC elements: every aligned global vector is then wholly inside
-// or wholly outside a row. Each thread issues LOAD_BATCH global loads before their shared
-// stores, so that many loads are in flight (the tile row's alignment differs from the global
-// vectors', so they go through registers rather than cp.async).
-constexpr int LOAD_BATCH = 4;
+// or wholly outside a row. The tile row's alignment differs from the global vectors' (the halo),
+// so the copies go through registers, not cp.async. (Four loads in flight per thread before
+// their shared stores cost the weight-gradient kernels about 12 registers and one resident block
+// per SM, which the model priced higher than the loads' overlap: dropped.)
 template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __restrict__ xp, int H,
                                                int W, int iy0, int ix0, int IH, int IW, int IP,
                                                int tid, int nthr) {
+    if (VEC == 1) {
+        for (int idx = tid; idx < IH * IW; idx += nthr) {
+            const int r = idx / IW, c = idx - r * IW;
+            const int gy = iy0 + r, gx = ix0 + c;
+            s[r * IP + c] = (gy >= 0 && gy < H && gx >= 0 && gx < W) ? xp[(i64)gy * W + gx] : zero_value<T>();
+        }
+        return;
+    }
     const int gv0 = floor_div(ix0, VEC);                     // first aligned global vector
     const int nv = floor_div(ix0 + IW - 1, VEC) - gv0 + 1;   // vectors per tile row
-    const int total = IH * nv;
-    for (int base = tid; base < total; base += LOAD_BATCH * nthr) {
-        Pack<T, VEC> p[LOAD_BATCH];
+    for (int idx = tid; idx < IH * nv; idx += nthr) {
+        const int r = idx / nv;
+        const int gx = (gv0 + idx - r * nv) * VEC;
+        const int gy = iy0 + r;
+        Pack<T, VEC> p;
+        if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
+            p = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)gy * W + gx);
+        } else {
 #pragma unroll
-        for (int u = 0; u < LOAD_BATCH; ++u) {
-            const int idx = base + u * nthr;
-            const int r = idx / nv;
-            const int gx = (gv0 + idx - r * nv) * VEC;
-            const int gy = iy0 + r;
-            if (idx < total && gy >= 0 && gy < H && gx >= 0 && gx < W) {
-                p[u] = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)gy * W + gx);
-            } else {
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) p[u].v[e] = zero_value<T>();
-            }
+            for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
         }
 #pragma unroll
-        for (int u = 0; u < LOAD_BATCH; ++u) {
-            const int idx = base + u * nthr;
-            const int r = idx / nv;
-            const int gx = (gv0 + idx - r * nv) * VEC;
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                const int c = gx + e - ix0;
-                if (idx < total && c >= 0 && c < IW) s[r * IP + c] = p[u].v[e];
-            }
+        for (int e = 0; e < VEC; ++e) {
+            const int c = gx + e - ix0;
+            if (c >= 0 && c < IW) s[r * IP + c] = p.v[e];
         }
     }
 }
@@ -85,7 +82,7 @@ __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __res
 // VEC > 1 requires CI % VEC == 0, CP % VEC == 0, PITCH % VEC == 0, ci0 % VEC == 0. Vectors of 4,
 // 8 or 16 bytes are copied with cp.async (LDGSTS; the zero-filling form outside the image), every
 // copy of the thread in flight at once, waited for before returning (the caller's barrier then
-// publishes the tile); 2-byte elements go through registers, LOAD_BATCH loads in flight.
+// publishes the tile); 2-byte elements go through registers.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __restrict__ xn, int H,
                                                int W, int CI, int iy0, int ix0, int ci0, int IH,
@@ -105,27 +102,18 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
         cp_async_commit();
         cp_async_wait<0>();
     } else {
-        for (int base = tid; base < total; base += LOAD_BATCH * nthr) {
-            Pack<T, VEC> p[LOAD_BATCH];
+        for (int idx = tid; idx < total; idx += nthr) {
+            const int pix = idx / cv, k = (idx - pix * cv) * VEC;
+            const int r = pix / IW, c = pix - r * IW;
+            const int gy = iy0 + r, gx = ix0 + c, ch = ci0 + k;
+            Pack<T, VEC> p;
+            if (gy >= 0 && gy < H && gx >= 0 && gx < W && ch < CI) {
+                p = *reinterpret_cast<const Pack<T, VEC>*>(xn + ((i64)gy * W + gx) * CI + ch);
+            } else {
 #pragma unroll
-            for (int u = 0; u < LOAD_BATCH; ++u) {
-                const int idx = base + u * nthr;
-                const int pix = idx / cv, k = (idx - pix * cv) * VEC;
-                const int r = pix / IW, c = pix - r * IW;
-                const int gy = iy0 + r, gx = ix0 + c, ch = ci0 + k;
-                if (idx < total && gy >= 0 && gy < H && gx >= 0 && gx < W && ch < CI) {
-                    p[u] = *reinterpret_cast<const Pack<T, VEC>*>(xn + ((i64)gy * W + gx) * CI + ch);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) p[u].v[e] = zero_value<T>();
-                }
+                for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
             }
-#pragma unroll
-            for (int u = 0; u < LOAD_BATCH; ++u) {
-                const int idx = base + u * nthr;
-                const int pix = idx / cv, k = (idx - pix * cv) * VEC;
-                if (idx < total) *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * PITCH + k) = p[u];
-            }
+            *reinterpret_cast<Pack<T, VEC>*>(s + (i64)pix * PITCH + k) = p;
         }
     }
 }
