@@ -74,7 +74,7 @@ def test_every_instantiation_compiles_without_spills(report):
      "st.global.v4.f32"),
     ("depthwise", "dw_forward<float, float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_input<float, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
-    ("depthwise", "dw_grad_weight<float, 3, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    ("depthwise", "dw_grad_weight<float, 3, 4, 2, true>", "ld.global.nc.v4.f32", None),
 ])
 def test_vector_instantiations_use_16_byte_global_accesses(file, name, loads, stores):
     """VEC > 1 instantiations compile to 128-bit global loads (read-only path) and, where the
@@ -484,17 +484,18 @@ def test_dw_grad_weight_plan_covers_every_tile(case, layout):
     assert count == splits * p.CO * p.KH * p.KW
     assert s2.ints == (splits, p.CO * p.KH * p.KW)
     assert s1.shared <= plans.H200.smem_optin
-    if s1.name.startswith("dw_grad_weight<"):
+    acc = plans.ACC_ITEMSIZE["float32"]
+    nthr = s1.block[0] * s1.block[1]
+    if s1.name.startswith("dw_grad_weight_direct<"):
         K = s1.info["K"]
-        assert K == p.KH == p.KW
-        acc = plans.ACC_ITEMSIZE["float32"]
-        nthr = s1.block[0] * s1.block[1]
-        if layout == "NCHW":
-            assert s1.shared >= math.ceil(nthr / 32) * K * K * acc      # warp partials
-            assert s1.grid[1] == min(p.CO, 65535)
-        else:
-            assert s1.shared >= nthr * s1.info["vec"] * acc              # per-thread partials
-            assert K * K * s1.info["vec"] <= max(plans.GW_NHWC_ACC_REGS, K * K)
+        assert K == p.KH == p.KW and layout == "NCHW" and s1.info["tile"] == (1, 1)
+        assert s1.shared >= math.ceil(nthr / 32) * K * K * acc          # warp partials
+        assert s1.grid[1] == min(p.CO, 65535) and per % nthr == 0
+    elif s1.name.startswith("dw_grad_weight<"):
+        K = s1.info["K"]
+        assert K == p.KH == p.KW and layout == "NHWC"
+        assert s1.shared >= nthr * s1.info["vec"] * K * K * acc         # per-thread partials
+        assert K * K * s1.info["vec"] <= max(plans.GW_NHWC_ACC_REGS, K * K)
     else:
         taps = s1.block[1] * plans.TAPS_PER_THREAD
         assert s1.grid[2] * taps >= p.KH * p.KW
@@ -765,6 +766,21 @@ def _emulate_dw_grad_weight(s1, x, gy, p, layout):
     stages the x tile of the plan's size and accumulates gy * tile over the tile's outputs; stage
     2 adds the splits."""
     th, tw = s1.info["tile"]
+    if s1.name.startswith("dw_grad_weight_direct<"):   # positions walked linearly per split
+        per = s1.ints[-1]
+        plane = p.OH * p.OW
+        partial = np.zeros((s1.grid[0], p.CO, p.KH, p.KW))
+        for split in range(s1.grid[0]):
+            for pos in range(split * per, min(p.N * plane, (split + 1) * per)):
+                n, q = divmod(pos, plane)
+                oy, ox = divmod(q, p.OW)
+                for o in range(p.CO):
+                    for a in range(p.KH):
+                        for b in range(p.KW):
+                            iy, ix = oy * p.sh + a * p.dh - p.pt, ox * p.sw + b * p.dw - p.pl
+                            if 0 <= iy < p.H and 0 <= ix < p.W:
+                                partial[split, o, a, b] += gy[n, o, oy, ox] * x[n, o // p.M, iy, ix]
+        return partial.sum(axis=0)[:, None]
     if s1.name.startswith("dw_grad_weight<"):
         IH, IW, IP, per = s1.ints[15], s1.ints[16], s1.ints[17], s1.ints[19]
         width = IP if layout == "NCHW" else IW

@@ -13,8 +13,9 @@
 //                ((KH-1)*dh - pt, (KW-1)*dw - pl) (which may be negative); for stride > 1 the
 //                gather kernel dw_grad_input below tests divisibility per tap.
 //   grad_weight  gw[o,a,b] = sum_{n,i,j} gy[n,o,i,j] * x[n, o/M, i*sh + a*dh - pt, j*sw + b*dw - pl]:
-//                stage 1 (dw_grad_weight / dw_grad_weight_taps) writes one partial sum per block
-//                split, stage 2 (sum_splits, common.cuh) adds the splits. No atomics: the result is
+//                stage 1 (dw_grad_weight_direct for NCHW, dw_grad_weight for NHWC, any kernel
+//                size dw_grad_weight_taps) writes one partial sum per block split, stage 2
+//                (sum_splits, common.cuh) adds the splits. No atomics: the result is
 //                deterministic.
 //
 // Tiling: a block owns an output tile and first stages the input tile plus halo in shared memory
@@ -471,26 +472,98 @@ __global__ void dw_grad_input(
 
 // ------------------------------------------------------------------------------ grad_weight
 
-// Stage 1, kernels known at compile time (K in 1, 3, 5, 7): every thread keeps the K*K (times
-// VEC channels, NHWC) partial sums of the outputs it visits in registers; the block then reduces
-// them in shared memory and writes one partial per (split, channel, tap):
+// Stage 1, NCHW, kernels known at compile time (K in 1, 3, 5, 7), direct (no shared tile): a
+// block owns output channel o (blockIdx.y, then every gridDim.y-th) and the output positions
+// [split * per_split, (split + 1) * per_split) of its N * OH * OW, walked linearly with
+// consecutive threads on consecutive positions: gy loads coalesced, each tap's x loads coalesced
+// along a row and the neighbouring taps' re-reads served by L1/L2. Every thread keeps the K*K
+// sums and has K*K + 1 independent loads in flight per position; there is no barrier until the
+// block's reduction (warp shuffles, one shared row per warp), which writes
+//   partial[(split * CO + o) * K*K + tap].
+// Grid (splits, min(CO, 65535)), block (256); dynamic shared memory: warps x K*K accumulators.
+// (The tiled form before it, one x tile staged per barrier, kept few loads in flight: the small
+// planes of late network layers ran at a few percent of the floor in the model.)
+template <typename T, int K>
+__global__ void __launch_bounds__(256) dw_grad_weight_direct(
+    const T* __restrict__ x,     // input: (N, C, H, W)
+    const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW), CO = C*M
+    typename Acc<T>::type* __restrict__ partial,  // (splits, CO, K*K)
+    int N, int C, int H, int W, int M, int OH, int OW,
+    int sh, int sw, int dh, int dw, int pt, int pl,
+    i64 per_split)               // output positions per split (blockIdx.x)
+{
+    typedef typename Acc<T>::type A;
+    constexpr int KK = K * K;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    A* red = reinterpret_cast<A*>(smem_raw);
+    const int CO = C * M;
+    const int plane = OH * OW;
+    const i64 p0 = (i64)blockIdx.x * per_split;
+    const i64 p1 = min((i64)N * plane, p0 + per_split);
+    const int tid = threadIdx.x, nthr = blockDim.x;
+    const int lane = tid % 32, warp = tid / 32, nwarps = nthr / 32;
+    for (int o = blockIdx.y; o < CO; o += gridDim.y) {
+        const int c = o / M;
+        A acc[KK];
+#pragma unroll
+        for (int t = 0; t < KK; ++t) acc[t] = 0;
+        i64 p = p0 + tid;
+        int n = (int)(p / plane);           // then kept up to date without dividing
+        int q = (int)(p - (i64)n * plane);  // position in the plane
+        for (; p < p1; p += nthr) {
+            const int oy = q / OW, ox = q - oy * OW;
+            const A g = to_acc(gy[((i64)n * CO + o) * plane + q]);
+            const T* xp = x + ((i64)n * C + c) * H * W;
+            const int iy0 = oy * sh - pt, ix0 = ox * sw - pl;
+#pragma unroll
+            for (int a = 0; a < K; ++a) {
+                const int iy = iy0 + a * dh;
+                const bool row = iy >= 0 && iy < H;
+#pragma unroll
+                for (int b = 0; b < K; ++b) {
+                    const int ix = ix0 + b * dw;
+                    if (row && ix >= 0 && ix < W) acc[a * K + b] += g * to_acc(xp[(i64)iy * W + ix]);
+                }
+            }
+            q += nthr;
+            while (q >= plane) {
+                q -= plane;
+                ++n;
+            }
+        }
+        __syncthreads();  // the previous channel's reads of `red` are done
+#pragma unroll
+        for (int t = 0; t < KK; ++t) {
+            const A v = warp_sum(acc[t]);
+            if (lane == 0) red[warp * KK + t] = v;
+        }
+        __syncthreads();
+        for (int t = tid; t < KK; t += nthr) {
+            A s = 0;
+            for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
+            partial[((i64)blockIdx.x * CO + o) * KK + t] = s;
+        }
+    }
+}
+
+// Stage 1, NHWC, kernels known at compile time (K in 1, 3, 5, 7): every thread keeps the K*K x
+// VEC channels' partial sums of the outputs it visits in registers; the block then reduces them
+// in shared memory and writes one partial per (split, channel, tap):
 //   partial[(split * CO + o) * K*K + tap]
-// Work: the tiles t = (n, tile_h, tile_w) in [split * per_split, (split + 1) * per_split).
-//   NCHW  grid (splits, min(CO, 65535)), block (BW, BH); tile TH = BH rows, TW = BW * VEC columns
-//         (columns interleaved tx + e*BW); x tile in shared memory, gy read directly (coalesced).
-//   NHWC  grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
-// Dynamic shared memory: max(x tile, reduction scratch: NCHW warps x K*K, NHWC threads x VEC x
-// K*K accumulators), sized by the host.
+// Work: the tiles t = (n, tile_h, tile_w) in [split * per_split, (split + 1) * per_split);
+// grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
+// Dynamic shared memory: max(x tile, reduction scratch: threads x VEC x K*K accumulators), sized
+// by the host. (NHWC is the only layout: the template parameter keeps the name of the others.)
 template <typename T, int K, int VEC, int OPT, bool NHWC>
 __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
-    const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
-    const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
+    const T* __restrict__ x,     // input: (N, H, W, C)
+    const T* __restrict__ gy,    // output gradient: (N, OH, OW, CO), CO = C*M
     typename Acc<T>::type* __restrict__ partial,  // (splits, CO, K*K)
     int N, int C, int H, int W, int M, int OH, int OW,
     int sh, int sw, int dh, int dw, int pt, int pl,
     int TH, int TW,              // output tile per step
-    int IH, int IW, int IP,      // x tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
-    int CP,                      // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
+    int IH, int IW, int IP,      // x tile rows, columns, pixel pitch
+    int CP,                      // channels per pixel in the tile (<= IP)
     int per_split)               // tiles per split (blockIdx.x)
 {
     typedef typename Acc<T>::type A;
@@ -506,50 +579,8 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
     const int tx = threadIdx.x, ty = threadIdx.y;
 
-    if constexpr (!NHWC) {
-        const int BW = blockDim.x;
-        const int nwarps = nthr / 32, lane = tid % 32, warp = tid / 32;
-        for (int o = blockIdx.y; o < CO; o += gridDim.y) {
-            A acc[KK];
-#pragma unroll
-            for (int t = 0; t < KK; ++t) acc[t] = 0;
-            for (i64 t = t_begin; t < t_end; ++t) {
-                const i64 n = t / (tiles_h * tiles_w);
-                const int rem = (int)(t - n * tiles_h * tiles_w);
-                const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
-                __syncthreads();
-                load_tile_nchw<T, VEC>(tile, x + (n * C + o / M) * (i64)H * W, H, W, oy0 * sh - pt,
-                                       ox0 * sw - pl, IH, IP, IP, tid, nthr);
-                __syncthreads();
-                const int oy = oy0 + ty;
-                if (oy >= OH) continue;
-                const T* gp = gy + ((n * CO + o) * (i64)OH + oy) * OW;
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    const int oxl = tx + e * BW;
-                    if (ox0 + oxl >= OW) continue;
-                    const A g = to_acc(gp[ox0 + oxl]);
-#pragma unroll
-                    for (int a = 0; a < K; ++a)
-#pragma unroll
-                        for (int b = 0; b < K; ++b)
-                            acc[a * K + b] += g * to_acc(tile[(ty * sh + a * dh) * IP + oxl * sw + b * dw]);
-                }
-            }
-            __syncthreads();  // `red` aliases `tile`
-#pragma unroll
-            for (int t = 0; t < KK; ++t) {
-                const A v = warp_sum(acc[t]);
-                if (lane == 0) red[warp * KK + t] = v;
-            }
-            __syncthreads();
-            for (int t = tid; t < KK; t += nthr) {
-                A s = 0;
-                for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
-                partial[((i64)blockIdx.x * CO + o) * KK + t] = s;
-            }
-        }
-    } else {
+    static_assert(NHWC, "NCHW weight gradients: dw_grad_weight_direct");
+    {
         const int TC = blockDim.x * VEC, PT = blockDim.y;
         const int o0 = blockIdx.y * TC;
         const int o = o0 + tx * VEC;
