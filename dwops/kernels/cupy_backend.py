@@ -277,6 +277,21 @@ class CupyBackend(Backend):
                          (splits, p.CO * p.CI), red.info)
             self._run(red, (part, out), stream)
 
+    def _depthwise_grad_bias(self, p, gy, gb, stream=None):
+        """``gb`` (C*M,) = ``gy`` summed over N, OH, OW: the pointwise weight gradient of ``gy``
+        against a one-channel input of ones, made on the device in the caller's stream (no host
+        copy, no default-stream synchronisation)."""
+        import cupy
+
+        from .._spec import PointwiseProblem, _physical
+        from . import _gpu
+
+        one = 0x3F80 if p.dtype == "bfloat16" else 1   # bfloat16 travels as its uint16 bits
+        with gy.device, _gpu.cupy_stream(stream):
+            ones = cupy.full(_physical(p.layout, p.N, 1, p.OH, p.OW), one, dtype=gy.dtype)
+        q = PointwiseProblem(p.N, 1, p.CO, p.OH, p.OW, p.layout, p.dtype)
+        self.pointwise_grad_weight(q, ones, gy, gb.reshape(p.CO, 1), stream=stream)
+
     def pointwise_forward(self, p, x, w, b, residual, out, stream=None):
         self._pointwise("forward", p, {"x": x, "w": w, "y": out}, b, residual, stream)
 
