@@ -349,36 +349,28 @@ KNOWN: dict = {
         'global_load coalescing 0.500 at depthwise.cuh:301',
     ('dw_grad_input', 1, 'NHWC', 'bfloat16'):
         'shared_load 2.00-way conflicts at depthwise.cuh:264',
-    ('dw_grad_input', 2, 'NCHW', 'float32'):
-        'global_load coalescing 0.790 at depthwise.cuh:377; '
-        'shared_load 1.06-way conflicts at depthwise.cuh:377',
     ('dw_grad_input', 2, 'NCHW', 'bfloat16'):
-        'global_load coalescing 0.883 at depthwise.cuh:377; '
-        'shared_load 1.22-way conflicts at depthwise.cuh:377; '
-        'global_store coalescing 0.250 at depthwise.cuh:390',
-    ('dw_grad_input', 2, 'NHWC', 'float32'):
-        'shared_load 1.50-way conflicts at depthwise.cuh:429',
-    ('dw_grad_input', 2, 'NHWC', 'bfloat16'):
-        'shared_load 1.75-way conflicts at depthwise.cuh:429',
+        'global_load coalescing 0.810 at depthwise.cuh:63; '
+        'global_store coalescing 0.250 at depthwise.cuh:465',
     ('dw_grad_weight', 1, 'NCHW', 'float32'):
-        'shared_load 2.00-way conflicts at depthwise.cuh:514',
+        'shared_load 2.00-way conflicts at depthwise.cuh:685',
     ('dw_grad_weight', 1, 'NCHW', 'bfloat16'):
-        'global_load coalescing 0.250 at depthwise.cuh:509',
+        'global_load coalescing 0.250 at depthwise.cuh:680',
     ('dw_grad_weight', 1, 'NHWC', 'float32'):
-        'global_store coalescing 0.250 at depthwise.cuh:588',
+        'global_store coalescing 0.250 at depthwise.cuh:759',
     ('dw_grad_weight', 1, 'NHWC', 'bfloat16'):
-        'global_store coalescing 0.500 at depthwise.cuh:588',
+        'global_store coalescing 0.500 at depthwise.cuh:759',
     ('dw_grad_weight', 2, 'NCHW', 'float32'):
-        'global_load coalescing 0.500 at depthwise.cuh:509; '
-        'shared_load 2.00-way conflicts at depthwise.cuh:514',
+        'global_load coalescing 0.500 at depthwise.cuh:680; '
+        'shared_load 2.00-way conflicts at depthwise.cuh:685',
     ('dw_grad_weight', 2, 'NCHW', 'bfloat16'):
-        'global_load coalescing 0.125 at depthwise.cuh:509; '
-        'shared_load 4.00-way conflicts at depthwise.cuh:514',
+        'global_load coalescing 0.125 at depthwise.cuh:680; '
+        'shared_load 4.00-way conflicts at depthwise.cuh:685',
     ('dw_grad_weight', 2, 'NHWC', 'float32'):
-        'global_store coalescing 0.250 at depthwise.cuh:588',
+        'global_store coalescing 0.250 at depthwise.cuh:759',
     ('dw_grad_weight', 2, 'NHWC', 'bfloat16'):
-        'shared_load 2.00-way conflicts at depthwise.cuh:568; '
-        'global_store coalescing 0.500 at depthwise.cuh:588',
+        'shared_load 2.00-way conflicts at depthwise.cuh:739; '
+        'global_store coalescing 0.500 at depthwise.cuh:759',
     ('separable', 1, 'NCHW', 'float32'):
         'global_load coalescing 0.620 at separable.cuh:74',
     ('separable', 1, 'NCHW', 'bfloat16'):
