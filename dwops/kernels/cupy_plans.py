@@ -346,6 +346,18 @@ def dw_grad_input_spec(p) -> tuple[int, int]:
     return 0, 0
 
 
+@functools.lru_cache(maxsize=4096)
+def _gi_nchw_pitch(iw: int, item: int, bw: int) -> int:
+    """The row pitch (>= iw) of dw_grad_input's NCHW gy tile: lane l reads column l % bw of row
+    l // bw plus a tap offset common to the warp, even or odd (a 16-bit run of a row then starts
+    mid-word and spans one word more): the smallest pitch with the fewest wavefronts over both."""
+    def ways(ip):
+        return sum(smem_ways([((l // bw) * ip + l % bw + shift) * item for l in range(32)], item)
+                   for shift in (0, 1))
+
+    return min(range(iw, iw + 65), key=lambda ip: (ways(ip), ip))
+
+
 def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0,
                        dev: DeviceLimits = H200) -> Launch:
     """The input gradient: dw_forward (rotated taps) for stride 1, dw_grad_input (polyphase)
@@ -372,8 +384,7 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0,
             th, tw = bh_ * u, bw_ * vec * u
             ih, iw = gy_extent(th, tw)
             iw = _cdiv(iw, vec) * vec   # whole vectors loaded
-            # lane l reads tile column l % bw_ of row l // bw_ (plus a tap offset common to the warp)
-            return th, tw, ih, iw, conflict_free_pitch(iw, 1, item, bw_, 1)
+            return th, tw, ih, iw, _gi_nchw_pitch(iw, item, bw_)
 
         bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry(s[1], s[0])),
                       dev)
