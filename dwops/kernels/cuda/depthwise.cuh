@@ -381,7 +381,7 @@ __device__ __forceinline__ GiPhase gi_phase_of(int u, int s, int d, int k) {
 }
 
 template <typename T, int K, int S, int VEC, bool NHWC>
-__global__ void __launch_bounds__(256, (sizeof(T) == 8 || K * VEC > 32) ? 1 : 2) dw_grad_input(
+__global__ void __launch_bounds__(256, sizeof(T) == 8 || K * VEC > 32 ? 1 : 2) dw_grad_input(
     const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
     const T* __restrict__ w,     // NCHW: (CO, KH*KW); NHWC: transposed, (KH*KW, CO)
     T* __restrict__ gx,          // input gradient: (N, C, H, W) or (N, H, W, C)
