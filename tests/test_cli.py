@@ -126,7 +126,7 @@ def test_kernels_machine_code_columns(monkeypatch, capsys):
     at the __launch_bounds__ block size (dw_forward: 256 threads; 40 registers on an H200: 12
     warps per sub-partition, 6 blocks, 48 of 64 warps); rows without launch bounds get none."""
     dw = "dw_forward<float, float, 3, 1, 4, 2, false>"
-    gi = "dw_grad_input<float, 0, 4, 1, false>"
+    gi = "dw_grad_weight_taps<float, 4, false>"   # no __launch_bounds__
     _fake(monkeypatch, [_row("numba")],
           [_row("cupy", file="depthwise", name=dw), _row("cupy", file="depthwise", name=gi)],
           [_facts(name=dw), _facts(name=gi, registers=255)])

@@ -73,7 +73,9 @@ def test_every_instantiation_compiles_without_spills(report):
     ("depthwise", "dw_forward<__nv_bfloat16, float, 3, 1, 8, 2, false>", "ld.global.nc.v4.u32",
      "st.global.v4.f32"),
     ("depthwise", "dw_forward<float, float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
-    ("depthwise", "dw_grad_input<float, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    # strided input gradient: a cell row's two columns are one 8-byte store
+    ("depthwise", "dw_grad_input<float, 3, 2, 4, false>", "ld.global.nc.v4.f32", "st.global.v2.f32"),
+    ("depthwise", "dw_grad_input<float, 0, 0, 4, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_weight<float, 3, 4, 2, true>", "ld.global.nc.v4.f32", None),
 ])
 def test_vector_instantiations_use_16_byte_global_accesses(file, name, loads, stores):
@@ -414,8 +416,9 @@ def test_stride1_grad_input_replay(case, layout, rng):
 
 
 def _emulate_dw_grad_input(L, gy, w, layout):
-    """dw_grad_input (strided gather) in NumPy: the gy tile from (iy0, ix0) of IH x IW, and for
-    every gx pixel of the tile the taps with exact division."""
+    """dw_grad_input in NumPy: the gy tile from (iy0, ix0) of IH x IW, and for every gx pixel of
+    the tile the taps with exact division (those the kernel's phases enumerate): the plan's tile
+    and staged extent must hold every tap the pixel reads."""
     (N, C, H, W, M, OH, OW, KH, KW, sh, sw, dh, dw, pt, pl, TH, TW, IH, IW, IP, CP) = L.ints
     CO = C * M
     g = gy if layout == "NCHW" else gy.transpose(0, 3, 1, 2)

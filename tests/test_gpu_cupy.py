@@ -89,6 +89,12 @@ DW_CASES = [
     (2, 6, 23, 29, 3, (3, 5), 1, (2, 1), "valid"),
     (1, 64, 9, 129, 1, (3, 3), 3, 2, (1, 2)),
     (1, 3, 5, 7, 1, (3, 3), 2, 1, 0),
+    # strided input gradient: every phase path (stride 2 with K = 3 / 5 compile-time taps, odd and
+    # even dilation, stride 3 with whole vectors), asymmetric padding, M > 1, odd sizes
+    (2, 6, 15, 17, 2, (3, 3), 2, 1, ((1, 0), (0, 1))),
+    (1, 5, 19, 22, 1, (5, 5), 2, 3, ((4, 2), (5, 3))),
+    (2, 8, 14, 13, 1, (3, 3), 2, 2, ((2, 1), (1, 2))),
+    (1, 16, 20, 47, 1, (5, 5), 3, 1, 2),
 ]
 
 

@@ -46,7 +46,6 @@ MAX_GRID_YZ = 65535
 
 # rows (NCHW) / columns (NHWC) of outputs per thread, by specialization K (0 = generic)
 DW_FWD_OPT = {"NCHW": {1: 4, 3: 2, 5: 2, 7: 1, 0: 1}, "NHWC": {1: 4, 3: 4, 5: 2, 7: 2, 0: 1}}
-DW_GI_OPT = {"NCHW": {1: 2, 3: 2, 5: 2, 7: 1, 0: 1}, "NHWC": {1: 2, 3: 2, 5: 2, 7: 2, 0: 1}}
 DW_GW_OPT = 2   # NHWC weight gradient (NCHW is direct, one position per thread and step)
 
 # pointwise GEMM operand layouts (A_KC, B_NC, PARTIAL), see pointwise.cuh
@@ -335,15 +334,41 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
                   {"K": K, "S": S, "vec": vec, "opt": opt, "tile": (th, tw)})
 
 
+GI_SPECIALIZED_K = (3, 5)             # dw_grad_input S = 2: square kernels with unrolled phase taps
+
+
+def dw_grad_input_spec(p) -> tuple[int, int]:
+    """(K, S) of the strided dw_grad_input: S = 2 for stride 2 x 2 with odd dilations (the taps of
+    each phase are the taps of one parity, known at compile time), K = 3 or 5 for those square
+    kernels (else 0, runtime loops); otherwise (0, 0), the runtime-stride path."""
+    if p.sh == p.sw == 2 and p.dh % 2 == 1 and p.dw % 2 == 1:
+        return (p.KH if p.KH == p.KW and p.KH in GI_SPECIALIZED_K else 0), 2
+    return 0, 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _gi_nchw_pitch(iw: int, item: int, bw: int) -> int:
+    """The row pitch (>= iw) of dw_grad_input's NCHW gy tile: lane l reads column l % bw of row
+    l // bw plus a tap offset common to the warp, even or odd (a 16-bit run of a row then starts
+    mid-word and spans one word more): the smallest pitch with the fewest wavefronts over both."""
+    def ways(ip):
+        return sum(smem_ways([((l // bw) * ip + l % bw + shift) * item for l in range(32)], item)
+                   for shift in (0, 1))
+
+    return min(range(iw, iw + 65), key=lambda ip: (ways(ip), ip))
+
+
 def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0,
                        dev: DeviceLimits = H200) -> Launch:
-    """The input gradient: dw_forward (rotated taps) for stride 1, dw_grad_input otherwise."""
+    """The input gradient: dw_forward (rotated taps) for stride 1, dw_grad_input (polyphase)
+    otherwise. With S = 2 a thread owns cells of 2 x 2 gx pixels (one per phase), with S = 0 one
+    pixel (NCHW: VEC pixels interleaved along the row, as the generic forward)."""
     if p.sh == 1 and p.sw == 1:
         return plan_dw_forward(conv_of_grad_input(p), p.dtype, layout, gy_addr, gx_addr, dev=dev)
     dtype = p.dtype
     item = ITEMSIZE[dtype]
-    K = 0  # the strided gather tests divisibility per tap at run time
-    opt = DW_GI_OPT[layout][K]
+    K, S = dw_grad_input_spec(p)
+    u = 2 if S else 1   # cell side: gx pixels per thread along each axis
 
     def gy_extent(th, tw):
         ih = (th - 1 + (p.KH - 1) * p.dh) // p.sh + 1
@@ -352,13 +377,14 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0,
 
     if layout == "NCHW":
         vec = pick_vec(dtype, (p.OW,), (gy_addr,))
-        bw = min(32, _np2(_cdiv(p.W, vec)))
-        bh = max(1, min(THREADS // bw, _np2(_cdiv(p.H, opt))))
+        bw = min(32, _np2(_cdiv(_cdiv(p.W, u), vec)))
+        bh = max(1, min(THREADS // bw, _np2(_cdiv(p.H, u))))
 
         def geometry(bw_, bh_):
-            th, tw = bh_ * opt, bw_ * vec
+            th, tw = bh_ * u, bw_ * vec * u
             ih, iw = gy_extent(th, tw)
-            return th, tw, ih, iw, _cdiv(iw, vec) * vec
+            iw = _cdiv(iw, vec) * vec   # whole vectors loaded
+            return th, tw, ih, iw, _gi_nchw_pitch(iw, item, bw_)
 
         bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry(s[1], s[0])),
                       dev)
@@ -371,25 +397,28 @@ def plan_dw_grad_input(p, layout: str, gy_addr: int = 0, gx_addr: int = 0,
         vec = pick_vec(dtype, (p.C,), (gy_addr, gx_addr)) if p.M == 1 else 1
         ct = min(32, _np2(_cdiv(p.C, vec)))
         pt_ = THREADS // ct
-        th0, twt = _nhwc_tile(pt_, opt, p.H, p.W)
+        th0, twc = _nhwc_tile(pt_, 1, _cdiv(p.H, u), _cdiv(p.W, u))
 
-        def geometry(ct_, th_, twt_):
-            tw = twt_ * opt
-            ih, iw = gy_extent(th_, tw)
-            return th_, tw, ih, iw, ct_ * vec * p.M
+        def geometry(ct_, thc, twc_):
+            th, tw = thc * u, twc_ * u
+            ih, iw = gy_extent(th, tw)
+            cp = ct_ * vec * p.M
+            # thread ty reads tile pixel (ty // twc_) * iw + ty % twc_ (plus a common tap offset),
+            # lane tx tile channel tx * vec * M
+            ip = nhwc_pixel_pitch(cp, vec, item, ct_, twc_, 1, iw, 1, 1, 1, p.M)
+            return th, tw, ih, iw, ip, cp
 
-        th_, twt, ct = _fit([th0, twt, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
+        thc, twc, ct = _fit([th0, twc, ct], lambda s: (lambda g: g[2] * g[3] * g[4] * item)(
             geometry(s[2], s[0], s[1])), dev)
-        th, tw, ih, iw, ip = geometry(ct, th_, twt)
-        cp = ip   # the strided gather's pixel pattern depends on the output: no padding
+        th, tw, ih, iw, ip, cp = geometry(ct, thc, twc)
         grid = (_cdiv(p.H, th) * _cdiv(p.W, tw), _cdiv(p.C, ct * vec), min(p.N, MAX_GRID_YZ))
-        block = (ct, th * twt, 1)
+        block = (ct, thc * twc, 1)
         shared = ih * iw * ip * item
-    name = f"dw_grad_input<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    name = f"dw_grad_input<{CTYPE[dtype]}, {K}, {S}, {vec}, {_b(layout == 'NHWC')}>"
     ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.KH, p.KW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl,
             th, tw, ih, iw, ip, cp)
     return Launch("depthwise", name, grid, block, shared, ints,
-                  {"K": K, "vec": vec, "opt": opt, "tile": (th, tw)})
+                  {"K": K, "S": S, "vec": vec, "tile": (th, tw)})
 
 
 def _nhwc_tile(pt: int, opt: int, oh: int, ow: int) -> tuple[int, int]:
@@ -809,9 +838,12 @@ def instantiations() -> list[tuple]:
                                     spec if to == dt else f"{spec} unfused, {to} result",
                                     f"dw_forward<{ct}, {CTYPE[to]}, {K}, {S}, {v}, "
                                     f"{DW_FWD_OPT[layout][K]}, {nhwc}>"))
-            for v in vec_choices(dt):
-                out.append(("depthwise", "depthwise", "grad_input", f"{layout} strided VEC={v}",
-                            f"dw_grad_input<{ct}, 0, {v}, {DW_GI_OPT[layout][0]}, {nhwc}>"))
+            for K, S in [(k, 2) for k in GI_SPECIALIZED_K] + [(0, 2), (0, 0)]:
+                for v in vec_choices(dt):
+                    spec = f"K={K or 'generic'} S={S or 'runtime'}"
+                    out.append(("depthwise", "depthwise", "grad_input",
+                                f"{layout} strided {spec} VEC={v}",
+                                f"dw_grad_input<{ct}, {K}, {S}, {v}, {nhwc}>"))
             for K in SPECIALIZED_K:
                 if layout == "NCHW":
                     out.append(("depthwise", "depthwise", "grad_weight", f"NCHW K={K} direct",

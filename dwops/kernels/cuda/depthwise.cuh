@@ -11,7 +11,7 @@
 //                over the taps where both divisions are exact and in range. For stride 1 this is
 //                the forward kernel run on gy with M' = 1, R = M, flip = 1 and padding
 //                ((KH-1)*dh - pt, (KW-1)*dw - pl) (which may be negative); for stride > 1 the
-//                gather kernel dw_grad_input below tests divisibility per tap.
+//                polyphase kernel dw_grad_input below (per phase, only the taps that reach it).
 //   grad_weight  gw[o,a,b] = sum_{n,i,j} gy[n,o,i,j] * x[n, o/M, i*sh + a*dh - pt, j*sw + b*dw - pl]:
 //                stage 1 (dw_grad_weight_direct for NCHW, dw_grad_weight for NHWC, any kernel
 //                size dw_grad_weight_taps) writes one partial sum per block split, stage 2
@@ -338,13 +338,51 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
 
 // ------------------------------------------------------------------------------ grad_input, stride > 1
 
-// Gather form: each thread owns input-gradient pixels and adds the taps whose output pixel
-// exists (exact division by the stride). One block: a tile TH x TW of gx for one (n, c) plane
-// (NCHW) or TC channels of one image (NHWC); the gy tile it reads is staged in shared memory:
-//   rows iy0 = ceil((p0 + pt - (KH-1)*dh) / sh) .. + IH, columns likewise.
-// Launch as dw_forward (NCHW block (BW, BH), outputs interleaved tx + c*BW; NHWC block (CT, PT)).
-template <typename T, int K, int VEC, int OPT, bool NHWC>
-__global__ void dw_grad_input(
+// Polyphase form. With u = p + pt the padded coordinate of gx row p, the taps a that reach p are
+// those with u - a*dh a multiple of sh, and which ones depends only on the phase u mod sh: gx
+// pixels of one phase (rows and columns) form a stride-1 correlation of gy with a sub-kernel.
+//
+// S = 2 (sh = sw = 2, dh and dw odd): a thread owns cells of 2 x 2 adjacent gx pixels, rows
+// p0 + 2i + r, columns q0 + 2j + c (r, c < 2), one pixel of each phase. Phase rho (rows) takes the
+// taps a = rho, rho + 2, ... (a*dh = rho mod 2 since dh is odd), compile-time for K = 3, 5; its
+// pixel is the row r = rho ^ (pt & 1) of the cell and gy row (u - rho*dh)/2 - k*dh for tap
+// a = rho + 2k, exact by construction. So the inner loops hold no divisibility test and no
+// division: per gx pixel, KH*KW/4 shared loads and FMAs on average (3x3: 9 per cell of 4), the
+// tile staging (a quarter of a gy element per pixel) and half a store (the two columns of a cell
+// row are one 2-element vector: a warp writes a contiguous run).
+// S = 0 (any other stride or dilation): a thread owns gx pixels (NCHW: row p0 + ty, columns
+// q0 + tx + e*BW; NHWC: one pixel); the first tap of each pixel's phase, the tap step
+// s / gcd(s, d) and the gy step d / gcd(s, d) are found once per pixel before the tap loops
+// (phase_of), so those loops walk only the taps of the phase, again without a test per tap.
+//
+// One block: a gx tile TH x TW of one (n, c) plane (NCHW) or TC channels of one image (NHWC); the
+// gy tile it reads is staged in shared memory (zero-filled outside gy):
+//   rows iy0 = ceil((p0 + pt - (KH-1)*dh) / sh) .. + IH, columns likewise (IW loaded, pitch IP).
+//   NCHW  grid (tiles, min(N * C, 65535)), block (BW, BH); S = 2: TH = 2 BH, TW = 2 BW VEC (cell
+//         columns tx + e*BW); S = 0: TH = BH, TW = BW VEC
+//   NHWC  grid (tiles, ceil(C / TC), min(N, 65535)), block (CT, PT), TC = CT * VEC; PT threads own
+//         the cells (S = 2) or pixels (S = 0) of the tile, TW / (2 or 1) per tile row.
+
+// The taps of one phase along one axis: for a gx coordinate whose padded coordinate is u, the taps
+// a < k with u - a*d a multiple of s are a0, a0 + step, ...; tap a0 + j*step reads gy coordinate
+// g0 - j*gstep. a0 = k when the phase has no tap.
+struct GiPhase { int a0, step, g0, gstep; };
+
+__device__ __forceinline__ GiPhase gi_phase_of(int u, int s, int d, int k) {
+    GiPhase ph;
+    ph.a0 = k;
+    for (int a = 0; a < s && a < k; ++a)   // a solution, if any, lies below s / gcd(s, d) <= s
+        if ((u - a * d) % s == 0) { ph.a0 = a; break; }
+    int st = 1;
+    while ((st * d) % s != 0) ++st;       // s / gcd(s, d)
+    ph.step = st;
+    ph.gstep = st * d / s;
+    ph.g0 = ph.a0 < k ? (u - ph.a0 * d) / s : 0;   // exact
+    return ph;
+}
+
+template <typename T, int K, int S, int VEC, bool NHWC>
+__global__ void __launch_bounds__(256, sizeof(T) == 8 || K * VEC > 32 ? 1 : 2) dw_grad_input(
     const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
     const T* __restrict__ w,     // NCHW: (CO, KH*KW); NHWC: transposed, (KH*KW, CO)
     T* __restrict__ gx,          // input gradient: (N, C, H, W) or (N, H, W, C)
@@ -354,6 +392,8 @@ __global__ void dw_grad_input(
     int IH, int IW, int IP,      // gy tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
     int CP)                      // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
 {
+    static_assert(S == 0 || S == 2, "dw_grad_input: S is 2 or 0 (runtime stride)");
+    static_assert(K == 0 || S == 2, "dw_grad_input: compile-time K needs S = 2");
     typedef typename Acc<T>::type A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* tile = reinterpret_cast<T*>(smem_raw);
@@ -365,51 +405,124 @@ __global__ void dw_grad_input(
     const int iy0 = ceil_div(p0 + pt - (kh - 1) * dh, sh), ix0 = ceil_div(q0 + pl - (kw - 1) * dw, sw);
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
     const int tx = threadIdx.x, ty = threadIdx.y;
+    const int fh = pt & 1, fw = pl & 1;   // S = 2: cell row r holds phase r ^ fh, column c phase c ^ fw
 
     if constexpr (!NHWC) {
         const int BW = blockDim.x;
-        for (i64 plane = blockIdx.y; plane < (i64)N * C; plane += gridDim.y) {
-            const int c = (int)(plane % C);
-            const i64 n = plane / C;
-            A acc[OPT][VEC];
+        if constexpr (S == 2) {
+            // tile row / column of tap k = 0 of each phase for cell (ty, tx); cell column e adds e*BW
+            int rb[2], cb[2];
 #pragma unroll
-            for (int r = 0; r < OPT; ++r)
+            for (int rho = 0; rho < 2; ++rho) {
+                rb[rho] = (p0 + 2 * ty + (rho ^ fh) + pt - rho * dh) / 2 - iy0;
+                cb[rho] = (q0 + 2 * tx + (rho ^ fw) + pl - rho * dw) / 2 - ix0;
+            }
+            const bool pairs = (W % 2 == 0) && ((size_t)gx % (2 * sizeof(T)) == 0);
+            for (i64 plane = blockIdx.y; plane < (i64)N * C; plane += gridDim.y) {
+                const int c = (int)(plane % C);
+                const i64 n = plane / C;
+                A acc[2][2][VEC];   // by phase (rows, columns)
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[r][e] = 0;
-            for (int m = 0; m < M; ++m) {
-                const int o = c * M + m;
-                const T* wr = w + (i64)o * KK;
-                __syncthreads();
-                load_tile_nchw<T, VEC>(tile, gy + (n * CO + o) * (i64)OH * OW, OH, OW, iy0, ix0, IH, IP,
-                                       IP, tid, nthr);
-                __syncthreads();
+                for (int ph = 0; ph < 2; ++ph)
 #pragma unroll
-                for (int r = 0; r < OPT; ++r) {
-                    const int p = p0 + ty * OPT + r;
+                    for (int pw = 0; pw < 2; ++pw)
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[ph][pw][e] = 0;
+                for (int m = 0; m < M; ++m) {
+                    const int o = c * M + m;
+                    const T* wr = w + (i64)o * KK;
+                    __syncthreads();
+                    load_tile_nchw<T, VEC>(tile, gy + (n * CO + o) * (i64)OH * OW, OH, OW, iy0, ix0,
+                                           IH, IW, IP, tid, nthr);
+                    __syncthreads();
+                    if constexpr (K > 0) {
+                        A wk[K][K];
+#pragma unroll
+                        for (int a = 0; a < K; ++a)
+#pragma unroll
+                            for (int b = 0; b < K; ++b) wk[a][b] = to_acc(wr[a * K + b]);
+#pragma unroll
+                        for (int ph = 0; ph < 2; ++ph)
+#pragma unroll
+                            for (int pw = 0; pw < 2; ++pw)
+#pragma unroll
+                                for (int a = ph; a < K; a += 2)
+#pragma unroll
+                                    for (int b = pw; b < K; b += 2) {
+                                        const T* s = tile + (rb[ph] - (a >> 1) * dh) * IP + cb[pw] - (b >> 1) * dw;
+#pragma unroll
+                                        for (int e = 0; e < VEC; ++e) acc[ph][pw][e] += wk[a][b] * to_acc(s[e * BW]);
+                                    }
+                    } else {
+#pragma unroll
+                        for (int ph = 0; ph < 2; ++ph)
+#pragma unroll
+                            for (int pw = 0; pw < 2; ++pw)
+                                for (int a = ph, i = rb[ph]; a < kh; a += 2, i -= dh)
+                                    for (int b = pw, j = cb[pw]; b < kw; b += 2, j -= dw) {
+                                        const A wv = to_acc(wr[a * kw + b]);
+                                        const T* s = tile + i * IP + j;
+#pragma unroll
+                                        for (int e = 0; e < VEC; ++e) acc[ph][pw][e] += wv * to_acc(s[e * BW]);
+                                    }
+                    }
+                }
+                T* gp = gx + plane * (i64)H * W;
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int p = p0 + 2 * ty + r;
+                    if (p >= H) continue;
 #pragma unroll
                     for (int e = 0; e < VEC; ++e) {
-                        const int q = q0 + tx + e * BW;
-                        for (int a = 0; a < kh; ++a) {
-                            const int nh = p + pt - a * dh;
-                            if (nh % sh != 0) continue;
-                            const int il = nh / sh - iy0;
-                            for (int b = 0; b < kw; ++b) {
-                                const int nw = q + pl - b * dw;
-                                if (nw % sw != 0) continue;
-                                acc[r][e] += to_acc(wr[a * kw + b]) * to_acc(tile[il * IP + nw / sw - ix0]);
+                        const int q = q0 + 2 * (tx + e * BW);
+                        const A v0 = fh ? (fw ? acc[r ^ 1][1][e] : acc[r ^ 1][0][e])
+                                        : (fw ? acc[r][1][e] : acc[r][0][e]);
+                        const A v1 = fh ? (fw ? acc[r ^ 1][0][e] : acc[r ^ 1][1][e])
+                                        : (fw ? acc[r][0][e] : acc[r][1][e]);
+                        if (pairs) {
+                            if (q < W) {
+                                Pack<T, 2> out;
+                                out.v[0] = from_acc<T>(v0);
+                                out.v[1] = from_acc<T>(v1);
+                                *reinterpret_cast<Pack<T, 2>*>(gp + (i64)p * W + q) = out;
                             }
+                        } else {
+                            if (q < W) gp[(i64)p * W + q] = from_acc<T>(v0);
+                            if (q + 1 < W) gp[(i64)p * W + q + 1] = from_acc<T>(v1);
                         }
                     }
                 }
             }
-            T* gp = gx + plane * (i64)H * W;
+        } else {
+            const int p = p0 + ty;
+            const GiPhase prow = gi_phase_of(p + pt, sh, dh, kh);
+            GiPhase pcol[VEC];
 #pragma unroll
-            for (int r = 0; r < OPT; ++r) {
-                const int p = p0 + ty * OPT + r;
+            for (int e = 0; e < VEC; ++e) pcol[e] = gi_phase_of(q0 + tx + e * BW + pl, sw, dw, kw);
+            for (i64 plane = blockIdx.y; plane < (i64)N * C; plane += gridDim.y) {
+                const int c = (int)(plane % C);
+                const i64 n = plane / C;
+                A acc[VEC];
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[e] = 0;
+                for (int m = 0; m < M; ++m) {
+                    const int o = c * M + m;
+                    const T* wr = w + (i64)o * KK;
+                    __syncthreads();
+                    load_tile_nchw<T, VEC>(tile, gy + (n * CO + o) * (i64)OH * OW, OH, OW, iy0, ix0,
+                                           IH, IW, IP, tid, nthr);
+                    __syncthreads();
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e)
+                        for (int a = prow.a0, i = prow.g0 - iy0; a < kh; a += prow.step, i -= prow.gstep)
+                            for (int b = pcol[e].a0, j = pcol[e].g0 - ix0; b < kw; b += pcol[e].step, j -= pcol[e].gstep)
+                                acc[e] += to_acc(wr[a * kw + b]) * to_acc(tile[i * IP + j]);
+                }
+                T* gp = gx + plane * (i64)H * W;
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
                     const int q = q0 + tx + e * BW;
-                    if (p < H && q < W) gp[(i64)p * W + q] = from_acc<T>(acc[r][e]);
+                    if (p < H && q < W) gp[(i64)p * W + q] = from_acc<T>(acc[e]);
                 }
             }
         }
@@ -420,51 +533,109 @@ __global__ void dw_grad_input(
         const int c0 = blockIdx.y * TC;
         const int c = c0 + tx * VEC;
         const bool active = c < C;
-        const int twt = TW / OPT;
-        const int py = ty / twt, px = ty - py * twt;
-        for (int n = blockIdx.z; n < N; n += gridDim.z) {
-            A acc[OPT][VEC];
+        const int U = S == 2 ? 2 : 1;           // cell side
+        const int twc = TW / U;                 // cells per tile row
+        const int cy = ty / twc, cx = ty - cy * twc;
+        const bool owner = active && cy * U < TH;
+        if constexpr (S == 2) {
+            int rb[2], cb[2];
 #pragma unroll
-            for (int j = 0; j < OPT; ++j)
+            for (int rho = 0; rho < 2; ++rho) {
+                rb[rho] = (p0 + 2 * cy + (rho ^ fh) + pt - rho * dh) / 2 - iy0;
+                cb[rho] = (q0 + 2 * cx + (rho ^ fw) + pl - rho * dw) / 2 - ix0;
+            }
+            for (int n = blockIdx.z; n < N; n += gridDim.z) {
+                A acc[2][2][VEC];
 #pragma unroll
-                for (int v = 0; v < VEC; ++v) acc[j][v] = 0;
-            __syncthreads();
-            load_tile_nhwc<T, VEC>(tile, gy + (i64)n * OH * OW * CO, OH, OW, CO, iy0, ix0, c0 * M, IH,
-                                   IW, CP, IP, tid, nthr);
-            __syncthreads();
-            const int p = p0 + py;
-            if (active && py < TH && p < H) {
+                for (int ph = 0; ph < 2; ++ph)
+#pragma unroll
+                    for (int pw = 0; pw < 2; ++pw)
+#pragma unroll
+                        for (int v = 0; v < VEC; ++v) acc[ph][pw][v] = 0;
+                __syncthreads();
+                load_tile_nhwc<T, VEC>(tile, gy + (i64)n * OH * OW * CO, OH, OW, CO, iy0, ix0, c0 * M,
+                                       IH, IW, CP, IP, tid, nthr);
+                __syncthreads();
+                if (!owner) continue;
                 for (int m = 0; m < M; ++m) {
-                    const int cl = (c - c0) * M + m;  // tile channel of gy channel c*M + m
+                    const int cl = (c - c0) * M + m;   // tile channel of gy channel c*M + m
+                    const T* wm = w + c * M + m;
 #pragma unroll
-                    for (int j = 0; j < OPT; ++j) {
-                        const int q = q0 + px * OPT + j;
-                        for (int a = 0; a < kh; ++a) {
-                            const int nh = p + pt - a * dh;
-                            if (nh % sh != 0) continue;
-                            const int il = nh / sh - iy0;
-                            for (int b = 0; b < kw; ++b) {
-                                const int nw = q + pl - b * dw;
-                                if (nw % sw != 0) continue;
-                                const Pack<T, VEC> wp = *reinterpret_cast<const Pack<T, VEC>*>(
-                                    w + (i64)(a * kw + b) * CO + c * M + m);
-                                const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(
-                                    tile + (il * IW + nw / sw - ix0) * IP + cl);
+                    for (int ph = 0; ph < 2; ++ph)
 #pragma unroll
-                                for (int v = 0; v < VEC; ++v) acc[j][v] += to_acc(wp.v[v]) * to_acc(g.v[v]);
+                        for (int pw = 0; pw < 2; ++pw) {
+                            if constexpr (K > 0) {
+#pragma unroll
+                                for (int a = ph; a < K; a += 2)
+#pragma unroll
+                                    for (int b = pw; b < K; b += 2) {
+                                        const Pack<T, VEC> wp =
+                                            *reinterpret_cast<const Pack<T, VEC>*>(wm + (i64)(a * K + b) * CO);
+                                        const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(
+                                            tile + ((rb[ph] - (a >> 1) * dh) * IW + cb[pw] - (b >> 1) * dw) * IP + cl);
+#pragma unroll
+                                        for (int v = 0; v < VEC; ++v) acc[ph][pw][v] += to_acc(wp.v[v]) * to_acc(g.v[v]);
+                                    }
+                            } else {
+                                for (int a = ph, i = rb[ph]; a < kh; a += 2, i -= dh)
+                                    for (int b = pw, j = cb[pw]; b < kw; b += 2, j -= dw) {
+                                        const Pack<T, VEC> wp =
+                                            *reinterpret_cast<const Pack<T, VEC>*>(wm + (i64)(a * kw + b) * CO);
+                                        const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(
+                                            tile + (i * IW + j) * IP + cl);
+#pragma unroll
+                                        for (int v = 0; v < VEC; ++v) acc[ph][pw][v] += to_acc(wp.v[v]) * to_acc(g.v[v]);
+                                    }
                             }
                         }
+                }
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int p = p0 + 2 * cy + r;
+                    if (p >= H) continue;
+#pragma unroll
+                    for (int cc = 0; cc < 2; ++cc) {
+                        const int q = q0 + 2 * cx + cc;
+                        if (q >= W) continue;
+                        Pack<T, VEC> out;
+#pragma unroll
+                        for (int v = 0; v < VEC; ++v)
+                            out.v[v] = from_acc<T>(fh ? (fw ? acc[r ^ 1][cc ^ 1][v] : acc[r ^ 1][cc][v])
+                                                      : (fw ? acc[r][cc ^ 1][v] : acc[r][cc][v]));
+                        *reinterpret_cast<Pack<T, VEC>*>(gx + (((i64)n * H + p) * W + q) * C + c) = out;
                     }
                 }
+            }
+        } else {
+            const int p = p0 + cy, q = q0 + cx;
+            const GiPhase prow = gi_phase_of(p + pt, sh, dh, kh);
+            const GiPhase pcol = gi_phase_of(q + pl, sw, dw, kw);
+            for (int n = blockIdx.z; n < N; n += gridDim.z) {
+                A acc[VEC];
 #pragma unroll
-                for (int j = 0; j < OPT; ++j) {
-                    const int q = q0 + px * OPT + j;
-                    if (q >= W) continue;
-                    Pack<T, VEC> out;
+                for (int v = 0; v < VEC; ++v) acc[v] = 0;
+                __syncthreads();
+                load_tile_nhwc<T, VEC>(tile, gy + (i64)n * OH * OW * CO, OH, OW, CO, iy0, ix0, c0 * M,
+                                       IH, IW, CP, IP, tid, nthr);
+                __syncthreads();
+                if (!owner || p >= H || q >= W) continue;
+                for (int m = 0; m < M; ++m) {
+                    const int cl = (c - c0) * M + m;
+                    const T* wm = w + c * M + m;
+                    for (int a = prow.a0, i = prow.g0 - iy0; a < kh; a += prow.step, i -= prow.gstep)
+                        for (int b = pcol.a0, j = pcol.g0 - ix0; b < kw; b += pcol.step, j -= pcol.gstep) {
+                            const Pack<T, VEC> wp =
+                                *reinterpret_cast<const Pack<T, VEC>*>(wm + (i64)(a * kw + b) * CO);
+                            const Pack<T, VEC> g =
+                                *reinterpret_cast<const Pack<T, VEC>*>(tile + (i * IW + j) * IP + cl);
 #pragma unroll
-                    for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(acc[j][v]);
-                    *reinterpret_cast<Pack<T, VEC>*>(gx + (((i64)n * H + p) * W + q) * C + c) = out;
+                            for (int v = 0; v < VEC; ++v) acc[v] += to_acc(wp.v[v]) * to_acc(g.v[v]);
+                        }
                 }
+                Pack<T, VEC> out;
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(acc[v]);
+                *reinterpret_cast<Pack<T, VEC>*>(gx + (((i64)n * H + p) * W + q) * C + c) = out;
             }
         }
     }
