@@ -288,7 +288,8 @@ def test_launch_bounds_are_read_with_their_parenthesised_arguments():
     from dwops.kernels.cupy_compile import source
 
     assert cudaemu._launch_bounds(source("depthwise")) == {
-        "dw_forward": 256, "dw_grad_weight_direct": 256, "dw_grad_weight": 256}
+        "dw_forward": 256, "dw_grad_input": 256, "dw_grad_weight_direct": 256,
+        "dw_grad_weight": 256}
     assert cudaemu._launch_bounds(source("pointwise")) == {"pw_gemm": 256}
     assert cudaemu._launch_bounds(source("conv1d"))["c1_forward"] == 128
     assert cudaemu._launch_bounds("__global__ void __launch_bounds__(64, (2)) f(int a) {}") == {"f": 64}
