@@ -82,25 +82,18 @@ template <typename T, int VEC>
 __device__ __forceinline__ void load_tile_nchw_split(T* __restrict__ s, const T* __restrict__ xp,
                                                      int H, int W, int iy0, int ix0, int IH, int IW,
                                                      int IP, int HP, int tid, int nthr) {
-    if (VEC == 1) {
-        for (int idx = tid; idx < IH * IW; idx += nthr) {
-            const int r = idx / IW, c = idx - r * IW;
-            const int gy = iy0 + r, gx = ix0 + c;
-            s[r * IP + (c & 1) * HP + (c >> 1)] =
-                (gy >= 0 && gy < H && gx >= 0 && gx < W) ? xp[(i64)gy * W + gx] : zero_value<T>();
-        }
-        return;
-    }
+    // Every lane loads (outside the image from the clamped, in-image address, then zero), so a
+    // warp's load is one request over consecutive addresses rather than a divergent one.
     const int gv0 = floor_div(ix0, VEC);
-    const int nv = floor_div(ix0 + IW - 1, VEC) - gv0 + 1;
+    const int nv = floor_div(ix0 + IW - 1, VEC) - gv0 + 1;   // vectors per tile row
     for (int idx = tid; idx < IH * nv; idx += nthr) {
         const int r = idx / nv;
         const int gx = (gv0 + idx - r * nv) * VEC;
         const int gy = iy0 + r;
-        Pack<T, VEC> p;
-        if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
-            p = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)gy * W + gx);
-        } else {
+        const bool inside = gy >= 0 && gy < H && gx >= 0 && gx < W;
+        const int cy = min(max(gy, 0), H - 1), cx = min(max(gx, 0), W - VEC);
+        Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)cy * W + cx);
+        if (!inside) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
         }
