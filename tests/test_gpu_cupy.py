@@ -469,6 +469,47 @@ def test_every_specialization(k, dtype, layout, aligned, rng):
         _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
 
 
+def _at(d, offset):
+    """A copy of the CuPy array ``d``, ``offset`` elements into a fresh buffer (a misaligned
+    pointer for offsets that are not a multiple of the 16-byte vector)."""
+    buf = cupy.empty(d.size + offset, dtype=d.dtype)
+    out = buf[offset:].reshape(d.shape)
+    out[...] = d
+    return out
+
+
+@pytest.mark.emu_forward_pointwise_separable
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_stride2_forward_widths_and_alignment(k, dtype, rng):
+    """The NCHW stride-2 forward (the compile-time K = 3/5/7 path, phase-split tile) against the
+    reference with bias and activation: two tiles per output row, asymmetric padding (both
+    parities of the first input column), W a multiple of the vector but OW not (the generic
+    path), odd W (scalar), and x or y at a misaligned pointer (scalar plans)."""
+    from dwops.kernels import cupy_plans
+
+    be = _backend()
+    v = cupy_plans.max_vec(dtype)
+    h = k // 2
+    cases = [((1, 2, 7, 80 * v, h), ((0, 0),)),                              # OW = 40 v
+             ((2, 3, 11, 16 * v, ((0, k - 1), (k - 1, 0))), ((0, 0), (1, 0), (0, 1))),
+             ((1, 2, 9, 16 * v, ((h, h), (h + 1, h - 1))), ((0, 0),)),     # odd first column
+             ((1, 2, 9, 3 * v, h), ((0, 0),)),                              # OW = 1.5 v
+             ((1, 3, 11, 23, h), ((0, 0),))]
+    for (n, c, hh, ww, pad), offsets in cases:
+        for xo, yo in offsets:
+            p, x, w, b = _dw_problem((n, c, hh, ww, 1, (k, k), 2, 1, pad), "NCHW", dtype, "silu",
+                                     bias=True, rng=rng)
+            out = _at(_poisoned(p.y_shape, dtype), yo)
+            be.depthwise_forward(p, _at(_dev(x, dtype), xo), _dev(w, dtype), _dev(b, dtype), out,
+                                 stream=0)
+            kw = _ref_kw(p)
+            ref = dwops.reference.depthwise_conv2d(x, w, b, activation="silu", **kw)
+            scale = dwops.reference.depthwise_conv2d(_abs(x), _abs(w), _abs(b), **kw)
+            assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                         what=f"forward {p} x+{xo} y+{yo}")
+
+
 @pytest.mark.emu_grads_random
 @pytest.mark.parametrize("seed", range(48))
 def test_random_depthwise_problems(seed):
