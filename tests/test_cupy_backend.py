@@ -143,14 +143,16 @@ def test_specialization_choice():
     assert plans.kernel_size_spec(3, 5) == 0 and plans.kernel_size_spec(9, 9) == 0
     assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(5, 5)))) == (5, 1)
     s2 = plans.conv_of_forward(_dw_problem(k=(5, 5), s=2, w=16, padding=2))   # OW = 8
-    assert plans.dw_forward_spec(s2) == (5, 2)
     assert plans.dw_forward_spec(s2, "NCHW", 8) == (5, 2)
+    assert plans.dw_forward_spec(s2, "NCHW", 2) == (5, 2)
     assert plans.dw_forward_spec(s2, "NCHW", 16) == (0, 0)             # OW % VEC: no vector store
-    assert plans.dw_forward_spec(s2, "NHWC") == (0, 0)                 # NCHW only
-    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(1, 1), s=2, padding=0))) == (0, 0)
-    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(3, 3), s=(2, 1)))) == (0, 0)
-    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(3, 3), s=3))) == (0, 0)
-    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(3, 3), s=2, d=2, padding=2))) == (0, 0)
+    assert plans.dw_forward_spec(s2, "NCHW", 1) == (0, 0)              # unvectorized: generic
+    assert plans.dw_forward_spec(s2, "NHWC", 8) == (0, 0)              # NCHW only
+    for kw in (dict(k=(1, 1), padding=0), dict(k=(3, 3), s=(2, 1)), dict(k=(3, 3), s=3),
+               dict(k=(3, 3), d=2, padding=2), dict(k=(3, 5), padding=(1, 2))):
+        kw.setdefault("s", 2)
+        c = plans.conv_of_forward(_dw_problem(w=16, **kw))
+        assert plans.dw_forward_spec(c, "NCHW", 2) == (0, 0), kw
     assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(3, 3), d=2, padding=2))) == (0, 0)
     assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(1, 7), padding=0))) == (0, 0)
 
@@ -208,7 +210,7 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
         assert KH == KW == K and sh == sw == dh == dw == 1
     elif K:
         assert S == 2 and layout == "NCHW" and K in plans.DW_FWD_S2_K and KH == KW == K
-        assert sh == sw == 2 and dh == dw == 1 and OW % vec == 0
+        assert sh == sw == 2 and dh == dw == 1 and vec > 1 and OW % vec == 0
         # phase-split rows: both halves hold every column a thread's vectors read
         assert IH == (TH - 1) * 2 + K and IW == (TW - 1) * 2 + K
         assert CP % vec == 0 and CP >= (bx - 1) * vec + math.ceil((vec + (K + 1) // 2 - 1) / vec) * vec

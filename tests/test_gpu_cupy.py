@@ -484,8 +484,8 @@ def _at(d, offset):
 def test_stride2_forward_widths_and_alignment(k, dtype, rng):
     """The NCHW stride-2 forward (the compile-time K = 3/5/7 path, phase-split tile) against the
     reference with bias and activation: two tiles per output row, asymmetric padding (both
-    parities of the first input column), W a multiple of the vector but OW not (the generic
-    path), odd W (scalar), and x or y at a misaligned pointer (scalar plans)."""
+    parities of the first input column); and the rows that keep the generic path: W a multiple
+    of the vector but OW not, odd W, x or y at a misaligned pointer."""
     from dwops.kernels import cupy_plans
 
     be = _backend()

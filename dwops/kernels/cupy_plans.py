@@ -165,13 +165,16 @@ DW_FWD_S2_K = (3, 5, 7)              # square kernels with a stride-2 forward sp
 
 def dw_forward_spec(c, layout: str = "NCHW", vec: int = 1) -> tuple[int, int]:
     """(K, S) of dw_forward: the specialized K with S = 1 for stride 1 and dilation 1; S = 2 for
-    stride 2, dilation 1 and K in DW_FWD_S2_K in NCHW when the outputs of ``vec`` columns per
-    thread store as aligned vectors (OW % vec == 0); else the generic runtime path (0, 0)."""
+    stride 2, dilation 1 and K in DW_FWD_S2_K in NCHW when the plan vectorizes (``vec`` > 1)
+    and each thread's ``vec`` output columns store as one aligned vector (OW % vec == 0); else
+    the generic runtime path (0, 0). Unvectorized (misaligned or odd-width) strided rows keep
+    the generic path: its blocks have twice the warps per tile (OPT = 1), which the small maps
+    these are need more than register weights (benchmarks/notes/cupy.md)."""
     K = kernel_size_spec(c.KH, c.KW)
     if K and c.sh == c.sw == c.dh == c.dw == 1:
         return K, 1
     if (K in DW_FWD_S2_K and layout == "NCHW" and c.sh == c.sw == 2 and c.dh == c.dw == 1
-            and c.OW % vec == 0):
+            and vec > 1 and c.OW % vec == 0):
         return K, 2
     return 0, 0
 
@@ -828,6 +831,8 @@ def instantiations() -> list[tuple]:
             s2 = [(k, 2) for k in DW_FWD_S2_K] if layout == "NCHW" else []
             for K, S in [(k, 1) for k in SPECIALIZED_K] + s2 + [(0, 0)]:
                 for v in vec_choices(dt):
+                    if S == 2 and v == 1:      # stride 2 specializes vectorized rows only
+                        continue
                     for to in dict.fromkeys((dt, mid_dtype(dt))):
                         op = "depthwise" if to == dt else "separable"
                         spec = f"{layout} K={K or 'generic'} S={S} VEC={v}"

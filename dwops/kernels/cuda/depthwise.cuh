@@ -26,8 +26,9 @@
 //        forward keeps its depthwise result in float32, rounded once after the pointwise step)
 //   K    kernel side for square KxK kernels known at compile time (1, 3, 5, 7), 0 = runtime KHxKW
 //   S    1: stride 1 and dilation 1 known at compile time (register sliding window); 2: stride 2,
-//        dilation 1, NCHW (K = 3, 5, 7; phase-split tile, load_tile_nchw_split); 0: runtime
-//        (other strides and dilations take K = 0; NHWC launches S = 2 never)
+//        dilation 1, NCHW, VEC > 1 with OW % VEC == 0 (K = 3, 5, 7; phase-split tile,
+//        load_tile_nchw_split); 0: runtime (other strides, dilations and unvectorized stride-2
+//        rows take K = 0; NHWC launches S = 2 never)
 //   VEC  elements per vector access (16 bytes / sizeof(T), or smaller when rows are misaligned)
 //   OPT  outputs per thread along the second spatial axis (NCHW: rows; NHWC: columns)
 //   NHWC layout of x and y
