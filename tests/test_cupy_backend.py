@@ -66,6 +66,8 @@ def test_every_instantiation_compiles_without_spills(report):
     ("depthwise", "dw_forward<__nv_bfloat16, float, 3, 1, 8, 2, false>", "ld.global.nc.v4.u32",
      "st.global.v4.f32"),
     ("depthwise", "dw_forward<float, float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    ("depthwise", "dw_forward<float, float, 3, 2, 4, 2, false>", "ld.global.nc.v4.f32",
+     "st.global.v4.f32"),
     ("depthwise", "dw_grad_input<float, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
     ("depthwise", "dw_grad_weight<float, 3, 4, 1, false>", "ld.global.nc.v4.f32", None),
 ])
@@ -146,6 +148,14 @@ def test_specialization_choice():
     assert plans.dw_forward_spec(s2, "NCHW", 8) == (5, 2)
     assert plans.dw_forward_spec(s2, "NCHW", 2) == (5, 2)
     assert plans.dw_forward_spec(s2, "NCHW", 16) == (0, 0)             # OW % VEC: no vector store
+    # OW a multiple of half the vector: 8-byte vectors (bfloat16 W = 56, OW = 28)
+    half = plans.conv_of_forward(_dw_problem(k=(3, 3), s=2, w=56, h=8, dtype="bfloat16"))
+    L = plans.plan_dw_forward(half, "bfloat16", "NCHW", 0, 0)
+    assert (L.info["K"], L.info["S"], L.info["vec"]) == (3, 2, 4) and L.name in NAMES
+    L = plans.plan_dw_forward(half, "bfloat16", "NCHW", 0, 8)                   # y 8-byte aligned
+    assert (L.info["S"], L.info["vec"]) == (0, 1)
+    half = plans.conv_of_forward(_dw_problem(k=(3, 3), s=2, w=12, h=8))         # OW = 6
+    assert plans.plan_dw_forward(half, "float32", "NCHW", 0, 0).info["vec"] == 2
     assert plans.dw_forward_spec(s2, "NCHW", 1) == (0, 0)              # unvectorized: generic
     assert plans.dw_forward_spec(s2, "NHWC", 8) == (0, 0)              # NCHW only
     for kw in (dict(k=(1, 1), padding=0), dict(k=(3, 3), s=(2, 1)), dict(k=(3, 3), s=3),

@@ -484,8 +484,9 @@ def _at(d, offset):
 def test_stride2_forward_widths_and_alignment(k, dtype, rng):
     """The NCHW stride-2 forward (the compile-time K = 3/5/7 path, phase-split tile) against the
     reference with bias and activation: two tiles per output row, asymmetric padding (both
-    parities of the first input column); and the rows that keep the generic path: W a multiple
-    of the vector but OW not, odd W, x or y at a misaligned pointer."""
+    parities of the first input column), OW a multiple of half the vector only (8-byte
+    vectors); and the rows that keep the generic path: odd OW with W a multiple of the vector,
+    odd W, x or y at a misaligned pointer."""
     from dwops.kernels import cupy_plans
 
     be = _backend()
@@ -495,6 +496,7 @@ def test_stride2_forward_widths_and_alignment(k, dtype, rng):
              ((2, 3, 11, 16 * v, ((0, k - 1), (k - 1, 0))), ((0, 0), (1, 0), (0, 1))),
              ((1, 2, 9, 16 * v, ((h, h), (h + 1, h - 1))), ((0, 0),)),     # odd first column
              ((1, 2, 9, 3 * v, h), ((0, 0),)),                              # OW = 1.5 v
+             ((1, 2, 9, 4 * v, ((h, h), (h, h + 1))), ((0, 0),)),           # OW = 2 v + 1
              ((1, 3, 11, 23, h), ((0, 0),))]
     for (n, c, hh, ww, pad), offsets in cases:
         for xo, yo in offsets:

@@ -285,6 +285,11 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
     if layout == "NCHW":
         vec = _out_aligned(pick_vec(dtype, (c.W,), (x_addr,)), out, y_addr)
         K, S = dw_forward_spec(c, layout, vec)
+        if not S and vec > 2 and dw_forward_spec(c, layout, vec // 2)[1] == 2:
+            # stride 2 with OW a multiple of half a vector only: 8-byte vectors (the x and y
+            # alignment of the full vector covers the half)
+            vec //= 2
+            K, S = dw_forward_spec(c, layout, vec)
         opt = DW_FWD_OPT[layout][K]
         bw = min(32, _np2(_cdiv(c.OW, vec)))
         bh = max(1, min(THREADS // bw, _np2(_cdiv(c.OH, opt))))
@@ -830,9 +835,10 @@ def instantiations() -> list[tuple]:
             nhwc = _b(layout == "NHWC")
             s2 = [(k, 2) for k in DW_FWD_S2_K] if layout == "NCHW" else []
             for K, S in [(k, 1) for k in SPECIALIZED_K] + s2 + [(0, 0)]:
-                for v in vec_choices(dt):
-                    if S == 2 and v == 1:      # stride 2 specializes vectorized rows only
-                        continue
+                vecs = vec_choices(dt)
+                if S == 2:   # vectorized rows only: full vectors, and half vectors (OW % VEC != 0)
+                    vecs = tuple(v for v in (vecs[0], vecs[0] // 2) if v > 1)
+                for v in vecs:
                     for to in dict.fromkeys((dt, mid_dtype(dt))):
                         op = "depthwise" if to == dt else "separable"
                         spec = f"{layout} K={K or 'generic'} S={S} VEC={v}"
