@@ -357,8 +357,9 @@ def test_separable(case, dtype, layout, rng):
 def test_separable_unfused_16_bit(k, dtype, layout, aligned, rng, monkeypatch):
     """The unfused 16-bit separable forward (the fused tile limit set to 0, so small problems take
     it): dw_forward reads 16-bit x and writes its float32 result, pw_gemm reads that result and
-    rounds once into the output. Every compile-time kernel size at stride 1 and the generic path
-    (stride 2, odd kernel), with and without 16-byte vectors; bias, residual and activations
+    rounds once into the output. Every compile-time kernel size at stride 1, the generic path
+    (stride 2, odd kernel) and the stride-2 path (square kernels, 16- and 8-byte vectors), with
+    and without 16-byte vectors; bias, residual and activations
     varied. With test_separable's 512-channel case, every unfused instantiation runs."""
     from dwops.kernels import cupy_plans
 
@@ -366,8 +367,10 @@ def test_separable_unfused_16_bit(k, dtype, layout, aligned, rng, monkeypatch):
     monkeypatch.setattr(cupy_plans, "SEP_SMEM_MAX", 0)
     c, w_, co = (16, 24, 9) if aligned else (7, 13, 5)
     acts = (None, "relu", "relu6", "silu", "gelu")
-    for i, (kk, stride, pad) in enumerate((((k, k), 1, k // 2), ((k, 3 if k == 1 else k - 2), 2,
-                                                                 "valid"))):
+    forms = [((k, k), 1, k // 2, w_), ((k, 3 if k == 1 else k - 2), 2, "valid", w_)]
+    if aligned and k > 1:   # the stride-2 forward with 16-byte (OW 16) and 8-byte (OW 12) vectors
+        forms += [((k, k), 2, k // 2, 32), ((k, k), 2, k // 2, 24)]
+    for i, (kk, stride, pad, w_) in enumerate(forms):
         x = rand(rng, _spec._physical(layout, 2, c, 9, w_), dtype)
         dww = rand(rng, (c, 1, *kk), dtype)
         pww = rand(rng, (co, c), dtype)
