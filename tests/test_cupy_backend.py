@@ -73,6 +73,8 @@ def test_every_instantiation_compiles_without_spills(report):
     ("depthwise", "dw_forward<__nv_bfloat16, float, 3, 1, 8, 2, false>", "ld.global.nc.v4.u32",
      "st.global.v4.f32"),
     ("depthwise", "dw_forward<float, float, 0, 0, 4, 1, false>", "ld.global.nc.v4.f32", None),
+    ("depthwise", "dw_forward<float, float, 3, 2, 4, 2, false>", "ld.global.nc.v4.f32",
+     "st.global.v4.f32"),
     # strided input gradient: a cell row's two columns are one 8-byte store
     ("depthwise", "dw_grad_input<float, 3, 2, 4, false>", "ld.global.nc.v4.f32", "st.global.v2.f32"),
     ("depthwise", "dw_grad_input<float, 0, 0, 4, false>", "ld.global.nc.v4.f32", None),
@@ -151,7 +153,25 @@ def test_specialization_choice():
     assert plans.kernel_size_spec(3, 3) == 3 and plans.kernel_size_spec(7, 7) == 7
     assert plans.kernel_size_spec(3, 5) == 0 and plans.kernel_size_spec(9, 9) == 0
     assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(5, 5)))) == (5, 1)
-    assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(5, 5), s=2))) == (0, 0)
+    s2 = plans.conv_of_forward(_dw_problem(k=(5, 5), s=2, w=16, padding=2))   # OW = 8
+    assert plans.dw_forward_spec(s2, "NCHW", 8) == (5, 2)
+    assert plans.dw_forward_spec(s2, "NCHW", 2) == (5, 2)
+    assert plans.dw_forward_spec(s2, "NCHW", 16) == (0, 0)             # OW % VEC: no vector store
+    # OW a multiple of half the vector: 8-byte vectors (bfloat16 W = 56, OW = 28)
+    half = plans.conv_of_forward(_dw_problem(k=(3, 3), s=2, w=56, h=8, dtype="bfloat16"))
+    L = plans.plan_dw_forward(half, "bfloat16", "NCHW", 0, 0)
+    assert (L.info["K"], L.info["S"], L.info["vec"]) == (3, 2, 4) and L.name in NAMES
+    L = plans.plan_dw_forward(half, "bfloat16", "NCHW", 0, 8)                   # y 8-byte aligned
+    assert (L.info["S"], L.info["vec"]) == (0, 1)
+    half = plans.conv_of_forward(_dw_problem(k=(3, 3), s=2, w=12, h=8))         # OW = 6
+    assert plans.plan_dw_forward(half, "float32", "NCHW", 0, 0).info["vec"] == 2
+    assert plans.dw_forward_spec(s2, "NCHW", 1) == (0, 0)              # unvectorized: generic
+    assert plans.dw_forward_spec(s2, "NHWC", 8) == (0, 0)              # NCHW only
+    for kw in (dict(k=(1, 1), padding=0), dict(k=(3, 3), s=(2, 1)), dict(k=(3, 3), s=3),
+               dict(k=(3, 3), d=2, padding=2), dict(k=(3, 5), padding=(1, 2))):
+        kw.setdefault("s", 2)
+        c = plans.conv_of_forward(_dw_problem(w=16, **kw))
+        assert plans.dw_forward_spec(c, "NCHW", 2) == (0, 0), kw
     assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(3, 3), d=2, padding=2))) == (0, 0)
     assert plans.dw_forward_spec(plans.conv_of_forward(_dw_problem(k=(1, 7), padding=0))) == (0, 0)
 
@@ -205,8 +225,17 @@ def test_dw_forward_plan_invariants(case, dtype, layout):
         assert CP <= IP and CP % vec == 0 and IP % vec == 0   # IP: CP padded against conflicts
         if vec > 1:
             assert M == 1 and CI % vec == 0 and CO % vec == 0
-    if K:
-        assert S == 1 and KH == KW == K and sh == sw == dh == dw == 1
+    if K and S == 1:
+        assert KH == KW == K and sh == sw == dh == dw == 1
+    elif K:
+        assert S == 2 and layout == "NCHW" and K in plans.DW_FWD_S2_K and KH == KW == K
+        assert sh == sw == 2 and dh == dw == 1 and vec > 1 and OW % vec == 0
+        # phase-split rows: both halves hold every column a thread's vectors read
+        assert IH == (TH - 1) * 2 + K and IW == (TW - 1) * 2 + K
+        assert CP % vec == 0 and CP >= (bx - 1) * vec + math.ceil((vec + (K + 1) // 2 - 1) / vec) * vec
+        assert IP - CP >= (bx - 1) * vec + math.ceil((vec + K // 2 - 1) / vec) * vec
+    else:
+        assert S == 0
 
 
 def test_shared_pitch_keeps_the_rows_of_one_request_in_distinct_banks():
@@ -313,11 +342,16 @@ def _emulate_dw_forward(L, x, w, bias, layout):
                     ci = (o // M) * R + m
                     width = IP if layout == "NCHW" else IW
                     tile = np.zeros((IH, width))
+                    if K and S == 2:       # phase-split rows, NaN where nothing is staged
+                        tile[:] = np.nan
                     for r in range(IH):
-                        for cc in range(width):
+                        for cc in range(IW if K and S == 2 else width):
                             gy, gx = iy0 + r, ix0 + cc
-                            if 0 <= gy < H and 0 <= gx < W:
-                                tile[r, cc] = xl[n, ci, gy, gx]
+                            v = xl[n, ci, gy, gx] if 0 <= gy < H and 0 <= gx < W else 0.0
+                            if K and S == 2:
+                                tile[r, (cc % 2) * CP + cc // 2] = v
+                            else:
+                                tile[r, cc] = v
                     if layout == "NHWC":
                         # the lane's channel must lie inside the staged channel range
                         TC = bx * vec
@@ -330,7 +364,11 @@ def _emulate_dw_forward(L, x, w, bias, layout):
                     for a in range(KH):
                         for b in range(KW):
                             if layout == "NCHW":
-                                if K and S:
+                                if K and S == 2:
+                                    rows = (ty * opt + r_) * 2 + a
+                                    cols = (b % 2) * CP + tx * vec + c_ + b // 2
+                                    assert (b % 2) * CP + (bx - 1) * vec + vec + b // 2 <= IP
+                                elif K and S:
                                     nwv = -(-(vec + K - 1) // vec)
                                     assert (bx - 1) * vec + nwv * vec <= IP  # window vector reads
                                     rows, cols = ty * opt + r_ + a, tx * vec + c_ + b
@@ -378,6 +416,9 @@ SMALL = [
     dict(n=1, c=2, h=7, w=8, k=(3, 3), d=3, padding=3, m=3),
     dict(n=1, c=1, h=3, w=3, k=(3, 3), padding=0),
     dict(n=1, c=1, h=12, w=10, k=(9, 9), padding=4),
+    dict(n=1, c=2, h=11, w=16, k=(3, 3), s=2, padding=1, bias=True),
+    dict(n=1, c=1, h=13, w=24, k=(5, 5), s=2, padding=((1, 2), (2, 1)), activation="relu"),
+    dict(n=1, c=1, h=15, w=36, k=(7, 7), s=2, padding=3),
 ]
 
 

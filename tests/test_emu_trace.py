@@ -338,13 +338,10 @@ KNOWN: dict = {
     ('dw_forward', 1, 'NHWC', 'float32'):
         'global_load coalescing 0.500 at depthwise.cuh:322',
     ('dw_forward', 1, 'NHWC', 'bfloat16'):
-        'shared_load 2.00-way conflicts at depthwise.cuh:285',
-    ('dw_forward', 2, 'NCHW', 'float32'):
-        'shared_load 2.00-way conflicts at depthwise.cuh:218; '
-        'global_store coalescing 0.500 at depthwise.cuh:248',
+        'shared_load 2.00-way conflicts at depthwise.cuh:264',
     ('dw_forward', 2, 'NCHW', 'bfloat16'):
-        'shared_load 4.00-way conflicts at depthwise.cuh:218; '
-        'global_store coalescing 0.125 at depthwise.cuh:248',
+        'shared_load 2.00-way conflicts at depthwise.cuh:244; '
+        'shared_load 2.00-way conflicts at depthwise.cuh:250',
     ('dw_forward', 2, 'NHWC', 'float32'):
         'global_load coalescing 0.500 at depthwise.cuh:322',
     ('dw_grad_input', 1, 'NHWC', 'bfloat16'):

@@ -363,8 +363,9 @@ def test_separable(case, dtype, layout, rng):
 def test_separable_unfused_16_bit(k, dtype, layout, aligned, rng, monkeypatch):
     """The unfused 16-bit separable forward (the fused tile limit set to 0, so small problems take
     it): dw_forward reads 16-bit x and writes its float32 result, pw_gemm reads that result and
-    rounds once into the output. Every compile-time kernel size at stride 1 and the generic path
-    (stride 2, odd kernel), with and without 16-byte vectors; bias, residual and activations
+    rounds once into the output. Every compile-time kernel size at stride 1, the generic path
+    (stride 2, odd kernel) and the stride-2 path (square kernels, 16- and 8-byte vectors), with
+    and without 16-byte vectors; bias, residual and activations
     varied. With test_separable's 512-channel case, every unfused instantiation runs."""
     from dwops.kernels import cupy_plans
 
@@ -372,8 +373,10 @@ def test_separable_unfused_16_bit(k, dtype, layout, aligned, rng, monkeypatch):
     monkeypatch.setattr(cupy_plans, "SEP_SMEM_MAX", 0)
     c, w_, co = (16, 24, 9) if aligned else (7, 13, 5)
     acts = (None, "relu", "relu6", "silu", "gelu")
-    for i, (kk, stride, pad) in enumerate((((k, k), 1, k // 2), ((k, 3 if k == 1 else k - 2), 2,
-                                                                 "valid"))):
+    forms = [((k, k), 1, k // 2, w_), ((k, 3 if k == 1 else k - 2), 2, "valid", w_)]
+    if aligned and k > 1:   # the stride-2 forward with 16-byte (OW 16) and 8-byte (OW 12) vectors
+        forms += [((k, k), 2, k // 2, 32), ((k, k), 2, k // 2, 24)]
+    for i, (kk, stride, pad, w_) in enumerate(forms):
         x = rand(rng, _spec._physical(layout, 2, c, 9, w_), dtype)
         dww = rand(rng, (c, 1, *kk), dtype)
         pww = rand(rng, (co, c), dtype)
@@ -473,6 +476,49 @@ def test_every_specialization(k, dtype, layout, aligned, rng):
         p, x, w, b = _dw_problem(case, layout, dtype, "relu6", bias=True, rng=rng)
         _check_dw_forward(be, p, x, w, b, "relu6", dtype)
         _check_dw_grads(be, p, x, w, rand(rng, p.y_shape, dtype), dtype)
+
+
+def _at(d, offset):
+    """A copy of the CuPy array ``d``, ``offset`` elements into a fresh buffer (a misaligned
+    pointer for offsets that are not a multiple of the 16-byte vector)."""
+    buf = cupy.empty(d.size + offset, dtype=d.dtype)
+    out = buf[offset:].reshape(d.shape)
+    out[...] = d
+    return out
+
+
+@pytest.mark.emu_forward_pointwise_separable
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_stride2_forward_widths_and_alignment(k, dtype, rng):
+    """The NCHW stride-2 forward (the compile-time K = 3/5/7 path, phase-split tile) against the
+    reference with bias and activation: two tiles per output row, asymmetric padding (both
+    parities of the first input column), OW a multiple of half the vector only (8-byte
+    vectors); and the rows that keep the generic path: odd OW with W a multiple of the vector,
+    odd W, x or y at a misaligned pointer."""
+    from dwops.kernels import cupy_plans
+
+    be = _backend()
+    v = cupy_plans.max_vec(dtype)
+    h = k // 2
+    cases = [((1, 2, 7, 80 * v, h), ((0, 0),)),                              # OW = 40 v
+             ((2, 3, 11, 16 * v, ((0, k - 1), (k - 1, 0))), ((0, 0), (1, 0), (0, 1))),
+             ((1, 2, 9, 16 * v, ((h, h), (h + 1, h - 1))), ((0, 0),)),     # odd first column
+             ((1, 2, 9, 3 * v, h), ((0, 0),)),                              # OW = 1.5 v
+             ((1, 2, 9, 4 * v, ((h, h), (h, h + 1))), ((0, 0),)),           # OW = 2 v + 1
+             ((1, 3, 11, 23, h), ((0, 0),))]
+    for (n, c, hh, ww, pad), offsets in cases:
+        for xo, yo in offsets:
+            p, x, w, b = _dw_problem((n, c, hh, ww, 1, (k, k), 2, 1, pad), "NCHW", dtype, "silu",
+                                     bias=True, rng=rng)
+            out = _at(_poisoned(p.y_shape, dtype), yo)
+            be.depthwise_forward(p, _at(_dev(x, dtype), xo), _dev(w, dtype), _dev(b, dtype), out,
+                                 stream=0)
+            kw = _ref_kw(p)
+            ref = dwops.reference.depthwise_conv2d(x, w, b, activation="silu", **kw)
+            scale = dwops.reference.depthwise_conv2d(_abs(x), _abs(w), _abs(b), **kw)
+            assert_close(_host(out, dtype), ref, dtype, scale=np.maximum(scale, 1e-3),
+                         what=f"forward {p} x+{xo} y+{yo}")
 
 
 @pytest.mark.emu_grads_random

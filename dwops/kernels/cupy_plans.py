@@ -159,12 +159,22 @@ def kernel_size_spec(KH: int, KW: int) -> int:
     return KH if KH == KW and KH in SPECIALIZED_K else 0
 
 
-def dw_forward_spec(c) -> tuple[int, int]:
-    """(K, S) of dw_forward: the specialized K with S = 1 for stride 1 and dilation 1, else the
-    generic runtime path (0, 0)."""
+DW_FWD_S2_K = (3, 5, 7)              # square kernels with a stride-2 forward specialization (NCHW)
+
+
+def dw_forward_spec(c, layout: str = "NCHW", vec: int = 1) -> tuple[int, int]:
+    """(K, S) of dw_forward: the specialized K with S = 1 for stride 1 and dilation 1; S = 2 for
+    stride 2, dilation 1 and K in DW_FWD_S2_K in NCHW when the plan vectorizes (``vec`` > 1)
+    and each thread's ``vec`` output columns store as one aligned vector (OW % vec == 0); else
+    the generic runtime path (0, 0). Unvectorized (misaligned or odd-width) strided rows keep
+    the generic path: its blocks have twice the warps per tile (OPT = 1), which the small maps
+    these are need more than register weights (benchmarks/notes/cupy.md)."""
     K = kernel_size_spec(c.KH, c.KW)
     if K and c.sh == c.sw == c.dh == c.dw == 1:
         return K, 1
+    if (K in DW_FWD_S2_K and layout == "NCHW" and c.sh == c.sw == 2 and c.dh == c.dw == 1
+            and vec > 1 and c.OW % vec == 0):
+        return K, 2
     return 0, 0
 
 
@@ -270,37 +280,51 @@ def plan_dw_forward(c: Conv, dtype: str, layout: str, x_addr: int = 0, y_addr: i
     ``dtype``, writes ``out_dtype`` (default ``dtype``; float32 for 16-bit inputs, see
     :func:`mid_dtype`)."""
     out = out_dtype or dtype
-    K, S = dw_forward_spec(c)
     item = ITEMSIZE[dtype]
-    opt = DW_FWD_OPT[layout][K]
     if layout == "NCHW":
         vec = _out_aligned(pick_vec(dtype, (c.W,), (x_addr,)), out, y_addr)
+        K, S = dw_forward_spec(c, layout, vec)
+        if not S and vec > 2 and dw_forward_spec(c, layout, vec // 2)[1] == 2:
+            # stride 2 with OW a multiple of half a vector only: 8-byte vectors (the x and y
+            # alignment of the full vector covers the half)
+            vec //= 2
+            K, S = dw_forward_spec(c, layout, vec)
+        opt = DW_FWD_OPT[layout][K]
         bw = min(32, _np2(_cdiv(c.OW, vec)))
         bh = max(1, min(THREADS // bw, _np2(_cdiv(c.OH, opt))))
 
         def geometry(s):
             bw_, bh_ = s
             th, tw = bh_ * opt, bw_ * vec
-            if S:
+            hp = 0
+            if S == 1:
                 nwv = _cdiv(vec + K - 1, vec)
                 ih, iw = th + K - 1, tw + K - 1
                 # thread rows are opt tile rows apart; pad the pitch against bank conflicts
                 ip = conflict_free_pitch((bw_ - 1 + nwv) * vec, vec, item, bw_, opt)
+            elif S == 2:
+                # phase-split rows: the even columns (half pitch hp), then the odd ones; a thread
+                # reads vectors tx*vec .. of each half; thread rows are 2*opt tile rows apart
+                ih, iw = (th - 1) * 2 + K, (tw - 1) * 2 + K
+                hp = (bw_ - 1 + _cdiv(vec + (K + 1) // 2 - 1, vec)) * vec
+                odd = (bw_ - 1 + _cdiv(vec + K // 2 - 1, vec)) * vec
+                ip = conflict_free_pitch(hp + odd, vec, item, bw_, 2 * opt)
             else:
                 ih = (th - 1) * c.sh + (c.KH - 1) * c.dh + 1
                 iw = (tw - 1) * c.sw + (c.KW - 1) * c.dw + 1
                 ip = _cdiv(iw, vec) * vec
-            return th, tw, ih, iw, ip
+            return th, tw, ih, iw, ip, hp
 
         bh, bw = _fit([bh, bw], lambda s: (lambda g: g[2] * g[4] * item)(geometry((s[1], s[0]))),
                       dev)
-        th, tw, ih, iw, ip = geometry((bw, bh))
+        th, tw, ih, iw, ip, cp = geometry((bw, bh))
         tiles = _cdiv(c.OH, th) * _cdiv(c.OW, tw)
         grid = (tiles, min(c.N * c.CO, MAX_GRID_YZ), 1)
         block = (bw, bh, 1)
         shared = ih * ip * item
-        cp = 0
     else:
+        K, S = dw_forward_spec(c, layout)
+        opt = DW_FWD_OPT[layout][K]
         vec = 1
         if c.M == 1 and c.R == 1:
             vec = _out_aligned(pick_vec(dtype, (c.CI, c.CO), (x_addr,)), out, y_addr)
@@ -829,8 +853,12 @@ def instantiations() -> list[tuple]:
         ct = CTYPE[dt]
         for layout in ("NCHW", "NHWC"):
             nhwc = _b(layout == "NHWC")
-            for K, S in [(k, 1) for k in SPECIALIZED_K] + [(0, 0)]:
-                for v in vec_choices(dt):
+            s2 = [(k, 2) for k in DW_FWD_S2_K] if layout == "NCHW" else []
+            for K, S in [(k, 1) for k in SPECIALIZED_K] + s2 + [(0, 0)]:
+                vecs = vec_choices(dt)
+                if S == 2:   # vectorized rows only: full vectors, and half vectors (OW % VEC != 0)
+                    vecs = tuple(v for v in (vecs[0], vecs[0] // 2) if v > 1)
+                for v in vecs:
                     for to in dict.fromkeys((dt, mid_dtype(dt))):
                         op = "depthwise" if to == dt else "separable"
                         spec = f"{layout} K={K or 'generic'} S={S} VEC={v}"

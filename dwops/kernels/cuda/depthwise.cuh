@@ -26,8 +26,10 @@
 //   TO   dw_forward's output element type: T, or float for 16-bit T (the unfused separable
 //        forward keeps its depthwise result in float32, rounded once after the pointwise step)
 //   K    kernel side for square KxK kernels known at compile time (1, 3, 5, 7), 0 = runtime KHxKW
-//   S    1: stride 1 and dilation 1 known at compile time (register sliding window), 0: runtime
-//        (the host launches K > 0 only with S = 1: strided and dilated convolutions take K = 0)
+//   S    1: stride 1 and dilation 1 known at compile time (register sliding window); 2: stride 2,
+//        dilation 1, NCHW, VEC > 1 with OW % VEC == 0 (K = 3, 5, 7; phase-split tile,
+//        load_tile_nchw_split); 0: runtime (other strides, dilations and unvectorized stride-2
+//        rows take K = 0; NHWC launches S = 2 never)
 //   VEC  elements per vector access (16 bytes / sizeof(T), or smaller when rows are misaligned)
 //   OPT  outputs per thread along the second spatial axis (NCHW: rows; NHWC: columns)
 //   NHWC layout of x and y
@@ -73,6 +75,37 @@ __device__ __forceinline__ void load_tile_nchw(T* __restrict__ s, const T* __res
         for (int e = 0; e < VEC; ++e) {
             const int c = gx + e - ix0;
             if (c >= 0 && c < IW) s[r * IP + c] = p.v[e];
+        }
+    }
+}
+
+// The same tile staged phase-split for the stride-2 forward: tile column c of row r goes to
+// s[r * IP + (c % 2) * HP + c / 2] (even columns, then the odd ones from the half pitch HP), so
+// lanes that read input columns 2 * VEC apart read consecutive vectors of each half. Columns
+// past IW of either half are not written. VEC as load_tile_nchw.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_tile_nchw_split(T* __restrict__ s, const T* __restrict__ xp,
+                                                     int H, int W, int iy0, int ix0, int IH, int IW,
+                                                     int IP, int HP, int tid, int nthr) {
+    // Every lane loads (outside the image from the clamped, in-image address, then zero), so a
+    // warp's load is one request over consecutive addresses rather than a divergent one.
+    const int gv0 = floor_div(ix0, VEC);
+    const int nv = floor_div(ix0 + IW - 1, VEC) - gv0 + 1;   // vectors per tile row
+    for (int idx = tid; idx < IH * nv; idx += nthr) {
+        const int r = idx / nv;
+        const int gx = (gv0 + idx - r * nv) * VEC;
+        const int gy = iy0 + r;
+        const bool inside = gy >= 0 && gy < H && gx >= 0 && gx < W;
+        const int cy = min(max(gy, 0), H - 1), cx = min(max(gx, 0), W - VEC);
+        Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xp + (i64)cy * W + cx);
+        if (!inside) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) p.v[e] = zero_value<T>();
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const int c = gx + e - ix0;
+            if (c >= 0 && c < IW) s[r * IP + (c & 1) * HP + (c >> 1)] = p.v[e];
         }
     }
 }
@@ -127,6 +160,7 @@ __device__ __forceinline__ void load_tile_nhwc(T* __restrict__ s, const T* __res
 //   NHWC  grid (tiles_h * tiles_w, ceil(CO / TC), min(N, 65535)), block (CT, PT),
 //         TW = (PT / TH) * OPT
 //   dynamic shared memory: IH * IP elements of T (NCHW) or IH * IW * IP (NHWC).
+//   NCHW, S = 2: CP is the half pitch of the phase-split tile (odd columns from CP on).
 template <typename T, typename TO, int K, int S, int VEC, int OPT, bool NHWC>
 __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     const T* __restrict__ x,     // input: (N, CI, H, W) or (N, H, W, CI)
@@ -136,7 +170,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     int N, int CI, int H, int W,  // input sizes (CI = input channels)
     int CO, int OH, int OW,       // output channels and size
     int KH, int KW,               // kernel size (equal to K when K > 0)
-    int sh, int sw, int dh, int dw,  // stride and dilation (1 when S == 1)
+    int sh, int sw, int dh, int dw,  // stride and dilation (1 when S == 1; 2 and 1 when S == 2)
     int pt, int pl,               // padding before (top, left); may be negative (grad_input)
     int M, int R,                 // output channel o reads input channels (o/M)*R + m, m < R
     int flip,                     // 1: taps rotated by 180 degrees (stride-1 grad_input)
@@ -144,7 +178,8 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
     int TH, int TW,               // output tile rows and columns per block
     int IH, int IW, int IP,       // shared tile rows, columns, and pitch (NCHW: elements per
                                   // row; NHWC: elements per pixel)
-    int CP)                       // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
+    int CP)                       // NHWC: channels per pixel in the tile (<= IP); NCHW, S = 2:
+                                  // half pitch of the phase-split tile; else unused
 {
     typedef typename Acc<T>::type A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -171,8 +206,12 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                 const int ci = (o / M) * R + m;
                 const T* wr = w + (i64)(o * R + m) * KK;
                 __syncthreads();  // the previous plane's reads of `tile` are done
-                load_tile_nchw<T, VEC>(tile, x + (n * CI + ci) * (i64)H * W, H, W, iy0, ix0, IH,
-                                       (K > 0 && S == 1) ? IW : IP, IP, tid, nthr);  // pitch padded only on the sliding-window path
+                if constexpr (K > 0 && S == 2)
+                    load_tile_nchw_split<T, VEC>(tile, x + (n * CI + ci) * (i64)H * W, H, W, iy0,
+                                                 ix0, IH, IW, IP, CP, tid, nthr);
+                else
+                    load_tile_nchw<T, VEC>(tile, x + (n * CI + ci) * (i64)H * W, H, W, iy0, ix0, IH,
+                                           (K > 0 && S == 1) ? IW : IP, IP, tid, nthr);  // pitch padded only on the sliding-window path
                 __syncthreads();
                 if constexpr (K > 0 && S == 1) {
                     // Register sliding window: thread outputs rows ty*OPT + r, columns tx*VEC + c.
@@ -205,6 +244,48 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                             }
                         }
                     }
+                } else if constexpr (K > 0 && S == 2) {
+                    // Stride 2 on the phase-split tile (CP = half pitch): thread outputs rows
+                    // ty*OPT + r, columns tx*VEC + c; tap (a, b) reads tile row (ty*OPT + r)*2 + a
+                    // and half b % 2 at tx*VEC + c + b / 2. Each tile row i feeds the outputs
+                    // r with 0 <= i - 2r < K.
+                    constexpr int HE = (K + 1) / 2, HO = K / 2;  // even and odd taps per row
+                    constexpr int NWE = (VEC + HE - 1 + VEC - 1) / VEC;
+                    constexpr int NWO = (VEC + HO - 1 + VEC - 1) / VEC;
+                    A wk[K][K];
+#pragma unroll
+                    for (int a = 0; a < K; ++a)
+#pragma unroll
+                        for (int b = 0; b < K; ++b)
+                            wk[a][b] = to_acc(wr[flip ? (K - 1 - a) * K + (K - 1 - b) : a * K + b]);
+#pragma unroll
+                    for (int i = 0; i < 2 * (OPT - 1) + K; ++i) {
+                        const T* srow = tile + (ty * OPT * 2 + i) * IP + tx * VEC;
+                        A ev[NWE * VEC], od[NWO * VEC];
+#pragma unroll
+                        for (int v = 0; v < NWE; ++v) {
+                            const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + v * VEC);
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e) ev[v * VEC + e] = to_acc(p.v[e]);
+                        }
+#pragma unroll
+                        for (int v = 0; v < NWO; ++v) {
+                            const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + CP + v * VEC);
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e) od[v * VEC + e] = to_acc(p.v[e]);
+                        }
+#pragma unroll
+                        for (int r = 0; r < OPT; ++r) {
+                            const int a = i - 2 * r;
+                            if (a >= 0 && a < K) {
+#pragma unroll
+                                for (int b = 0; b < K; ++b)
+#pragma unroll
+                                    for (int c = 0; c < VEC; ++c)
+                                        acc[r][c] += wk[a][b] * ((b & 1) ? od[c + b / 2] : ev[c + b / 2]);
+                            }
+                        }
+                    }
                 } else {
                     // Runtime stride/dilation or kernel size: columns interleaved tx + c*BW, so a
                     // warp reads consecutive shared words for each tap.
@@ -228,7 +309,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
             for (int r = 0; r < OPT; ++r) {
                 const int oy = oy0 + ty * OPT + r;
                 if (oy >= OH) continue;
-                if constexpr (K > 0 && S == 1 && VEC > 1) {
+                if constexpr (K > 0 && S > 0 && VEC > 1) {
                     const int ox = ox0 + tx * VEC;
                     if (OW % VEC == 0) {
                         if (ox < OW) {
@@ -245,7 +326,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_forward(
                 } else {
 #pragma unroll
                     for (int c = 0; c < VEC; ++c) {
-                        const int ox = ox0 + ((K > 0 && S == 1) ? tx * VEC + c : tx + c * BW);
+                        const int ox = ox0 + ((K > 0 && S > 0) ? tx * VEC + c : tx + c * BW);
                         if (ox < OW) yp[(i64)oy * OW + ox] = from_acc<TO>(activate(acc[r][c] + bv, act));
                     }
                 }
