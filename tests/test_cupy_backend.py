@@ -537,9 +537,14 @@ def test_dw_grad_weight_plan_covers_every_tile(case, layout):
         assert s1.grid[1] == min(p.CO, 65535) and per % nthr == 0
     elif s1.name.startswith("dw_grad_weight<"):
         K = s1.info["K"]
-        assert K == p.KH == p.KW and layout == "NHWC"
-        assert s1.shared >= nthr * s1.info["vec"] * K * K * acc         # per-thread partials
-        assert K * K * s1.info["vec"] <= max(plans.GW_NHWC_ACC_REGS, K * K)
+        assert K == p.KH == p.KW
+        if layout == "NCHW":
+            assert K not in plans.GW_DIRECT_K
+            assert s1.shared >= math.ceil(nthr / 32) * K * K * acc      # warp partials
+            assert s1.grid[1] == min(p.CO, 65535)
+        else:
+            assert s1.shared >= nthr * s1.info["vec"] * K * K * acc     # per-thread partials
+            assert K * K * s1.info["vec"] <= max(plans.GW_NHWC_ACC_REGS, K * K)
     else:
         taps = s1.block[1] * plans.TAPS_PER_THREAD
         assert s1.grid[2] * taps >= p.KH * p.KW

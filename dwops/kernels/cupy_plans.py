@@ -46,7 +46,8 @@ MAX_GRID_YZ = 65535
 
 # rows (NCHW) / columns (NHWC) of outputs per thread, by specialization K (0 = generic)
 DW_FWD_OPT = {"NCHW": {1: 4, 3: 2, 5: 2, 7: 1, 0: 1}, "NHWC": {1: 4, 3: 4, 5: 2, 7: 2, 0: 1}}
-DW_GW_OPT = 2   # NHWC weight gradient (NCHW is direct, one position per thread and step)
+DW_GW_OPT = {"NCHW": 1, "NHWC": 2}   # the tiled weight gradient (NCHW 1x1, 3x3: direct)
+GW_DIRECT_K = (1, 3)                # NCHW weight gradients by dw_grad_weight_direct
 
 # pointwise GEMM operand layouts (A_KC, B_NC, PARTIAL), see pointwise.cuh
 PW_FORMS = {
@@ -480,8 +481,8 @@ def _splits(ntiles: int, other_blocks: int, slots: int) -> tuple[int, int]:
 def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0,
                         dev: DeviceLimits = H200, occupancy=None) -> tuple:
     """(stage-1 Launch, stage-2 Launch, partial-buffer element count) for the weight gradient:
-    for square 1/3/5/7 kernels dw_grad_weight_direct (NCHW) or dw_grad_weight (NHWC, when its
-    tile fits), else dw_grad_weight_taps.
+    dw_grad_weight_direct for NCHW 1x1 and 3x3 kernels, dw_grad_weight for the other square
+    1/3/5/7 kernels (when its tile fits), else dw_grad_weight_taps.
 
     The stage-1 grid is split over the tiles in whole waves of the device (see :func:`_splits`):
     ``occupancy(file, name, threads, shared)`` gives the blocks of a kernel resident per SM (the
@@ -495,11 +496,12 @@ def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0,
         return max(1, occupancy(file, name, math.prod(block), shared)) * dev.sms
 
     stage1 = None
-    if kernel_size_spec(p.KH, p.KW) and layout == "NCHW":
+    K = kernel_size_spec(p.KH, p.KW)
+    if layout == "NCHW" and K in GW_DIRECT_K:
         stage1 = _plan_gw_direct(p, dev, slots)
-    elif kernel_size_spec(p.KH, p.KW):
+    elif K:
         try:
-            stage1 = _plan_gw_specialized(p, x_addr, gy_addr, dev, slots)
+            stage1 = _plan_gw_specialized(p, layout, x_addr, gy_addr, dev, slots)
         except NotImplementedError:
             stage1 = None
     if stage1 is None:
@@ -511,7 +513,7 @@ def plan_dw_grad_weight(p, layout: str, x_addr: int = 0, gy_addr: int = 0,
 
 
 def _plan_gw_direct(p, dev: DeviceLimits, slots) -> Launch:
-    """dw_grad_weight_direct (NCHW, K = 1, 3, 5, 7): 256 threads per (split, channel), the
+    """dw_grad_weight_direct (NCHW, K = 1, 3): 256 threads per (split, channel), the
     splits over the N*OH*OW output positions in whole blocks' worth (``info['tile']`` is one
     position, ``ints[-1]`` the positions per split)."""
     K = kernel_size_spec(p.KH, p.KW)
@@ -526,41 +528,69 @@ def _plan_gw_direct(p, dev: DeviceLimits, slots) -> Launch:
                   {"K": K, "tile": (1, 1), "splits": splits})
 
 
-def _plan_gw_specialized(p, x_addr: int, gy_addr: int, dev: DeviceLimits, slots) -> Launch:
-    """dw_grad_weight (NHWC, K = 1, 3, 5, 7); NotImplementedError when no tile fits."""
+def _plan_gw_specialized(p, layout: str, x_addr: int, gy_addr: int, dev: DeviceLimits,
+                         slots) -> Launch:
+    """dw_grad_weight (K = 1, 3, 5, 7). NCHW reduces with warp shuffles, so its block is a
+    multiple of 32 threads (rows past the image idle); NotImplementedError when no tile fits."""
     dtype = p.dtype
     item, acc = ITEMSIZE[dtype], ACC_ITEMSIZE[dtype]
     K = kernel_size_spec(p.KH, p.KW)
     KK = K * K
-    opt = DW_GW_OPT
-    vec = 1
-    if p.M == 1:
-        vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr), limit=max(1, GW_NHWC_ACC_REGS // KK))
-    ct = min(32, _np2(_cdiv(p.CO, vec)))
-    pt_ = THREADS // ct
-    th0, twt = _nhwc_tile(pt_, opt, p.OH, p.OW)
+    opt = DW_GW_OPT[layout]
+    if layout == "NCHW":
+        vec = pick_vec(dtype, (p.W,), (x_addr,))
+        bw = min(32, _np2(_cdiv(p.OW, vec)))
+        bh = max(32 // bw, min(THREADS // bw, _np2(p.OH)))
 
-    def geometry(ct_, th_, twt_):
-        tc, tw = ct_ * vec, twt_ * opt
-        ih = (th_ - 1) * p.sh + (K - 1) * p.dh + 1
-        iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
-        cp = tc if p.M == 1 else (tc - 1) // p.M + 2
-        # lane tx reads tile channel o / M - ci0 with o = tx * vec (o0 = 0)
-        ip = nhwc_pixel_pitch(cp, vec, item, ct_, twt_, opt, iw, p.sh, p.sw, p.M, 1)
-        return th_, tw, ih, iw, ip, cp
+        def geometry(bw_, bh_):
+            th, tw = bh_, bw_ * vec
+            ih = (th - 1) * p.sh + (K - 1) * p.dh + 1
+            iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
+            return th, tw, ih, iw, _cdiv(iw, vec) * vec
 
-    def smem(s):
-        g = geometry(s[2], s[0], s[1])
-        return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * KK * acc)
+        def smem(s):
+            g = geometry(s[1], s[0])
+            return max(g[2] * g[4] * item, (s[0] * s[1] // 32) * KK * acc)
 
-    th_, twt, ct = _fit([th0, twt, ct], smem, dev)
-    th, tw, ih, iw, ip, cp = geometry(ct, th_, twt)
-    shared = smem([th_, twt, ct])
-    block = (ct, th * twt, 1)
-    chans = _cdiv(p.CO, ct * vec)
+        bh, bw = _fit([bh, bw], smem, dev)
+        if bh * bw < 32:
+            raise NotImplementedError("no whole-warp tile fits in shared memory")
+        th, tw, ih, iw, ip = geometry(bw, bh)
+        cp = 0
+        shared = smem([bh, bw])
+        block = (bw, bh, 1)
+        other = min(p.CO, MAX_GRID_YZ)
+        chans = other
+    else:
+        vec = 1
+        if p.M == 1:
+            vec = pick_vec(dtype, (p.C,), (x_addr, gy_addr), limit=max(1, GW_NHWC_ACC_REGS // KK))
+        ct = min(32, _np2(_cdiv(p.CO, vec)))
+        pt_ = THREADS // ct
+        th0, twt = _nhwc_tile(pt_, opt, p.OH, p.OW)
+
+        def geometry(ct_, th_, twt_):
+            tc, tw = ct_ * vec, twt_ * opt
+            ih = (th_ - 1) * p.sh + (K - 1) * p.dh + 1
+            iw = (tw - 1) * p.sw + (K - 1) * p.dw + 1
+            cp = tc if p.M == 1 else (tc - 1) // p.M + 2
+            # lane tx reads tile channel o / M - ci0 with o = tx * vec (o0 = 0)
+            ip = nhwc_pixel_pitch(cp, vec, item, ct_, twt_, opt, iw, p.sh, p.sw, p.M, 1)
+            return th_, tw, ih, iw, ip, cp
+
+        def smem(s):
+            g = geometry(s[2], s[0], s[1])
+            return max(g[2] * g[3] * g[4] * item, s[0] * s[1] * s[2] * vec * KK * acc)
+
+        th_, twt, ct = _fit([th0, twt, ct], smem, dev)
+        th, tw, ih, iw, ip, cp = geometry(ct, th_, twt)
+        shared = smem([th_, twt, ct])
+        block = (ct, th * twt, 1)
+        chans = _cdiv(p.CO, ct * vec)
+        other = chans
     ntiles = p.N * _cdiv(p.OH, th) * _cdiv(p.OW, tw)
-    name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, true>"
-    splits, per = _splits(ntiles, chans, slots("depthwise", name, block, shared))
+    name = f"dw_grad_weight<{CTYPE[dtype]}, {K}, {vec}, {opt}, {_b(layout == 'NHWC')}>"
+    splits, per = _splits(ntiles, other, slots("depthwise", name, block, shared))
     ints = (p.N, p.C, p.H, p.W, p.M, p.OH, p.OW, p.sh, p.sw, p.dh, p.dw, p.pt, p.pl, th, tw,
             ih, iw, ip, cp, per)
     return Launch("depthwise", name, (splits, chans, 1), block, shared, ints,
@@ -873,13 +903,14 @@ def instantiations() -> list[tuple]:
                                 f"{layout} strided {spec} VEC={v}",
                                 f"dw_grad_input<{ct}, {K}, {S}, {v}, {nhwc}>"))
             for K in SPECIALIZED_K:
-                if layout == "NCHW":
+                if layout == "NCHW" and K in GW_DIRECT_K:
                     out.append(("depthwise", "depthwise", "grad_weight", f"NCHW K={K} direct",
                                 f"dw_grad_weight_direct<{ct}, {K}>"))
                     continue
-                for v in vec_choices(dt, max(1, GW_NHWC_ACC_REGS // (K * K))):
-                    out.append(("depthwise", "depthwise", "grad_weight", f"NHWC K={K} VEC={v}",
-                                f"dw_grad_weight<{ct}, {K}, {v}, {DW_GW_OPT}, true>"))
+                limit = max(1, GW_NHWC_ACC_REGS // (K * K)) if layout == "NHWC" else None
+                for v in vec_choices(dt, limit):
+                    out.append(("depthwise", "depthwise", "grad_weight", f"{layout} K={K} VEC={v}",
+                                f"dw_grad_weight<{ct}, {K}, {v}, {DW_GW_OPT[layout]}, {nhwc}>"))
             out.append(("depthwise", "depthwise", "grad_weight", f"{layout} generic (taps)",
                         f"dw_grad_weight_taps<{ct}, {TAPS_PER_THREAD}, {nhwc}>"))
             for K in (3, 0):

@@ -13,8 +13,8 @@
 //                ((KH-1)*dh - pt, (KW-1)*dw - pl) (which may be negative); for stride > 1 the
 //                polyphase kernel dw_grad_input below (per phase, only the taps that reach it).
 //   grad_weight  gw[o,a,b] = sum_{n,i,j} gy[n,o,i,j] * x[n, o/M, i*sh + a*dh - pt, j*sw + b*dw - pl]:
-//                stage 1 (dw_grad_weight_direct for NCHW, dw_grad_weight for NHWC, any kernel
-//                size dw_grad_weight_taps) writes one partial sum per block split, stage 2
+//                stage 1 (dw_grad_weight_direct for NCHW 1x1 and 3x3, dw_grad_weight for the
+//                other compile-time sizes, dw_grad_weight_taps for any size) writes one partial sum per block split, stage 2
 //                (sum_splits, common.cuh) adds the splits. No atomics: the result is
 //                deterministic.
 //
@@ -724,7 +724,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 || K * VEC > 32 ? 1 : 2) d
 
 // ------------------------------------------------------------------------------ grad_weight
 
-// Stage 1, NCHW, kernels known at compile time (K in 1, 3, 5, 7), direct (no shared tile): a
+// Stage 1, NCHW, kernel sizes 1 and 3 known at compile time, direct (no shared tile): a
 // block owns output channel o (blockIdx.y, then every gridDim.y-th) and the output positions
 // [split * per_split, (split + 1) * per_split) of its N * OH * OW, walked linearly with
 // consecutive threads on consecutive positions: gy loads coalesced, each tap's x loads coalesced
@@ -798,24 +798,27 @@ __global__ void __launch_bounds__(256) dw_grad_weight_direct(
     }
 }
 
-// Stage 1, NHWC, kernels known at compile time (K in 1, 3, 5, 7): every thread keeps the K*K x
-// VEC channels' partial sums of the outputs it visits in registers; the block then reduces them
-// in shared memory and writes one partial per (split, channel, tap):
+// Stage 1, tiled, kernels known at compile time (NHWC: K in 1, 3, 5, 7; NCHW: K in 5, 7, where
+// the direct kernel's K*K loads per position make it issue-bound): every thread keeps the K*K
+// (times VEC channels, NHWC) partial sums of the outputs it visits in registers; the block then
+// reduces them in shared memory and writes one partial per (split, channel, tap):
 //   partial[(split * CO + o) * K*K + tap]
-// Work: the tiles t = (n, tile_h, tile_w) in [split * per_split, (split + 1) * per_split);
-// grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
-// Dynamic shared memory: max(x tile, reduction scratch: threads x VEC x K*K accumulators), sized
-// by the host. (NHWC is the only layout: the template parameter keeps the name of the others.)
+// Work: the tiles t = (n, tile_h, tile_w) in [split * per_split, (split + 1) * per_split).
+//   NCHW  grid (splits, min(CO, 65535)), block (BW, BH); tile TH = BH rows, TW = BW * VEC columns
+//         (columns interleaved tx + e*BW); x tile in shared memory, gy read directly (coalesced).
+//   NHWC  grid (splits, ceil(CO / TC)), block (CT, PT); tile TH x TW pixels, TW = (PT / TH) * OPT.
+// Dynamic shared memory: max(x tile, reduction scratch: NCHW warps x K*K, NHWC threads x VEC x
+// K*K accumulators), sized by the host.
 template <typename T, int K, int VEC, int OPT, bool NHWC>
 __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
-    const T* __restrict__ x,     // input: (N, H, W, C)
-    const T* __restrict__ gy,    // output gradient: (N, OH, OW, CO), CO = C*M
+    const T* __restrict__ x,     // input: (N, C, H, W) or (N, H, W, C)
+    const T* __restrict__ gy,    // output gradient: (N, CO, OH, OW) or (N, OH, OW, CO), CO = C*M
     typename Acc<T>::type* __restrict__ partial,  // (splits, CO, K*K)
     int N, int C, int H, int W, int M, int OH, int OW,
     int sh, int sw, int dh, int dw, int pt, int pl,
     int TH, int TW,              // output tile per step
-    int IH, int IW, int IP,      // x tile rows, columns, pixel pitch
-    int CP,                      // channels per pixel in the tile (<= IP)
+    int IH, int IW, int IP,      // x tile rows, columns, pitch (NCHW: per row; NHWC: per pixel)
+    int CP,                      // NHWC: channels per pixel in the tile (<= IP); NCHW: unused
     int per_split)               // tiles per split (blockIdx.x)
 {
     typedef typename Acc<T>::type A;
@@ -831,8 +834,50 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthr = blockDim.x * blockDim.y;
     const int tx = threadIdx.x, ty = threadIdx.y;
 
-    static_assert(NHWC, "NCHW weight gradients: dw_grad_weight_direct");
-    {
+    if constexpr (!NHWC) {
+        const int BW = blockDim.x;
+        const int nwarps = nthr / 32, lane = tid % 32, warp = tid / 32;
+        for (int o = blockIdx.y; o < CO; o += gridDim.y) {
+            A acc[KK];
+#pragma unroll
+            for (int t = 0; t < KK; ++t) acc[t] = 0;
+            for (i64 t = t_begin; t < t_end; ++t) {
+                const i64 n = t / (tiles_h * tiles_w);
+                const int rem = (int)(t - n * tiles_h * tiles_w);
+                const int oy0 = (rem / tiles_w) * TH, ox0 = (rem % tiles_w) * TW;
+                __syncthreads();
+                load_tile_nchw<T, VEC>(tile, x + (n * C + o / M) * (i64)H * W, H, W, oy0 * sh - pt,
+                                       ox0 * sw - pl, IH, IP, IP, tid, nthr);
+                __syncthreads();
+                const int oy = oy0 + ty;
+                if (oy >= OH) continue;
+                const T* gp = gy + ((n * CO + o) * (i64)OH + oy) * OW;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const int oxl = tx + e * BW;
+                    if (ox0 + oxl >= OW) continue;
+                    const A g = to_acc(gp[ox0 + oxl]);
+#pragma unroll
+                    for (int a = 0; a < K; ++a)
+#pragma unroll
+                        for (int b = 0; b < K; ++b)
+                            acc[a * K + b] += g * to_acc(tile[(ty * sh + a * dh) * IP + oxl * sw + b * dw]);
+                }
+            }
+            __syncthreads();  // `red` aliases `tile`
+#pragma unroll
+            for (int t = 0; t < KK; ++t) {
+                const A v = warp_sum(acc[t]);
+                if (lane == 0) red[warp * KK + t] = v;
+            }
+            __syncthreads();
+            for (int t = tid; t < KK; t += nthr) {
+                A s = 0;
+                for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
+                partial[((i64)blockIdx.x * CO + o) * KK + t] = s;
+            }
+        }
+    } else {
         const int TC = blockDim.x * VEC, PT = blockDim.y;
         const int o0 = blockIdx.y * TC;
         const int o = o0 + tx * VEC;
