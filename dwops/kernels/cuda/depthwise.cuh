@@ -724,6 +724,26 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 || K * VEC > 32 ? 1 : 2) d
 
 // ------------------------------------------------------------------------------ grad_weight
 
+// The block's K*K sums of one channel (the NCHW weight gradients): warp shuffles, one shared row
+// of KK per warp in `red`, then threads t < KK add the rows in a fixed order and store out[t].
+// The caller's last reads of `red` (or of what it aliases) must be behind a barrier.
+template <int KK, typename A>
+__device__ __forceinline__ void block_sum_taps(const A (&acc)[KK], A* red, A* __restrict__ out,
+                                               int tid, int nthr) {
+    const int lane = tid % 32, warp = tid / 32, nwarps = nthr / 32;
+#pragma unroll
+    for (int t = 0; t < KK; ++t) {
+        const A v = warp_sum(acc[t]);
+        if (lane == 0) red[warp * KK + t] = v;
+    }
+    __syncthreads();
+    for (int t = tid; t < KK; t += nthr) {
+        A s = 0;
+        for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
+        out[t] = s;
+    }
+}
+
 // Stage 1, NCHW, kernel sizes 1 and 3 known at compile time, direct (no shared tile): a
 // block owns output channel o (blockIdx.y, then every gridDim.y-th) and the output positions
 // [split * per_split, (split + 1) * per_split) of its N * OH * OW, walked linearly with
@@ -753,7 +773,6 @@ __global__ void __launch_bounds__(256) dw_grad_weight_direct(
     const i64 p0 = (i64)blockIdx.x * per_split;
     const i64 p1 = min((i64)N * plane, p0 + per_split);
     const int tid = threadIdx.x, nthr = blockDim.x;
-    const int lane = tid % 32, warp = tid / 32, nwarps = nthr / 32;
     for (int o = blockIdx.y; o < CO; o += gridDim.y) {
         const int c = o / M;
         A acc[KK];
@@ -784,17 +803,7 @@ __global__ void __launch_bounds__(256) dw_grad_weight_direct(
             }
         }
         __syncthreads();  // the previous channel's reads of `red` are done
-#pragma unroll
-        for (int t = 0; t < KK; ++t) {
-            const A v = warp_sum(acc[t]);
-            if (lane == 0) red[warp * KK + t] = v;
-        }
-        __syncthreads();
-        for (int t = tid; t < KK; t += nthr) {
-            A s = 0;
-            for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
-            partial[((i64)blockIdx.x * CO + o) * KK + t] = s;
-        }
+        block_sum_taps<KK>(acc, red, partial + ((i64)blockIdx.x * CO + o) * KK, tid, nthr);
     }
 }
 
@@ -836,7 +845,6 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
 
     if constexpr (!NHWC) {
         const int BW = blockDim.x;
-        const int nwarps = nthr / 32, lane = tid % 32, warp = tid / 32;
         for (int o = blockIdx.y; o < CO; o += gridDim.y) {
             A acc[KK];
 #pragma unroll
@@ -865,17 +873,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
                 }
             }
             __syncthreads();  // `red` aliases `tile`
-#pragma unroll
-            for (int t = 0; t < KK; ++t) {
-                const A v = warp_sum(acc[t]);
-                if (lane == 0) red[warp * KK + t] = v;
-            }
-            __syncthreads();
-            for (int t = tid; t < KK; t += nthr) {
-                A s = 0;
-                for (int j = 0; j < nwarps; ++j) s += red[j * KK + t];
-                partial[((i64)blockIdx.x * CO + o) * KK + t] = s;
-            }
+            block_sum_taps<KK>(acc, red, partial + ((i64)blockIdx.x * CO + o) * KK, tid, nthr);
         }
     } else {
         const int TC = blockDim.x * VEC, PT = blockDim.y;
@@ -931,7 +929,7 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
         // stores it (consecutive addresses: coalesced). Two barriers in all, not two per tap.
         __syncthreads();  // `red` aliases `tile`
         {
-            A* mine = red + (ty * TC + tx * VEC) * KK;
+            A* own = red + (ty * TC + tx * VEC) * KK;
             constexpr int NV = 16 / sizeof(A);
             if constexpr ((VEC * KK) % NV == 0) {
 #pragma unroll
@@ -939,13 +937,13 @@ __global__ void __launch_bounds__(256, sizeof(T) == 8 ? 1 : 2) dw_grad_weight(
                     Pack<A, NV> p;
 #pragma unroll
                     for (int e = 0; e < NV; ++e) p.v[e] = acc[(k * NV + e) % KK][(k * NV + e) / KK];
-                    *reinterpret_cast<Pack<A, NV>*>(mine + k * NV) = p;
+                    *reinterpret_cast<Pack<A, NV>*>(own + k * NV) = p;
                 }
             } else {
 #pragma unroll
                 for (int v = 0; v < VEC; ++v)
 #pragma unroll
-                    for (int t = 0; t < KK; ++t) mine[v * KK + t] = acc[t][v];
+                    for (int t = 0; t < KK; ++t) own[v * KK + t] = acc[t][v];
             }
         }
         __syncthreads();
